@@ -66,14 +66,20 @@ def scope_size(model: nn.Module) -> tuple[int, int]:
     return total, nonzero
 
 
-def inference_flops(model: nn.Module, seq_len: int) -> int:
+def inference_flops(model: nn.Module, seq_len: int, unmerged_adapters: bool = False) -> int:
     """Dense multiply-add FLOPs (2 per MAC) of the transformer blocks for one sequence.
 
-    Linear layers count 2·L·in·out (adapters merged, as exported); attention scores and the
-    weighted sum of values count 2·2·L²·(heads·head_dim). Embeddings and the task head are
-    left out: they are the same for every method compared.
+    Linear layers count 2·L·in·out; attention scores and the weighted sum of values count
+    2·2·L²·(heads·head_dim). Embeddings and the task head are left out: they are the same
+    for every method compared. ``unmerged_adapters`` adds the adapters' own FLOPs, the
+    paper's convention (its LoRA row reads 1.01×); merged, as exported, they cost nothing.
     """
     flops = 0
+    if unmerged_adapters:
+        for a in adapters_of(model).values():
+            for k, (start, end) in enumerate(a.slices):
+                flops += 2 * seq_len * a.rank * (a.in_features + end - start)
+                flops += 2 * seq_len * a.sparse_values[k].numel()
     for module in block_linears(model).values():
         out_f, in_f = dims(module.base if isinstance(module, DSEELinear) else module)
         flops += 2 * seq_len * out_f * in_f

@@ -238,7 +238,10 @@ def _replace_param(owner: nn.Module, name: str, value: torch.Tensor) -> None:
 
 @torch.no_grad()
 def shrink_outputs(module: nn.Module, keep: torch.Tensor) -> None:
-    """Keep only the given output rows (sorted) of a Linear/Conv1D or of an adapter around one."""
+    """Keep only the given output rows (sorted) of a Linear/Conv1D or of an adapter around one.
+
+    ``keep`` lives on the CPU: index bookkeeping stays there (also for meta-device models).
+    """
     base = module.base if isinstance(module, DSEELinear) else module
     if isinstance(base, Conv1D):
         _replace_param(base, "weight", base.weight[:, keep])
@@ -250,20 +253,15 @@ def shrink_outputs(module: nn.Module, keep: torch.Tensor) -> None:
         _replace_param(base, "bias", base.bias[keep])
     if not isinstance(module, DSEELinear):
         return
-    new_pos = torch.full((module.out_features,), -1, dtype=torch.long, device=keep.device)
-    new_pos[keep] = torch.arange(len(keep), device=keep.device)
+    new_pos = torch.full((module.out_features,), -1, dtype=torch.long)
+    new_pos[keep] = torch.arange(len(keep))
     new_slices = []
     for k, (start, end) in enumerate(module.slices):
         local_keep = keep[(keep >= start) & (keep < end)] - start
         _replace_param(module.lora_B, str(k), module.lora_B[k][local_keep])
-        idx = module.omega(k)
-        r, c = idx // module.in_features, idx % module.in_features
-        local_pos = torch.full((end - start,), -1, dtype=torch.long, device=keep.device)
-        local_pos[local_keep] = torch.arange(len(local_keep), device=keep.device)
-        alive = local_pos[r] >= 0
-        values = module.sparse_values[k][alive]
-        module.set_omega(k, local_pos[r[alive]] * module.in_features + c[alive])
-        module.sparse_values[k].data.copy_(values)
+        local_pos = torch.full((end - start,), -1, dtype=torch.long)
+        local_pos[local_keep] = torch.arange(len(local_keep))
+        _remap_omega(module, k, row_map=local_pos, col_map=None, new_in=module.in_features)
         first = int(new_pos[start : end][new_pos[start:end] >= 0].min()) if len(local_keep) else 0
         new_slices.append((first, first + len(local_keep)))
     module.slices = new_slices
@@ -285,19 +283,30 @@ def shrink_inputs(module: nn.Module, keep: torch.Tensor) -> None:
     if not isinstance(module, DSEELinear):
         return
     old_in = module.in_features
-    pos = torch.full((old_in,), -1, dtype=torch.long, device=keep.device)
-    pos[keep] = torch.arange(len(keep), device=keep.device)
+    pos = torch.full((old_in,), -1, dtype=torch.long)
+    pos[keep] = torch.arange(len(keep))
     for k in range(len(module.slices)):
         _replace_param(module.lora_A, str(k), module.lora_A[k][:, keep])
-        idx = module.omega(k)
-        r, c = idx // old_in, idx % old_in
-        alive = pos[c] >= 0
-        values = module.sparse_values[k][alive]
-        module.set_omega(k, r[alive] * len(keep) + pos[c[alive]])
-        module.sparse_values[k].data.copy_(values)
+        _remap_omega(module, k, row_map=None, col_map=pos, new_in=len(keep))
     if module.mask is not None:
         module.mask = module.mask[:, keep]
     module.in_features = len(keep)
+
+
+def _remap_omega(module: DSEELinear, k: int, row_map, col_map, new_in: int) -> None:
+    """Drop Ω entries in removed rows/columns and re-index the rest (maps: old -> new or -1)."""
+    if module.omega(k).numel() == 0:
+        return
+    idx = module.omega(k).cpu()
+    r, c = idx // module.in_features, idx % module.in_features
+    if row_map is not None:
+        r = row_map[r]
+    if col_map is not None:
+        c = col_map[c]
+    alive = (r >= 0) & (c >= 0)
+    values = module.sparse_values[k].detach()[alive.to(module.sparse_values[k].device)]
+    module.set_omega(k, r[alive] * new_in + c[alive])
+    module.sparse_values[k].data.copy_(values)
 
 
 def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:
@@ -316,8 +325,8 @@ def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:
         for name, (start, _end) in unit.qkv:
             by_module.setdefault(name, []).append(cols + start)
         for name, parts in by_module.items():
-            shrink_outputs(modules[name], torch.cat(parts).to(weight_out_in(_base(modules[name])).device))
-        shrink_inputs(modules[unit.output], cols.to(weight_out_in(_base(modules[unit.output])).device))
+            shrink_outputs(modules[name], torch.cat(parts))
+        shrink_inputs(modules[unit.output], cols)
         set_head_count(unit, len(kept_heads))
     model.config.dsee_pruned_heads = {str(k): sorted(v) for k, v in heads.items() if v}
 
