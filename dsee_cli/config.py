@@ -1,0 +1,199 @@
+"""The typed configuration of one run.
+
+These dataclasses are the schema Hydra validates overrides against (registered in the
+ConfigStore by ``cli.py``); the library receives them as plain objects and never imports
+Hydra. ``validate`` does the semantic checks that types cannot express, before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .data import TASKS
+from .errors import DSEEError, choice_error
+from .models import HUB_MODELS, TINY_MODELS
+from .omega import METHODS as OMEGA_METHODS
+from .omega import PRESETS
+from .pruning import CRITERIA, GRANULARITIES
+from .pruning import METHODS as PRUNING_METHODS
+
+ADAPTER_METHODS = ("dsee", "lora")
+LOGGER_BACKENDS = ("wandb", "none")
+LOGGER_MODES = ("offline", "online", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-bert"  # a preset (bert-base, roberta-large, gpt2-medium, tiny-bert, tiny-gpt2), "local" or a Hub id
+    path: Optional[str] = None  # a local Hugging Face model directory (overrides name)
+    tiny_hidden: int = 64
+    tiny_layers: int = 2
+    tiny_heads: int = 4
+    tiny_intermediate: int = 128
+
+
+@dataclass
+class TaskConfig:
+    name: str = "synthetic"
+    data_dir: Optional[str] = None  # the classic GLUE download (folder holding CoLA/, SST-2/, ...)
+    train_file: Optional[str] = None  # CSV / JSON lines, with validation_file
+    validation_file: Optional[str] = None
+    text_fields: Optional[list[str]] = None
+    label_field: str = "label"
+    max_length: int = 128
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    synthetic_train: int = 2000
+    synthetic_eval: int = 500
+    # Per-task defaults (paper Table 11 and the reference scripts); trainer.* overrides them.
+    lr: float = 5e-4
+    epochs: float = 5.0
+    recovery_lr: Optional[float] = None  # None: the same as lr
+    recovery_epochs: float = 5.0
+
+
+@dataclass
+class AdapterConfig:
+    method: str = "dsee"
+    rank: int = 16
+    alpha: float = 32.0
+    omega_size: int = 16  # card(Ω) per adapted matrix; 0 is LoRA
+    dropout: float = 0.0
+    init: str = "kaiming"
+    targets: Optional[list[str]] = None  # None: the architecture's default (q, v)
+
+
+@dataclass
+class OmegaConfig:
+    method: str = "grebsmo"
+    preset: str = "fast"
+    # Any of these overrides the preset's value.
+    rank: Optional[int] = None
+    rank_start: Optional[int] = None
+    rank_step: Optional[int] = None
+    outer_iters: Optional[int] = None
+    inner_iters: Optional[int] = None
+    threshold: Optional[float] = None
+    soft: Optional[bool] = None
+    sparse_card: Optional[int] = None  # 0: threshold instead of a card constraint
+    reset_sparse: Optional[bool] = None
+    tol: Optional[float] = None
+    seed: int = 0
+    cache: bool = True
+    cache_dir: Optional[str] = None  # default: $DSEE_CACHE or ~/.cache/dsee-cli, then /omega
+
+
+@dataclass
+class PruningConfig:
+    method: str = "unstructured"
+    criterion: str = "delta"
+    granularity: str = "global"
+    n: int = 2
+    m: int = 4
+    heads_to_remove: int = 3
+    mask_delta: bool = True  # false: the reference behaviour, ΔW stays dense in recovery
+
+
+@dataclass
+class PhaseConfig:
+    epochs: Optional[float] = None  # None: the task's default
+    lr: Optional[float] = None
+
+
+@dataclass
+class TrainerConfig:
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 0  # steps; 0: every epoch
+    checkpoint_every: int = 200  # steps
+    max_steps: int = 0  # per phase; 0: from epochs
+    bf16: bool = True  # autocast on GPU only
+    device: str = "auto"
+    threads: int = 0  # torch CPU threads; 0: torch's default
+    phase1: PhaseConfig = field(default_factory=PhaseConfig)
+    recovery: PhaseConfig = field(default_factory=PhaseConfig)
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"
+    mode: str = "offline"  # online needs WANDB_API_KEY (or `wandb login`)
+    project: str = "dsee-cli"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # default: the run's name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    omega: OmegaConfig = field(default_factory=OmegaConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    name: str = "dsee"
+    sparsity: float = 0.3  # fraction of the transformer blocks' weights removed (unstructured, N:M)
+    seed: int = 1
+    flops_seq_len: int = 128
+    export: bool = True
+    resume: bool = True  # false: start over in the same run directory
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise DSEEError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no model: ranges and choices, one clear paragraph each."""
+    known_models = (*HUB_MODELS, *TINY_MODELS, "local")
+    if cfg.model.name == "local" or cfg.model.path:
+        _require(bool(cfg.model.path), "model=local needs model.path=/path/to/a/hugging_face_model_dir.")
+    elif "/" not in cfg.model.name and cfg.model.name not in known_models:
+        raise choice_error("model (model=...)", cfg.model.name, (*known_models, "<hub org/name>"))
+    if cfg.task.name not in TASKS:
+        raise choice_error("task (task=...)", cfg.task.name, TASKS)
+    if cfg.adapter.method not in ADAPTER_METHODS:
+        raise choice_error("adapter method (adapter.method)", cfg.adapter.method, ADAPTER_METHODS)
+    _require(cfg.adapter.rank >= 1, f"adapter.rank={cfg.adapter.rank} is invalid: the rank must be >= 1.")
+    _require(cfg.adapter.omega_size >= 0,
+             f"adapter.omega_size={cfg.adapter.omega_size} is invalid: card(Ω) must be >= 0 (0 is LoRA).")
+    _require(cfg.adapter.method != "lora" or cfg.adapter.omega_size == 0,
+             f"adapter=lora has no sparse part, but adapter.omega_size={cfg.adapter.omega_size}; use adapter=dsee.")
+    _require(cfg.adapter.init in ("kaiming", "normal"),
+             f"adapter.init={cfg.adapter.init!r} is invalid; valid choices: kaiming, normal.")
+    _require(0.0 <= cfg.adapter.dropout < 1.0, f"adapter.dropout={cfg.adapter.dropout} must be in [0, 1).")
+    if cfg.omega.method not in OMEGA_METHODS:
+        raise choice_error("Ω method (omega.method)", cfg.omega.method, OMEGA_METHODS)
+    if cfg.omega.preset not in PRESETS:
+        raise choice_error("GreBsmo preset (omega.preset)", cfg.omega.preset, PRESETS)
+    if cfg.pruning.method not in PRUNING_METHODS:
+        raise choice_error("pruning method (pruning=...)", cfg.pruning.method, PRUNING_METHODS)
+    if cfg.pruning.criterion not in CRITERIA:
+        raise choice_error("pruning criterion (pruning.criterion)", cfg.pruning.criterion, CRITERIA)
+    if cfg.pruning.granularity not in GRANULARITIES:
+        raise choice_error("pruning granularity (pruning.granularity)", cfg.pruning.granularity, GRANULARITIES)
+    _require(0.0 <= cfg.sparsity < 1.0, f"sparsity={cfg.sparsity} is out of range: it must be in [0, 1).")
+    _require(cfg.pruning.method != "nm" or 0 < cfg.pruning.n < cfg.pruning.m,
+             f"N:M pruning needs 0 < n < m, got pruning.n={cfg.pruning.n}, pruning.m={cfg.pruning.m}.")
+    _require(cfg.pruning.heads_to_remove >= 0,
+             f"pruning.heads_to_remove={cfg.pruning.heads_to_remove} must be >= 0.")
+    _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
+    _require(cfg.trainer.batch_size >= 1, f"trainer.batch_size={cfg.trainer.batch_size} must be >= 1.")
+    for phase in ("phase1", "recovery"):
+        p = getattr(cfg.trainer, phase)
+        _require(p.lr is None or p.lr > 0, f"trainer.{phase}.lr={p.lr} must be > 0.")
+        _require(p.epochs is None or p.epochs > 0, f"trainer.{phase}.epochs={p.epochs} must be > 0.")
+    if cfg.trainer.device not in DEVICES:
+        raise choice_error("device (trainer.device)", cfg.trainer.device, DEVICES)
+    if cfg.logger.backend not in LOGGER_BACKENDS:
+        raise choice_error("logger (logger=...)", cfg.logger.backend, LOGGER_BACKENDS)
+    if cfg.logger.mode not in LOGGER_MODES:
+        raise choice_error("W&B mode (logger.mode)", cfg.logger.mode, LOGGER_MODES)

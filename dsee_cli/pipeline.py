@@ -1,0 +1,308 @@
+"""One DSEE experiment, phase by phase, in one direction:
+
+config → model + data → Ω (cached) → adapters → phase I → pruning → recovery → evaluation
+→ export → metrics.json
+
+A checkpoint is written after each phase and every ``trainer.checkpoint_every`` steps; the
+same command in the same run directory resumes where it stopped and ends with the same
+metrics as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import omega as omega_lib
+from .accounting import inference_flops, scope_size, trainable_counts
+from .adapters import AdapterSettings, inject_adapters, omega_keys, set_omegas, slice_pretrained_weight
+from .arch import attention_units
+from .config import RunConfig, validate
+from .data import DataSettings, encode, load_task, spec_for
+from .errors import DSEEError
+from .export import export_merged, model_state, restore_state, save_adapter
+from .models import TinySize, load_model
+from .pruning import PruningSettings, apply_masks, compute_masks, head_scores, lowest_heads, prune_heads
+from .train import PhaseSettings, PhaseState, ProgressSink, evaluate, main_metric, summarize, train_phase
+
+STAGES = ("phase1", "pruned", "recovery", "done")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DSEEError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto.")
+    return torch.device(name)
+
+
+def atomic_write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def config_fingerprint(cfg: RunConfig) -> str:
+    """What must match for a checkpoint to be resumed (not logging, not resume itself)."""
+    d = asdict(cfg)
+    for key in ("logger", "resume"):
+        d.pop(key)
+    for key in ("checkpoint_every", "device", "threads"):
+        d["trainer"].pop(key)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Checkpoint:
+    """run_dir/checkpoint: the model's state (export.model_state), optimizer, RNG and progress."""
+
+    def __init__(self, run_dir: Path, fingerprint: str):
+        self.dir = Path(run_dir) / "checkpoint"
+        self.fingerprint = fingerprint
+
+    def load(self) -> tuple[dict, dict] | None:
+        from .export import load_state_dir
+
+        if not (self.dir / "meta.json").is_file():
+            return None
+        tensors, meta = load_state_dir(self.dir)
+        if meta.get("fingerprint") != self.fingerprint:
+            raise DSEEError(
+                f"{self.dir} holds a checkpoint of a different configuration (fingerprint "
+                f"{meta.get('fingerprint')} vs {self.fingerprint}). Use another run directory "
+                f"(hydra.run.dir=...) or start over here with resume=false."
+            )
+        return tensors, meta
+
+    def save(self, model, stage: str, progress: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
+        from .export import save_state_dir
+
+        tensors, model_meta = model_state(model)
+        meta = {"fingerprint": self.fingerprint, "stage": stage, "model": model_meta, **progress}
+        save_state_dir(self.dir, {**tensors, **(extra or {})}, meta)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def omega_settings(cfg: RunConfig) -> omega_lib.GreBsmoSettings:
+    o = cfg.omega
+    overrides = {k: getattr(o, k) for k in ("rank", "rank_start", "rank_step", "outer_iters", "inner_iters",
+                                            "threshold", "soft", "reset_sparse", "tol")}
+    settings = omega_lib.settings_for(o.preset, seed=o.seed, **overrides)
+    if o.sparse_card is not None:
+        settings = replace(settings, sparse_card=o.sparse_card or None)
+    return settings
+
+
+def omega_cache_dir(cfg: RunConfig) -> Path | None:
+    if not cfg.omega.cache:
+        return None
+    if cfg.omega.cache_dir:
+        return Path(cfg.omega.cache_dir).expanduser()
+    root = os.environ.get("DSEE_CACHE") or Path.home() / ".cache" / "dsee-cli"
+    return Path(root) / "omega"
+
+
+def phase_settings(cfg: RunConfig, phase: str) -> PhaseSettings:
+    t, task = cfg.trainer, cfg.task
+    p = getattr(t, phase)
+    if phase == "phase1":
+        epochs, lr = p.epochs or task.epochs, p.lr or task.lr
+    else:
+        epochs, lr = p.epochs or task.recovery_epochs, p.lr or task.recovery_lr or task.lr
+    return PhaseSettings(
+        name=phase, epochs=epochs, lr=lr, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
+        warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, bf16=t.bf16,
+        seed=cfg.seed * 1000 + (0 if phase == "phase1" else 1),
+    )
+
+
+def _state(meta: dict, phase: str) -> PhaseState:
+    return PhaseState(**meta[phase]) if phase in meta else PhaseState()
+
+
+def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda text: None) -> dict:
+    """Run (or resume) one experiment in run_dir; returns what it writes to metrics.json."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    validate(cfg)
+    if metrics_path.is_file() and cfg.resume:
+        say("already complete: metrics.json exists (resume=false starts over)")
+        return json.loads(metrics_path.read_text())
+    if not cfg.resume:
+        metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "export", ignore_errors=True)
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    device = pick_device(cfg.trainer.device)
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    seed_everything(cfg.seed)
+
+    say("Model and data")
+    tiny = TinySize(cfg.model.tiny_hidden, cfg.model.tiny_layers, cfg.model.tiny_heads, cfg.model.tiny_intermediate)
+    loaded = load_model(cfg.model.name, cfg.model.path, spec_for(cfg.task.name).num_labels, cfg.seed, tiny)
+    data = load_task(DataSettings(
+        name=cfg.task.name, data_dir=cfg.task.data_dir, train_file=cfg.task.train_file,
+        validation_file=cfg.task.validation_file,
+        text_fields=tuple(cfg.task.text_fields) if cfg.task.text_fields else None,
+        label_field=cfg.task.label_field, max_train_samples=cfg.task.max_train_samples,
+        max_eval_samples=cfg.task.max_eval_samples, synthetic_train=cfg.task.synthetic_train,
+        synthetic_eval=cfg.task.synthetic_eval, seed=cfg.seed,
+    ))
+    model, tokenizer = loaded.model, loaded.tokenizer
+    regression = data.spec.num_labels == 1
+    train_enc = encode(data.train, tokenizer, cfg.task.max_length, regression)
+    eval_enc = {k: encode(v, tokenizer, cfg.task.max_length, regression) for k, v in data.evals.items()}
+    pad_id = tokenizer.pad_token_id
+
+    scope_total, _ = scope_size(model)
+    model_total = sum(p.numel() for p in model.parameters())
+    dense_flops = inference_flops(model, cfg.flops_seq_len)
+    adapter = AdapterSettings(cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.omega_size, cfg.adapter.dropout,
+                              cfg.adapter.init)
+    adapters = inject_adapters(model, adapter, cfg.adapter.targets)
+    pruning = PruningSettings(
+        method=cfg.pruning.method, sparsity=cfg.sparsity, criterion=cfg.pruning.criterion,
+        granularity=cfg.pruning.granularity, n=cfg.pruning.n, m=cfg.pruning.m,
+        heads_to_remove=cfg.pruning.heads_to_remove, mask_delta=cfg.pruning.mask_delta, seed=cfg.seed,
+    )
+    pruning.check()
+    if pruning.method == "structured":
+        heads = attention_units(model)[0].num_heads
+        if not 0 <= pruning.heads_to_remove < heads:
+            raise DSEEError(f"pruning.heads_to_remove={pruning.heads_to_remove} is out of range: this model has "
+                            f"{heads} heads per layer, so it must be between 0 and {heads - 1}.")
+
+    ckpt = Checkpoint(run_dir, config_fingerprint(cfg))
+    if not cfg.resume:
+        ckpt.clear()
+    saved = ckpt.load()
+    meta: dict = {}
+    omega_info: dict = {}
+    if saved is not None:
+        tensors, meta = saved
+        restore_state(model, tensors, meta["model"], None, None)
+        omega_info = meta.get("omega", {})
+        say(f"Resuming from the checkpoint after stage {meta['stage']!r} (step {_resume_step(meta)})")
+    elif cfg.adapter.omega_size > 0:
+        say("Ω: sparse positions from the pretrained weights")
+        keys = omega_keys(adapters)
+        weights = {k: slice_pretrained_weight(a, s) for k, (a, s) in keys.items()}
+        result = omega_lib.cached_omega(weights, cfg.adapter.omega_size, cfg.omega.method, omega_settings(cfg),
+                                        omega_cache_dir(cfg))
+        set_omegas(adapters, result.indices)
+        omega_info = {"method": cfg.omega.method, "seconds": round(result.seconds, 3),
+                      "from_cache": result.from_cache, "cache_path": str(result.cache_path or "")}
+    seconds["omega"] = omega_info.get("seconds", 0.0)
+    model.to(device)
+    stage = meta.get("stage")
+
+    def progress_meta(**states: PhaseState) -> dict:
+        keep = {k: v for k, v in meta.items() if k in ("phase1", "recovery", "pruning")}
+        keep.update({k: s.as_meta() for k, s in states.items()})
+        return {**keep, "omega": omega_info}
+
+    # Phase I: sparse + low-rank tuning
+    phase1 = _state(meta, "phase1")
+    if stage in (None, "phase1"):
+        say("Phase I: sparse + low-rank tuning")
+        resume = (phase1, tensors) if stage == "phase1" else None
+        phase1 = train_phase(
+            model, train_enc, eval_enc, data.spec, phase_settings(cfg, "phase1"), pad_id, device,
+            save=lambda st, extra: ckpt.save(model, "phase1", progress_meta(phase1=st), extra),
+            sink=sink, resume=resume,
+        )
+        meta.update(progress_meta(phase1=phase1))
+        stage = "phase1-done"
+    seconds["phase1"] = phase1.seconds
+
+    # Phase II: prune the pretrained weights using ΔW
+    pruning_info = meta.get("pruning", {"method": pruning.method})
+    if pruning.method != "none" and stage == "phase1-done":
+        say(f"Phase II: {pruning.method} pruning by {pruning.criterion}")
+        started = time.perf_counter()
+        if pruning.method == "structured":
+            removed = lowest_heads(head_scores(model, pruning.criterion, pruning.seed), pruning.heads_to_remove)
+            prune_heads(model, removed)
+            pruning_info = {"method": "structured", "heads_removed": {str(k): v for k, v in removed.items()}}
+        else:
+            apply_masks(model, compute_masks(model, pruning), pruning.mask_delta)
+            pruning_info = {"method": pruning.method, "sparsity": pruning.sparsity,
+                            "criterion": pruning.criterion, "granularity": pruning.granularity}
+        pruning_info["seconds"] = round(time.perf_counter() - started, 3)
+        meta["pruning"] = pruning_info
+        ckpt.save(model, "pruned", progress_meta())
+        stage = "pruned"
+    seconds["pruning"] = pruning_info.get("seconds", 0.0)
+
+    # Phase III: recovery with W⊙M frozen
+    recovery = _state(meta, "recovery")
+    if pruning.method != "none" and stage in ("pruned", "recovery"):
+        say("Phase III: recovery tuning")
+        resume = (recovery, tensors) if stage == "recovery" else None
+        recovery = train_phase(
+            model, train_enc, eval_enc, data.spec, phase_settings(cfg, "recovery"), pad_id, device,
+            save=lambda st, extra: ckpt.save(model, "recovery", progress_meta(recovery=st), extra),
+            sink=sink, resume=resume,
+        )
+        seconds["recovery"] = recovery.seconds
+
+    say("Evaluation and export")
+    final_phase = recovery if pruning.method != "none" else phase1
+    final_eval = evaluate(model, eval_enc, data.spec, pad_id, device, cfg.trainer.eval_batch_size, cfg.trainer.bf16)
+    _, scope_nonzero = scope_size(model)
+    export_info = {}
+    started = time.perf_counter()
+    if cfg.export:
+        export_merged(model, tokenizer, run_dir / "export" / "merged")
+        save_adapter(model, run_dir / "export" / "adapter", adapter, cfg.adapter.targets, loaded.source)
+        export_info = {"merged": str(run_dir / "export" / "merged"), "adapter": str(run_dir / "export" / "adapter")}
+    seconds["export"] = round(time.perf_counter() - started, 3)
+    model_nonzero = model_total - (scope_total - scope_nonzero)
+    metrics = {
+        "task": data.spec.name,
+        "data_source": data.source,
+        "model": loaded.source,
+        "main_metric": main_metric(data.spec, next(iter(eval_enc))),
+        "final": summarize(final_phase) | {"eval": final_eval},
+        "phases": {"phase1": summarize(phase1)} | ({"recovery": summarize(recovery)} if pruning.method != "none" else {}),
+        "trainable_params": trainable_counts(model).as_dict(),
+        "total_params_pct": round(100 * scope_nonzero / scope_total, 4),
+        "model_nonzero_pct": round(100 * model_nonzero / model_total, 4),
+        "flops_seq_len": cfg.flops_seq_len,
+        "flops_ratio": round(inference_flops(model, cfg.flops_seq_len) / dense_flops, 4),
+        "flops_ratio_unmerged": round(inference_flops(model, cfg.flops_seq_len, True) / dense_flops, 4),
+        "pruning": pruning_info,
+        "omega": omega_info,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()} | {"total": round(time.perf_counter() - t_start, 3)},
+        "export": export_info,
+        "config": asdict(cfg),
+    }
+    atomic_write_json(metrics_path, metrics)
+    ckpt.save(model, "done", progress_meta(phase1=phase1, recovery=recovery))
+    return metrics
+
+
+def _resume_step(meta: dict) -> int:
+    stage = meta["stage"]
+    return meta.get(stage, {}).get("step", 0) if stage in ("phase1", "recovery") else 0

@@ -1,0 +1,204 @@
+"""One training phase: AdamW, linear decay with optional warm-up, gradient clipping, bf16
+autocast on GPU, evaluation every N steps with best-by-task-metric selection, and a state
+that can be saved at any step and resumed to the same result (data order, RNG, optimizer)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .data import Encoded, TaskSpec, collate
+from .errors import DSEEError
+from .metrics import task_metrics
+
+
+@dataclass(frozen=True)
+class PhaseSettings:
+    name: str
+    epochs: float
+    lr: float
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    eval_every: int = 0  # steps; 0: at the end of every epoch
+    checkpoint_every: int = 0  # steps; 0: only at the end of the phase
+    max_steps: int = 0  # 0: as many as the epochs make
+    bf16: bool = False
+    seed: int = 1
+
+
+@dataclass
+class PhaseState:
+    """Everything that changes during a phase besides the model's tensors."""
+
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # the evaluation with the best main metric
+    seconds: float = 0.0
+    finished: bool = False
+
+    def as_meta(self) -> dict:
+        return {"step": self.step, "history": self.history, "best": self.best,
+                "seconds": self.seconds, "finished": self.finished}
+
+
+class ProgressSink:
+    """What the loop reports to; the CLI gives a rich progress bar, tests give nothing."""
+
+    def start(self, phase: str, total: int, done: int) -> None: ...
+    def advance(self, loss: float, lr: float) -> None: ...
+    def log(self, values: dict, step: int) -> None: ...
+    def stop(self) -> None: ...
+
+
+def main_metric(spec: TaskSpec, split: str) -> str:
+    return f"{split}/{spec.metric}"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, evals: dict[str, Encoded], spec: TaskSpec, pad_id: int, device: torch.device,
+             batch_size: int, bf16: bool = False) -> dict[str, float]:
+    model.eval()
+    out: dict[str, float] = {}
+    for split, data in evals.items():
+        preds = []
+        for start in range(0, len(data.input_ids), batch_size):
+            idx = list(range(start, min(start + batch_size, len(data.input_ids))))
+            batch = {k: v.to(device) for k, v in collate(data, idx, pad_id).items() if k != "labels"}
+            with _autocast(device, bf16):
+                logits = model(**batch).logits.float()
+            preds.append(logits.squeeze(-1) if spec.num_labels == 1 else logits.argmax(-1))
+        predictions = torch.cat(preds).cpu().numpy()
+        for name, value in task_metrics(spec.name, predictions, data.labels.numpy()).items():
+            out[f"{split}/{name}"] = value
+    return out
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def linear_schedule(step: int, total: int, warmup: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            out[f"optim::{names[id(p)]}::{key}"] = torch.as_tensor(value)
+    return out
+
+
+def load_optimizer_tensors(optimizer, params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor]) -> None:
+    for key, value in tensors.items():
+        if not key.startswith("optim::"):
+            continue
+        _, name, slot = key.split("::")
+        optimizer.state[params[name]][slot] = value.to(params[name].device) if slot != "step" else value
+
+
+SaveFn = Callable[[PhaseState, dict[str, torch.Tensor]], None]
+
+
+def train_phase(
+    model: nn.Module,
+    train: Encoded,
+    evals: dict[str, Encoded],
+    spec: TaskSpec,
+    settings: PhaseSettings,
+    pad_id: int,
+    device: torch.device,
+    save: SaveFn,
+    sink: ProgressSink,
+    resume: tuple[PhaseState, dict[str, torch.Tensor]] | None = None,
+) -> PhaseState:
+    """Train the parameters that require grad. ``save(state, extra_tensors)`` is called every
+    ``checkpoint_every`` steps and at the end; ``resume`` continues from such a save."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    names = {id(p): n for n, p in named.items()}
+    optimizer = torch.optim.AdamW(named.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+    n_train = len(train.input_ids)
+    per_epoch = math.ceil(n_train / settings.batch_size)
+    total = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
+    warmup = int(settings.warmup_ratio * total)
+    eval_every = settings.eval_every or per_epoch
+    main = main_metric(spec, next(iter(evals)))
+
+    state = PhaseState()
+    torch.manual_seed(settings.seed)
+    if resume is not None:
+        state, tensors = resume
+        load_optimizer_tensors(optimizer, named, tensors)
+        torch.set_rng_state(tensors["rng::torch"])
+    if state.finished:
+        return state
+
+    def checkpoint() -> None:
+        extra = optimizer_tensors(optimizer, names)
+        extra["rng::torch"] = torch.get_rng_state()
+        save(state, extra)
+
+    sink.start(settings.name, total, state.step)
+    started = time.perf_counter() - state.seconds
+    model.train()
+    while state.step < total:
+        epoch, position = divmod(state.step, per_epoch)
+        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch))
+        idx = order[position * settings.batch_size : (position + 1) * settings.batch_size].tolist()
+        batch = {k: v.to(device) for k, v in collate(train, idx, pad_id).items()}
+        lr = settings.lr * linear_schedule(state.step, total, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with _autocast(device, settings.bf16):
+            loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise DSEEError(
+                f"The loss became {loss.item()} at step {state.step + 1} of phase {settings.name!r} "
+                f"(learning rate {lr:.3g}). The run stopped; lower the learning rate "
+                f"(trainer.{settings.name}.lr) or enable clipping (trainer.max_grad_norm)."
+            )
+        loss.backward()
+        if settings.max_grad_norm > 0:
+            nn.utils.clip_grad_norm_(named.values(), settings.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        loss_value = loss.item()
+        sink.advance(loss_value, lr)
+        sink.log({f"{settings.name}/loss": loss_value, f"{settings.name}/lr": lr}, state.step)
+        if state.step % eval_every == 0 or state.step == total:
+            scores = evaluate(model, evals, spec, pad_id, device, settings.eval_batch_size, settings.bf16)
+            model.train()
+            record = {"step": state.step, **scores}
+            state.history.append(record)
+            if state.best is None or scores[main] > state.best[main]:
+                state.best = record
+            sink.log({f"{settings.name}/{k}": v for k, v in scores.items()}, state.step)
+        state.seconds = time.perf_counter() - started
+        if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and state.step < total:
+            checkpoint()
+    state.finished = True
+    sink.stop()
+    model.eval()
+    checkpoint()
+    return state
+
+
+def summarize(state: PhaseState) -> dict:
+    """best and last evaluations of a phase, for metrics.json."""
+    last = state.history[-1] if state.history else {}
+    return {"best": state.best, "last": last, "steps": state.step, "seconds": round(state.seconds, 3)}
+
+
