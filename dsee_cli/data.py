@@ -99,10 +99,10 @@ def synthetic_examples(n: int, seed: int) -> list[Example]:
     out = []
     for _ in range(n):
         label = rng.random() < 0.5
-        strong, weak = rng.randint(1, 3), 0
-        weak = rng.randint(0, strong - 1)
+        strong = rng.randint(2, 4)
+        weak = rng.randint(0, strong - 2)
         pos, neg = (strong, weak) if label else (weak, strong)
-        words = rng.choices(FILLER, k=rng.randint(6, 20))
+        words = rng.choices(FILLER, k=rng.randint(4, 12))
         words += rng.choices(POSITIVE, k=pos) + rng.choices(NEGATIVE, k=neg)
         rng.shuffle(words)
         out.append(Example((" ".join(words),), float(label)))

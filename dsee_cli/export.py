@@ -81,7 +81,7 @@ def restore_state(
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
-            if name.startswith(MASK_PREFIX) or ".omega_" in name:
+            if "::" in name or ".omega_" in name:  # masks, and the trainer's optim::/rng:: entries
                 continue
             if name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in this model")

@@ -1,0 +1,28 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+# Small and quick, but every phase runs: tiny-bert, 256 synthetic examples.
+FAST = [
+    "logger=none", "trainer=smoke", "task.synthetic_train=256", "task.synthetic_eval=64",
+    "model.tiny_hidden=32", "model.tiny_heads=4", "model.tiny_intermediate=64", "trainer.threads=1",
+]
+
+
+def run_dsee(args, cwd: Path, env_extra=None, timeout=300) -> subprocess.CompletedProcess:
+    """`dsee train *args` in a subprocess, offline, W&B disabled, Ω cache inside cwd."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DSEE_CACHE": str(cwd / ".cache"),
+           "PYTHONUNBUFFERED": "1", "COLUMNS": "120", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "dsee_cli", "train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return tmp_path

@@ -1,0 +1,184 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsee_cli.export import load_merged, load_merged_tokenizer
+
+from .conftest import FAST, run_dsee
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_unstructured_end_to_end(workdir):
+    out = run_dsee([*FAST, "sparsity=0.5", "hydra.run.dir=run"], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = _metrics(workdir / "run")
+    assert m["total_params_pct"] == pytest.approx(50.0, abs=0.01)
+    assert m["phases"]["phase1"]["steps"] == 10 and m["phases"]["recovery"]["steps"] == 10
+    assert set(m["final"]["best"]) >= {"step", "validation/accuracy"}
+    assert m["trainable_params"]["adapter_sparse"] == 2 * 2 * 16  # 2 layers x (q, v) x card(Ω)
+    assert "results" in out.stdout and "metrics.json" in out.stdout
+    # the exported merged model reloads, is 50 % sparse in the blocks, and classifies
+    model = load_merged(workdir / "run" / "export" / "merged")
+    tok = load_merged_tokenizer(workdir / "run" / "export" / "merged")
+    weights = [p for n, p in model.named_parameters() if ".layer." in n and n.endswith("weight") and p.dim() == 2]
+    zeros = sum(int(w.eq(0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.5, abs=0.001)
+    assert model(**tok(["w1 w2"], return_tensors="pt")).logits.shape == (1, 2)
+    assert (workdir / "run" / "dsee.log").is_file()
+
+
+def test_structured_end_to_end_shrinks_heads(workdir):
+    out = run_dsee([*FAST, "pruning=structured", "pruning.heads_to_remove=2", "hydra.run.dir=run"], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    m = _metrics(workdir / "run")
+    assert all(len(v) == 2 for v in m["pruning"]["heads_removed"].values())
+    assert m["flops_ratio"] < 0.8
+    model = load_merged(workdir / "run" / "export" / "merged")
+    assert model.bert.encoder.layer[0].attention.self.query.out_features == 16  # 2 of 4 heads of 8 dims
+
+
+def test_gpt2_structured_end_to_end(workdir):
+    out = run_dsee([*FAST, "model=tiny-gpt2", "pruning=structured", "pruning.heads_to_remove=1",
+                    "hydra.run.dir=run"], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # 2 layers x (q, v) slices x r=16 x (in 32 + rows 24): B lost the removed head's 8 rows
+    assert _metrics(workdir / "run")["trainable_params"]["adapter_low_rank"] == 2 * 2 * 16 * (32 + 24)
+
+
+def test_same_seed_gives_identical_metrics(workdir):
+    a = run_dsee([*FAST, "hydra.run.dir=a", "export=false"], workdir)
+    b = run_dsee([*FAST, "hydra.run.dir=b", "export=false"], workdir)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert _strip(_metrics(workdir / "a")) == _strip(_metrics(workdir / "b"))
+
+
+def _strip(m: dict) -> dict:
+    phases = {k: {"best": v["best"], "last": v["last"], "steps": v["steps"]} for k, v in m["phases"].items()}
+    return {"phases": phases, "final": m["final"]["eval"]}
+
+
+def test_resume_after_kill_9_gives_the_same_metrics(workdir):
+    args = [*FAST, "trainer.max_steps=60", "trainer.checkpoint_every=4", "trainer.eval_every=20", "export=false"]
+    reference = run_dsee([*args, "hydra.run.dir=ref"], workdir)
+    assert reference.returncode == 0, reference.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DSEE_CACHE": str(workdir / ".cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "dsee_cli", "train", *args, "hydra.run.dir=crash"], cwd=workdir,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    meta = workdir / "crash" / "checkpoint" / "meta.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once recovery has started and checkpointed
+        if meta.is_file():
+            try:
+                stage = json.loads(meta.read_text())["stage"]
+            except (json.JSONDecodeError, KeyError):
+                stage = None
+            if stage == "recovery":
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (workdir / "crash" / "metrics.json").exists()
+    resumed = run_dsee([*args, "hydra.run.dir=crash"], workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resuming" in resumed.stdout
+    assert _strip(_metrics(workdir / "crash")) == _strip(_metrics(workdir / "ref"))
+
+
+def test_rerun_of_a_finished_run_does_not_redo_it(workdir):
+    first = run_dsee([*FAST, "hydra.run.dir=run", "export=false"], workdir)
+    assert first.returncode == 0
+    again = run_dsee([*FAST, "hydra.run.dir=run", "export=false"], workdir)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+
+def test_the_glue_tsv_layout_loads_from_a_fixture(workdir):
+    """The classic download's quirks: no header (CoLA), BOM (MRPC), 10 columns (STS-B), bare quotes."""
+    glue = workdir / "glue_data"
+    (glue / "CoLA").mkdir(parents=True)
+    cola = "".join(f"gj04\t{i % 2}\t\tThe \"w{i}\" sentence w{i + 1} .\n" for i in range(40))
+    (glue / "CoLA" / "train.tsv").write_text(cola)
+    (glue / "CoLA" / "dev.tsv").write_text(cola[: len(cola) // 2])
+    (glue / "MRPC").mkdir()
+    mrpc = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n" + "".join(
+        f"{i % 2}\t{i}\t{i + 1}\tw{i} \" w3\tw{i + 2} w4\n" for i in range(40))
+    (glue / "MRPC" / "train.tsv").write_text(mrpc, encoding="utf-8")
+    (glue / "MRPC" / "dev.tsv").write_text(mrpc, encoding="utf-8")
+    (glue / "STS-B").mkdir()
+    stsb = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n" + "".join(
+        f"{i}\tmain\tf\t2012\t{i}\tnone\tnone\tw{i} w2\tw{i} w3\t{(i % 6):.3f}\n" for i in range(40))
+    (glue / "STS-B" / "train.tsv").write_text(stsb)
+    (glue / "STS-B" / "dev.tsv").write_text(stsb)
+
+    from dsee_cli.data import DataSettings, load_task
+
+    cola_data = load_task(DataSettings(name="cola", data_dir=str(glue)))
+    assert len(cola_data.train) == 40 and cola_data.train[1].label == 1.0
+    assert cola_data.train[0].texts == ('The "w0" sentence w1 .',)
+    mrpc_data = load_task(DataSettings(name="mrpc", data_dir=str(glue)))
+    assert mrpc_data.train[0].texts == ('w0 " w3', "w2 w4") and mrpc_data.train[1].label == 1.0
+    stsb_data = load_task(DataSettings(name="stsb", data_dir=str(glue)))
+    assert stsb_data.train[5].label == 5.0 and stsb_data.train[5].texts == ("w5 w2", "w5 w3")
+    for task, metric in (("cola", "matthews_correlation"), ("stsb", "pearson")):
+        out = run_dsee([*FAST, f"task={task}", "model=tiny-bert", f"task.data_dir={glue}",
+                        f"hydra.run.dir={task}", "export=false"], workdir)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"validation/{metric}" in _metrics(workdir / task)["final"]["eval"]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["sparsity=1.5"], "sparsity=1.5 is out of range"),
+        (["adapter.rank=0"], "adapter.rank=0 is invalid"),
+        (["adapter.omega_size=-1"], "card(Ω) must be >= 0"),
+        (["adapter.targets=[qeury]"], "matches no linear layer"),
+        (["pruning=structured", "pruning.heads_to_remove=4"], "between 0 and 3"),
+        (["pruning.criterion=biggest"], "Valid choices: delta, delta_plus_weight, weight, random"),
+        (["task.data_dir=/nonexistent", "task=rte", "model=tiny-bert"], "lacks /nonexistent/RTE/train.tsv"),
+        (["model=local", "model.path=/nonexistent"], "is not a Hugging Face model directory"),
+        (["trainer.device=cuda"], "no CUDA GPU"),
+    ],
+)
+def test_bad_input_gives_one_clear_paragraph(workdir, args, needle):
+    if "trainer.device=cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    started = time.time()
+    out = run_dsee([*FAST, *args, "hydra.run.dir=bad"], workdir)
+    assert out.returncode != 0
+    assert needle in out.stdout.replace("\n", " ") + out.stderr.replace("\n", " ")
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not (workdir / "bad" / "metrics.json").exists() and not (workdir / "bad" / "export").exists()
+    assert time.time() - started < 60
+
+
+@pytest.mark.parametrize("args,needle", [(["sparsity=abc"], "sparsity"), (["task=nope"], "Available options"),
+                                         (["trainer.batchsize=3"], "batchsize")])
+def test_typos_and_wrong_types_are_rejected_by_the_schema(workdir, args, needle):
+    out = run_dsee([*FAST, *args], workdir)
+    assert out.returncode != 0 and needle in out.stdout + out.stderr
+
+
+def test_hub_model_offline_fails_fast_with_a_way_out(workdir):
+    started = time.time()
+    out = run_dsee(["task=rte", "sparsity=0.3", "logger=none"], workdir)
+    assert out.returncode != 0
+    text = " ".join((out.stdout + out.stderr).split())
+    assert "model.path=" in text and "task.data_dir=" in text
+    assert time.time() - started < 30  # within 10 s of the start of work; the rest is Python start-up
+
+
+def test_unknown_command_and_help(workdir):
+    bad = subprocess.run([sys.executable, "-m", "dsee_cli", "trian"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Valid commands: train" in bad.stderr
+    help_ = run_dsee(["--help"], workdir)
+    assert help_.returncode == 0 and "pruning: " in help_.stdout and "structured" in help_.stdout
