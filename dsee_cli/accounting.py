@@ -39,7 +39,7 @@ def trainable_counts(model: nn.Module) -> TrainableCounts:
     return TrainableCounts(low, sparse, head, other)
 
 
-def scope_weights(model: nn.Module) -> dict[str, "nn.Parameter"]:
+def scope_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """The pretrained weight matrices of the pruning scope (block linears), as out x in views."""
     out = {}
     for name, module in block_linears(model).items():

@@ -75,9 +75,7 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if not name.startswith(prefix + "."):
             continue
-        if isinstance(module, DSEELinear):
-            found[name] = module
-        elif isinstance(module, LinearLike) and not _inside_adapter(name, found):
+        if isinstance(module, DSEELinear) or isinstance(module, LinearLike) and not _inside_adapter(name, found):
             found[name] = module
     return found
 

@@ -8,7 +8,6 @@ Hydra. ``validate`` does the semantic checks that types cannot express, before a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from .data import TASKS
 from .errors import DSEEError, choice_error
@@ -26,8 +25,9 @@ DEVICES = ("auto", "cpu", "cuda")
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny-bert"  # a preset (bert-base, roberta-large, gpt2-medium, tiny-bert, tiny-gpt2), "local" or a Hub id
-    path: Optional[str] = None  # a local Hugging Face model directory (overrides name)
+    # a preset (bert-base, roberta-large, gpt2-medium, tiny-bert, tiny-gpt2), "local" or a Hub id
+    name: str = "tiny-bert"
+    path: str | None = None  # a local Hugging Face model directory (overrides name)
     tiny_hidden: int = 64
     tiny_layers: int = 2
     tiny_heads: int = 4
@@ -37,20 +37,20 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "synthetic"
-    data_dir: Optional[str] = None  # the classic GLUE download (folder holding CoLA/, SST-2/, ...)
-    train_file: Optional[str] = None  # CSV / JSON lines, with validation_file
-    validation_file: Optional[str] = None
-    text_fields: Optional[list[str]] = None
+    data_dir: str | None = None  # the classic GLUE download (folder holding CoLA/, SST-2/, ...)
+    train_file: str | None = None  # CSV / JSON lines, with validation_file
+    validation_file: str | None = None
+    text_fields: list[str] | None = None
     label_field: str = "label"
     max_length: int = 128
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
     synthetic_train: int = 2000
     synthetic_eval: int = 500
     # Per-task defaults (paper Table 11 and the reference scripts); trainer.* overrides them.
     lr: float = 5e-4
     epochs: float = 5.0
-    recovery_lr: Optional[float] = None  # None: the same as lr
+    recovery_lr: float | None = None  # None: the same as lr
     recovery_epochs: float = 5.0
 
 
@@ -62,7 +62,7 @@ class AdapterConfig:
     omega_size: int = 16  # card(Ω) per adapted matrix; 0 is LoRA
     dropout: float = 0.0
     init: str = "kaiming"
-    targets: Optional[list[str]] = None  # None: the architecture's default (q, v)
+    targets: list[str] | None = None  # None: the architecture's default (q, v)
 
 
 @dataclass
@@ -70,19 +70,19 @@ class OmegaConfig:
     method: str = "grebsmo"
     preset: str = "fast"
     # Any of these overrides the preset's value.
-    rank: Optional[int] = None
-    rank_start: Optional[int] = None
-    rank_step: Optional[int] = None
-    outer_iters: Optional[int] = None
-    inner_iters: Optional[int] = None
-    threshold: Optional[float] = None
-    soft: Optional[bool] = None
-    sparse_card: Optional[int] = None  # 0: threshold instead of a card constraint
-    reset_sparse: Optional[bool] = None
-    tol: Optional[float] = None
+    rank: int | None = None
+    rank_start: int | None = None
+    rank_step: int | None = None
+    outer_iters: int | None = None
+    inner_iters: int | None = None
+    threshold: float | None = None
+    soft: bool | None = None
+    sparse_card: int | None = None  # 0: threshold instead of a card constraint
+    reset_sparse: bool | None = None
+    tol: float | None = None
     seed: int = 0
     cache: bool = True
-    cache_dir: Optional[str] = None  # default: $DSEE_CACHE or ~/.cache/dsee-cli, then /omega
+    cache_dir: str | None = None  # default: $DSEE_CACHE or ~/.cache/dsee-cli, then /omega
 
 
 @dataclass
@@ -98,8 +98,8 @@ class PruningConfig:
 
 @dataclass
 class PhaseConfig:
-    epochs: Optional[float] = None  # None: the task's default
-    lr: Optional[float] = None
+    epochs: float | None = None  # None: the task's default
+    lr: float | None = None
 
 
 @dataclass
@@ -124,8 +124,8 @@ class LoggerConfig:
     backend: str = "wandb"
     mode: str = "offline"  # online needs WANDB_API_KEY (or `wandb login`)
     project: str = "dsee-cli"
-    entity: Optional[str] = None
-    group: Optional[str] = None  # default: the run's name
+    entity: str | None = None
+    group: str | None = None  # default: the run's name
     tags: list[str] = field(default_factory=list)
 
 

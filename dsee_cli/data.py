@@ -88,7 +88,7 @@ def spec_for(name: str) -> TaskSpec:
 
 
 # -- synthetic ----------------------------------------------------------------------------------
-POSITIVE = [f"w{i}" for i in range(0, 16)]
+POSITIVE = [f"w{i}" for i in range(16)]
 NEGATIVE = [f"w{i}" for i in range(16, 32)]
 FILLER = [f"w{i}" for i in range(32, SYNTHETIC_WORDS)]
 

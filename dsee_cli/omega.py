@@ -63,7 +63,7 @@ class _DenseS:
         self.s = s
 
     @classmethod
-    def from_residual(cls, r: torch.Tensor, settings: GreBsmoSettings) -> "_DenseS":
+    def from_residual(cls, r: torch.Tensor, settings: GreBsmoSettings) -> _DenseS:
         if settings.soft:
             return cls(torch.sign(r) * torch.clamp(r.abs() - settings.threshold, min=0))
         return cls(r * (r.abs() >= settings.threshold))
@@ -87,7 +87,7 @@ class _SparseS:
         self.rows, self.cols = idx // shape[2], idx % shape[2]
 
     @classmethod
-    def from_residual(cls, r: torch.Tensor, settings: GreBsmoSettings) -> "_SparseS":
+    def from_residual(cls, r: torch.Tensor, settings: GreBsmoSettings) -> _SparseS:
         flat = r.flatten(1)
         idx = flat.abs().topk(min(settings.sparse_card, flat.shape[1]), dim=1).indices
         return cls(tuple(r.shape), idx, flat.gather(1, idx))

@@ -285,7 +285,8 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         "model": loaded.source,
         "main_metric": main_metric(data.spec, next(iter(eval_enc))),
         "final": summarize(final_phase) | {"eval": final_eval},
-        "phases": {"phase1": summarize(phase1)} | ({"recovery": summarize(recovery)} if pruning.method != "none" else {}),
+        "phases": {"phase1": summarize(phase1)}
+        | ({"recovery": summarize(recovery)} if pruning.method != "none" else {}),
         "trainable_params": trainable_counts(model).as_dict(),
         "total_params_pct": round(100 * scope_nonzero / scope_total, 4),
         "model_nonzero_pct": round(100 * model_nonzero / model_total, 4),

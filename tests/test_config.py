@@ -1,0 +1,62 @@
+"""Every option of every config group composes against the typed schema and validates."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dsee_cli.cli import _register, config_dir, dirname_for
+from dsee_cli.config import RunConfig, validate
+from dsee_cli.errors import DSEEError
+
+GROUPS = ["model", "task", "adapter", "omega", "pruning", "trainer", "logger", "experiment"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+def _compose(overrides: list[str]):
+    _register()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=False)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "model" and option == "local":
+        overrides.append("model.path=/some/dir")
+    cfg = _compose(overrides)
+    typed = OmegaConf.to_object(cfg)
+    assert isinstance(typed, RunConfig)
+    validate(typed)
+
+
+def test_defaults_are_the_offline_demo_and_glue_tasks_use_bert_base():
+    assert OmegaConf.to_object(_compose([])).model.name == "tiny-bert"
+    rte = OmegaConf.to_object(_compose(["task=rte"]))
+    assert rte.model.name == "bert-base" and rte.task.lr == 6e-4 and rte.task.recovery_epochs == 10
+    assert OmegaConf.to_object(_compose(["task=rte", "model=tiny-gpt2"])).model.name == "tiny-gpt2"
+
+
+def test_every_group_has_options_and_paper_table11_rates():
+    for group in GROUPS:
+        assert _options(group), group
+    rates = {t: OmegaConf.to_object(_compose([f"task={t}"])).task.lr for t in
+             ("mnli", "qnli", "qqp", "sst2", "cola", "mrpc", "rte", "stsb")}
+    assert rates == {"mnli": 2e-4, "qnli": 2e-4, "qqp": 2e-4, "sst2": 2e-4, "cola": 1e-3, "mrpc": 8e-4,
+                     "rte": 6e-4, "stsb": 8e-4}
+
+
+def test_local_model_without_a_path_is_refused():
+    with pytest.raises(DSEEError, match="model.path"):
+        validate(OmegaConf.to_object(_compose(["model=local", "model.path=null"])))
+
+
+def test_run_directory_names_are_safe_and_bounded():
+    assert dirname_for("") == "default"
+    assert dirname_for("model.path=/a/b,task=rte") == "model.path=_a_b,task=rte"
+    long = dirname_for("x=" + "y" * 500)
+    assert len(long) <= 120 and "/" not in long and Path(long).name == long
