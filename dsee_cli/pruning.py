@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 from .adapters import DSEELinear, adapters_of
 from .arch import attention_units, block_linears, set_head_count, weight_out_in
 from .errors import DSEEError, choice_error
+from .selection import smallest_k_mask
 
 METHODS = ("none", "unstructured", "nm", "structured")
 CRITERIA = ("delta", "delta_plus_weight", "weight", "random")
@@ -107,11 +108,8 @@ def score_pieces(model: nn.Module, criterion: str, seed: int) -> list[Piece]:
 def _keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Exactly round(sparsity·numel) entries pruned: the lowest scores, ties to the lower index."""
     flat = scores.flatten()
-    n_prune = int(round(sparsity * flat.numel()))
-    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-    if n_prune:
-        keep[torch.sort(flat, stable=True).indices[:n_prune]] = False
-    return keep.view(scores.shape)
+    n_prune = round(sparsity * flat.numel())
+    return ~smallest_k_mask(flat[None], n_prune)[0].view(scores.shape)
 
 
 def unstructured_masks(model: nn.Module, settings: PruningSettings) -> dict[str, torch.Tensor]:

@@ -25,9 +25,10 @@ def planted(m=256, n=256, rank=4, spikes=16, seed=0, fool_magnitude=False):
     return x, set(idx.tolist())
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_grebsmo_recovers_planted_spikes(seed):
-    x, spikes = planted(seed=seed)
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("fool", [False, True])
+def test_grebsmo_recovers_planted_spikes(seed, fool):
+    x, spikes = planted(seed=seed, fool_magnitude=fool)
     found = set(find_omega({"w": x}, 16, "grebsmo", PRESETS["fast"])["w"].tolist())
     assert len(found & spikes) / len(spikes) >= 0.9
 
@@ -36,10 +37,12 @@ def test_reference_preset_is_the_reference_codes_settings():
     ref = PRESETS["reference"]
     assert (ref.rank_start, ref.rank_step, ref.outer_iters, ref.inner_iters) == (1, 5, 100, 2)
     assert ref.threshold == 0.01 and not ref.soft and ref.reset_sparse and ref.sparse_card is None
+    assert ref.power_iters == 0
 
 
-def test_magnitude_is_fooled_where_grebsmo_is_not():
-    x, spikes = planted(fool_magnitude=True, seed=1)
+@pytest.mark.parametrize("seed", range(3))
+def test_magnitude_is_fooled_where_grebsmo_is_not(seed):
+    x, spikes = planted(fool_magnitude=True, seed=seed)
     greb = set(find_omega({"w": x}, 16, "grebsmo", PRESETS["fast"])["w"].tolist())
     mag = set(find_omega({"w": x}, 16, "magnitude", PRESETS["fast"])["w"].tolist())
     assert len(greb & spikes) >= 15
