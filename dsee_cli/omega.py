@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class _DenseS:
 
     def __init__(self, s: torch.Tensor | None):
         self.s = s  # None: S = 0, so X - S is X itself (no subtraction)
+        self._low: torch.Tensor | None = None
 
     @classmethod
     def zero(cls, x: torch.Tensor, settings: GreBsmoSettings) -> _DenseS:
@@ -70,13 +72,17 @@ class _DenseS:
 
     @classmethod
     def from_residual(cls, r: torch.Tensor, settings: GreBsmoSettings) -> _DenseS:
-        """In place on r (a fresh residual): soft sign(r)·max(|r|-λ, 0) or hard r·1{|r| ≥ λ}."""
+        """Soft sign(r)·max(|r|-λ, 0) or hard r·1{|r| > λ}, each one fused kernel."""
         if settings.soft:
-            return cls(torch.sign(r) * torch.clamp(r.abs() - settings.threshold, min=0))
-        return cls(r.masked_fill_(r.abs() < settings.threshold, 0.0))
+            return cls(torch.nn.functional.softshrink(r, settings.threshold))
+        return cls(torch.nn.functional.hardshrink(r, settings.threshold))
 
     def x_minus_s(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.s is None else x - self.s
+        if self.s is None:
+            return x
+        if self._low is None:  # used twice per step: compute once
+            self._low = x - self.s
+        return self._low
 
     def x_minus_s_times_vt(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.x_minus_s(x) @ v.transpose(1, 2)
@@ -147,9 +153,9 @@ def grebsmo(x: torch.Tensor, settings: GreBsmoSettings) -> torch.Tensor:
             s = kind.zero(x, settings)
         last_outer = outer + 1 == settings.outer_iters
         for inner in range(settings.inner_iters):
-            u, _ = torch.linalg.qr(s.x_minus_s_times_vt(x, v))
+            u = orthonormal_basis(s.x_minus_s_times_vt(x, v))
             for _ in range(settings.power_iters):
-                u, _ = torch.linalg.qr(s.x_minus_s_times_vt(x, s.ut_times_x_minus_s(x, u)))
+                u = orthonormal_basis(s.x_minus_s_times_vt(x, s.ut_times_x_minus_s(x, u)))
             v = s.ut_times_x_minus_s(x, u)
             # With S reset at the next outer step, this step's last S is never read: skip it.
             discarded = settings.reset_sparse and inner + 1 == settings.inner_iters and not last_outer
@@ -163,14 +169,55 @@ def grebsmo(x: torch.Tensor, settings: GreBsmoSettings) -> torch.Tensor:
             grow = min(settings.rank_step, max_rank - rank)
             v = torch.cat([v, torch.randn(1, grow, n, generator=gen).to(x.device).expand(b, -1, -1)], 1)
             rank += grow
-    return s.dense()
+    return _dense(s, x)
+
+
+def orthonormal_basis(y: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of each matrix's column span (b, m, r); only the span matters here.
+
+    Wide sketches use Cholesky-QR (Gram in float64, then a triangular solve: matmul speed,
+    about twice Householder QR's at rank ~500); Householder QR where the Gram matrix is not
+    positive definite or the sketch is narrow.
+    """
+    if y.shape[-1] < 64:
+        return torch.linalg.qr(y)[0]
+    gram = (y.transpose(1, 2) @ y).double()
+    r, info = torch.linalg.cholesky_ex(gram, upper=True)
+    if bool(info.any()):
+        return torch.linalg.qr(y)[0]
+    return torch.linalg.solve_triangular(r.to(y.dtype), y, upper=True, left=False)
+
+
+def _dense(s, x: torch.Tensor) -> torch.Tensor:
+    dense = s.dense()
+    return torch.zeros_like(x) if dense is None else dense
+
+
+def grebsmo_parallel(x: torch.Tensor, settings: GreBsmoSettings) -> torch.Tensor:
+    """grebsmo on CPU with the batch split across cores, one intra-op thread each.
+
+    LAPACK's QR barely uses a second core on its own; independent halves do. Results are
+    identical to one batch, since the random sketch is shared by every matrix.
+    """
+    workers = min(torch.get_num_threads(), x.shape[0])
+    if x.device.type != "cpu" or workers < 2:
+        return grebsmo(x, settings)
+    chunks = torch.tensor_split(x, workers)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(lambda c: grebsmo(c, settings), chunks))
+    finally:
+        torch.set_num_threads(previous)
+    return torch.cat(parts)
 
 
 def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
     """Flat indices of the n largest scores of each matrix in a batch (b, m, k) -> (b, n).
 
-    Exactly n per matrix; ties go to the lower flat index (stable sort), so the result is
-    deterministic. Returned sorted ascending.
+    Exactly n per matrix; ties go to the lower flat index, so the result is deterministic.
+    Returned sorted ascending.
     """
     flat = scores.flatten(1)
     if n > flat.shape[1]:
@@ -191,7 +238,7 @@ def find_omega(
     for shape, names in by_shape.items():
         batch = torch.stack([weights[k].detach().float() for k in names])
         if method == "grebsmo":
-            scores = grebsmo(batch, settings).abs()
+            scores = grebsmo_parallel(batch, settings).abs()
         elif method == "magnitude":
             scores = batch.abs()
         else:

@@ -56,6 +56,19 @@ def test_grebsmo_batched_equals_one_by_one():
         assert torch.allclose(batched[i], grebsmo(x, PRESETS["fast"]), atol=1e-4)
 
 
+def test_parallel_split_gives_the_same_sparse_part():
+    from dsee_cli.omega import grebsmo_parallel
+
+    xs = torch.stack([planted(seed=s)[0] for s in range(5)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        split = grebsmo_parallel(xs, PRESETS["fast"])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(split, grebsmo(xs, PRESETS["fast"]), atol=1e-4)
+
+
 def test_top_n_is_exact_with_deterministic_ties():
     scores = torch.zeros(2, 4, 5)
     scores[0, 0, 0] = 1.0
