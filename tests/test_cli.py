@@ -182,3 +182,60 @@ def test_unknown_command_and_help(workdir):
     assert bad.returncode == 2 and "Valid commands: train" in bad.stderr
     help_ = run_dsee(["--help"], workdir)
     assert help_.returncode == 0 and "pruning: " in help_.stdout and "structured" in help_.stdout
+
+
+def test_wandb_offline_logs_config_and_summary(workdir):
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_MODE"}
+    out = subprocess.run(
+        [sys.executable, "-m", "dsee_cli", "train", *[a for a in FAST if a != "logger=none"], "logger=wandb",
+         "logger.mode=offline", "name=mysweep", "hydra.run.dir=run", "export=false"],
+        cwd=workdir, env={**env, "HF_HUB_OFFLINE": "1", "DSEE_CACHE": str(workdir / ".cache")},
+        capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    records = list((workdir / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(records) == 1
+    blob = records[0].read_bytes()
+    assert b"total_params_pct" in blob  # the summary
+    assert b"sparsity" in blob and b"mysweep" in blob  # the resolved config and the group
+
+
+def test_multirun_sweep_writes_one_run_per_job(workdir):
+    out = run_dsee(["-m", *FAST, "seed=1,2", "export=false"], workdir)
+    assert out.returncode == 0, out.stdout + out.stderr
+    runs = sorted(p.parent.name for p in (workdir / "multirun").glob("*/metrics.json"))
+    assert len(runs) == 2 and all("seed=" in r for r in runs)
+
+
+def test_nan_loss_stops_with_a_clear_message(workdir):
+    out = run_dsee([*FAST, "trainer.phase1.lr=1e25", "trainer.max_grad_norm=0", "hydra.run.dir=nan"], workdir)
+    assert out.returncode == 2
+    assert "The loss became" in " ".join(out.stdout.split())
+    assert not (workdir / "nan" / "metrics.json").exists()
+
+
+def test_local_csv_and_jsonl_files(workdir):
+    from dsee_cli.data import DataSettings, load_task
+
+    (workdir / "train.csv").write_text("text,label\n" + "".join(f"w{i} w2,{i % 2}\n" for i in range(20)))
+    (workdir / "dev.jsonl").write_text("".join(f'{{"text": "w{i}", "label": {i % 2}}}\n' for i in range(6)))
+    data = load_task(DataSettings(name="sst2", train_file=str(workdir / "train.csv"),
+                                  validation_file=str(workdir / "dev.jsonl"), text_fields=("text",)))
+    assert len(data.train) == 20 and data.train[3].label == 1.0 and data.evals["validation"][0].texts == ("w0",)
+    from dsee_cli.errors import DSEEError
+
+    with pytest.raises(DSEEError, match="has no column"):
+        load_task(DataSettings(name="sst2", train_file=str(workdir / "train.csv"),
+                               validation_file=str(workdir / "dev.jsonl")))
+
+
+def test_wheel_ships_the_configs(tmp_path):
+    """A non-editable install finds conf/ inside the package."""
+    root = Path(__file__).resolve().parents[1]
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path), str(root)], capture_output=True, text=True, check=False)
+    assert built.returncode == 0, built.stderr
+    import zipfile
+
+    names = zipfile.ZipFile(next(tmp_path.glob("*.whl"))).namelist()
+    assert "dsee_cli/conf/config.yaml" in names and "dsee_cli/conf/task/rte.yaml" in names
+    assert "dsee_cli/conf/hydra/job_logging/rich.yaml" in names
