@@ -108,9 +108,12 @@ class DSEELinear(nn.Module):
         if self.merged:
             return self.base(x)
         if self.mask is not None and self.mask_delta:
-            # Recovery after unstructured pruning: the model really computes with M⊙(W+ΔW).
-            weight = (self._base_weight_out_in() + self.delta_weight()) * self.mask
-            return F.linear(self.dropout(x), weight, self.base.bias)
+            # Recovery after unstructured pruning: the model really computes with M⊙(W+ΔW)
+            # (W is stored masked already). Dropout, as in LoRA, acts on the ΔW path only.
+            delta = self.delta_weight() * self.mask
+            if isinstance(self.dropout, nn.Identity):
+                return F.linear(x, self._base_weight_out_in() + delta, self.base.bias)
+            return self.base(x) + F.linear(self.dropout(x), delta)
         out = self.base(x)
         xd = self.dropout(x)
         pieces = []

@@ -14,8 +14,7 @@ from .errors import DSEEError, choice_error
 from .models import HUB_MODELS, TINY_MODELS
 from .omega import METHODS as OMEGA_METHODS
 from .omega import PRESETS
-from .pruning import CRITERIA, GRANULARITIES
-from .pruning import METHODS as PRUNING_METHODS
+from .pruning import PruningSettings
 
 ADAPTER_METHODS = ("dsee", "lora")
 LOGGER_BACKENDS = ("wandb", "none")
@@ -158,10 +157,6 @@ def validate(cfg: RunConfig) -> None:
         _require(bool(cfg.model.path), "model=local needs model.path=/path/to/a/hugging_face_model_dir.")
     elif "/" not in cfg.model.name and cfg.model.name not in known_models:
         raise choice_error("model (model=...)", cfg.model.name, (*known_models, "<hub org/name>"))
-    if cfg.task.name not in TASKS:
-        raise choice_error("task (task=...)", cfg.task.name, TASKS)
-    if cfg.adapter.method not in ADAPTER_METHODS:
-        raise choice_error("adapter method (adapter.method)", cfg.adapter.method, ADAPTER_METHODS)
     _require(cfg.adapter.rank >= 1, f"adapter.rank={cfg.adapter.rank} is invalid: the rank must be >= 1.")
     _require(cfg.adapter.omega_size >= 0,
              f"adapter.omega_size={cfg.adapter.omega_size} is invalid: card(Ω) must be >= 0 (0 is LoRA).")
@@ -170,19 +165,8 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.adapter.init in ("kaiming", "normal"),
              f"adapter.init={cfg.adapter.init!r} is invalid; valid choices: kaiming, normal.")
     _require(0.0 <= cfg.adapter.dropout < 1.0, f"adapter.dropout={cfg.adapter.dropout} must be in [0, 1).")
-    if cfg.omega.method not in OMEGA_METHODS:
-        raise choice_error("Ω method (omega.method)", cfg.omega.method, OMEGA_METHODS)
-    if cfg.omega.preset not in PRESETS:
-        raise choice_error("GreBsmo preset (omega.preset)", cfg.omega.preset, PRESETS)
-    if cfg.pruning.method not in PRUNING_METHODS:
-        raise choice_error("pruning method (pruning=...)", cfg.pruning.method, PRUNING_METHODS)
-    if cfg.pruning.criterion not in CRITERIA:
-        raise choice_error("pruning criterion (pruning.criterion)", cfg.pruning.criterion, CRITERIA)
-    if cfg.pruning.granularity not in GRANULARITIES:
-        raise choice_error("pruning granularity (pruning.granularity)", cfg.pruning.granularity, GRANULARITIES)
-    _require(0.0 <= cfg.sparsity < 1.0, f"sparsity={cfg.sparsity} is out of range: it must be in [0, 1).")
-    _require(cfg.pruning.method != "nm" or 0 < cfg.pruning.n < cfg.pruning.m,
-             f"N:M pruning needs 0 < n < m, got pruning.n={cfg.pruning.n}, pruning.m={cfg.pruning.m}.")
+    PruningSettings(method=cfg.pruning.method, sparsity=cfg.sparsity, criterion=cfg.pruning.criterion,
+                    granularity=cfg.pruning.granularity, n=cfg.pruning.n, m=cfg.pruning.m).check()
     _require(cfg.pruning.heads_to_remove >= 0,
              f"pruning.heads_to_remove={cfg.pruning.heads_to_remove} must be >= 0.")
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
@@ -191,9 +175,14 @@ def validate(cfg: RunConfig) -> None:
         p = getattr(cfg.trainer, phase)
         _require(p.lr is None or p.lr > 0, f"trainer.{phase}.lr={p.lr} must be > 0.")
         _require(p.epochs is None or p.epochs > 0, f"trainer.{phase}.epochs={p.epochs} must be > 0.")
-    if cfg.trainer.device not in DEVICES:
-        raise choice_error("device (trainer.device)", cfg.trainer.device, DEVICES)
-    if cfg.logger.backend not in LOGGER_BACKENDS:
-        raise choice_error("logger (logger=...)", cfg.logger.backend, LOGGER_BACKENDS)
-    if cfg.logger.mode not in LOGGER_MODES:
-        raise choice_error("W&B mode (logger.mode)", cfg.logger.mode, LOGGER_MODES)
+    for what, value, valid in (
+        ("task (task=...)", cfg.task.name, TASKS),
+        ("adapter method (adapter.method)", cfg.adapter.method, ADAPTER_METHODS),
+        ("Ω method (omega.method)", cfg.omega.method, OMEGA_METHODS),
+        ("GreBsmo preset (omega.preset)", cfg.omega.preset, PRESETS),
+        ("device (trainer.device)", cfg.trainer.device, DEVICES),
+        ("logger (logger=...)", cfg.logger.backend, LOGGER_BACKENDS),
+        ("W&B mode (logger.mode)", cfg.logger.mode, LOGGER_MODES),
+    ):
+        if value not in valid:
+            raise choice_error(what, value, valid)

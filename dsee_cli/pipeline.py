@@ -186,7 +186,6 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         granularity=cfg.pruning.granularity, n=cfg.pruning.n, m=cfg.pruning.m,
         heads_to_remove=cfg.pruning.heads_to_remove, mask_delta=cfg.pruning.mask_delta, seed=cfg.seed,
     )
-    pruning.check()
     if pruning.method == "structured":
         heads = attention_units(model)[0].num_heads
         if not 0 <= pruning.heads_to_remove < heads:
@@ -222,16 +221,19 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         keep.update({k: s.as_meta() for k, s in states.items()})
         return {**keep, "omega": omega_info}
 
+    def run_phase(name: str) -> PhaseState:
+        resume = (_state(meta, name), tensors) if stage == name else None
+        return train_phase(
+            model, train_enc, eval_enc, data.spec, phase_settings(cfg, name), pad_id, device,
+            save=lambda st, extra: ckpt.save(model, name, progress_meta(**{name: st}), extra),
+            sink=sink, resume=resume,
+        )
+
     # Phase I: sparse + low-rank tuning
     phase1 = _state(meta, "phase1")
     if stage in (None, "phase1"):
         say("Phase I: sparse + low-rank tuning")
-        resume = (phase1, tensors) if stage == "phase1" else None
-        phase1 = train_phase(
-            model, train_enc, eval_enc, data.spec, phase_settings(cfg, "phase1"), pad_id, device,
-            save=lambda st, extra: ckpt.save(model, "phase1", progress_meta(phase1=st), extra),
-            sink=sink, resume=resume,
-        )
+        phase1 = run_phase("phase1")
         meta.update(progress_meta(phase1=phase1))
         stage = "phase1-done"
     seconds["phase1"] = phase1.seconds
@@ -259,12 +261,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     recovery = _state(meta, "recovery")
     if pruning.method != "none" and stage in ("pruned", "recovery"):
         say("Phase III: recovery tuning")
-        resume = (recovery, tensors) if stage == "recovery" else None
-        recovery = train_phase(
-            model, train_enc, eval_enc, data.spec, phase_settings(cfg, "recovery"), pad_id, device,
-            save=lambda st, extra: ckpt.save(model, "recovery", progress_meta(recovery=st), extra),
-            sink=sink, resume=resume,
-        )
+        recovery = run_phase("recovery")
         seconds["recovery"] = recovery.seconds
 
     say("Evaluation and export")

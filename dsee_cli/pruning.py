@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import DSEELinear, adapters_of
+from .adapters import DSEELinear
 from .arch import attention_units, block_linears, set_head_count, weight_out_in
 from .errors import DSEEError, choice_error
 from .selection import smallest_k_mask
@@ -332,6 +332,3 @@ def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:
 def _base(module: nn.Module) -> nn.Module:
     return module.base if isinstance(module, DSEELinear) else module
 
-
-def adapted_names(model: nn.Module) -> list[str]:
-    return list(adapters_of(model))

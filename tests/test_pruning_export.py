@@ -152,3 +152,16 @@ def test_flops_ratio_of_head_pruned_bert_base_is_near_the_paper(removed, paper):
     assert inference_flops(model, 128, unmerged_adapters=True) / dense == pytest.approx(paper, abs=0.012)
     merged = inference_flops(model, 128) / dense
     assert merged == pytest.approx(1 - removed / 12 * 0.3515, abs=0.002)
+
+
+def test_masked_recovery_with_dropout_drops_only_the_delta_path():
+    model, _ = tiny("tiny-bert")
+    adapters = with_random_adapters(model)
+    apply_masks(model, compute_masks(model, PruningSettings(sparsity=0.3)))
+    for a in adapters.values():
+        a.dropout = torch.nn.Dropout(1.0)  # drops every input of the ΔW path
+    model.train()
+    with torch.no_grad():
+        dropped = model.bert.encoder.layer[0].attention.self.query(torch.ones(1, 32))
+        base = model.bert.encoder.layer[0].attention.self.query.base(torch.ones(1, 32))
+    assert torch.allclose(dropped, base)
