@@ -57,7 +57,7 @@ def train_job(cfg) -> float | None:
     from omegaconf import OmegaConf
 
     from .errors import DSEEError
-    from .pipeline import run_experiment
+    from .pipeline import preflight, run_experiment
     from .tracking import RichSink, Tracker, banner, console, results_table
 
     hc = HydraConfig.get()
@@ -65,6 +65,7 @@ def train_job(cfg) -> float | None:
     typed = OmegaConf.to_object(cfg)
     tracker = None
     try:
+        preflight(typed)
         tracker = Tracker(
             typed.logger.backend, typed.logger.mode, typed.logger.project, typed.logger.entity,
             typed.logger.group or typed.name, run_dir.name, list(typed.logger.tags),
@@ -73,7 +74,7 @@ def train_job(cfg) -> float | None:
         metrics = run_experiment(typed, run_dir, RichSink(tracker), say=banner)
     except DSEEError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        logging.getLogger("dsee").error("%s", exc)
+        logging.getLogger("dsee").error("%s", exc, extra={"file_only": True})
         if tracker is not None:
             tracker.finish(exit_code=2)
         raise SystemExit(2) from None

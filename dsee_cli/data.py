@@ -175,18 +175,22 @@ def read_table(path: Path, fields: tuple[str, ...], label_field: str, spec: Task
 
 
 # -- Hugging Face Hub -----------------------------------------------------------------------------
+def hub_data_hint(spec: TaskSpec) -> DSEEError:
+    return DSEEError(
+        f"Cannot load GLUE task {spec.name!r}: it is not in the local datasets cache and the Hub is "
+        f"unreachable (or HF_HUB_OFFLINE=1). Use the classic GLUE download instead with "
+        f"task.data_dir=/path/to/glue_data (the folder holding {spec.glue_dir}/train.tsv), or CSV/JSON "
+        f"files with task.train_file=... task.validation_file=...; task=synthetic needs no data at all."
+    )
+
+
 def load_hub(spec: TaskSpec) -> tuple[list[Example], dict[str, list[Example]]]:
     import datasets
 
     def convert(split) -> list[Example]:
         return [Example(tuple(r[f] for f in spec.text_fields), float(r["label"])) for r in split]
 
-    hint = DSEEError(
-        f"Cannot load GLUE task {spec.name!r}: it is not in the local datasets cache and the Hub is "
-        f"unreachable (or HF_HUB_OFFLINE=1). Use the classic GLUE download instead with "
-        f"task.data_dir=/path/to/glue_data (the folder holding {spec.glue_dir}/train.tsv), or CSV/JSON "
-        f"files with task.train_file=... task.validation_file=...; task=synthetic needs no data at all."
-    )
+    hint = hub_data_hint(spec)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     if not offline and not hub_reachable():
         raise hint  # rather than minutes of retries; with HF_HUB_OFFLINE=1 the local cache is tried

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 
 def task_metrics(task: str, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """All metrics the papers report for the task, in percent (as the paper's tables)."""
+    # imported here: scipy + scikit-learn add ~2 s to every start-up, error exits included
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     if task == "stsb":
         if np.std(predictions) == 0:
             return {"pearson": 0.0, "spearman": 0.0}

@@ -31,7 +31,7 @@ from .config import RunConfig, validate
 from .data import DataSettings, encode, load_task, spec_for
 from .errors import DSEEError
 from .export import export_merged, model_state, restore_state, save_adapter
-from .models import TinySize, load_model
+from .models import TINY_MODELS, TinySize, hub_reachable, load_model, resolve_source
 from .pruning import PruningSettings, apply_masks, compute_masks, head_scores, lowest_heads, prune_heads
 from .train import PhaseSettings, PhaseState, ProgressSink, evaluate, main_metric, summarize, train_phase
 
@@ -138,6 +138,17 @@ def phase_settings(cfg: RunConfig, phase: str) -> PhaseSettings:
 
 def _state(meta: dict, phase: str) -> PhaseState:
     return PhaseState(**meta[phase]) if phase in meta else PhaseState()
+
+
+def preflight(cfg: RunConfig) -> None:
+    """The checks that fail fast (config values, where the model and data come from), before
+    anything slow starts: W&B, model weights, Ω."""
+    validate(cfg)
+    if cfg.model.name not in TINY_MODELS or cfg.model.path:
+        resolve_source(cfg.model.name, cfg.model.path)
+    uses_hub_data = cfg.task.name != "synthetic" and not (cfg.task.data_dir or cfg.task.train_file)
+    if uses_hub_data and not hub_reachable():  # offline: the datasets cache, or the hint
+        load_task(DataSettings(name=cfg.task.name, max_train_samples=1, max_eval_samples=1))
 
 
 def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda text: None) -> dict:
