@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -26,6 +27,7 @@ from .errors import DSEEError, choice_error
 from .selection import largest_k_indices
 
 METHODS = ("grebsmo", "magnitude", "random")
+log = logging.getLogger("dsee")
 
 
 @dataclass(frozen=True)
@@ -244,6 +246,11 @@ def find_omega(
         else:
             gen = torch.Generator().manual_seed(settings.seed)
             scores = torch.rand(batch.shape, generator=gen)
+        empty = [name for name, sc in zip(names, scores) if not bool(sc.any())]
+        if empty:
+            log.warning("Ω is arbitrary for %d matrices of shape %s: S' = 0 everywhere (the rank of UV reached "
+                        "min(m, n), as the reference preset does below 496 dims); positions 0..%d were taken",
+                        len(empty), shape, n - 1)
         for name, idx in zip(names, top_n(scores.cpu(), n)):
             result[name] = idx.clone()
     return result

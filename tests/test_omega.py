@@ -115,3 +115,14 @@ def test_cache_computes_once_and_survives_concurrent_jobs(tmp_path):
     # a different finder setting is a different cache entry
     other = cached_omega(weights, 8, "grebsmo", PRESETS["fast"], tmp_path)
     assert not other.from_cache and len(list(tmp_path.glob("*.safetensors"))) == 2
+
+
+def test_reference_preset_at_full_rank_warns_that_omega_is_arbitrary(caplog):
+    """Below 496 dims the reference schedule reaches full rank: S' = 0 and Ω means nothing."""
+    from dataclasses import replace
+
+    x = torch.randn(24, 24)
+    with caplog.at_level("WARNING", logger="dsee"):
+        idx = find_omega({"w": x}, 4, "grebsmo", replace(PRESETS["reference"], outer_iters=6))["w"]
+    assert idx.tolist() == [0, 1, 2, 3]
+    assert "arbitrary" in caplog.text
