@@ -51,6 +51,13 @@ def _register() -> None:
         OmegaConf.register_new_resolver("dsee_dirname", dirname_for)
 
 
+def _default_group(name: str) -> str:
+    import os
+
+    sweep = os.environ.get("DSEE_SWEEP_GROUP")
+    return f"{name}/{sweep}" if sweep else name
+
+
 def train_job(cfg) -> float | None:
     """The Hydra task: typed config in, metrics.json out. Returns the main metric (for sweepers)."""
     from hydra.core.hydra_config import HydraConfig
@@ -68,7 +75,7 @@ def train_job(cfg) -> float | None:
         preflight(typed)
         tracker = Tracker(
             typed.logger.backend, typed.logger.mode, typed.logger.project, typed.logger.entity,
-            typed.logger.group or typed.name, run_dir.name, list(typed.logger.tags),
+            typed.logger.group or _default_group(typed.name), run_dir.name, list(typed.logger.tags),
             OmegaConf.to_container(cfg, resolve=True), run_dir,
         )
         metrics = run_experiment(typed, run_dir, RichSink(tracker), say=banner)
@@ -91,10 +98,22 @@ def train_job(cfg) -> float | None:
     return best.get(metrics["main_metric"])
 
 
+def sweep_group(args: list[str]) -> str | None:
+    """A W&B group shared by every job of one sweep command (the same command, the same group)."""
+    if not {"-m", "--multirun"} & set(args):
+        return None
+    return "sweep-" + hashlib.sha1(" ".join(sorted(args)).encode()).hexdigest()[:10]
+
+
 def run_train(args: list[str]) -> None:
+    import os
+
     import hydra
 
     _register()
+    group = sweep_group(args)
+    if group:  # inherited by launcher workers (joblib, submitit)
+        os.environ["DSEE_SWEEP_GROUP"] = group
     sys.argv = ["dsee train", *args]
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(train_job)()
 

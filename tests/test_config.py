@@ -6,7 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dsee_cli.cli import _register, config_dir, dirname_for
+from dsee_cli.cli import _register, config_dir, dirname_for, sweep_group
 from dsee_cli.config import RunConfig, validate
 from dsee_cli.errors import DSEEError
 
@@ -60,3 +60,10 @@ def test_run_directory_names_are_safe_and_bounded():
     assert dirname_for("model.path=/a/b,task=rte") == "model.path=_a_b,task=rte"
     long = dirname_for("x=" + "y" * 500)
     assert len(long) <= 120 and "/" not in long and Path(long).name == long
+
+
+def test_a_sweep_command_gets_one_w_and_b_group():
+    assert sweep_group(["task=rte", "seed=1"]) is None
+    one = sweep_group(["-m", "task=rte,sst2", "seed=1,2"])
+    assert one == sweep_group(["seed=1,2", "-m", "task=rte,sst2"]) and one.startswith("sweep-")
+    assert one != sweep_group(["-m", "task=rte", "seed=1,2"])
