@@ -2,7 +2,10 @@
 PY ?= python3
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo test lint bench
+PROFILE ?= paper
+EXPERIMENTS := table1 table6 table12 fig2
+
+.PHONY: install demo test lint bench $(addprefix reproduce-,$(EXPERIMENTS))
 
 install:
 	$(PY) -m pip install torch==2.13.0 || $(PY) -m pip install torch
@@ -21,3 +24,8 @@ bench:
 	$(PY) scripts/bench_omega.py
 	$(PY) scripts/bench_train_step.py
 	$(PY) scripts/bench_head_pruned.py
+
+# make reproduce-table1 [PROFILE=smoke|mini|paper]: the sweep as the paper ran it, then its report.
+reproduce-%:
+	dsee train -m experiment=$* profile=$(PROFILE)
+	dsee report multirun/$*

@@ -17,8 +17,10 @@ commands:
   train    run DSEE (Ω → sparse + low-rank tuning → pruning → recovery → export) with Hydra
            overrides, e.g. `dsee train task=rte sparsity=0.3`; `dsee train --help` lists the
            config groups and their options; `-m` runs a sweep.
+  report   `dsee report <sweep dir> [--table NAME]`: a sweep's runs as the paper's table, the
+           median over seeds beside the paper's number; writes report-<table>.md and .csv.
 """
-COMMANDS = ("train",)
+COMMANDS = ("train", "report")
 
 
 def config_dir() -> Path:
@@ -128,7 +130,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dsee: unknown command {command!r}. Valid commands: {', '.join(COMMANDS)}.\n\n{USAGE}",
               file=sys.stderr)
         return 2
+    if command == "report":
+        return run_report(rest)
     run_train(rest)
+    return 0
+
+
+def run_report(args: list[str]) -> int:
+    import argparse
+
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from .errors import DSEEError
+    from .report import build_report, write_report
+
+    parser = argparse.ArgumentParser(prog="dsee report", description="A sweep's runs as the paper's table.")
+    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("--table", default=None, help="which paper table to compare with (default: the sweep's name)")
+    opts = parser.parse_args(args)
+    try:
+        report = build_report(opts.sweep_dir, opts.table)
+    except DSEEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    md, csv_path = write_report(report, opts.sweep_dir)
+    Console().print(Markdown(report.markdown()))
+    print(f"written: {md}, {csv_path}")
     return 0
 
 

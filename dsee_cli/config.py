@@ -46,6 +46,7 @@ class TaskConfig:
     max_eval_samples: int | None = None
     synthetic_train: int = 2000
     synthetic_eval: int = 500
+    synthetic_standin: bool = False  # smoke profile: synthetic data shaped like this task (labels, fields)
     # Per-task defaults (paper Table 11 and the reference scripts); trainer.* overrides them.
     lr: float = 5e-4
     epochs: float = 5.0

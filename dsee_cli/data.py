@@ -78,6 +78,7 @@ class DataSettings:
     max_eval_samples: int | None = None
     synthetic_train: int = 2000
     synthetic_eval: int = 500
+    synthetic_standin: bool = False  # generate data of the task's shape (labels, fields) instead of loading it
     seed: int = 0
 
 
@@ -90,22 +91,40 @@ def spec_for(name: str) -> TaskSpec:
 # -- synthetic ----------------------------------------------------------------------------------
 POSITIVE = [f"w{i}" for i in range(16)]
 NEGATIVE = [f"w{i}" for i in range(16, 32)]
-FILLER = [f"w{i}" for i in range(32, SYNTHETIC_WORDS)]
+NEUTRAL = [f"w{i}" for i in range(32, 48)]
+FILLER = [f"w{i}" for i in range(48, SYNTHETIC_WORDS)]
 
 
-def synthetic_examples(n: int, seed: int) -> list[Example]:
-    """Sentiment-like: label 1 when the sentence has more positive than negative words."""
+def synthetic_examples(n: int, seed: int, num_labels: int = 2, fields: int = 1) -> list[Example]:
+    """Sentiment-like and learnable: the label is which word set (positive, negative, and for
+    three classes neutral) occurs most; with one label (regression) it is 5·pos/(pos+neg).
+    With two text fields the words are split between them, as in sentence-pair tasks."""
     rng = random.Random(seed)
+    sets = [POSITIVE, NEGATIVE, NEUTRAL][: max(2, num_labels)]
     out = []
     for _ in range(n):
-        label = rng.random() < 0.5
-        strong = rng.randint(2, 4)
-        weak = rng.randint(0, strong - 2)
-        pos, neg = (strong, weak) if label else (weak, strong)
+        counts = [0] * len(sets)
+        if num_labels == 1:
+            counts[0], counts[1] = rng.randint(0, 4), rng.randint(0, 4)
+            if counts[0] + counts[1] == 0:
+                counts[0] = 1
+            label = 5.0 * counts[0] / (counts[0] + counts[1])
+        else:
+            winner = rng.randrange(len(sets))
+            strong = rng.randint(2, 4)
+            counts = [rng.randint(0, strong - 2) for _ in sets]
+            counts[winner] = strong
+            label = float(winner)
         words = rng.choices(FILLER, k=rng.randint(4, 12))
-        words += rng.choices(POSITIVE, k=pos) + rng.choices(NEGATIVE, k=neg)
+        for word_set, count in zip(sets, counts):
+            words += rng.choices(word_set, k=count)
         rng.shuffle(words)
-        out.append(Example((" ".join(words),), float(label)))
+        if fields == 1:
+            texts = (" ".join(words),)
+        else:
+            cut = len(words) // 2
+            texts = (" ".join(words[:cut]), " ".join(words[cut:]))
+        out.append(Example(texts, label))
     return out
 
 
@@ -205,10 +224,12 @@ def load_hub(spec: TaskSpec) -> tuple[list[Example], dict[str, list[Example]]]:
 
 def load_task(settings: DataSettings) -> TaskData:
     spec = spec_for(settings.name)
-    if spec.name == "synthetic":
-        train = synthetic_examples(settings.synthetic_train, settings.seed)
-        evals = {"validation": synthetic_examples(settings.synthetic_eval, settings.seed + 10_000)}
-        source = "synthetic"
+    if spec.name == "synthetic" or settings.synthetic_standin:
+        shape = (spec.num_labels, len(spec.text_fields))
+        train = synthetic_examples(settings.synthetic_train, settings.seed, *shape)
+        evals = {split: synthetic_examples(settings.synthetic_eval, settings.seed + 10_000 + i, *shape)
+                 for i, split in enumerate(spec.eval_splits)}
+        source = "synthetic" if spec.name == "synthetic" else f"synthetic stand-in for {spec.name}"
     elif settings.train_file or settings.validation_file:
         if not (settings.train_file and settings.validation_file):
             raise DSEEError("task.train_file and task.validation_file go together: give both.")

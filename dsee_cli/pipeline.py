@@ -146,7 +146,8 @@ def preflight(cfg: RunConfig) -> None:
     validate(cfg)
     if cfg.model.name not in TINY_MODELS or cfg.model.path:
         resolve_source(cfg.model.name, cfg.model.path)
-    uses_hub_data = cfg.task.name != "synthetic" and not (cfg.task.data_dir or cfg.task.train_file)
+    uses_hub_data = not (cfg.task.name == "synthetic" or cfg.task.synthetic_standin or cfg.task.data_dir
+                         or cfg.task.train_file)
     if uses_hub_data and not hub_reachable():  # offline: the datasets cache, or the hint
         load_task(DataSettings(name=cfg.task.name, max_train_samples=1, max_eval_samples=1))
 
@@ -178,7 +179,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         text_fields=tuple(cfg.task.text_fields) if cfg.task.text_fields else None,
         label_field=cfg.task.label_field, max_train_samples=cfg.task.max_train_samples,
         max_eval_samples=cfg.task.max_eval_samples, synthetic_train=cfg.task.synthetic_train,
-        synthetic_eval=cfg.task.synthetic_eval, seed=cfg.seed,
+        synthetic_eval=cfg.task.synthetic_eval, synthetic_standin=cfg.task.synthetic_standin, seed=cfg.seed,
     ))
     model, tokenizer = loaded.model, loaded.tokenizer
     regression = data.spec.num_labels == 1

@@ -1,0 +1,173 @@
+"""`dsee report <sweep dir>`: one experiment's runs as the paper's table, ours beside theirs.
+
+The expected grid comes from Hydra's ``multirun.yaml`` (the sweeper's params and comma lists
+on the command line); each job directory holds ``.hydra/overrides.yaml`` and, when it
+finished, ``metrics.json``. Runs are grouped by every swept key but the seed; each cell is
+the median over seeds (the paper reports medians) with the standard deviation, the paper's
+number and the difference. Failed and missing runs are counted in the cell, never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import statistics
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import DSEEError
+
+SEED = "seed"
+# The paper reports accuracy, Matthews correlation (CoLA) and Pearson (STS-B).
+PAPER_METRIC = {"cola": "matthews_correlation", "stsb": "pearson"}
+
+
+def paper_metric(task: str) -> str:
+    split = "validation_matched" if task == "mnli" else "validation"
+    return f"{split}/{PAPER_METRIC.get(task, 'accuracy')}"
+
+
+@dataclass
+class Cell:
+    values: list[float] = field(default_factory=list)
+    failed: int = 0
+    missing: int = 0
+    paper: float | None = None
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.values) if self.values else None
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else (0.0 if self.values else None)
+
+    def text(self) -> str:
+        if self.median is None:
+            ours = "—"
+        else:
+            ours = f"{self.median:.2f} ({self.std:.2f})"
+        extra = []
+        if self.paper is not None:
+            extra.append(f"paper {self.paper:.2f}")
+            if self.median is not None:
+                extra.append(f"Δ {self.median - self.paper:+.2f}")
+        if self.failed:
+            extra.append(f"{self.failed} failed")
+        if self.missing:
+            extra.append(f"{self.missing} missing")
+        return ours + (f" [{', '.join(extra)}]" if extra else "")
+
+
+@dataclass
+class Report:
+    table: str
+    row_keys: list[str]
+    column_key: str
+    rows: list[tuple[str, ...]]
+    columns: list[str]
+    cells: dict[tuple[tuple[str, ...], str], Cell]
+
+    def markdown(self) -> str:
+        head = " | ".join(self.row_keys) + " | " + " | ".join(f"{self.column_key}={c}" for c in self.columns)
+        out = [f"# {self.table}: ours median (std) over seeds [paper, Δ]", "", "| " + head + " |",
+               "|" + "---|" * (len(self.row_keys) + len(self.columns))]
+        for row in self.rows:
+            cells = [self.cells[(row, c)].text() for c in self.columns]
+            out.append("| " + " | ".join([*row, *cells]) + " |")
+        return "\n".join(out) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow([*self.row_keys, self.column_key, "median", "std", "n", "failed", "missing", "paper", "delta"])
+        for row in self.rows:
+            for c in self.columns:
+                cell = self.cells[(row, c)]
+                delta = None if cell.median is None or cell.paper is None else cell.median - cell.paper
+                w.writerow([*row, c, cell.median, cell.std, len(cell.values), cell.failed, cell.missing,
+                            cell.paper, delta])
+        return buf.getvalue()
+
+
+def _values(spec: object) -> list[str]:
+    return [v.strip() for v in str(spec).split(",")]
+
+
+def expected_grid(sweep_dir: Path) -> dict[str, list[str]]:
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        raise DSEEError(f"{sweep_dir} is not a sweep directory: it has no multirun.yaml (written by `dsee train -m`).")
+    conf = yaml.safe_load(path.read_text())
+    grid = {k: _values(v) for k, v in (conf["hydra"]["sweeper"].get("params") or {}).items()}
+    for override in conf["hydra"]["overrides"]["task"]:
+        key, _, value = override.partition("=")
+        if "," in value:
+            grid[key.lstrip("+~")] = _values(value)
+    return grid
+
+
+def load_paper_numbers() -> dict:
+    return yaml.safe_load(resources.files("dsee_cli").joinpath("paper_numbers.yaml").read_text())
+
+
+def build_report(sweep_dir: Path, table: str | None = None) -> Report:
+    sweep_dir = Path(sweep_dir)
+    grid = expected_grid(sweep_dir)
+    swept = [k for k in grid if k != SEED]
+    column_key = "task" if "task" in grid else swept[-1]
+    row_keys = [k for k in swept if k != column_key]
+    found: dict[tuple[str, ...], tuple[dict, dict | None]] = {}
+    first_config = None
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        job_dir = overrides_file.parent.parent
+        overrides = dict(o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text()))
+        metrics_file = job_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+        found[tuple(overrides.get(k, "") for k in grid)] = (overrides, metrics)
+        if first_config is None:
+            first_config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
+    table = table or (first_config or {}).get("name") or sweep_dir.name
+    paper = load_paper_numbers().get(table, {})
+    rows = list(dict.fromkeys(tuple(combo) for combo in itertools.product(*(grid[k] for k in row_keys))))
+    columns = grid[column_key]
+    cells = {(row, col): Cell() for row in rows for col in columns}
+    for combo in itertools.product(*grid.values()):
+        point = dict(zip(grid, combo))
+        cell = cells[(tuple(point[k] for k in row_keys), point[column_key])]
+        job = found.get(tuple(combo))
+        if job is None:
+            cell.missing += 1
+        elif job[1] is None:
+            cell.failed += 1
+        else:
+            metrics = job[1]
+            best = metrics["final"].get("best") or {}
+            key = paper_metric(metrics["task"])
+            value = best.get(key, best.get(metrics["main_metric"]))
+            if value is None:
+                cell.failed += 1
+            else:
+                cell.values.append(float(value))
+    for entry in paper.get("rows", []):
+        match = {k: str(v) for k, v in entry["match"].items()}
+        for row in rows:
+            if all(dict(zip(row_keys, row)).get(k, v) == v for k, v in match.items()):
+                for col, value in entry["values"].items():
+                    if (row, str(col)) in cells:
+                        cells[(row, str(col))].paper = float(value)
+    return Report(table, row_keys, column_key, rows, columns, cells)
+
+
+def write_report(report: Report, sweep_dir: Path) -> tuple[Path, Path]:
+    md, csv_path = sweep_dir / f"report-{report.table}.md", sweep_dir / f"report-{report.table}.csv"
+    for path, text in ((md, report.markdown()), (csv_path, report.csv())):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return md, csv_path

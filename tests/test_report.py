@@ -1,0 +1,59 @@
+"""Every experiment runs end to end under profile=smoke, and `dsee report` reads it back."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from dsee_cli.cli import config_dir
+from dsee_cli.report import build_report
+
+from .conftest import run_dsee
+
+EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml") if p.stem != "demo")
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_under_smoke_and_reports(workdir, experiment):
+    out = run_dsee(["-m", f"experiment={experiment}", "profile=smoke", "trainer.max_steps=4", "trainer.threads=1"],
+                   workdir, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep = workdir / "multirun" / experiment
+    report = subprocess.run([sys.executable, "-m", "dsee_cli", "report", str(sweep)], capture_output=True,
+                            text=True, check=False)
+    assert report.returncode == 0, report.stderr
+    built = build_report(sweep)
+    assert all(c.values and not c.failed and not c.missing for c in built.cells.values())
+    assert (sweep / f"report-{experiment}.md").is_file() and (sweep / f"report-{experiment}.csv").is_file()
+
+
+def test_report_layout_with_paper_numbers_and_missing_or_failed_runs(workdir):
+    out = run_dsee(["-m", "experiment=table12", "profile=smoke", "task=stsb,mrpc", "adapter.omega_size=8,16",
+                    "trainer.max_steps=2"], workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sweep = workdir / "multirun" / "table12"
+    jobs = sorted(p for p in sweep.iterdir() if (p / ".hydra").is_dir())
+    assert len(jobs) == 4
+    failed = next(j for j in jobs if "adapter.omega_size=8," in j.name and "task=stsb" in j.name)
+    (failed / "metrics.json").unlink()  # started, never finished
+    missing = next(j for j in jobs if "adapter.omega_size=16," in j.name and "task=mrpc" in j.name)
+    shutil.rmtree(missing)  # never ran
+    report = build_report(sweep)
+    assert report.column_key == "task" and report.row_keys == ["adapter.omega_size"]
+    assert report.columns == ["stsb", "mrpc"] and report.rows == [("8",), ("16",)]
+    assert report.cells[(("8",), "stsb")].failed == 1 and not report.cells[(("8",), "stsb")].values
+    assert report.cells[(("16",), "mrpc")].missing == 1
+    assert report.cells[(("16",), "stsb")].paper == 89.28 and report.cells[(("8",), "mrpc")].paper == 85.38
+    md = report.markdown()
+    assert "| adapter.omega_size | task=stsb | task=mrpc |" in md
+    assert "1 failed" in md and "1 missing" in md and "paper 89.28" in md
+    lines = report.csv().splitlines()
+    assert lines[0].startswith("adapter.omega_size,task,median,std,n,failed,missing,paper,delta")
+    assert len(lines) == 1 + 4
+
+
+def test_report_on_a_non_sweep_directory_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "dsee_cli", "report", str(tmp_path)], capture_output=True,
+                         text=True, check=False)
+    assert out.returncode == 2 and "not a sweep directory" in out.stderr
