@@ -202,7 +202,7 @@ def test_wandb_offline_logs_config_and_summary(workdir):
 def test_multirun_sweep_writes_one_run_per_job(workdir):
     out = run_dsee(["-m", *FAST, "seed=1,2", "export=false"], workdir)
     assert out.returncode == 0, out.stdout + out.stderr
-    runs = sorted(p.parent.name for p in (workdir / "multirun").glob("*/metrics.json"))
+    runs = sorted(p.parent.name for p in (workdir / "multirun" / "dsee").glob("*/metrics.json"))
     assert len(runs) == 2 and all("seed=" in r for r in runs)
 
 

@@ -10,7 +10,7 @@ from dsee_cli.cli import _register, config_dir, dirname_for, sweep_group
 from dsee_cli.config import RunConfig, validate
 from dsee_cli.errors import DSEEError
 
-GROUPS = ["model", "task", "adapter", "omega", "pruning", "trainer", "logger", "experiment"]
+GROUPS = ["model", "task", "adapter", "omega", "pruning", "trainer", "logger", "experiment", "profile"]
 
 
 def _options(group: str) -> list[str]:
@@ -24,7 +24,9 @@ def _compose(overrides: list[str]):
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_option_composes_and_validates(group, option):
+def test_every_option_composes_and_validates(group, option, monkeypatch):
+    monkeypatch.setenv("DSEE_MINI_MODEL", "/some/model")  # profile=mini reads these
+    monkeypatch.setenv("DSEE_GLUE_DIR", "/some/glue_data")
     overrides = [f"{group}={option}"]
     if group == "model" and option == "local":
         overrides.append("model.path=/some/dir")
@@ -67,3 +69,10 @@ def test_a_sweep_command_gets_one_w_and_b_group():
     one = sweep_group(["-m", "task=rte,sst2", "seed=1,2"])
     assert one == sweep_group(["seed=1,2", "-m", "task=rte,sst2"]) and one.startswith("sweep-")
     assert one != sweep_group(["-m", "task=rte", "seed=1,2"])
+
+
+def test_smoke_profile_keeps_the_sweep_and_runs_one_seed():
+    cfg = _compose(["experiment=table6", "profile=smoke"])
+    typed = OmegaConf.to_object(cfg)
+    assert typed.name == "table6" and typed.model.name == "tiny-bert" and typed.model.tiny_heads == 12
+    assert typed.task.synthetic_standin and typed.pruning.method == "structured"
