@@ -39,23 +39,14 @@ def trainable_counts(model: nn.Module) -> TrainableCounts:
     return TrainableCounts(low, sparse, head, other)
 
 
-def scope_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The pretrained weight matrices of the pruning scope (block linears), as out x in views."""
-    out = {}
-    for name, module in block_linears(model).items():
-        base = module.base if isinstance(module, DSEELinear) else module
-        out[name] = weight_out_in(base)
-    return out
-
-
 def scope_size(model: nn.Module) -> tuple[int, int]:
     """(total entries, non-zero entries) of the block linears' weights, as the model computes.
 
     For adapters with a mask, the effective weight is M⊙(W+ΔW), whose zeros are the mask's.
     """
     total = nonzero = 0
-    for name, w in scope_weights(model).items():
-        module = block_linears(model)[name]
+    for module in block_linears(model).values():
+        w = weight_out_in(module.base if isinstance(module, DSEELinear) else module)
         total += w.numel()
         if isinstance(module, DSEELinear) and module.mask is not None and module.mask_delta:
             nonzero += int(module.mask.sum())

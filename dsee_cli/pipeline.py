@@ -30,7 +30,7 @@ from .arch import attention_units
 from .config import RunConfig, validate
 from .data import DataSettings, encode, load_task, spec_for
 from .errors import DSEEError
-from .export import export_merged, model_state, restore_state, save_adapter
+from .export import export_merged, load_state_dir, model_state, restore_state, save_adapter, save_state_dir
 from .models import TINY_MODELS, TinySize, hub_reachable, load_model, resolve_source
 from .pruning import PruningSettings, apply_masks, compute_masks, head_scores, lowest_heads, prune_heads
 from .train import PhaseSettings, PhaseState, ProgressSink, evaluate, main_metric, summarize, train_phase
@@ -78,8 +78,6 @@ class Checkpoint:
         self.fingerprint = fingerprint
 
     def load(self) -> tuple[dict, dict] | None:
-        from .export import load_state_dir
-
         if not (self.dir / "meta.json").is_file():
             return None
         tensors, meta = load_state_dir(self.dir)
@@ -92,8 +90,6 @@ class Checkpoint:
         return tensors, meta
 
     def save(self, model, stage: str, progress: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
-        from .export import save_state_dir
-
         tensors, model_meta = model_state(model)
         meta = {"fingerprint": self.fingerprint, "stage": stage, "model": model_meta, **progress}
         save_state_dir(self.dir, {**tensors, **(extra or {})}, meta)
