@@ -180,5 +180,7 @@ def set_head_count(unit: AttentionUnit, heads: int) -> None:
 
 
 def task_head_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The task head, plus any weights the checkpoint did not have (initialised fresh)."""
     prefixes = family_of(model).task_head
-    return [(n, p) for n, p in model.named_parameters() if n.split(".")[0] in prefixes]
+    fresh = set(getattr(model, "dsee_fresh_params", ()))
+    return [(n, p) for n, p in model.named_parameters() if n.split(".")[0] in prefixes or n in fresh]

@@ -146,9 +146,12 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the freshly initialised task head depends on the seed only
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, local_files_only=local_only
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, local_files_only=local_only, output_loading_info=True
         )
+    # Weights the checkpoint lacks are random (e.g. the pooler of a sentence-transformers
+    # model): they train with the task head rather than stay frozen at random values.
+    model.dsee_fresh_params = sorted(set(info["missing_keys"]))
     if tokenizer.pad_token is None:  # GPT-2 has none
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:

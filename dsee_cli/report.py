@@ -105,10 +105,11 @@ def expected_grid(sweep_dir: Path) -> dict[str, list[str]]:
         raise DSEEError(f"{sweep_dir} is not a sweep directory: it has no multirun.yaml (written by `dsee train -m`).")
     conf = yaml.safe_load(path.read_text())
     grid = {k: _values(v) for k, v in (conf["hydra"]["sweeper"].get("params") or {}).items()}
-    for override in conf["hydra"]["overrides"]["task"]:
+    for override in conf["hydra"]["overrides"]["task"]:  # the command line wins over the params
         key, _, value = override.partition("=")
-        if "," in value:
-            grid[key.lstrip("+~")] = _values(value)
+        key = key.lstrip("+~")
+        if "," in value or key in grid:
+            grid[key] = _values(value)
     return grid
 
 

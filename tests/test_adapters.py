@@ -132,3 +132,20 @@ def test_only_adapters_and_head_train():
     inject_adapters(model, AdapterSettings(rank=2))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(("lora_" in n or "sparse_values" in n or n.startswith("classifier")) for n in names)
+
+
+def test_weights_missing_from_the_checkpoint_train_with_the_head(tmp_path):
+    """A checkpoint without a pooler (as sentence-transformers saves BERT) gets a fresh one: it must train."""
+    from transformers import BertModel
+
+    from dsee_cli.models import load_model
+
+    model, _ = tiny("tiny-bert")
+    base = BertModel(model.config, add_pooling_layer=False)
+    base.save_pretrained(tmp_path)
+    loaded = load_model("local", str(tmp_path), 2, seed=0).model
+    assert "bert.pooler.dense.weight" in loaded.dsee_fresh_params
+    inject_adapters(loaded, AdapterSettings(rank=2))
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert {"bert.pooler.dense.weight", "classifier.weight"} <= trainable
+    assert "bert.encoder.layer.0.attention.self.query.base.weight" not in trainable

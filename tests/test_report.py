@@ -57,3 +57,12 @@ def test_report_on_a_non_sweep_directory_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dsee_cli", "report", str(tmp_path)], capture_output=True,
                          text=True, check=False)
     assert out.returncode == 2 and "not a sweep directory" in out.stderr
+
+
+def test_command_line_values_replace_the_sweeps_params(tmp_path):
+    from dsee_cli.report import expected_grid
+
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    params:\n      task: sst2,mrpc\n      seed: 1,2\n"
+        "  overrides:\n    task:\n    - experiment=table1\n    - seed=1\n    - adapter.rank=16,8\n")
+    assert expected_grid(tmp_path) == {"task": ["sst2", "mrpc"], "seed": ["1"], "adapter.rank": ["16", "8"]}
