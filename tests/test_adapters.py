@@ -149,3 +149,15 @@ def test_weights_missing_from_the_checkpoint_train_with_the_head(tmp_path):
     trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
     assert {"bert.pooler.dense.weight", "classifier.weight"} <= trainable
     assert "bert.encoder.layer.0.attention.self.query.base.weight" not in trainable
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+def test_gradients_reach_a_b_and_the_sparse_values(name):
+    model, tok = tiny(name)
+    adapters = with_random_adapters(model, omega=6)
+    enc = batch(tok)
+    model.train()
+    model(**enc, labels=torch.tensor([0, 1, 0])).loss.backward()
+    for a in adapters.values():
+        for p in a.adapter_parameters():
+            assert p.grad is not None and float(p.grad.abs().sum()) > 0
