@@ -13,8 +13,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -23,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_path
 from .errors import DSEEError, choice_error
 from .selection import largest_k_indices
 
@@ -281,18 +280,6 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @dataclass
 class OmegaResult:
     indices: dict[str, torch.Tensor]
@@ -319,7 +306,8 @@ def cached_omega(
             loaded = load_file(path)
             return OmegaResult(loaded, path, True, time.perf_counter() - start)
         indices = find_omega(weights, n, method, settings)
-        atomic_save_safetensors(indices, path, metadata={"method": method, "n": str(n)})
+        with atomic_path(path) as tmp:
+            save_file(indices, str(tmp), metadata={"method": method, "n": str(n)})
     return OmegaResult(indices, path, False, time.perf_counter() - start)
 
 

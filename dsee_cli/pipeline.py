@@ -15,7 +15,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from . import omega as omega_lib
 from .accounting import inference_flops, scope_size, trainable_counts
 from .adapters import AdapterSettings, inject_adapters, omega_keys, set_omegas, slice_pretrained_weight
 from .arch import attention_units
+from .atomic import atomic_write_text
 from .config import RunConfig, validate
 from .data import DataSettings, encode, load_task, spec_for
 from .errors import DSEEError
@@ -50,14 +50,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise DSEEError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto.")
     return torch.device(name)
-
-
-def atomic_write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
@@ -304,7 +296,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         "export": export_info,
         "config": asdict(cfg),
     }
-    atomic_write_json(metrics_path, metrics)
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True, default=str))
     ckpt.save(model, "done", progress_meta(phase1=phase1, recovery=recovery))
     return metrics
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from .atomic import atomic_write_text
 from .errors import DSEEError
 
 SEED = "seed"
@@ -167,8 +168,6 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
 
 def write_report(report: Report, sweep_dir: Path) -> tuple[Path, Path]:
     md, csv_path = sweep_dir / f"report-{report.table}.md", sweep_dir / f"report-{report.table}.csv"
-    for path, text in ((md, report.markdown()), (csv_path, report.csv())):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    atomic_write_text(md, report.markdown())
+    atomic_write_text(csv_path, report.csv())
     return md, csv_path
