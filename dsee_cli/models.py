@@ -127,7 +127,6 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerFast
     source: str  # hub name, local path, or tiny preset name
-    tiny: TinySize | None = None
 
 
 def load_model(
@@ -141,7 +140,7 @@ def load_model(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_config(config)
-        return LoadedModel(model.eval(), tokenizer, name, size)
+        return LoadedModel(model.eval(), tokenizer, name)
     source, local_only = resolve_source(name, path)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     with torch.random.fork_rng():
