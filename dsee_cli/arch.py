@@ -67,22 +67,28 @@ def dims(module: nn.Module) -> tuple[int, int]:
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Linear / Conv1D inside the transformer blocks (the pruning scope)."""
+    """Every pretrained Linear / Conv1D inside the transformer blocks (the pruning scope).
+
+    A DSEELinear stands for the layer it wraps; layers that methods add (Houlsby and MAM
+    bottlenecks, which live under the layer they modify) are not pretrained weights."""
     from .adapters import DSEELinear  # local import: adapters depends on this module
 
     prefix = layer_prefix(model)
     found: dict[str, nn.Module] = {}
+    added: list[str] = []
     for name, module in model.named_modules():
         if not name.startswith(prefix + "."):
             continue
-        if isinstance(module, DSEELinear) or isinstance(module, LinearLike) and not _inside_adapter(name, found):
+        if any(name.startswith(a + ".") for a in added):
+            continue
+        if isinstance(module, DSEELinear):
+            found[name] = module
+            added.append(name)  # its base and A/B are not separate layers
+        elif getattr(module, "dsee_added", False):
+            added.append(name)
+        elif isinstance(module, LinearLike):
             found[name] = module
     return found
-
-
-def _inside_adapter(name: str, found: dict[str, nn.Module]) -> bool:
-    parent = name.rsplit(".", 1)[0]
-    return parent in found
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .adapters import AdapterSettings
 from .data import TASKS
 from .errors import DSEEError, choice_error
+from .methods import METHODS as ADAPTER_METHODS
+from .methods import PROMPT_METHODS, MethodSettings
 from .models import HUB_MODELS, TINY_MODELS
 from .omega import METHODS as OMEGA_METHODS
 from .omega import PRESETS
 from .pruning import PruningSettings
 
-ADAPTER_METHODS = ("dsee", "lora")
 LOGGER_BACKENDS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -56,6 +58,8 @@ class TaskConfig:
 
 @dataclass
 class AdapterConfig:
+    """The fine-tuning method (dsee_cli.methods): what trains and what is added."""
+
     method: str = "dsee"
     rank: int = 16
     alpha: float = 32.0
@@ -63,6 +67,14 @@ class AdapterConfig:
     dropout: float = 0.0
     init: str = "kaiming"
     targets: list[str] | None = None  # None: the architecture's default (q, v)
+    bottleneck: int = 64  # houlsby / mam
+    placement: str = "both"  # houlsby: both (Houlsby) or ffn (Pfeiffer)
+    adapter_scale: float = 4.0  # mam
+    prefix_length: int = 16  # prefix / ptuning-v2 / mam
+    prefix_projection: bool = False
+    prefix_hidden: int = 512
+    top_layers: int = 2  # ft-top
+    train_layer_norms: bool = False  # houlsby
 
 
 @dataclass
@@ -94,6 +106,12 @@ class PruningConfig:
     m: int = 4
     heads_to_remove: int = 3
     mask_delta: bool = True  # false: the reference behaviour, ΔW stays dense in recovery
+    scope: str = "blocks"  # blocks: every linear in the blocks; adapted: only the adapted matrices (Table 7)
+    rounds: int = 1  # imp: prune-retrain rounds
+    rate: float = 0.1  # imp: fraction of the remaining weights pruned per round
+    rewind: bool = False  # imp: reset the trained tensors to their start after each pruning
+    ffn_fraction: float = 0.4  # earlybert: fraction of each FFN's neurons removed
+    slimming_l1: float = 1e-4  # earlybert: L1 weight on the slimming coefficients
 
 
 @dataclass
@@ -161,13 +179,21 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.adapter.rank >= 1, f"adapter.rank={cfg.adapter.rank} is invalid: the rank must be >= 1.")
     _require(cfg.adapter.omega_size >= 0,
              f"adapter.omega_size={cfg.adapter.omega_size} is invalid: card(Ω) must be >= 0 (0 is LoRA).")
-    _require(cfg.adapter.method != "lora" or cfg.adapter.omega_size == 0,
-             f"adapter=lora has no sparse part, but adapter.omega_size={cfg.adapter.omega_size}; use adapter=dsee.")
     _require(cfg.adapter.init in ("kaiming", "normal"),
              f"adapter.init={cfg.adapter.init!r} is invalid; valid choices: kaiming, normal.")
     _require(0.0 <= cfg.adapter.dropout < 1.0, f"adapter.dropout={cfg.adapter.dropout} must be in [0, 1).")
-    PruningSettings(method=cfg.pruning.method, sparsity=cfg.sparsity, criterion=cfg.pruning.criterion,
-                    granularity=cfg.pruning.granularity, n=cfg.pruning.n, m=cfg.pruning.m).check()
+    pruning_settings(cfg).check()
+    method_settings(cfg).check()
+    _require(cfg.adapter.method == "dsee" or cfg.adapter.omega_size == 0,
+             f"adapter={cfg.adapter.method} has no sparse part, but adapter.omega_size={cfg.adapter.omega_size}; "
+             f"use adapter=dsee, or adapter.omega_size=0.")
+    _require(not (cfg.pruning.method in ("structured", "earlybert") and cfg.adapter.method in PROMPT_METHODS),
+             f"pruning={cfg.pruning.method} removes attention heads, but adapter={cfg.adapter.method}'s prompts "
+             f"are shaped by the head count; use pruning=unstructured, nm or none with prompt methods.")
+    _require(not (cfg.pruning.method == "structured" and cfg.adapter.method not in ("dsee", "lora")),
+             f"pruning=structured scores heads by |ΔW| of the adapted projections, which adapter="
+             f"{cfg.adapter.method} does not have; use adapter=dsee or lora, or pruning=earlybert (learned head "
+             f"importance).")
     _require(cfg.pruning.heads_to_remove >= 0,
              f"pruning.heads_to_remove={cfg.pruning.heads_to_remove} must be >= 0.")
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
@@ -187,3 +213,22 @@ def validate(cfg: RunConfig) -> None:
     ):
         if value not in valid:
             raise choice_error(what, value, valid)
+
+
+def pruning_settings(cfg: RunConfig) -> PruningSettings:
+    p = cfg.pruning
+    return PruningSettings(
+        method=p.method, sparsity=cfg.sparsity, criterion=p.criterion, granularity=p.granularity, n=p.n, m=p.m,
+        heads_to_remove=p.heads_to_remove, mask_delta=p.mask_delta, seed=cfg.seed, scope=p.scope,
+        rounds=p.rounds, rate=p.rate, rewind=p.rewind, ffn_fraction=p.ffn_fraction, slimming_l1=p.slimming_l1,
+    )
+
+
+def method_settings(cfg: RunConfig) -> MethodSettings:
+    a = cfg.adapter
+    return MethodSettings(
+        method=a.method, adapter=AdapterSettings(a.rank, a.alpha, a.omega_size, a.dropout, a.init),
+        targets=tuple(a.targets) if a.targets else None, bottleneck=a.bottleneck, placement=a.placement,
+        adapter_scale=a.adapter_scale, prefix_length=a.prefix_length, prefix_projection=a.prefix_projection,
+        prefix_hidden=a.prefix_hidden, top_layers=a.top_layers, train_layer_norms=a.train_layer_norms,
+    )

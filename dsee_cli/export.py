@@ -22,9 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from .adapters import AdapterSettings, adapters_of, inject_adapters, set_omegas, unwrap_adapters
+from .adapters import AdapterSettings, adapters_of, set_omegas, unwrap_adapters
 from .arch import weight_out_in
+from .methods import MethodSettings, prepare_method
 from .pruning import apply_masks, prune_heads
+from .slimming import prune_ffn
 
 MASK_PREFIX = "mask::"
 
@@ -54,21 +56,19 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         shapes[name] = list(mask.shape)
     meta = {
         "pruned_heads": getattr(model.config, "dsee_pruned_heads", None) or {},
+        "pruned_ffn": getattr(model.config, "dsee_pruned_ffn", None) or {},
         "mask_shapes": shapes,
         "mask_delta": mask_delta,
     }
     return tensors, meta
 
 
-def restore_state(
-    model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict,
-    adapter: AdapterSettings | None, targets: list[str] | None,
-) -> None:
-    """Rebuild the state ``model_state`` described, onto the pretrained (or same-seed) model."""
-    if adapter is not None and not adapters_of(model):
-        inject_adapters(model, adapter, targets)
+def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Rebuild the state ``model_state`` described, onto the model as the method prepared it."""
     if meta.get("pruned_heads"):
         prune_heads(model, {int(k): v for k, v in meta["pruned_heads"].items()})
+    if meta.get("pruned_ffn"):
+        prune_ffn(model, {int(k): v for k, v in meta["pruned_ffn"].items()})
     adapters = adapters_of(model)
     set_omegas(adapters, {
         k.rsplit(".omega_", 1)[0] + "#" + k.rsplit(".omega_", 1)[1]: v
@@ -120,16 +120,21 @@ def load_state_dir(target: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(target / "state.safetensors")), json.loads((target / "meta.json").read_text())
 
 
-def save_adapter(model: nn.Module, target: Path, adapter: AdapterSettings, targets: list[str] | None,
-                 base_model: str) -> None:
+def save_adapter(model: nn.Module, target: Path, method: MethodSettings, base_model: str) -> None:
+    """What the method trained (and the masks, Ω, removed units), to re-apply onto the base model."""
     tensors, meta = model_state(model)
-    meta.update(adapter=asdict(adapter), targets=targets, base_model=base_model)
+    meta.update(method=asdict(method), base_model=base_model)
     save_state_dir(target, tensors, meta)
 
 
 def apply_adapter(model: nn.Module, target: Path) -> None:
+    """Re-apply a ``save_adapter`` directory onto the pretrained model it came from."""
     tensors, meta = load_state_dir(target)
-    restore_state(model, tensors, meta, AdapterSettings(**meta["adapter"]), meta["targets"])
+    method = dict(meta["method"])
+    method["adapter"] = AdapterSettings(**method["adapter"])
+    method["targets"] = tuple(method["targets"]) if method["targets"] else None
+    prepare_method(model, MethodSettings(**method))
+    restore_state(model, tensors, meta)
 
 
 def export_merged(model: nn.Module, tokenizer, target: Path) -> None:
@@ -154,10 +159,13 @@ def load_merged(source: Path) -> nn.Module:
     """Rebuild an exported model: same shapes (heads removed again), identical weights."""
     config = AutoConfig.from_pretrained(source, local_files_only=True)
     heads = getattr(config, "dsee_pruned_heads", None) or {}
-    config.dsee_pruned_heads = None
+    ffn = getattr(config, "dsee_pruned_ffn", None) or {}
+    config.dsee_pruned_heads = config.dsee_pruned_ffn = None
     model = AutoModelForSequenceClassification.from_config(config)
     if heads:
         prune_heads(model, {int(k): v for k, v in heads.items()})
+    if ffn:
+        prune_ffn(model, {int(k): v for k, v in ffn.items()})
     model.load_state_dict(load_file(str(Path(source) / "model.safetensors")), strict=True)
     return model.eval()
 

@@ -24,18 +24,27 @@ import torch
 
 from . import omega as omega_lib
 from .accounting import inference_flops, scope_size, trainable_counts
-from .adapters import AdapterSettings, inject_adapters, omega_keys, set_omegas, slice_pretrained_weight
+from .adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weight
 from .arch import attention_units
 from .atomic import atomic_write_text
-from .config import RunConfig, validate
+from .config import RunConfig, method_settings, pruning_settings, validate
 from .data import DataSettings, encode, load_task, spec_for
 from .errors import DSEEError
 from .export import export_merged, load_state_dir, model_state, restore_state, save_adapter, save_state_dir
+from .methods import MERGEABLE, prepare_method
 from .models import TINY_MODELS, TinySize, hub_reachable, load_model, resolve_source
-from .pruning import PruningSettings, apply_masks, compute_masks, head_scores, lowest_heads, prune_heads
+from .pruning import (
+    PruningSettings,
+    apply_masks,
+    compute_masks,
+    head_scores,
+    lowest_heads,
+    prune_heads,
+    reapply_masks,
+)
+from .slimming import add_slimming, slim_and_prune, slimming_penalty
 from .train import PhaseSettings, PhaseState, ProgressSink, evaluate, main_metric, summarize, train_phase
 
-STAGES = ("phase1", "pruned", "recovery", "done")
 
 
 def seed_everything(seed: int) -> None:
@@ -109,9 +118,13 @@ def omega_cache_dir(cfg: RunConfig) -> Path | None:
     return Path(root) / "omega"
 
 
+_PHASE_SEED_OFFSET = {"phase1": 0, "recovery": 1}
+
+
 def phase_settings(cfg: RunConfig, phase: str) -> PhaseSettings:
+    """Phase I, or a recovery phase (``recovery``, and IMP's ``retrain<r>`` between rounds)."""
     t, task = cfg.trainer, cfg.task
-    p = getattr(t, phase)
+    p = t.phase1 if phase == "phase1" else t.recovery
     if phase == "phase1":
         epochs, lr = p.epochs or task.epochs, p.lr or task.lr
     else:
@@ -120,7 +133,8 @@ def phase_settings(cfg: RunConfig, phase: str) -> PhaseSettings:
         name=phase, epochs=epochs, lr=lr, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, bf16=t.bf16,
-        seed=cfg.seed * 1000 + (0 if phase == "phase1" else 1),
+        seed=cfg.seed * 1000 + (_PHASE_SEED_OFFSET[phase] if phase in _PHASE_SEED_OFFSET
+                                 else 1 + int(phase.removeprefix("retrain"))),
     )
 
 
@@ -178,15 +192,11 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     scope_total, _ = scope_size(model)
     model_total = sum(p.numel() for p in model.parameters())
     dense_flops = inference_flops(model, cfg.flops_seq_len)
-    adapter = AdapterSettings(cfg.adapter.rank, cfg.adapter.alpha, cfg.adapter.omega_size, cfg.adapter.dropout,
-                              cfg.adapter.init)
-    adapters = inject_adapters(model, adapter, cfg.adapter.targets)
-    pruning = PruningSettings(
-        method=cfg.pruning.method, sparsity=cfg.sparsity, criterion=cfg.pruning.criterion,
-        granularity=cfg.pruning.granularity, n=cfg.pruning.n, m=cfg.pruning.m,
-        heads_to_remove=cfg.pruning.heads_to_remove, mask_delta=cfg.pruning.mask_delta, seed=cfg.seed,
-    )
-    if pruning.method == "structured":
+    method = method_settings(cfg)
+    pruning = pruning_settings(cfg)
+    prepare_method(model, method)
+    adapters = adapters_of(model)
+    if pruning.method in ("structured", "earlybert"):
         heads = attention_units(model)[0].num_heads
         if not 0 <= pruning.heads_to_remove < heads:
             raise DSEEError(f"pruning.heads_to_remove={pruning.heads_to_remove} is out of range: this model has "
@@ -198,12 +208,19 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     saved = ckpt.load()
     meta: dict = {}
     omega_info: dict = {}
+    tensors: dict[str, torch.Tensor] = {}
+    stage = saved[1]["stage"] if saved else None
+    if pruning.method == "earlybert" and stage in (None, "phase1"):
+        add_slimming(model)  # its coefficients train in phase I; pruning folds them in
+    # IMP with rewinding resets the trained tensors to where they started (the same for a resumed run).
+    start_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} \
+        if pruning.rewind else {}
     if saved is not None:
         tensors, meta = saved
-        restore_state(model, tensors, meta["model"], None, None)
+        restore_state(model, tensors, meta["model"])
         omega_info = meta.get("omega", {})
-        say(f"Resuming from the checkpoint after stage {meta['stage']!r} (step {_resume_step(meta)})")
-    elif cfg.adapter.omega_size > 0:
+        say(f"Resuming from the checkpoint after stage {stage!r} (step {_resume_step(meta)})")
+    elif method.method == "dsee" and cfg.adapter.omega_size > 0:
         say("Ω: sparse positions from the pretrained weights")
         keys = omega_keys(adapters)
         weights = {k: slice_pretrained_weight(a, s) for k, (a, s) in keys.items()}
@@ -214,55 +231,59 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
                       "from_cache": result.from_cache, "cache_path": str(result.cache_path or "")}
     seconds["omega"] = omega_info.get("seconds", 0.0)
     model.to(device)
-    stage = meta.get("stage")
+    rounds = pruning.round_sparsities()
+    retrain_phases = [f"retrain{r}" for r in range(1, len(rounds))] + ["recovery"] if rounds else []
 
     def progress_meta(**states: PhaseState) -> dict:
-        keep = {k: v for k, v in meta.items() if k in ("phase1", "recovery", "pruning")}
+        keep = {k: v for k, v in meta.items() if k in ("phase1", "pruning", "round", *retrain_phases)}
         keep.update({k: s.as_meta() for k, s in states.items()})
         return {**keep, "omega": omega_info}
 
     def run_phase(name: str) -> PhaseState:
         resume = (_state(meta, name), tensors) if stage == name else None
+        l1 = pruning.slimming_l1
         return train_phase(
             model, train_enc, eval_enc, data.spec, phase_settings(cfg, name), pad_id, device,
             save=lambda st, extra: ckpt.save(model, name, progress_meta(**{name: st}), extra),
             sink=sink, resume=resume,
+            regularizer=(lambda: l1 * slimming_penalty(model)) if hasattr_slimming(model) else None,
+            after_step=(lambda: reapply_masks(model)) if getattr(model, "dsee_other_masks", None) else None,
         )
 
-    # Phase I: sparse + low-rank tuning
+    # Phase I: tuning (sparse + low-rank for DSEE; whatever the method trains otherwise)
     phase1 = _state(meta, "phase1")
     if stage in (None, "phase1"):
-        say("Phase I: sparse + low-rank tuning")
+        say(f"Phase I: {_PHASE1_TITLE.get(method.method, method.method + ' tuning')}")
         phase1 = run_phase("phase1")
         meta.update(progress_meta(phase1=phase1))
         stage = "phase1-done"
     seconds["phase1"] = phase1.seconds
 
-    # Phase II: prune the pretrained weights using ΔW
+    # Phase II and III, once per round (IMP: prune a further fraction, retrain, repeat)
     pruning_info = meta.get("pruning", {"method": pruning.method})
-    if pruning.method != "none" and stage == "phase1-done":
-        say(f"Phase II: {pruning.method} pruning by {pruning.criterion}")
-        started = time.perf_counter()
-        if pruning.method == "structured":
-            removed = lowest_heads(head_scores(model, pruning.criterion, pruning.seed), pruning.heads_to_remove)
-            prune_heads(model, removed)
-            pruning_info = {"method": "structured", "heads_removed": {str(k): v for k, v in removed.items()}}
-        else:
-            apply_masks(model, compute_masks(model, pruning), pruning.mask_delta)
-            pruning_info = {"method": pruning.method, "sparsity": pruning.sparsity,
-                            "criterion": pruning.criterion, "granularity": pruning.granularity}
-        pruning_info["seconds"] = round(time.perf_counter() - started, 3)
-        meta["pruning"] = pruning_info
-        ckpt.save(model, "pruned", progress_meta())
-        stage = "pruned"
+    done_round = meta.get("round", 0)
+    states: dict[str, PhaseState] = {}
+    for r, (target, phase) in enumerate(zip(rounds, retrain_phases), start=1):
+        if stage == "done" or r < done_round:
+            states[phase] = _state(meta, phase)
+            continue
+        if r > done_round:
+            say(f"Phase II: {pruning.method} pruning" + (f", round {r} of {len(rounds)}" if len(rounds) > 1 else ""))
+            started = time.perf_counter()
+            pruning_info = prune_step(model, replace(pruning, sparsity=target), start_state)
+            earlier = meta.get("pruning", {}).get("seconds", 0.0)
+            pruning_info["seconds"] = round(time.perf_counter() - started + earlier, 3)
+            meta["pruning"], meta["round"] = pruning_info, r
+            ckpt.save(model, "pruned", progress_meta())
+            stage = "pruned"
+        say(f"Phase III: recovery tuning{f' (round {r})' if len(rounds) > 1 else ''}")
+        states[phase] = run_phase(phase)
+        meta.update(progress_meta(**{phase: states[phase]}))
+        stage = f"{phase}-done"
     seconds["pruning"] = pruning_info.get("seconds", 0.0)
-
-    # Phase III: recovery with W⊙M frozen
-    recovery = _state(meta, "recovery")
-    if pruning.method != "none" and stage in ("pruned", "recovery"):
-        say("Phase III: recovery tuning")
-        recovery = run_phase("recovery")
-        seconds["recovery"] = recovery.seconds
+    recovery = states.get("recovery", PhaseState())
+    if rounds:
+        seconds["recovery"] = sum(st.seconds for st in states.values())
 
     say("Evaluation and export")
     final_phase = recovery if pruning.method != "none" else phase1
@@ -271,9 +292,13 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     export_info = {}
     started = time.perf_counter()
     if cfg.export:
-        export_merged(model, tokenizer, run_dir / "export" / "merged")
-        save_adapter(model, run_dir / "export" / "adapter", adapter, cfg.adapter.targets, loaded.source)
-        export_info = {"merged": str(run_dir / "export" / "merged"), "adapter": str(run_dir / "export" / "adapter")}
+        save_adapter(model, run_dir / "export" / "adapter", method, loaded.source)
+        export_info = {"adapter": str(run_dir / "export" / "adapter")}
+        if method.method in MERGEABLE:
+            export_merged(model, tokenizer, run_dir / "export" / "merged")
+            export_info["merged"] = str(run_dir / "export" / "merged")
+        else:
+            export_info["merged"] = f"none: adapter={method.method} adds modules that cannot be merged into the weights"
     seconds["export"] = round(time.perf_counter() - started, 3)
     model_nonzero = model_total - (scope_total - scope_nonzero)
     metrics = {
@@ -282,8 +307,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         "model": loaded.source,
         "main_metric": main_metric(data.spec, next(iter(eval_enc))),
         "final": summarize(final_phase) | {"eval": final_eval},
-        "phases": {"phase1": summarize(phase1)}
-        | ({"recovery": summarize(recovery)} if pruning.method != "none" else {}),
+        "phases": {"phase1": summarize(phase1)} | {name: summarize(st) for name, st in states.items()},
         "trainable_params": trainable_counts(model).as_dict(),
         "total_params_pct": round(100 * scope_nonzero / scope_total, 4),
         "model_nonzero_pct": round(100 * model_nonzero / model_total, 4),
@@ -297,10 +321,39 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         "config": asdict(cfg),
     }
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    ckpt.save(model, "done", progress_meta(phase1=phase1, recovery=recovery))
+    ckpt.save(model, "done", progress_meta(phase1=phase1, **states))
     return metrics
+
+
+_PHASE1_TITLE = {"dsee": "sparse + low-rank tuning", "lora": "low-rank tuning", "full": "full fine-tuning"}
+
+
+def hasattr_slimming(model: torch.nn.Module) -> bool:
+    return any(hasattr(m, "dsee_slim") for m in model.modules())
+
+
+def prune_step(model: torch.nn.Module, pruning: PruningSettings, start_state: dict[str, torch.Tensor]) -> dict:
+    """One Phase II step; ``pruning.sparsity`` is this round's target. Returns what it did."""
+    if pruning.method == "structured":
+        removed = lowest_heads(head_scores(model, pruning.criterion, pruning.seed), pruning.heads_to_remove)
+        prune_heads(model, removed)
+        return {"method": "structured", "criterion": pruning.criterion,
+                "heads_removed": {str(k): v for k, v in removed.items()}}
+    if pruning.method == "earlybert":
+        return {"method": "earlybert", **slim_and_prune(model, pruning.heads_to_remove, pruning.ffn_fraction)}
+    masks = compute_masks(model, pruning)
+    if start_state:  # rewind (IMP / BERT tickets): the pruned network restarts from the start
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in start_state.items():
+                if value.shape != params[name].shape:  # S is sized when Ω is set, and starts at 0
+                    value = torch.zeros_like(params[name])
+                params[name].copy_(value.to(params[name].device))
+    apply_masks(model, masks, pruning.mask_delta)
+    return {"method": pruning.method, "sparsity": round(pruning.sparsity, 6), "criterion": pruning.criterion,
+            "granularity": pruning.granularity, "scope": pruning.scope}
 
 
 def _resume_step(meta: dict) -> int:
     stage = meta["stage"]
-    return meta.get(stage, {}).get("step", 0) if stage in ("phase1", "recovery") else 0
+    return meta.get(stage, {}).get("step", 0) if stage in meta else 0

@@ -20,7 +20,8 @@ from .arch import attention_units, block_linears, set_head_count, weight_out_in
 from .errors import DSEEError, choice_error
 from .selection import smallest_k_mask
 
-METHODS = ("none", "unstructured", "nm", "structured")
+METHODS = ("none", "unstructured", "nm", "structured", "imp", "earlybert")
+SCOPES = ("blocks", "adapted")
 CRITERIA = ("delta", "delta_plus_weight", "weight", "random")
 GRANULARITIES = ("global", "layer")
 
@@ -36,6 +37,20 @@ class PruningSettings:
     heads_to_remove: int = 3
     mask_delta: bool = True  # False reproduces the reference code: ΔW stays dense in recovery
     seed: int = 0
+    scope: str = "blocks"  # adapted: prune only the adapted matrices (the other pool keeps everything)
+    rounds: int = 1  # imp
+    rate: float = 0.1  # imp: fraction of the remaining weights removed per round
+    rewind: bool = False  # imp: reset the trained tensors after each pruning (BERT tickets)
+    ffn_fraction: float = 0.4  # earlybert
+    slimming_l1: float = 1e-4  # earlybert
+
+    def round_sparsities(self) -> list[float]:
+        """The sparsity after each prune step: none → [], one-shot → [s], IMP → 1 − (1 − rate)^r."""
+        if self.method == "none":
+            return []
+        if self.method == "imp":
+            return [1.0 - (1.0 - self.rate) ** r for r in range(1, self.rounds + 1)]
+        return [self.sparsity]
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -48,6 +63,16 @@ class PruningSettings:
             raise DSEEError(f"sparsity={self.sparsity} is out of range: it must be in [0, 1).")
         if self.method == "nm" and not 0 < self.n < self.m:
             raise DSEEError(f"N:M pruning needs 0 < n < m, got pruning.n={self.n}, pruning.m={self.m}.")
+        if self.scope not in SCOPES:
+            raise choice_error("pruning scope (pruning.scope)", self.scope, SCOPES)
+        if self.rounds < 1:
+            raise DSEEError(f"pruning.rounds={self.rounds} is invalid: IMP needs at least one round.")
+        if not 0.0 < self.rate < 1.0:
+            raise DSEEError(f"pruning.rate={self.rate} is out of range: it must be in (0, 1).")
+        if not 0.0 <= self.ffn_fraction < 1.0:
+            raise DSEEError(f"pruning.ffn_fraction={self.ffn_fraction} is out of range: it must be in [0, 1).")
+        if self.slimming_l1 < 0:
+            raise DSEEError(f"pruning.slimming_l1={self.slimming_l1} must be >= 0.")
 
 
 @dataclass
@@ -102,6 +127,13 @@ def score_pieces(model: nn.Module, criterion: str, seed: int) -> list[Piece]:
         else:
             w = weight_out_in(module).detach()
             pieces.append(Piece(name, (0, w.shape[0]), "other", layer, w.abs().float()))
+    # Entries an earlier round pruned (IMP) score below everything, so they stay pruned.
+    masks = {**getattr(model, "dsee_other_masks", {}),
+             **{n: m.mask for n, m in block_linears(model).items() if isinstance(m, DSEELinear) and m.mask is not None}}
+    for p in pieces:
+        if p.module in masks:
+            kept = masks[p.module][p.rows[0] : p.rows[1]].to(p.scores.device)
+            p.scores = torch.where(kept, p.scores, torch.full_like(p.scores, -1.0))
     return pieces
 
 
@@ -125,7 +157,9 @@ def unstructured_masks(model: nn.Module, settings: PruningSettings) -> dict[str,
             groups.setdefault((p.pool, p.layer), []).append(p)
     keep_by_piece: dict[int, torch.Tensor] = {}
     for members in groups.values():
-        keep = _keep_mask(torch.cat([p.scores.flatten() for p in members]), settings.sparsity)
+        # scope=adapted (Table 7) prunes the adapted matrices only; the other pool keeps all.
+        sparsity = 0.0 if settings.scope == "adapted" and members[0].pool == "other" else settings.sparsity
+        keep = _keep_mask(torch.cat([p.scores.flatten() for p in members]), sparsity)
         offset = 0
         for p in members:
             n = p.scores.numel()
@@ -183,11 +217,20 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], mask_delta: bo
 
 
 def compute_masks(model: nn.Module, settings: PruningSettings) -> dict[str, torch.Tensor]:
-    if settings.method == "unstructured":
+    if settings.method in ("unstructured", "imp"):
         return unstructured_masks(model, settings)
     if settings.method == "nm":
         return nm_masks(model, settings)
     raise ValueError(settings.method)
+
+
+@torch.no_grad()
+def reapply_masks(model: nn.Module) -> None:
+    """Zero pruned entries of weights that train (full fine-tuning, FT-top): after each step."""
+    for name, mask in getattr(model, "dsee_other_masks", {}).items():
+        w = weight_out_in(model.get_submodule(name))
+        if w.requires_grad:
+            w.mul_(mask)
 
 
 # -- structured: attention heads ----------------------------------------------------------------

@@ -123,9 +123,13 @@ def train_phase(
     save: SaveFn,
     sink: ProgressSink,
     resume: tuple[PhaseState, dict[str, torch.Tensor]] | None = None,
+    regularizer: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> PhaseState:
     """Train the parameters that require grad. ``save(state, extra_tensors)`` is called every
-    ``checkpoint_every`` steps and at the end; ``resume`` continues from such a save."""
+    ``checkpoint_every`` steps and at the end; ``resume`` continues from such a save.
+    ``regularizer()`` is added to the loss (EarlyBERT's L1); ``after_step()`` runs after each
+    optimizer step (re-zeroing pruned weights that train)."""
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {id(p): n for n, p in named.items()}
     optimizer = torch.optim.AdamW(named.values(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -163,6 +167,8 @@ def train_phase(
             group["lr"] = lr
         with _autocast(device, settings.bf16):
             loss = model(**batch).loss
+            if regularizer is not None:
+                loss = loss + regularizer()
         if not torch.isfinite(loss):
             raise DSEEError(
                 f"The loss became {loss.item()} at step {state.step + 1} of phase {settings.name!r} "
@@ -174,6 +180,8 @@ def train_phase(
             nn.utils.clip_grad_norm_(named.values(), settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         state.step += 1
         loss_value = loss.item()
         sink.advance(loss_value, lr)

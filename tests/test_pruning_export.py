@@ -124,8 +124,10 @@ def test_adapter_checkpoint_reapplies_onto_the_pretrained_model(structured, tmp_
     else:
         apply_masks(model, compute_masks(model, PruningSettings(sparsity=0.4)))
     from dsee_cli.adapters import AdapterSettings
+    from dsee_cli.methods import MethodSettings
 
-    save_adapter(model, tmp_path / "adapter", AdapterSettings(rank=4, alpha=8, omega_size=5), None, "tiny-bert")
+    save_adapter(model, tmp_path / "adapter", MethodSettings("dsee", AdapterSettings(rank=4, alpha=8, omega_size=5)),
+                 "tiny-bert")
     fresh, _ = tiny("tiny-bert", seed=0)
     apply_adapter(fresh, tmp_path / "adapter")
     assert torch.allclose(logits(fresh, enc), logits(model, enc), atol=1e-6)

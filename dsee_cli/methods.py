@@ -1,0 +1,195 @@
+"""What each fine-tuning method trains, and what it adds to the model.
+
+* ``dsee`` / ``lora``: our sparse + low-rank ``DSEELinear`` (adapters.py); LoRA is card(Ω) = 0.
+* ``full``, ``bitfit`` (biases), ``ft-top`` (the top k blocks): which pretrained tensors train.
+* ``houlsby``: bottleneck adapters after the attention-output and FFN-output projections
+  (Houlsby et al. 2019; ``placement=ffn`` is Pfeiffer's single adapter). Ours: AdapterHub's
+  ``adapters`` pins transformers 4.x.
+* ``prefix`` / ``ptuning-v2``: PEFT's prefix encoder (deep prompts in every layer's keys and
+  values; prefix tuning reparameterises them through an MLP, P-tuning v2 does not).
+* ``mam``: the MAM adapter (He et al. 2021): PEFT prefix tuning on attention plus our scaled
+  parallel adapter on the FFN.
+
+Everything is attached with forward hooks and submodules *under* the layer it modifies, so
+the original module names stay valid for pruning, accounting and export. The task head (and
+any weight the checkpoint lacked) always trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import AdapterSettings, inject_adapters
+from .arch import GPT2, family_of, task_head_params, transformer_layers
+from .errors import DSEEError, choice_error
+
+METHODS = ("dsee", "lora", "full", "bitfit", "ft-top", "houlsby", "prefix", "ptuning-v2", "mam")
+MERGEABLE = ("dsee", "lora", "full", "bitfit", "ft-top")  # the result is a plain HF model
+PROMPT_METHODS = ("prefix", "ptuning-v2", "mam")
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    method: str = "dsee"
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)  # dsee / lora
+    targets: tuple[str, ...] | None = None  # dsee / lora; None: the architecture's q, v
+    bottleneck: int = 64  # houlsby / mam: the adapter's hidden size
+    placement: str = "both"  # houlsby: after attention and FFN (both) or after the FFN only (ffn)
+    adapter_scale: float = 4.0  # mam: the parallel adapter's output scale
+    prefix_length: int = 16  # prefix / ptuning-v2 / mam: virtual tokens per layer
+    prefix_projection: bool = False  # reparameterise the prefix through an MLP (prefix tuning)
+    prefix_hidden: int = 512  # that MLP's hidden size
+    top_layers: int = 2  # ft-top: how many of the last blocks train
+    train_layer_norms: bool = False  # houlsby: also train the blocks' LayerNorms (Houlsby's recipe)
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise choice_error("adapter method (adapter=... / adapter.method)", self.method, METHODS)
+        if self.placement not in ("both", "ffn"):
+            raise choice_error("adapter placement (adapter.placement)", self.placement, ("both", "ffn"))
+        for name in ("bottleneck", "prefix_length", "top_layers", "prefix_hidden"):
+            if getattr(self, name) < 1:
+                raise DSEEError(f"adapter.{name}={getattr(self, name)} is invalid: it must be >= 1.")
+
+
+class Bottleneck(nn.Module):
+    """x ↦ scale · up(act(down(x))), with up = 0 at the start so the model is unchanged.
+
+    Its Linears are trainable additions, not pretrained weights to prune."""
+
+    dsee_added = True  # not a pretrained layer: outside the pruning scope (arch.block_linears)
+
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu", scale: float = 1.0):
+        super().__init__()
+        self.down = nn.Linear(dim, hidden)
+        self.up = nn.Linear(hidden, dim)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.scale = scale
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(self.act(self.down(x)))
+
+
+# Hooks are module-level functions so that deep copies of a model (export) keep working.
+def _serial_adapter_hook(module: nn.Module, args, output):
+    return output + module.houlsby(output)
+
+
+def _parallel_ffn_hook_bert(module: nn.Module, args, kwargs):
+    """BertOutput(hidden, input_tensor) computes LN(dense(hidden) + input_tensor): adding the
+    adapter's output of the FFN input to input_tensor puts it in parallel with the FFN."""
+    if len(args) >= 2:
+        hidden, residual, *rest = args
+        return (hidden, residual + module.mam(residual), *rest), kwargs
+    kwargs["input_tensor"] = kwargs["input_tensor"] + module.mam(kwargs["input_tensor"])
+    return args, kwargs
+
+
+def _parallel_ffn_hook_gpt2(module: nn.Module, args, output):
+    return output + module.mam(args[0])
+
+
+def _hidden_size(model: nn.Module) -> int:
+    c = model.config
+    return getattr(c, "hidden_size", None) or c.n_embd
+
+
+def _ffn_and_attention_outputs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(attention-output projection, FFN-output projection) of each block."""
+    if family_of(model) is GPT2:
+        return [(layer.attn.c_proj, layer.mlp.c_proj) for layer in transformer_layers(model)]
+    return [(layer.attention.output.dense, layer.output.dense) for layer in transformer_layers(model)]
+
+
+def _add_houlsby(model: nn.Module, s: MethodSettings) -> None:
+    dim = _hidden_size(model)
+    for attn_out, ffn_out in _ffn_and_attention_outputs(model):
+        for module in (attn_out, ffn_out) if s.placement == "both" else (ffn_out,):
+            module.add_module("houlsby", Bottleneck(dim, s.bottleneck))
+            module.register_forward_hook(_serial_adapter_hook)
+    if s.train_layer_norms:
+        for layer in transformer_layers(model):
+            for m in layer.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.requires_grad_(True)
+
+
+def _add_parallel_ffn(model: nn.Module, s: MethodSettings) -> None:
+    dim = _hidden_size(model)
+    for layer in transformer_layers(model):
+        adapter = Bottleneck(dim, s.bottleneck, activation="relu", scale=s.adapter_scale)
+        if family_of(model) is GPT2:
+            layer.mlp.add_module("mam", adapter)
+            layer.mlp.register_forward_hook(_parallel_ffn_hook_gpt2)
+        else:
+            layer.output.add_module("mam", adapter)
+            layer.output.register_forward_pre_hook(_parallel_ffn_hook_bert, with_kwargs=True)
+
+
+class _PrefixInjector:
+    """A forward pre-hook: PEFT's prompt as past keys/values, the attention mask extended."""
+
+    def __init__(self, peft_model, length: int):
+        self.peft_model = peft_model
+        self.length = length
+
+    def __call__(self, module: nn.Module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        batch = ids.shape[0]
+        kwargs["past_key_values"] = self.peft_model.get_prompt(batch_size=batch)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, self.length), mask], dim=1)
+        return args, kwargs
+
+
+def _add_prefix(model: nn.Module, s: MethodSettings) -> None:
+    from peft import PeftModel, PrefixTuningConfig
+
+    config = PrefixTuningConfig(num_virtual_tokens=s.prefix_length, prefix_projection=s.prefix_projection,
+                                encoder_hidden_size=s.prefix_hidden, task_type=None)
+    peft_model = PeftModel(model, config)  # builds the prompt encoder; freezes the model
+    model.add_module("prefix_encoder", peft_model.prompt_encoder)
+    model.register_forward_pre_hook(_PrefixInjector(peft_model, s.prefix_length), with_kwargs=True)
+
+
+def prepare_method(model: nn.Module, s: MethodSettings) -> None:
+    """Set up the model for training with method ``s.method`` (in place)."""
+    s.check()
+    if s.method in ("dsee", "lora"):
+        inject_adapters(model, s.adapter, list(s.targets) if s.targets else None)
+        return
+    for p in model.parameters():
+        p.requires_grad_(s.method == "full")
+    if s.method == "bitfit":
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.requires_grad_(True)
+    elif s.method == "ft-top":
+        layers = transformer_layers(model)
+        if s.top_layers > len(layers):
+            raise DSEEError(f"adapter.top_layers={s.top_layers} is out of range: this model has {len(layers)} "
+                            f"blocks.")
+        for layer in list(layers)[len(layers) - s.top_layers:]:
+            layer.requires_grad_(True)
+        base = model.base_model
+        for after_blocks in ("pooler", "ln_f"):  # what sits between the blocks and the head
+            if getattr(base, after_blocks, None) is not None:
+                getattr(base, after_blocks).requires_grad_(True)
+    elif s.method == "houlsby":
+        _add_houlsby(model, s)
+    elif s.method in ("prefix", "ptuning-v2"):
+        _add_prefix(model, s)
+    elif s.method == "mam":
+        _add_prefix(model, s)
+        _add_parallel_ffn(model, s)
+    for _, p in task_head_params(model):
+        p.requires_grad_(True)
