@@ -3,7 +3,7 @@ PY ?= python3
 export HF_HUB_OFFLINE ?= 1
 
 PROFILE ?= paper
-EXPERIMENTS := table1 table6 table12 fig2
+EXPERIMENTS := table1 table3 table5 table6 table7 table9 table12 table13 table14 fig2
 
 .PHONY: install demo test lint bench $(addprefix reproduce-,$(EXPERIMENTS))
 
@@ -25,7 +25,9 @@ bench:
 	$(PY) scripts/bench_train_step.py
 	$(PY) scripts/bench_head_pruned.py
 
-# make reproduce-table1 [PROFILE=smoke|mini|paper]: the sweep as the paper ran it, then its report.
+# make reproduce-table1 [PROFILE=smoke|mini|paper] [LAUNCHER=joblib|slurm]: the sweep as the paper
+# ran it (joblib: local processes; slurm: a cluster through submitit), then its report.
+LAUNCHER ?=
 reproduce-%:
-	dsee train -m experiment=$* profile=$(PROFILE)
+	dsee train -m experiment=$* profile=$(PROFILE) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
 	dsee report multirun/$*

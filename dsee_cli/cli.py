@@ -154,9 +154,9 @@ def run_report(args: list[str]) -> int:
     except DSEEError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    md, csv_path = write_report(report, opts.sweep_dir)
+    written = write_report(report, opts.sweep_dir)
     Console().print(Markdown(report.markdown()))
-    print(f"written: {md}, {csv_path}")
+    print("written: " + ", ".join(str(p) for p in written))
     return 0
 
 

@@ -36,6 +36,15 @@ class ModelConfig:
 
 
 @dataclass
+class ModelTaskHparams:
+    """Table 11 values that depend on the model as well as the task (null: the task's default)."""
+
+    lr: float | None = None
+    batch_size: int | None = None
+    max_length: int | None = None
+
+
+@dataclass
 class TaskConfig:
     name: str = "synthetic"
     data_dir: str | None = None  # the classic GLUE download (folder holding CoLA/, SST-2/, ...)
@@ -54,6 +63,7 @@ class TaskConfig:
     epochs: float = 5.0
     recovery_lr: float | None = None  # None: the same as lr
     recovery_epochs: float = 5.0
+    per_model: dict[str, ModelTaskHparams] = field(default_factory=dict)  # keyed by model.name
 
 
 @dataclass
@@ -232,3 +242,10 @@ def method_settings(cfg: RunConfig) -> MethodSettings:
         adapter_scale=a.adapter_scale, prefix_length=a.prefix_length, prefix_projection=a.prefix_projection,
         prefix_hidden=a.prefix_hidden, top_layers=a.top_layers, train_layer_norms=a.train_layer_norms,
     )
+
+
+def task_hparams(cfg: RunConfig) -> ModelTaskHparams:
+    """The task's learning rate, batch size and max length for this model (Table 11)."""
+    own = cfg.task.per_model.get(cfg.model.name) or ModelTaskHparams()
+    return ModelTaskHparams(lr=own.lr or cfg.task.lr, batch_size=own.batch_size or cfg.trainer.batch_size,
+                            max_length=own.max_length or cfg.task.max_length)

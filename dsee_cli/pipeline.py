@@ -27,7 +27,7 @@ from .accounting import inference_flops, scope_size, trainable_counts
 from .adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weight
 from .arch import attention_units
 from .atomic import atomic_write_text
-from .config import RunConfig, method_settings, pruning_settings, validate
+from .config import RunConfig, method_settings, pruning_settings, task_hparams, validate
 from .data import DataSettings, encode, load_task, spec_for
 from .errors import DSEEError
 from .export import export_merged, load_state_dir, model_state, restore_state, save_adapter, save_state_dir
@@ -44,7 +44,6 @@ from .pruning import (
 )
 from .slimming import add_slimming, slim_and_prune, slimming_penalty
 from .train import PhaseSettings, PhaseState, ProgressSink, evaluate, main_metric, summarize, train_phase
-
 
 
 def seed_everything(seed: int) -> None:
@@ -123,14 +122,14 @@ _PHASE_SEED_OFFSET = {"phase1": 0, "recovery": 1}
 
 def phase_settings(cfg: RunConfig, phase: str) -> PhaseSettings:
     """Phase I, or a recovery phase (``recovery``, and IMP's ``retrain<r>`` between rounds)."""
-    t, task = cfg.trainer, cfg.task
+    t, task, per_model = cfg.trainer, cfg.task, task_hparams(cfg)
     p = t.phase1 if phase == "phase1" else t.recovery
     if phase == "phase1":
-        epochs, lr = p.epochs or task.epochs, p.lr or task.lr
+        epochs, lr = p.epochs or task.epochs, p.lr or per_model.lr
     else:
-        epochs, lr = p.epochs or task.recovery_epochs, p.lr or task.recovery_lr or task.lr
+        epochs, lr = p.epochs or task.recovery_epochs, p.lr or task.recovery_lr or per_model.lr
     return PhaseSettings(
-        name=phase, epochs=epochs, lr=lr, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size,
+        name=phase, epochs=epochs, lr=lr, batch_size=per_model.batch_size, eval_batch_size=t.eval_batch_size,
         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, bf16=t.bf16,
         seed=cfg.seed * 1000 + (_PHASE_SEED_OFFSET[phase] if phase in _PHASE_SEED_OFFSET
@@ -185,8 +184,9 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     ))
     model, tokenizer = loaded.model, loaded.tokenizer
     regression = data.spec.num_labels == 1
-    train_enc = encode(data.train, tokenizer, cfg.task.max_length, regression)
-    eval_enc = {k: encode(v, tokenizer, cfg.task.max_length, regression) for k, v in data.evals.items()}
+    max_length = task_hparams(cfg).max_length
+    train_enc = encode(data.train, tokenizer, max_length, regression)
+    eval_enc = {k: encode(v, tokenizer, max_length, regression) for k, v in data.evals.items()}
     pad_id = tokenizer.pad_token_id
 
     scope_total, _ = scope_size(model)

@@ -39,6 +39,10 @@ class Cell:
     failed: int = 0
     missing: int = 0
     paper: float | None = None
+    # what the paper's tables print beside the scores, from each finished run's metrics.json
+    trainable: list[int] = field(default_factory=list)
+    total_pct: list[float] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float | None:
@@ -73,14 +77,31 @@ class Report:
     rows: list[tuple[str, ...]]
     columns: list[str]
     cells: dict[tuple[tuple[str, ...], str], Cell]
+    paper_row_info: dict[tuple[str, ...], dict[str, str]] = field(default_factory=dict)
+
+    def row_info(self, row: tuple[str, ...]) -> dict[str, str]:
+        """Trainable parameters, % of block weights left, FLOPs: ours (the paper's)."""
+        cells = [self.cells[(row, c)] for c in self.columns]
+        paper = self.paper_row_info.get(row, {})
+        out = {}
+        for key, label, fmt in (("trainable", "# trainable", lambda v: f"{v / 1e6:.2f}M"),
+                                ("total_pct", "# total", lambda v: f"{v:.1f}%"),
+                                ("flops", "FLOPs", lambda v: f"{v:.2f}x")):
+            values = [v for c in cells for v in getattr(c, key)]
+            ours = fmt(statistics.median(values)) if values else "—"
+            theirs = paper.get({"total_pct": "total"}.get(key, key))
+            out[label] = ours + (f" ({theirs})" if theirs else "")
+        return out
 
     def markdown(self) -> str:
-        head = " | ".join(self.row_keys) + " | " + " | ".join(f"{self.column_key}={c}" for c in self.columns)
-        out = [f"# {self.table}: ours median (std) over seeds [paper, Δ]", "", "| " + head + " |",
-               "|" + "---|" * (len(self.row_keys) + len(self.columns))]
+        info_keys = ["# trainable", "# total", "FLOPs"]
+        head = " | ".join([*self.row_keys, *info_keys, *(f"{self.column_key}={c}" for c in self.columns)])
+        out = [f"# {self.table}: ours median (std) over seeds [paper, Δ]; counts: ours (paper)", "",
+               "| " + head + " |", "|" + "---|" * (len(self.row_keys) + len(info_keys) + len(self.columns))]
         for row in self.rows:
+            info = self.row_info(row)
             cells = [self.cells[(row, c)].text() for c in self.columns]
-            out.append("| " + " | ".join([*row, *cells]) + " |")
+            out.append("| " + " | ".join([*row, *(info[k] for k in info_keys), *cells]) + " |")
         return "\n".join(out) + "\n"
 
     def csv(self) -> str:
@@ -156,18 +177,31 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                 cell.failed += 1
             else:
                 cell.values.append(float(value))
+                cell.trainable.append(int(metrics["trainable_params"]["total"]))
+                cell.total_pct.append(float(metrics["total_params_pct"]))
+                cell.flops.append(float(metrics["flops_ratio_unmerged"]))
+    paper_row_info = {}
     for entry in paper.get("rows", []):
         match = {k: str(v) for k, v in entry["match"].items()}
         for row in rows:
             if all(dict(zip(row_keys, row)).get(k, v) == v for k, v in match.items()):
+                paper_row_info[row] = {k: str(v) for k, v in entry.get("paper", {}).items()}
                 for col, value in entry["values"].items():
                     if (row, str(col)) in cells:
                         cells[(row, str(col))].paper = float(value)
-    return Report(table, row_keys, column_key, rows, columns, cells)
+    return Report(table, row_keys, column_key, rows, columns, cells, paper_row_info)
 
 
-def write_report(report: Report, sweep_dir: Path) -> tuple[Path, Path]:
+def write_report(report: Report, sweep_dir: Path) -> list[Path]:
+    """report-<table>.md and .csv, and report-<table>.png where the paper has a figure."""
+    from .plots import PLOTS
+
     md, csv_path = sweep_dir / f"report-{report.table}.md", sweep_dir / f"report-{report.table}.csv"
     atomic_write_text(md, report.markdown())
     atomic_write_text(csv_path, report.csv())
-    return md, csv_path
+    written = [md, csv_path]
+    if report.table in PLOTS:
+        png = sweep_dir / f"report-{report.table}.png"
+        PLOTS[report.table](report, png)
+        written.append(png)
+    return written

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from dsee_cli.cli import config_dir
+from dsee_cli.plots import PLOTS
 from dsee_cli.report import build_report
 
 from .conftest import run_dsee
@@ -26,6 +27,8 @@ def test_every_experiment_runs_under_smoke_and_reports(workdir, experiment):
     built = build_report(sweep)
     assert all(c.values and not c.failed and not c.missing for c in built.cells.values())
     assert (sweep / f"report-{experiment}.md").is_file() and (sweep / f"report-{experiment}.csv").is_file()
+    if experiment in PLOTS:  # the paper has a figure for it
+        assert (sweep / f"report-{experiment}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_report_layout_with_paper_numbers_and_missing_or_failed_runs(workdir):
@@ -46,7 +49,7 @@ def test_report_layout_with_paper_numbers_and_missing_or_failed_runs(workdir):
     assert report.cells[(("16",), "mrpc")].missing == 1
     assert report.cells[(("16",), "stsb")].paper == 89.28 and report.cells[(("8",), "mrpc")].paper == 85.38
     md = report.markdown()
-    assert "| adapter.omega_size | task=stsb | task=mrpc |" in md
+    assert "| adapter.omega_size | # trainable | # total | FLOPs | task=stsb | task=mrpc |" in md
     assert "1 failed" in md and "1 missing" in md and "paper 89.28" in md
     lines = report.csv().splitlines()
     assert lines[0].startswith("adapter.omega_size,task,median,std,n,failed,missing,paper,delta")
