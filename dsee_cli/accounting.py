@@ -46,9 +46,11 @@ def scope_size(model: nn.Module) -> tuple[int, int]:
     """
     total = nonzero = 0
     for module in block_linears(model).values():
-        w = weight_out_in(module.base if isinstance(module, DSEELinear) else module)
+        w = weight_out_in(getattr(module, "base", module))
         total += w.numel()
-        if isinstance(module, DSEELinear) and module.mask is not None and module.mask_delta:
+        if getattr(module, "dsee_wraps", False):  # sparse training: the weight is M ⊙ W
+            nonzero += int(module.mask.sum())
+        elif isinstance(module, DSEELinear) and module.mask is not None and module.mask_delta:
             nonzero += int(module.mask.sum())
         elif isinstance(module, DSEELinear) and not module.merged:
             nonzero += int((w + module.delta_weight()).ne(0).sum())
@@ -72,7 +74,7 @@ def inference_flops(model: nn.Module, seq_len: int, unmerged_adapters: bool = Fa
                 flops += 2 * seq_len * a.rank * (a.in_features + end - start)
                 flops += 2 * seq_len * a.sparse_values[k].numel()
     for module in block_linears(model).values():
-        out_f, in_f = dims(module.base if isinstance(module, DSEELinear) else module)
+        out_f, in_f = dims(getattr(module, "base", module))
         flops += 2 * seq_len * out_f * in_f
     for unit in attention_units(model):
         flops += 2 * 2 * seq_len * seq_len * unit.num_heads * unit.head_dim

@@ -69,7 +69,7 @@ def dims(module: nn.Module) -> tuple[int, int]:
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every pretrained Linear / Conv1D inside the transformer blocks (the pruning scope).
 
-    A DSEELinear stands for the layer it wraps; layers that methods add (Houlsby and MAM
+    A wrapper (DSEELinear, SparseTrainLinear) stands for the layer it wraps; layers that methods add (Houlsby and MAM
     bottlenecks, which live under the layer they modify) are not pretrained weights."""
     from .adapters import DSEELinear  # local import: adapters depends on this module
 
@@ -81,9 +81,9 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if any(name.startswith(a + ".") for a in added):
             continue
-        if isinstance(module, DSEELinear):
+        if isinstance(module, DSEELinear) or getattr(module, "dsee_wraps", False):
             found[name] = module
-            added.append(name)  # its base and A/B are not separate layers
+            added.append(name)  # a wrapper stands for its base; A/B etc. are not separate layers
         elif getattr(module, "dsee_added", False):
             added.append(name)
         elif isinstance(module, LinearLike):

@@ -13,11 +13,12 @@ from .adapters import AdapterSettings
 from .data import TASKS
 from .errors import DSEEError, choice_error
 from .methods import METHODS as ADAPTER_METHODS
-from .methods import PROMPT_METHODS, MethodSettings
+from .methods import PROMPT_METHODS, SPARSE_TRAINING, MethodSettings
 from .models import HUB_MODELS, TINY_MODELS
 from .omega import METHODS as OMEGA_METHODS
 from .omega import PRESETS
 from .pruning import PruningSettings
+from .sparse_training import Schedule, SparseTrainingSettings
 
 LOGGER_BACKENDS = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
@@ -85,6 +86,14 @@ class AdapterConfig:
     prefix_hidden: int = 512
     top_layers: int = 2  # ft-top
     train_layer_norms: bool = False  # houlsby
+    r1: int = 8  # pst: rank of the importance's A·B
+    r2: int = 8  # pst: rank of the weight update U·V
+    beta: float = 1.0  # pst: W = W₀ + β·U·V
+    alpha1: float = 1.0  # pst: weight of α₁·A·B in the importance
+    alpha2: float = 1.0  # pst: weight of α₂·(R + C)
+    score_terms: list[str] = field(default_factory=lambda: ["weight", "lowrank", "structured"])  # pst ablations
+    topk: str = "layer"  # pst / map / mvp: top-v per layer or global
+    score_lr: float = 1e-2  # mvp: the scores' learning rate
 
 
 @dataclass
@@ -122,6 +131,16 @@ class PruningConfig:
     rewind: bool = False  # imp: reset the trained tensors to their start after each pruning
     ffn_fraction: float = 0.4  # earlybert: fraction of each FFN's neurons removed
     slimming_l1: float = 1e-4  # earlybert: L1 weight on the slimming coefficients
+
+
+@dataclass
+class ScheduleConfig:
+    """Cubic sparsity schedule of pst / map / mvp (Zhu & Gupta), up to the top-level `sparsity`."""
+
+    initial: float = 0.0
+    warmup: float = 0.1  # fraction of phase I held at `initial`
+    cooldown: float = 0.3  # fraction held at the final sparsity
+    every: int = 10  # steps between mask updates during the ramp
 
 
 @dataclass
@@ -166,6 +185,7 @@ class RunConfig:
     pruning: PruningConfig = field(default_factory=PruningConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     name: str = "dsee"
     sparsity: float = 0.3  # fraction of the transformer blocks' weights removed (unstructured, N:M)
     seed: int = 1
@@ -200,6 +220,11 @@ def validate(cfg: RunConfig) -> None:
     _require(not (cfg.pruning.method in ("structured", "earlybert") and cfg.adapter.method in PROMPT_METHODS),
              f"pruning={cfg.pruning.method} removes attention heads, but adapter={cfg.adapter.method}'s prompts "
              f"are shaped by the head count; use pruning=unstructured, nm or none with prompt methods.")
+    _require(not (cfg.adapter.method in SPARSE_TRAINING and cfg.pruning.method != "none"),
+             f"adapter={cfg.adapter.method} prunes while it trains (up to sparsity={cfg.sparsity} on the cubic "
+             f"schedule), so it takes no separate pruning phase: use pruning=none, not pruning={cfg.pruning.method}.")
+    if cfg.adapter.method in SPARSE_TRAINING:
+        sparsity_schedule(cfg).check()
     _require(not (cfg.pruning.method == "structured" and cfg.adapter.method not in ("dsee", "lora")),
              f"pruning=structured scores heads by |ΔW| of the adapted projections, which adapter="
              f"{cfg.adapter.method} does not have; use adapter=dsee or lora, or pruning=earlybert (learned head "
@@ -241,7 +266,15 @@ def method_settings(cfg: RunConfig) -> MethodSettings:
         targets=tuple(a.targets) if a.targets else None, bottleneck=a.bottleneck, placement=a.placement,
         adapter_scale=a.adapter_scale, prefix_length=a.prefix_length, prefix_projection=a.prefix_projection,
         prefix_hidden=a.prefix_hidden, top_layers=a.top_layers, train_layer_norms=a.train_layer_norms,
+        sparse=SparseTrainingSettings(
+            method=a.method if a.method in SPARSE_TRAINING else "pst", r1=a.r1, r2=a.r2, beta=a.beta,
+            alpha1=a.alpha1, alpha2=a.alpha2, score_terms=tuple(a.score_terms), topk=a.topk, score_lr=a.score_lr),
     )
+
+
+def sparsity_schedule(cfg: RunConfig) -> Schedule:
+    s = cfg.schedule
+    return Schedule(final=cfg.sparsity, initial=s.initial, warmup=s.warmup, cooldown=s.cooldown, every=s.every)
 
 
 def task_hparams(cfg: RunConfig) -> ModelTaskHparams:

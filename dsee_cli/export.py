@@ -27,8 +27,10 @@ from .arch import weight_out_in
 from .methods import MethodSettings, prepare_method
 from .pruning import apply_masks, prune_heads
 from .slimming import prune_ffn
+from .sparse_training import finalize_sparse_training, sparse_layers
 
 MASK_PREFIX = "mask::"
+SPARSE_MASK_PREFIX = "sparsemask::"
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -54,11 +56,16 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     for name, mask in {**extra_masks, **masks}.items():
         tensors[MASK_PREFIX + name] = pack_mask(mask)
         shapes[name] = list(mask.shape)
+    sparse = {}
+    for name, layer in sparse_layers(model).items():  # sparse training: the current top-v masks
+        tensors[SPARSE_MASK_PREFIX + name] = pack_mask(layer.mask)
+        sparse[name] = {"shape": list(layer.mask.shape), "sparsity": layer.sparsity}
     meta = {
         "pruned_heads": getattr(model.config, "dsee_pruned_heads", None) or {},
         "pruned_ffn": getattr(model.config, "dsee_pruned_ffn", None) or {},
         "mask_shapes": shapes,
         "mask_delta": mask_delta,
+        "sparse_masks": sparse,
     }
     return tensors, meta
 
@@ -78,6 +85,10 @@ def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict
     if masks:
         device = next(model.parameters()).device
         apply_masks(model, {k: v.to(device) for k, v in masks.items()}, meta.get("mask_delta", True))
+    layers = sparse_layers(model)
+    for name, info in meta.get("sparse_masks", {}).items():
+        layers[name].mask.copy_(unpack_mask(tensors[SPARSE_MASK_PREFIX + name], info["shape"]))
+        layers[name].sparsity = info["sparsity"]
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
@@ -141,6 +152,7 @@ def export_merged(model: nn.Module, tokenizer, target: Path) -> None:
     """A plain model directory with weights M⊙(W+ΔW) and the removed heads in its config."""
     merged = copy.deepcopy(model).cpu()
     unwrap_adapters(merged)
+    finalize_sparse_training(merged)
     for name, mask in getattr(model, "dsee_other_masks", {}).items():
         with torch.no_grad():
             weight_out_in(merged.get_submodule(name)).mul_(mask.cpu())

@@ -9,6 +9,7 @@
   values; prefix tuning reparameterises them through an MLP, P-tuning v2 does not).
 * ``mam``: the MAM adapter (He et al. 2021): PEFT prefix tuning on attention plus our scaled
   parallel adapter on the FFN.
+* ``pst``, ``map``, ``mvp``: sparse training on a sparsity schedule (sparse_training.py).
 
 Everything is attached with forward hooks and submodules *under* the layer it modifies, so
 the original module names stay valid for pruning, accounting and export. The task head (and
@@ -17,7 +18,7 @@ any weight the checkpoint lacked) always trains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -25,10 +26,12 @@ from torch import nn
 from .adapters import AdapterSettings, inject_adapters
 from .arch import GPT2, family_of, task_head_params, transformer_layers
 from .errors import DSEEError, choice_error
+from .sparse_training import SparseTrainingSettings, inject_sparse_training
 
-METHODS = ("dsee", "lora", "full", "bitfit", "ft-top", "houlsby", "prefix", "ptuning-v2", "mam")
-MERGEABLE = ("dsee", "lora", "full", "bitfit", "ft-top")  # the result is a plain HF model
+METHODS = ("dsee", "lora", "full", "bitfit", "ft-top", "houlsby", "prefix", "ptuning-v2", "mam", "pst", "map", "mvp")
+MERGEABLE = ("dsee", "lora", "full", "bitfit", "ft-top", "pst", "map", "mvp")  # the result is a plain HF model
 PROMPT_METHODS = ("prefix", "ptuning-v2", "mam")
+SPARSE_TRAINING = ("pst", "map", "mvp")  # sparsify while training, on the cubic schedule (sparse_training.py)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class MethodSettings:
     prefix_hidden: int = 512  # that MLP's hidden size
     top_layers: int = 2  # ft-top: how many of the last blocks train
     train_layer_norms: bool = False  # houlsby: also train the blocks' LayerNorms (Houlsby's recipe)
+    sparse: SparseTrainingSettings = field(default_factory=SparseTrainingSettings)  # pst / map / mvp
 
     def check(self) -> None:
         if self.method not in METHODS:
@@ -53,6 +57,8 @@ class MethodSettings:
         for name in ("bottleneck", "prefix_length", "top_layers", "prefix_hidden"):
             if getattr(self, name) < 1:
                 raise DSEEError(f"adapter.{name}={getattr(self, name)} is invalid: it must be >= 1.")
+        if self.method in SPARSE_TRAINING:
+            replace(self.sparse, method=self.method).check()
 
 
 class Bottleneck(nn.Module):
@@ -191,5 +197,10 @@ def prepare_method(model: nn.Module, s: MethodSettings) -> None:
     elif s.method == "mam":
         _add_prefix(model, s)
         _add_parallel_ffn(model, s)
+    elif s.method in SPARSE_TRAINING:
+        if s.method != "pst":  # MaP and MvP train every weight, as their papers did
+            for p in model.parameters():
+                p.requires_grad_(True)
+        inject_sparse_training(model, replace(s.sparse, method=s.method))
     for _, p in task_head_params(model):
         p.requires_grad_(True)

@@ -27,11 +27,11 @@ from .accounting import inference_flops, scope_size, trainable_counts
 from .adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weight
 from .arch import attention_units
 from .atomic import atomic_write_text
-from .config import RunConfig, method_settings, pruning_settings, task_hparams, validate
+from .config import RunConfig, method_settings, pruning_settings, sparsity_schedule, task_hparams, validate
 from .data import DataSettings, encode, load_task, spec_for
 from .errors import DSEEError
 from .export import export_merged, load_state_dir, model_state, restore_state, save_adapter, save_state_dir
-from .methods import MERGEABLE, prepare_method
+from .methods import MERGEABLE, SPARSE_TRAINING, prepare_method
 from .models import TINY_MODELS, TinySize, hub_reachable, load_model, resolve_source
 from .pruning import (
     PruningSettings,
@@ -43,7 +43,8 @@ from .pruning import (
     reapply_masks,
 )
 from .slimming import add_slimming, slim_and_prune, slimming_penalty
-from .train import PhaseSettings, PhaseState, ProgressSink, evaluate, main_metric, summarize, train_phase
+from .sparse_training import sparse_layers, update_masks
+from .train import PhaseSettings, PhaseState, ProgressSink, StepHooks, evaluate, main_metric, summarize, train_phase
 
 
 def seed_everything(seed: int) -> None:
@@ -232,6 +233,15 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     seconds["omega"] = omega_info.get("seconds", 0.0)
     model.to(device)
     rounds = pruning.round_sparsities()
+    sparse_hooks: dict = {}
+    if method.method in SPARSE_TRAINING:  # PST / MaP / MvP: the mask follows the schedule in phase I
+        schedule, topk = sparsity_schedule(cfg), method.sparse.topk
+        sparse_hooks = {
+            "before_step": lambda step, total: update_masks(model, schedule.at(step + 1, total), topk),
+            "best_eligible": lambda: all(abs(m.sparsity - schedule.final) < 1e-9
+                                         for m in sparse_layers(model).values()),
+            "lr_by_suffix": {".scores": method.sparse.score_lr} if method.method == "mvp" else {},
+        }
     retrain_phases = [f"retrain{r}" for r in range(1, len(rounds))] + ["recovery"] if rounds else []
 
     def progress_meta(**states: PhaseState) -> dict:
@@ -245,9 +255,11 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         return train_phase(
             model, train_enc, eval_enc, data.spec, phase_settings(cfg, name), pad_id, device,
             save=lambda st, extra: ckpt.save(model, name, progress_meta(**{name: st}), extra),
-            sink=sink, resume=resume,
-            regularizer=(lambda: l1 * slimming_penalty(model)) if hasattr_slimming(model) else None,
-            after_step=(lambda: reapply_masks(model)) if getattr(model, "dsee_other_masks", None) else None,
+            sink=sink, resume=resume, hooks=StepHooks(
+                regularizer=(lambda: l1 * slimming_penalty(model)) if hasattr_slimming(model) else None,
+                after_step=(lambda: reapply_masks(model)) if getattr(model, "dsee_other_masks", None) else None,
+                **(sparse_hooks if name == "phase1" else {}),
+            ),
         )
 
     # Phase I: tuning (sparse + low-rank for DSEE; whatever the method trains otherwise)

@@ -28,9 +28,10 @@ SEED = "seed"
 PAPER_METRIC = {"cola": "matthews_correlation", "stsb": "pearson"}
 
 
-def paper_metric(task: str) -> str:
+def paper_metric(task: str, overrides: dict[str, str] | None = None) -> str:
+    """The metric a table reports for a task (a table may override it: PST reports MRPC and QQP F1)."""
     split = "validation_matched" if task == "mnli" else "validation"
-    return f"{split}/{PAPER_METRIC.get(task, 'accuracy')}"
+    return f"{split}/{(overrides or {}).get(task) or PAPER_METRIC.get(task, 'accuracy')}"
 
 
 @dataclass
@@ -171,7 +172,7 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
         else:
             metrics = job[1]
             best = metrics["final"].get("best") or {}
-            key = paper_metric(metrics["task"])
+            key = paper_metric(metrics["task"], paper.get("metrics"))
             value = best.get(key, best.get(metrics["main_metric"]))
             if value is None:
                 cell.failed += 1

@@ -112,6 +112,17 @@ def load_optimizer_tensors(optimizer, params: dict[str, nn.Parameter], tensors: 
 SaveFn = Callable[[PhaseState, dict[str, torch.Tensor]], None]
 
 
+@dataclass
+class StepHooks:
+    """What methods add to the loop."""
+
+    regularizer: Callable[[], torch.Tensor] | None = None  # added to the loss (EarlyBERT's L1)
+    before_step: Callable[[int, int], None] | None = None  # (step, total): sparsity schedules
+    after_step: Callable[[], None] | None = None  # re-zero pruned weights that train
+    best_eligible: Callable[[], bool] | None = None  # may this evaluation be the best? (final sparsity only)
+    lr_by_suffix: dict[str, float] = field(default_factory=dict)  # parameter-name suffix -> peak lr
+
+
 def train_phase(
     model: nn.Module,
     train: Encoded,
@@ -123,16 +134,19 @@ def train_phase(
     save: SaveFn,
     sink: ProgressSink,
     resume: tuple[PhaseState, dict[str, torch.Tensor]] | None = None,
-    regularizer: Callable[[], torch.Tensor] | None = None,
-    after_step: Callable[[], None] | None = None,
+    hooks: StepHooks | None = None,
 ) -> PhaseState:
     """Train the parameters that require grad. ``save(state, extra_tensors)`` is called every
-    ``checkpoint_every`` steps and at the end; ``resume`` continues from such a save.
-    ``regularizer()`` is added to the loss (EarlyBERT's L1); ``after_step()`` runs after each
-    optimizer step (re-zeroing pruned weights that train)."""
+    ``checkpoint_every`` steps and at the end; ``resume`` continues from such a save."""
+    hooks = hooks or StepHooks()
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {id(p): n for n, p in named.items()}
-    optimizer = torch.optim.AdamW(named.values(), lr=settings.lr, weight_decay=settings.weight_decay)
+    groups: dict[float, list[nn.Parameter]] = {}
+    for n, p in named.items():  # peak learning rate per group (MvP's scores have their own)
+        peak = next((lr for suffix, lr in hooks.lr_by_suffix.items() if n.endswith(suffix)), settings.lr)
+        groups.setdefault(peak, []).append(p)
+    optimizer = torch.optim.AdamW([{"params": ps, "peak_lr": peak} for peak, ps in groups.items()],
+                                  lr=settings.lr, weight_decay=settings.weight_decay)
     n_train = len(train.input_ids)
     per_epoch = math.ceil(n_train / settings.batch_size)
     total = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
@@ -162,13 +176,16 @@ def train_phase(
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch))
         idx = order[position * settings.batch_size : (position + 1) * settings.batch_size].tolist()
         batch = {k: v.to(device) for k, v in collate(train, idx, pad_id).items()}
-        lr = settings.lr * linear_schedule(state.step, total, warmup)
+        factor = linear_schedule(state.step, total, warmup)
+        lr = settings.lr * factor
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = group["peak_lr"] * factor
+        if hooks.before_step is not None:
+            hooks.before_step(state.step, total)
         with _autocast(device, settings.bf16):
             loss = model(**batch).loss
-            if regularizer is not None:
-                loss = loss + regularizer()
+            if hooks.regularizer is not None:
+                loss = loss + hooks.regularizer()
         if not torch.isfinite(loss):
             raise DSEEError(
                 f"The loss became {loss.item()} at step {state.step + 1} of phase {settings.name!r} "
@@ -180,8 +197,8 @@ def train_phase(
             nn.utils.clip_grad_norm_(named.values(), settings.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step()
+        if hooks.after_step is not None:
+            hooks.after_step()
         state.step += 1
         loss_value = loss.item()
         sink.advance(loss_value, lr)
@@ -191,7 +208,8 @@ def train_phase(
             model.train()
             record = {"step": state.step, **scores}
             state.history.append(record)
-            if state.best is None or scores[main] > state.best[main]:
+            eligible = hooks.best_eligible is None or hooks.best_eligible()
+            if eligible and (state.best is None or scores[main] > state.best[main]):
                 state.best = record
             sink.log({f"{settings.name}/{k}": v for k, v in scores.items()}, state.step)
         state.seconds = time.perf_counter() - started

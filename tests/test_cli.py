@@ -67,8 +67,14 @@ def _strip(m: dict) -> dict:
     return {"phases": phases, "final": m["final"]["eval"]}
 
 
-def test_resume_after_kill_9_gives_the_same_metrics(workdir):
-    args = [*FAST, "trainer.max_steps=60", "trainer.checkpoint_every=4", "trainer.eval_every=20", "export=false"]
+@pytest.mark.parametrize("extra,kill_at", [
+    ([], "recovery"),
+    (["pruning=imp", "pruning.rounds=3", "pruning.rewind=true"], "retrain2"),  # mid-IMP, with rewinding
+    (["adapter=full", "pruning=earlybert", "pruning.heads_to_remove=1"], "phase1"),  # slimming coefficients
+])
+def test_resume_after_kill_9_gives_the_same_metrics(workdir, extra, kill_at):
+    args = [*FAST, "trainer.max_steps=60", "trainer.checkpoint_every=4", "trainer.eval_every=20", "export=false",
+            *extra]
     reference = run_dsee([*args, "hydra.run.dir=ref"], workdir)
     assert reference.returncode == 0, reference.stderr
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DSEE_CACHE": str(workdir / ".cache")}
@@ -82,7 +88,7 @@ def test_resume_after_kill_9_gives_the_same_metrics(workdir):
                 stage = json.loads(meta.read_text())["stage"]
             except (json.JSONDecodeError, KeyError):
                 stage = None
-            if stage == "recovery":
+            if stage == kill_at:
                 break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)

@@ -69,3 +69,11 @@ def test_command_line_values_replace_the_sweeps_params(tmp_path):
         "hydra:\n  sweeper:\n    params:\n      task: sst2,mrpc\n      seed: 1,2\n"
         "  overrides:\n    task:\n    - experiment=table1\n    - seed=1\n    - adapter.rank=16,8\n")
     assert expected_grid(tmp_path) == {"task": ["sst2", "mrpc"], "seed": ["1"], "adapter.rank": ["16", "8"]}
+
+
+def test_ninety_percent_confidence_band():
+    from dsee_cli.plots import confidence_band
+
+    mean, half = confidence_band([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs(half - 2.919986 / 3**0.5) < 1e-5  # t(0.95, 2) · s / √n with s = 1
+    assert confidence_band([5.0]) == (5.0, 0.0)

@@ -1,0 +1,241 @@
+"""Sparse training during fine-tuning (the PST paper): PST, magnitude pruning (MaP) and
+movement pruning (MvP), all driven by the cubic sparsity schedule of Zhu & Gupta.
+
+* PST: W = W₀ + β·U·V (W₀ frozen), importance S = |W| + α₁·A·B + α₂·(R + C); the forward
+  uses W ⊙ TopV(S). Trains U, V, A, B, R, C: (n + k)(r₁ + r₂ + 1) per n x k matrix.
+* MaP: the weights train in full; the mask keeps the largest |W| (data-free, no gradient).
+* MvP: the weights train in full, and so do scores of the same shape (initialised to |W₀|,
+  as the PST paper did), with their own learning rate; the mask keeps the highest scores.
+
+The mask is a straight-through estimator: its value is the cached binary top-v mask, its
+gradient goes to the scores unchanged (mask + S − stop_grad(S)). The top-v selection is
+recomputed only when the scheduled sparsity changes, not on every forward pass. The mask
+covers every linear layer of the transformer blocks; top-v is per layer or global.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .arch import block_linears, dims, weight_out_in
+from .errors import DSEEError, choice_error
+
+METHODS = ("pst", "map", "mvp")
+SCORE_TERMS = ("weight", "lowrank", "structured")  # |W₀ + βUV|, α₁AB, α₂(R + C)
+TOPK = ("layer", "global")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Cubic sparsity schedule (Zhu & Gupta 2018) with warm-up and cool-down fractions."""
+
+    final: float = 0.9
+    initial: float = 0.0
+    warmup: float = 0.1  # fraction of the steps held at `initial`
+    cooldown: float = 0.3  # fraction of the steps held at `final`
+    every: int = 10  # steps between mask updates while the sparsity ramps
+
+    def check(self) -> None:
+        if not 0.0 <= self.initial <= self.final < 1.0:
+            raise DSEEError(f"the sparsity schedule needs 0 <= initial ({self.initial}) <= final "
+                            f"(sparsity={self.final}) < 1.")
+        if self.warmup < 0 or self.cooldown < 0 or self.warmup + self.cooldown >= 1.0:
+            raise DSEEError(f"schedule.warmup={self.warmup} and schedule.cooldown={self.cooldown} must be >= 0 "
+                            f"and leave part of training for the ramp (warmup + cooldown < 1).")
+        if self.every < 1:
+            raise DSEEError(f"schedule.every={self.every} must be >= 1 step.")
+
+    def at(self, step: int, total: int) -> float:
+        """Sparsity at ``step`` of ``total``: s_f + (s_i − s_f)(1 − (t − t_w)/(T − t_w − t_c))³."""
+        start = self.warmup * total
+        ramp = total - start - self.cooldown * total
+        if step < start:
+            return self.initial
+        if step >= start + ramp:
+            return self.final
+        t = math.floor((step - start) / self.every) * self.every  # the mask changes every `every` steps
+        return self.final + (self.initial - self.final) * (1.0 - t / ramp) ** 3
+
+
+@dataclass(frozen=True)
+class SparseTrainingSettings:
+    method: str = "pst"
+    r1: int = 8  # rank of A·B (importance)
+    r2: int = 8  # rank of U·V (weight update)
+    beta: float = 1.0
+    alpha1: float = 1.0
+    alpha2: float = 1.0
+    score_terms: tuple[str, ...] = SCORE_TERMS
+    topk: str = "layer"  # layer-wise or global top-v
+    score_lr: float = 1e-2  # mvp: the scores' learning rate
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise choice_error("sparse training method", self.method, METHODS)
+        if self.topk not in TOPK:
+            raise choice_error("top-k granularity (adapter.topk)", self.topk, TOPK)
+        bad = [t for t in self.score_terms if t not in SCORE_TERMS]
+        if bad or not self.score_terms:
+            raise DSEEError(f"adapter.score_terms={list(self.score_terms)} is invalid: choose one or more of "
+                            f"{', '.join(SCORE_TERMS)}.")
+        if self.method == "pst" and (self.r1 < 0 or self.r2 < 1):
+            raise DSEEError(f"PST needs adapter.r1 >= 0 and adapter.r2 >= 1, got r1={self.r1}, r2={self.r2}.")
+        if "lowrank" in self.score_terms and self.r1 < 1:
+            raise DSEEError("the lowrank importance term (α₁AB) needs adapter.r1 >= 1.")
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the cached binary mask. Backward: the gradient passes to the scores as is."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mask.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def top_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Boolean mask of the ``keep`` highest scores (ties to the lower index)."""
+    flat = scores.detach().flatten()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if keep > 0:
+        order = torch.sort(flat, descending=True, stable=True).indices[:keep]
+        mask[order] = True
+    return mask.view(scores.shape)
+
+
+class SparseTrainLinear(nn.Module):
+    """A block linear trained sparse: W_eff = W ⊙ M, with W and the scores per the method."""
+
+    dsee_wraps = True  # stands for its base layer in the pruning scope and the accounting
+
+    def __init__(self, base: nn.Module, s: SparseTrainingSettings):
+        super().__init__()
+        self.base = base
+        self.method = s.method
+        self.is_conv1d = isinstance(base, Conv1D)
+        self.out_features, self.in_features = dims(base)
+        self.settings = s
+        w = weight_out_in(base)
+        dev, dt = w.device, w.dtype
+        n, k = self.out_features, self.in_features
+        if s.method == "pst":
+            base.weight.requires_grad_(False)
+            self.U = nn.Parameter(torch.zeros(n, s.r2, device=dev, dtype=dt))  # U = 0: W starts at W₀
+            self.V = nn.Parameter(torch.empty(s.r2, k, device=dev, dtype=dt))
+            nn.init.kaiming_uniform_(self.V, a=math.sqrt(5))
+            if "lowrank" in s.score_terms:
+                self.A = nn.Parameter(torch.empty(n, s.r1, device=dev, dtype=dt))  # Gaussian A, zero B
+                nn.init.normal_(self.A, std=0.02)
+                self.B = nn.Parameter(torch.zeros(s.r1, k, device=dev, dtype=dt))
+            if "structured" in s.score_terms:
+                self.R = nn.Parameter(torch.zeros(n, 1, device=dev, dtype=dt))
+                self.C = nn.Parameter(torch.zeros(1, k, device=dev, dtype=dt))
+        else:
+            base.weight.requires_grad_(True)
+            if s.method == "mvp":
+                self.scores = nn.Parameter(w.detach().abs().clone())
+        self.register_buffer("mask", torch.ones(n, k, dtype=torch.bool, device=dev))
+        self.sparsity = 0.0
+
+    # -- the weight and its importance -------------------------------------------------------
+    def weight(self) -> torch.Tensor:
+        """W (out x in): W₀ + β·U·V for PST, the trained W otherwise."""
+        w = weight_out_in(self.base)
+        if self.method == "pst":
+            return w + self.settings.beta * (self.U @ self.V)
+        return w
+
+    def importance(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.settings
+        if self.method == "map":
+            return weight_out_in(self.base).detach().abs()
+        if self.method == "mvp":
+            return self.scores
+        weight = self.weight() if weight is None else weight
+        score = torch.zeros_like(weight)
+        if "weight" in s.score_terms:
+            score = score + weight.abs()
+        if "lowrank" in s.score_terms:
+            score = score + s.alpha1 * (self.A @ self.B)
+        if "structured" in s.score_terms:
+            score = score + s.alpha2 * (self.R + self.C)
+        return score
+
+    def effective_weight(self) -> torch.Tensor:
+        weight = self.weight()
+        if self.method == "map":
+            return weight * self.mask
+        return weight * _StraightThrough.apply(self.importance(weight), self.mask)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.base.bias)
+
+    def trainable_count(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad and p is not self.base.bias)
+
+    @torch.no_grad()
+    def final_weight(self) -> torch.Tensor:
+        """M ⊙ (W₀ + β·U·V) (PST) or M ⊙ W: what the exported model holds."""
+        return self.weight() * self.mask
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseTrainLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseTrainLinear)}
+
+
+def inject_sparse_training(model: nn.Module, s: SparseTrainingSettings) -> dict[str, SparseTrainLinear]:
+    """Wrap every linear of the transformer blocks. PST freezes W₀; MaP / MvP train it."""
+    s.check()
+    layers = {}
+    for name, module in block_linears(model).items():
+        wrapped = SparseTrainLinear(module, s)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, wrapped)
+        layers[name] = wrapped
+    return layers
+
+
+@torch.no_grad()
+def update_masks(model: nn.Module, sparsity: float, topk: str = "layer") -> bool:
+    """Recompute the top-v masks for ``sparsity`` if it changed; returns whether it did."""
+    layers = sparse_layers(model)
+    if not layers or all(abs(m.sparsity - sparsity) < 1e-12 for m in layers.values()):
+        return False
+    scores = {n: m.importance().detach().float() for n, m in layers.items()}
+    if topk == "global":
+        flat = torch.cat([s.flatten() for s in scores.values()])
+        keep_all = top_mask(flat, flat.numel() - round(sparsity * flat.numel()))
+        offset = 0
+        for name, m in layers.items():
+            count = scores[name].numel()
+            m.mask.copy_(keep_all[offset : offset + count].view_as(m.mask))
+            offset += count
+    else:
+        for name, m in layers.items():
+            count = scores[name].numel()
+            m.mask.copy_(top_mask(scores[name], count - round(sparsity * count)))
+    for m in layers.values():
+        m.sparsity = sparsity
+    return True
+
+
+@torch.no_grad()
+def finalize_sparse_training(model: nn.Module) -> None:
+    """Put plain layers back holding M ⊙ W (the export path is then DSEE's)."""
+    for name, m in sparse_layers(model).items():
+        weight = m.final_weight()
+        base = m.base
+        target = base.weight
+        target.requires_grad_(False)
+        target.copy_(weight.t() if m.is_conv1d else weight)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, base)
