@@ -153,6 +153,11 @@ def test_the_glue_tsv_layout_loads_from_a_fixture(workdir):
         (["task.data_dir=/nonexistent", "task=rte", "model=tiny-bert"], "lacks /nonexistent/RTE/train.tsv"),
         (["model=local", "model.path=/nonexistent"], "is not a Hugging Face model directory"),
         (["trainer.device=cuda"], "no CUDA GPU"),
+        (["adapter=pst", "pruning=unstructured"], "prunes while it trains"),
+        (["adapter=ptuning-v2", "pruning=structured"], "prompts are shaped by the head count"),
+        (["adapter=pst", "schedule.warmup=0.8"], "warmup + cooldown < 1"),
+        (["adapter=pst", "adapter.score_terms=[magic]"], "choose one or more of weight, lowrank, structured"),
+        (["pruning=imp", "pruning.rate=1.5"], "pruning.rate=1.5 is out of range"),
     ],
 )
 def test_bad_input_gives_one_clear_paragraph(workdir, args, needle):

@@ -146,3 +146,12 @@ def test_mvp_scores_start_at_the_weight_magnitudes():
     layer = next(iter(sparse_layers(model).values()))
     assert torch.equal(layer.scores.detach(), layer.base.weight.detach().abs())
     assert layer.base.weight.requires_grad and layer.scores.requires_grad
+
+
+@pytest.mark.parametrize("method,expected", [("map", 109_482_240), ("mvp", 109_482_240 + 84_934_656)])
+def test_map_and_mvp_counts_match_the_pst_paper(method, expected):
+    # PST Table 2, BERT-base: MaP 110.00M (every weight), MvP 194.93M (every weight + a score per block weight)
+    with torch.device("meta"):
+        model = BertForSequenceClassification(BertConfig())
+    prepare_method(model, MethodSettings(method, sparse=SparseTrainingSettings(method=method)))
+    assert trainable_counts(model).other == expected
