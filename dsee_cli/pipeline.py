@@ -337,7 +337,9 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     return metrics
 
 
-_PHASE1_TITLE = {"dsee": "sparse + low-rank tuning", "lora": "low-rank tuning", "full": "full fine-tuning"}
+_PHASE1_TITLE = {"dsee": "sparse + low-rank tuning", "lora": "low-rank tuning", "full": "full fine-tuning",
+                 "pst": "PST sparse training on the cubic schedule", "map": "fine-tuning with magnitude pruning",
+                 "mvp": "fine-tuning with movement pruning"}
 
 
 def hasattr_slimming(model: torch.nn.Module) -> bool:
