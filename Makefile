@@ -3,7 +3,7 @@ PY ?= python3
 export HF_HUB_OFFLINE ?= 1
 
 PROFILE ?= paper
-EXPERIMENTS := table1 table3 table5 table6 table7 table9 table12 table13 table14 fig2 pst-table2 pst-table4 pst-table5
+EXPERIMENTS := table1 table2 table4 table3 table5 table6 table7 table9 table12 table13 table14 fig2 pst-table2 pst-table4 pst-table5
 
 .PHONY: install demo test lint bench $(addprefix reproduce-,$(EXPERIMENTS))
 

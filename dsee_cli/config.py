@@ -15,6 +15,7 @@ from .errors import DSEEError, choice_error
 from .methods import METHODS as ADAPTER_METHODS
 from .methods import PROMPT_METHODS, SPARSE_TRAINING, MethodSettings
 from .models import HUB_MODELS, TINY_MODELS
+from .nlg import NLG_TASKS
 from .omega import METHODS as OMEGA_METHODS
 from .omega import PRESETS
 from .pruning import PruningSettings
@@ -59,12 +60,21 @@ class TaskConfig:
     synthetic_train: int = 2000
     synthetic_eval: int = 500
     synthetic_standin: bool = False  # smoke profile: synthetic data shaped like this task (labels, fields)
+    smoke_model: str = "tiny-bert"  # the model the smoke profile uses (tiny-gpt2 for generation tasks)
     # Per-task defaults (paper Table 11 and the reference scripts); trainer.* overrides them.
     lr: float = 5e-4
     epochs: float = 5.0
     recovery_lr: float | None = None  # None: the same as lr
     recovery_epochs: float = 5.0
     per_model: dict[str, ModelTaskHparams] = field(default_factory=dict)  # keyed by model.name
+    # Generation tasks (e2e, webnlg, dart): the split that is decoded and scored, the loss, decoding.
+    eval_split: str = "validation"  # or test (the papers report test)
+    label_smoothing: float = 0.0
+    num_beams: int = 10
+    length_penalty: float = 0.8
+    no_repeat_ngram_size: int = 4
+    max_new_tokens: int = 64
+    decode_batch_size: int = 16
 
 
 @dataclass
@@ -232,13 +242,20 @@ def validate(cfg: RunConfig) -> None:
     _require(cfg.pruning.heads_to_remove >= 0,
              f"pruning.heads_to_remove={cfg.pruning.heads_to_remove} must be >= 0.")
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
+    if cfg.task.name in NLG_TASKS:
+        _require(cfg.task.eval_split in ("validation", "test"),
+                 f"task.eval_split={cfg.task.eval_split!r} is invalid; valid choices: validation, test.")
+        _require(0.0 <= cfg.task.label_smoothing < 1.0, f"task.label_smoothing={cfg.task.label_smoothing} must "
+                 f"be in [0, 1).")
+        _require(cfg.task.num_beams >= 1 and cfg.task.max_new_tokens >= 1,
+                 f"task.num_beams={cfg.task.num_beams} and task.max_new_tokens={cfg.task.max_new_tokens} must be >= 1.")
     _require(cfg.trainer.batch_size >= 1, f"trainer.batch_size={cfg.trainer.batch_size} must be >= 1.")
     for phase in ("phase1", "recovery"):
         p = getattr(cfg.trainer, phase)
         _require(p.lr is None or p.lr > 0, f"trainer.{phase}.lr={p.lr} must be > 0.")
         _require(p.epochs is None or p.epochs > 0, f"trainer.{phase}.epochs={p.epochs} must be > 0.")
     for what, value, valid in (
-        ("task (task=...)", cfg.task.name, TASKS),
+        ("task (task=...)", cfg.task.name, (*TASKS, *NLG_TASKS)),
         ("adapter method (adapter.method)", cfg.adapter.method, ADAPTER_METHODS),
         ("Ω method (omega.method)", cfg.omega.method, OMEGA_METHODS),
         ("GreBsmo preset (omega.preset)", cfg.omega.preset, PRESETS),

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .adapters import AdapterSettings, adapters_of, set_omegas, unwrap_adapters
 from .arch import weight_out_in
@@ -159,8 +159,8 @@ def export_merged(model: nn.Module, tokenizer, target: Path) -> None:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_dir(target)
-    state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    merged.config.architectures = [type(merged).__name__]  # load_merged picks the model class from it
+    save_model(merged, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied weights (GPT-2's LM head) once
     merged.config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
@@ -173,12 +173,13 @@ def load_merged(source: Path) -> nn.Module:
     heads = getattr(config, "dsee_pruned_heads", None) or {}
     ffn = getattr(config, "dsee_pruned_ffn", None) or {}
     config.dsee_pruned_heads = config.dsee_pruned_ffn = None
-    model = AutoModelForSequenceClassification.from_config(config)
+    causal = any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in (config.architectures or []))
+    model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)
     if heads:
         prune_heads(model, {int(k): v for k, v in heads.items()})
     if ffn:
         prune_ffn(model, {int(k): v for k, v in ffn.items()})
-    model.load_state_dict(load_file(str(Path(source) / "model.safetensors")), strict=True)
+    load_model(model, str(Path(source) / "model.safetensors"), strict=True)
     return model.eval()
 
 

@@ -149,7 +149,11 @@ class _PrefixInjector:
     def __call__(self, module: nn.Module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         batch = ids.shape[0]
-        kwargs["past_key_values"] = self.peft_model.get_prompt(batch_size=batch)
+        cache = kwargs.get("past_key_values")
+        if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
+            # the first forward (training, or generation's first step); later decoding steps
+            # already carry the prompt in their cache
+            kwargs["past_key_values"] = self.peft_model.get_prompt(batch_size=batch)
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(ids)

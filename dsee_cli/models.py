@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from transformers import (
     AutoConfig,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
@@ -130,24 +131,28 @@ class LoadedModel:
 
 
 def load_model(
-    name: str, path: str | None, num_labels: int, seed: int, tiny: TinySize | None = None
+    name: str, path: str | None, num_labels: int, seed: int, tiny: TinySize | None = None, causal_lm: bool = False
 ) -> LoadedModel:
-    """A sequence-classification model with its tokenizer. Tiny models are seeded random inits."""
+    """A sequence-classification model (or, with ``causal_lm``, a language model for generation)
+    with its tokenizer. Tiny models are seeded random inits."""
+    auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
+    if causal_lm and name == "tiny-bert" and not path:
+        raise DSEEError("Generation tasks (e2e, webnlg, dart) need a decoder: use model=tiny-gpt2, model=gpt2-medium "
+                        "or model.path=/path/to/a/gpt2_dir, not model=tiny-bert.")
     if name in TINY_MODELS and not path:
         size = tiny or TinySize()
         tokenizer = tiny_tokenizer()
         config = tiny_config(name, len(tokenizer), num_labels, size, tokenizer.pad_token_id)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = auto.from_config(config)
         return LoadedModel(model.eval(), tokenizer, name)
     source, local_only = resolve_source(name, path)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+    extra = {} if causal_lm else {"num_labels": num_labels}
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the freshly initialised task head depends on the seed only
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, local_files_only=local_only, output_loading_info=True
-        )
+        model, info = auto.from_pretrained(source, local_files_only=local_only, output_loading_info=True, **extra)
     # Weights the checkpoint lacks are random (e.g. the pooler of a sentence-transformers
     # model): they train with the task head rather than stay frozen at random values.
     model.dsee_fresh_params = sorted(set(info["missing_keys"]))

@@ -16,7 +16,8 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,20 @@ from .data import DataSettings, encode, load_task, spec_for
 from .errors import DSEEError
 from .export import export_merged, load_state_dir, model_state, restore_state, save_adapter, save_state_dir
 from .methods import MERGEABLE, SPARSE_TRAINING, prepare_method
-from .models import TINY_MODELS, TinySize, hub_reachable, load_model, resolve_source
+from .models import TINY_MODELS, LoadedModel, TinySize, hub_reachable, load_model, resolve_source
+from .nlg import (
+    NLG_TASKS,
+    DecodeSettings,
+    NLGSettings,
+    collate_lm,
+    decode,
+    encode_eval,
+    encode_lm,
+    lm_loss,
+    load_nlg,
+    token_accuracy,
+)
+from .nlg_metrics import nlg_metrics
 from .pruning import (
     PruningSettings,
     apply_masks,
@@ -44,7 +58,16 @@ from .pruning import (
 )
 from .slimming import add_slimming, slim_and_prune, slimming_penalty
 from .sparse_training import sparse_layers, update_masks
-from .train import PhaseSettings, PhaseState, ProgressSink, StepHooks, evaluate, main_metric, summarize, train_phase
+from .train import (
+    PhaseSettings,
+    PhaseState,
+    ProgressSink,
+    StepHooks,
+    TaskOps,
+    classification_ops,
+    summarize,
+    train_phase,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -121,6 +144,75 @@ def omega_cache_dir(cfg: RunConfig) -> Path | None:
 _PHASE_SEED_OFFSET = {"phase1": 0, "recovery": 1}
 
 
+@dataclass
+class PreparedTask:
+    """The model and the encoded data of one task, and how its kind trains and evaluates."""
+
+    loaded: LoadedModel
+    train: object
+    evals: dict[str, object]
+    ops: TaskOps
+    data_source: str
+    generate: Callable[[torch.nn.Module, torch.device], dict[str, float]] | None = None  # decode + NLG metrics
+
+
+def prepare_task(cfg: RunConfig, run_dir: Path, say) -> PreparedTask:
+    tiny = TinySize(cfg.model.tiny_hidden, cfg.model.tiny_layers, cfg.model.tiny_heads, cfg.model.tiny_intermediate)
+    max_length = task_hparams(cfg).max_length
+    t = cfg.task
+    if t.name in NLG_TASKS:
+        return _generation_task(cfg, run_dir, tiny, max_length, say)
+    loaded = load_model(cfg.model.name, cfg.model.path, spec_for(t.name).num_labels, cfg.seed, tiny)
+    data = load_task(DataSettings(
+        name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
+        text_fields=tuple(t.text_fields) if t.text_fields else None, label_field=t.label_field,
+        max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples, synthetic_train=t.synthetic_train,
+        synthetic_eval=t.synthetic_eval, synthetic_standin=t.synthetic_standin, seed=cfg.seed,
+    ))
+    regression = data.spec.num_labels == 1
+    tok = loaded.tokenizer
+    evals = {k: encode(v, tok, max_length, regression) for k, v in data.evals.items()}
+    return PreparedTask(loaded, encode(data.train, tok, max_length, regression), evals,
+                        classification_ops(data.spec, next(iter(evals))), data.source)
+
+
+def _generation_task(cfg: RunConfig, run_dir: Path, tiny: TinySize, max_length: int, say) -> PreparedTask:
+    """GPT-2 on a data-to-text task: causal LM on the targets, beam search, multi-reference metrics."""
+    t = cfg.task
+    loaded = load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True)
+    data = load_nlg(NLGSettings(
+        name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
+        eval_split=t.eval_split, max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples,
+        synthetic_train=t.synthetic_train, synthetic_eval=t.synthetic_eval, synthetic=t.synthetic_standin,
+        seed=cfg.seed,
+    ))
+    tok = loaded.tokenizer
+    eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    split, examples = next(iter(data.evals.items()))
+    evals = {split: encode_eval(examples, tok, max_length, eos_id)}
+    smoothing = t.label_smoothing
+
+    def evaluate_lm(model, evals, pad_id, device, batch_size, bf16) -> dict[str, float]:
+        return {f"{s}/{k}": v for s, enc in evals.items()
+                for k, v in token_accuracy(model, enc, pad_id, device, batch_size).items()}
+
+    def generate(model, device) -> dict[str, float]:
+        enc = evals[split]
+        settings = DecodeSettings(t.num_beams, t.length_penalty, t.no_repeat_ngram_size, t.max_new_tokens,
+                                  t.decode_batch_size)
+        say(f"Decoding {len(enc.prompts)} {split} inputs (beam {settings.num_beams})")
+        hyps = decode(model, tok, enc.prompts, settings, device, eos_id, tok.pad_token_id)
+        lines = [json.dumps({"source": ex.source, "hypothesis": h, "references": list(ex.references)})
+                 for ex, h in zip(examples, hyps)]
+        atomic_write_text(run_dir / f"generations-{split}.jsonl", "\n".join(lines) + "\n")
+        scores = nlg_metrics(hyps, enc.references, NLG_TASKS[t.name]["metrics"])
+        return {f"{split}/{k}": v for k, v in scores.items()}
+
+    ops = TaskOps(collate=collate_lm, evaluate=evaluate_lm, main=f"{split}/token_accuracy",
+                  loss=lambda model, batch: lm_loss(model, batch, smoothing))
+    return PreparedTask(loaded, encode_lm(data.train, tok, max_length, eos_id), evals, ops, data.source, generate)
+
+
 def phase_settings(cfg: RunConfig, phase: str) -> PhaseSettings:
     """Phase I, or a recovery phase (``recovery``, and IMP's ``retrain<r>`` between rounds)."""
     t, task, per_model = cfg.trainer, cfg.task, task_hparams(cfg)
@@ -151,7 +243,10 @@ def preflight(cfg: RunConfig) -> None:
     uses_hub_data = not (cfg.task.name == "synthetic" or cfg.task.synthetic_standin or cfg.task.data_dir
                          or cfg.task.train_file)
     if uses_hub_data and not hub_reachable():  # offline: the datasets cache, or the hint
-        load_task(DataSettings(name=cfg.task.name, max_train_samples=1, max_eval_samples=1))
+        if cfg.task.name in NLG_TASKS:
+            load_nlg(NLGSettings(name=cfg.task.name, eval_split=cfg.task.eval_split))
+        else:
+            load_task(DataSettings(name=cfg.task.name, max_train_samples=1, max_eval_samples=1))
 
 
 def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda text: None) -> dict:
@@ -173,22 +268,9 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     seed_everything(cfg.seed)
 
     say("Model and data")
-    tiny = TinySize(cfg.model.tiny_hidden, cfg.model.tiny_layers, cfg.model.tiny_heads, cfg.model.tiny_intermediate)
-    loaded = load_model(cfg.model.name, cfg.model.path, spec_for(cfg.task.name).num_labels, cfg.seed, tiny)
-    data = load_task(DataSettings(
-        name=cfg.task.name, data_dir=cfg.task.data_dir, train_file=cfg.task.train_file,
-        validation_file=cfg.task.validation_file,
-        text_fields=tuple(cfg.task.text_fields) if cfg.task.text_fields else None,
-        label_field=cfg.task.label_field, max_train_samples=cfg.task.max_train_samples,
-        max_eval_samples=cfg.task.max_eval_samples, synthetic_train=cfg.task.synthetic_train,
-        synthetic_eval=cfg.task.synthetic_eval, synthetic_standin=cfg.task.synthetic_standin, seed=cfg.seed,
-    ))
-    model, tokenizer = loaded.model, loaded.tokenizer
-    regression = data.spec.num_labels == 1
-    max_length = task_hparams(cfg).max_length
-    train_enc = encode(data.train, tokenizer, max_length, regression)
-    eval_enc = {k: encode(v, tokenizer, max_length, regression) for k, v in data.evals.items()}
-    pad_id = tokenizer.pad_token_id
+    task = prepare_task(cfg, run_dir, say)
+    loaded, model, tokenizer = task.loaded, task.loaded.model, task.loaded.tokenizer
+    train_enc, eval_enc, pad_id = task.train, task.evals, tokenizer.pad_token_id
 
     scope_total, _ = scope_size(model)
     model_total = sum(p.numel() for p in model.parameters())
@@ -253,7 +335,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         resume = (_state(meta, name), tensors) if stage == name else None
         l1 = pruning.slimming_l1
         return train_phase(
-            model, train_enc, eval_enc, data.spec, phase_settings(cfg, name), pad_id, device,
+            model, train_enc, eval_enc, task.ops, phase_settings(cfg, name), pad_id, device,
             save=lambda st, extra: ckpt.save(model, name, progress_meta(**{name: st}), extra),
             sink=sink, resume=resume, hooks=StepHooks(
                 regularizer=(lambda: l1 * slimming_penalty(model)) if hasattr_slimming(model) else None,
@@ -299,7 +381,8 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
 
     say("Evaluation and export")
     final_phase = recovery if pruning.method != "none" else phase1
-    final_eval = evaluate(model, eval_enc, data.spec, pad_id, device, cfg.trainer.eval_batch_size, cfg.trainer.bf16)
+    final_eval = task.ops.evaluate(model, eval_enc, pad_id, device, cfg.trainer.eval_batch_size, cfg.trainer.bf16)
+    generation = task.generate(model, device) if task.generate else None
     _, scope_nonzero = scope_size(model)
     export_info = {}
     started = time.perf_counter()
@@ -314,11 +397,11 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     seconds["export"] = round(time.perf_counter() - started, 3)
     model_nonzero = model_total - (scope_total - scope_nonzero)
     metrics = {
-        "task": data.spec.name,
-        "data_source": data.source,
+        "task": cfg.task.name,
+        "data_source": task.data_source,
         "model": loaded.source,
-        "main_metric": main_metric(data.spec, next(iter(eval_enc))),
-        "final": summarize(final_phase) | {"eval": final_eval},
+        "main_metric": task.ops.main,
+        "final": summarize(final_phase) | {"eval": final_eval} | ({"generation": generation} if generation else {}),
         "phases": {"phase1": summarize(phase1)} | {name: summarize(st) for name, st in states.items()},
         "trainable_params": trainable_counts(model).as_dict(),
         "total_params_pct": round(100 * scope_nonzero / scope_total, 4),

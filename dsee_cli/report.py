@@ -54,15 +54,16 @@ class Cell:
         return statistics.stdev(self.values) if len(self.values) > 1 else (0.0 if self.values else None)
 
     def text(self) -> str:
+        digits = 3 if self.paper is not None and abs(self.paper) < 1 else 2  # METEOR / TER are fractions
         if self.median is None:
             ours = "—"
         else:
-            ours = f"{self.median:.2f} ({self.std:.2f})"
+            ours = f"{self.median:.{digits}f} ({self.std:.{digits}f})"
         extra = []
         if self.paper is not None:
-            extra.append(f"paper {self.paper:.2f}")
+            extra.append(f"paper {self.paper:.{digits}f}")
             if self.median is not None:
-                extra.append(f"Δ {self.median - self.paper:+.2f}")
+                extra.append(f"Δ {self.median - self.paper:+.{digits}f}")
         if self.failed:
             extra.append(f"{self.failed} failed")
         if self.missing:
@@ -140,6 +141,17 @@ def load_paper_numbers() -> dict:
     return yaml.safe_load(resources.files("dsee_cli").joinpath("paper_numbers.yaml").read_text())
 
 
+def _score(metrics: dict, column: str, paper: dict) -> float | None:
+    """The number a cell shows: a generation metric (``task:metric``), else the task's paper metric."""
+    final = metrics["final"]
+    if ":" in column:
+        metric = column.split(":", 1)[1]
+        generation = final.get("generation") or {}
+        return next((v for k, v in generation.items() if k.endswith("/" + metric)), None)
+    best = final.get("best") or {}
+    return best.get(paper_metric(metrics["task"], paper.get("metrics")), best.get(metrics["main_metric"]))
+
+
 def build_report(sweep_dir: Path, table: str | None = None) -> Report:
     sweep_dir = Path(sweep_dir)
     grid = expected_grid(sweep_dir)
@@ -159,24 +171,27 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
     table = table or (first_config or {}).get("name") or sweep_dir.name
     paper = load_paper_numbers().get(table, {})
     rows = list(dict.fromkeys(tuple(combo) for combo in itertools.product(*(grid[k] for k in row_keys))))
-    columns = grid[column_key]
+    # Generation tables print several metrics per task: one column per (task, metric).
+    per_task = paper.get("metrics_by_task", {})
+    sub = {c: [f"{c}:{m}" for m in per_task[c]] if c in per_task else [c] for c in grid[column_key]}
+    columns = [name for c in grid[column_key] for name in sub[c]]
     cells = {(row, col): Cell() for row in rows for col in columns}
     for combo in itertools.product(*grid.values()):
         point = dict(zip(grid, combo))
-        cell = cells[(tuple(point[k] for k in row_keys), point[column_key])]
+        row = tuple(point[k] for k in row_keys)
         job = found.get(tuple(combo))
-        if job is None:
-            cell.missing += 1
-        elif job[1] is None:
-            cell.failed += 1
-        else:
-            metrics = job[1]
-            best = metrics["final"].get("best") or {}
-            key = paper_metric(metrics["task"], paper.get("metrics"))
-            value = best.get(key, best.get(metrics["main_metric"]))
-            if value is None:
+        for col in sub[point[column_key]]:
+            cell = cells[(row, col)]
+            if job is None:
+                cell.missing += 1
+            elif job[1] is None:
                 cell.failed += 1
             else:
+                value = _score(job[1], col, paper)
+                if value is None:
+                    cell.failed += 1
+                    continue
+                metrics = job[1]
                 cell.values.append(float(value))
                 cell.trainable.append(int(metrics["trainable_params"]["total"]))
                 cell.total_pct.append(float(metrics["total_params_pct"]))

@@ -62,6 +62,24 @@ def main_metric(spec: TaskSpec, split: str) -> str:
     return f"{split}/{spec.metric}"
 
 
+@dataclass
+class TaskOps:
+    """How a kind of task batches, computes its loss and evaluates (classification, generation)."""
+
+    collate: Callable[..., dict[str, torch.Tensor]]  # (data, indices, pad_id)
+    evaluate: Callable[..., dict[str, float]]  # (model, evals, pad_id, device, batch_size, bf16)
+    main: str  # the metric that picks the best evaluation (higher is better)
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = lambda model, batch: model(**batch).loss
+
+
+def classification_ops(spec: TaskSpec, first_split: str) -> TaskOps:
+    return TaskOps(
+        collate=collate,
+        evaluate=lambda model, evals, pad_id, device, bs, bf16: evaluate(model, evals, spec, pad_id, device, bs, bf16),
+        main=main_metric(spec, first_split),
+    )
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, evals: dict[str, Encoded], spec: TaskSpec, pad_id: int, device: torch.device,
              batch_size: int, bf16: bool = False) -> dict[str, float]:
@@ -127,7 +145,7 @@ def train_phase(
     model: nn.Module,
     train: Encoded,
     evals: dict[str, Encoded],
-    spec: TaskSpec,
+    ops: TaskOps,
     settings: PhaseSettings,
     pad_id: int,
     device: torch.device,
@@ -152,7 +170,7 @@ def train_phase(
     total = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
     warmup = int(settings.warmup_ratio * total)
     eval_every = settings.eval_every or per_epoch
-    main = main_metric(spec, next(iter(evals)))
+    main = ops.main
 
     state = PhaseState()
     torch.manual_seed(settings.seed)
@@ -175,7 +193,7 @@ def train_phase(
         epoch, position = divmod(state.step, per_epoch)
         order = torch.randperm(n_train, generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch))
         idx = order[position * settings.batch_size : (position + 1) * settings.batch_size].tolist()
-        batch = {k: v.to(device) for k, v in collate(train, idx, pad_id).items()}
+        batch = {k: v.to(device) for k, v in ops.collate(train, idx, pad_id).items()}
         factor = linear_schedule(state.step, total, warmup)
         lr = settings.lr * factor
         for group in optimizer.param_groups:
@@ -183,7 +201,7 @@ def train_phase(
         if hooks.before_step is not None:
             hooks.before_step(state.step, total)
         with _autocast(device, settings.bf16):
-            loss = model(**batch).loss
+            loss = ops.loss(model, batch)
             if hooks.regularizer is not None:
                 loss = loss + hooks.regularizer()
         if not torch.isfinite(loss):
@@ -204,7 +222,7 @@ def train_phase(
         sink.advance(loss_value, lr)
         sink.log({f"{settings.name}/loss": loss_value, f"{settings.name}/lr": lr}, state.step)
         if state.step % eval_every == 0 or state.step == total:
-            scores = evaluate(model, evals, spec, pad_id, device, settings.eval_batch_size, settings.bf16)
+            scores = ops.evaluate(model, evals, pad_id, device, settings.eval_batch_size, settings.bf16)
             model.train()
             record = {"step": state.step, **scores}
             state.history.append(record)

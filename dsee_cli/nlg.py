@@ -1,0 +1,309 @@
+"""Data-to-text generation with GPT-2 (DSEE Tables 2 and 4): E2E, WebNLG and DART.
+
+Data: the Hub (via ``datasets``), or local files in the formats people have: the E2E CSVs
+(``mr,ref``), the LoRA repository's text format (``name : X | type : Y || reference``), or JSON
+lines (``{"source": ..., "target": ...}``, also ``input``/``mr`` and ``references``). Training uses
+one (input, reference) pair per example; evaluation groups all references of each input.
+
+Training is causal-LM on the target only: the prompt ``<input> ||`` is masked out of the loss.
+Decoding is batched beam search (left padding). The metrics are in ``nlg_metrics.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import DSEEError
+from .models import hub_reachable
+
+SEPARATOR = " ||"
+# What each task reports (DSEE Table 4): E2E BLEU / METEOR / NIST (+ ROUGE-L, CIDEr), others TER.
+NLG_TASKS: dict[str, dict] = {
+    "e2e": {"hub": ("GEM/e2e_nlg", None), "metrics": ("bleu", "nist", "meteor", "rouge_l", "cider", "ter")},
+    "webnlg": {"hub": ("GEM/web_nlg", "en"), "metrics": ("bleu", "meteor", "ter", "nist")},
+    "dart": {"hub": ("GEM/dart", None), "metrics": ("bleu", "meteor", "ter", "nist")},
+}
+EVAL_SPLITS = ("validation", "test")
+
+
+@dataclass
+class NLGExample:
+    source: str
+    references: tuple[str, ...]
+
+
+@dataclass
+class NLGData:
+    name: str
+    train: list[tuple[str, str]]  # (source, one reference) pairs
+    evals: dict[str, list[NLGExample]]  # split -> inputs with all their references
+    source: str
+
+
+def group(pairs: list[tuple[str, str]]) -> list[NLGExample]:
+    """All references of each input, inputs in first-seen order."""
+    refs: dict[str, list[str]] = {}
+    for source, target in pairs:
+        refs.setdefault(source, []).append(target)
+    return [NLGExample(s, tuple(r)) for s, r in refs.items()]
+
+
+# -- readers ------------------------------------------------------------------------------------
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    """(source, reference) pairs from an E2E CSV, a LoRA-style text file or JSON lines."""
+    if not path.is_file():
+        raise DSEEError(f"{path} does not exist (expected an E2E CSV, a LoRA-style .txt or a .jsonl file).")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not {"mr", "ref"} <= set(reader.fieldnames):
+                raise DSEEError(f"{path}: an E2E CSV needs the columns mr,ref; it has {reader.fieldnames}.")
+            return [(row["mr"].strip(), row["ref"].strip()) for row in reader]
+    if suffix in (".jsonl", ".json"):
+        pairs = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            source = row.get("source") or row.get("input") or row.get("mr")
+            targets = row.get("references") or [row.get("target") or row.get("ref")]
+            if source is None or not all(targets):
+                raise DSEEError(f"{path}:{n}: a JSON line needs source (or input / mr) and target (or "
+                                f"ref / references).")
+            pairs += [(source.strip(), t.strip()) for t in targets]
+        return pairs
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if "||" not in line:
+            raise DSEEError(f"{path}:{n}: a LoRA-style line is 'name : X | type : Y || reference'; this has no '||'.")
+        source, _, target = line.partition("||")
+        pairs.append((source.strip(), target.strip()))
+    return pairs
+
+
+def _find(data_dir: Path, stems: tuple[str, ...]) -> Path | None:
+    for stem in stems:
+        for ext in (".csv", ".txt", ".jsonl", ".json"):
+            if (data_dir / f"{stem}{ext}").is_file():
+                return data_dir / f"{stem}{ext}"
+    return None
+
+
+def load_dir(data_dir: Path, split: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
+    """train + the evaluation split from a folder (LoRA's data/e2e layout or the E2E CSVs)."""
+    train = _find(data_dir, ("train", "trainset"))
+    wanted = ("valid", "validation", "dev", "devset") if split == "validation" else ("test", "testset_w_refs")
+    evaluation = _find(data_dir, wanted)
+    if train is None or evaluation is None:
+        raise DSEEError(f"{data_dir} needs a training file (train.txt / trainset.csv / train.jsonl) and an "
+                        f"evaluation file for split {split!r} ({' / '.join(wanted)} with .txt, .csv or .jsonl).")
+    return read_pairs(train), read_pairs(evaluation), f"{train}, {evaluation}"
+
+
+def load_hub(name: str, split: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
+    import datasets
+
+    repo, config = NLG_TASKS[name]["hub"]
+    hint = DSEEError(
+        f"Cannot load {name!r} from the Hub ({repo}): it is not in the local datasets cache and the Hub is "
+        f"unreachable (or HF_HUB_OFFLINE=1). Use local files: task.data_dir=/path/to/{name} holding train and "
+        f"valid / test files (E2E CSV mr,ref; LoRA-style 'input || reference' .txt; or JSON lines), or "
+        f"task.train_file=... task.validation_file=...; profile=smoke needs no data at all."
+    )
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if not offline and not hub_reachable():
+        raise hint
+    try:
+        ds = datasets.load_dataset(repo, config)
+    except Exception as exc:
+        raise hint from exc
+
+    def pairs(split_name: str) -> list[tuple[str, str]]:
+        out = []
+        for row in ds[split_name]:
+            source = row.get("meaning_representation") or " | ".join(
+                " : ".join(t) if isinstance(t, list) else str(t) for t in (row.get("input") or []))
+            refs = row.get("references") or [row.get("target")]
+            out += [(source, r) for r in refs if r]
+        return out
+
+    return pairs("train"), pairs(split), f"hub:{repo}"
+
+
+# -- a learnable stand-in (smoke profile, tests) --------------------------------------------------
+SLOTS = ("name", "food", "area", "price")
+
+
+def synthetic_pairs(n_inputs: int, seed: int, refs_per_input: int = 2) -> list[tuple[str, str]]:
+    """Meaning representations of random slot values, each with a few paraphrased references."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n_inputs):
+        values = {s: f"w{rng.randrange(48, 200)}" for s in rng.sample(SLOTS, rng.randint(2, 4))}
+        source = " | ".join(f"{k} : {v}" for k, v in values.items())
+        for k in range(refs_per_input):
+            words = [f"{values[s]} {s}" if k % 2 else f"{s} {values[s]}" for s in values]
+            pairs.append((source, " , ".join(words) + " ."))
+    return pairs
+
+
+@dataclass(frozen=True)
+class NLGSettings:
+    name: str
+    data_dir: str | None = None
+    train_file: str | None = None
+    validation_file: str | None = None
+    eval_split: str = "validation"  # validation or test (the papers report test)
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    synthetic_train: int = 200
+    synthetic_eval: int = 40
+    synthetic: bool = False
+    seed: int = 1
+
+
+def load_nlg(s: NLGSettings) -> NLGData:
+    if s.eval_split not in EVAL_SPLITS:
+        raise DSEEError(f"task.eval_split={s.eval_split!r} is invalid; valid choices: {', '.join(EVAL_SPLITS)}.")
+    if s.synthetic:
+        train = synthetic_pairs(s.synthetic_train, s.seed)
+        evaluation = synthetic_pairs(s.synthetic_eval, s.seed + 10_000)
+        source = f"synthetic stand-in for {s.name}"
+    elif s.train_file or s.validation_file:
+        if not (s.train_file and s.validation_file):
+            raise DSEEError("task.train_file and task.validation_file go together: give both.")
+        train, evaluation = read_pairs(Path(s.train_file)), read_pairs(Path(s.validation_file))
+        source = f"{s.train_file}, {s.validation_file}"
+    elif s.data_dir:
+        train, evaluation, source = load_dir(Path(s.data_dir), s.eval_split)
+    else:
+        train, evaluation, source = load_hub(s.name, s.eval_split)
+    if s.max_train_samples:
+        train = train[: s.max_train_samples]
+    grouped = group(evaluation)
+    if s.max_eval_samples:
+        grouped = grouped[: s.max_eval_samples]
+    if not train or not grouped:
+        raise DSEEError(f"task {s.name!r} from {source} has an empty training or evaluation split.")
+    return NLGData(s.name, train, {s.eval_split: grouped}, source)
+
+
+# -- encoding: the prompt is masked out of the loss ---------------------------------------------------
+@dataclass
+class LMEncoded:
+    input_ids: list[list[int]]
+    labels: list[list[int]]  # -100 on prompt tokens
+    prompts: list[list[int]]  # the prompt alone, for decoding
+    references: list[tuple[str, ...]]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_lm(pairs: list[tuple[str, str]], tokenizer, max_length: int, eos_id: int) -> LMEncoded:
+    ids, labels, prompts = [], [], []
+    for source, target in pairs:
+        prompt = _ids(tokenizer, source + SEPARATOR)[: max_length // 2]
+        answer = (_ids(tokenizer, " " + target) + [eos_id])[: max_length - len(prompt)]
+        ids.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+        prompts.append(prompt)
+    return LMEncoded(ids, labels, prompts, [(t,) for _, t in pairs])
+
+
+def encode_eval(examples: list[NLGExample], tokenizer, max_length: int, eos_id: int) -> LMEncoded:
+    """Teacher-forced on the first reference (token accuracy); decoding uses the prompts."""
+    enc = encode_lm([(e.source, e.references[0]) for e in examples], tokenizer, max_length, eos_id)
+    enc.references = [e.references for e in examples]
+    return enc
+
+
+def collate_lm(data: LMEncoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    seqs = [data.input_ids[i] for i in indices]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(data.input_ids[i])
+        ids[row, :n] = torch.tensor(data.input_ids[i])
+        labels[row, :n] = torch.tensor(data.labels[i])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """Next-token cross-entropy on the target tokens only (labels −100 elsewhere)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    targets = batch["labels"][:, 1:].reshape(-1)
+    return F.cross_entropy(shifted, targets, ignore_index=-100, label_smoothing=label_smoothing)
+
+
+@torch.no_grad()
+def token_accuracy(model: nn.Module, data: LMEncoded, pad_id: int, device, batch_size: int) -> dict[str, float]:
+    """Teacher-forced next-token accuracy and loss on the targets: cheap, for evaluation while training."""
+    model.eval()
+    right = total = 0
+    loss_sum = 0.0
+    for start in range(0, len(data.input_ids), batch_size):
+        batch = {k: v.to(device) for k, v in collate_lm(data, list(range(start, min(start + batch_size,
+                                                                                    len(data.input_ids)))),
+                                                          pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        right += int((logits.argmax(-1)[keep] == targets[keep]).sum())
+        total += int(keep.sum())
+        loss_sum += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+    return {"token_accuracy": 100.0 * right / max(1, total), "loss": loss_sum / max(1, total)}
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    num_beams: int = 10
+    length_penalty: float = 0.8
+    no_repeat_ngram_size: int = 4
+    max_new_tokens: int = 64
+    batch_size: int = 16
+
+
+@torch.no_grad()
+def decode(model: nn.Module, tokenizer, prompts: list[list[int]], settings: DecodeSettings, device,
+           eos_id: int, pad_id: int, progress=lambda done, total: None) -> list[str]:
+    """Batched beam search; prompts are left-padded so every row continues from its last token."""
+    model.eval()
+    outputs: list[str] = []
+    for start in range(0, len(prompts), settings.batch_size):
+        chunk = prompts[start : start + settings.batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        generated = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), num_beams=settings.num_beams,
+            length_penalty=settings.length_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+            max_new_tokens=settings.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False,
+            early_stopping=True,
+        )
+        for row in generated[:, width:].tolist():
+            if eos_id in row:
+                row = row[: row.index(eos_id)]
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        progress(min(start + settings.batch_size, len(prompts)), len(prompts))
+    return outputs
