@@ -133,8 +133,9 @@ def load_hub(name: str, split: str) -> tuple[list[tuple[str, str]], list[tuple[s
     def pairs(split_name: str) -> list[tuple[str, str]]:
         out = []
         for row in ds[split_name]:
+            triples = row.get("input") or row.get("tripleset") or []  # WebNLG / DART: lists of triples
             source = row.get("meaning_representation") or " | ".join(
-                " : ".join(t) if isinstance(t, list) else str(t) for t in (row.get("input") or []))
+                " : ".join(t) if isinstance(t, list) else str(t) for t in triples)
             refs = row.get("references") or [row.get("target")]
             out += [(source, r) for r in refs if r]
         return out
