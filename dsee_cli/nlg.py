@@ -144,15 +144,15 @@ def load_hub(name: str, split: str) -> tuple[list[tuple[str, str]], list[tuple[s
 
 
 # -- a learnable stand-in (smoke profile, tests) --------------------------------------------------
-SLOTS = ("name", "food", "area", "price")
+SLOTS = ("w20", "w21", "w22", "w23")  # slot names as whole words of the tiny tokenizer's vocabulary
 
 
 def synthetic_pairs(n_inputs: int, seed: int, refs_per_input: int = 2) -> list[tuple[str, str]]:
     """Meaning representations of random slot values, each with a few paraphrased references."""
     rng = random.Random(seed)
     pairs = []
-    for _ in range(n_inputs):
-        values = {s: f"w{rng.randrange(48, 200)}" for s in rng.sample(SLOTS, rng.randint(2, 4))}
+    for _ in range(n_inputs):  # each slot draws from its own 16 values, so copying them is learnable
+        values = {s: f"w{48 + 16 * SLOTS.index(s) + rng.randrange(16)}" for s in rng.sample(SLOTS, rng.randint(2, 4))}
         source = " | ".join(f"{k} : {v}" for k, v in values.items())
         for k in range(refs_per_input):
             words = [f"{values[s]} {s}" if k % 2 else f"{s} {values[s]}" for s in values]

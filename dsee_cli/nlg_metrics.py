@@ -10,7 +10,7 @@
 * ROUGE-L and CIDEr (E2E): ours, following pycocoevalcap as the E2E script does (ROUGE-L F with
   β = 1.2, the best reference per input; CIDEr-D with σ = 6, clipping, ×10, document frequencies
   from the references of the evaluated set).
-Scores are for lowercased, whitespace-tokenised text (E2E and GEM evaluate lowercased too).
+Scores are for lowercased text tokenised as mteval-v13a does (E2E and GEM evaluate lowercased too).
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ from collections.abc import Sequence
 
 
 def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
+    """Lowercased and tokenised as mteval-v13a does (punctuation split off), for every metric."""
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    return " ".join(Tokenizer13a()(text.lower()).split())
 
 
 def _streams(refs: Sequence[Sequence[str]]) -> list[list[str | None]]:
