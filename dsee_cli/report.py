@@ -86,7 +86,7 @@ class Report:
         cells = [self.cells[(row, c)] for c in self.columns]
         paper = self.paper_row_info.get(row, {})
         out = {}
-        for key, label, fmt in (("trainable", "# trainable", lambda v: f"{v / 1e6:.2f}M"),
+        for key, label, fmt in (("trainable", "# trainable", lambda v: f"{v / 1e6:.2f}M" if v >= 1e4 else f"{v:,.0f}"),
                                 ("total_pct", "# total", lambda v: f"{v:.1f}%"),
                                 ("flops", "FLOPs", lambda v: f"{v:.2f}x")):
             values = [v for c in cells for v in getattr(c, key)]
