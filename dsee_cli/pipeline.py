@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -156,12 +157,12 @@ class PreparedTask:
     generate: Callable[[torch.nn.Module, torch.device], dict[str, float]] | None = None  # decode + NLG metrics
 
 
-def prepare_task(cfg: RunConfig, run_dir: Path, say) -> PreparedTask:
+def prepare_task(cfg: RunConfig, run_dir: Path, say, sink: ProgressSink) -> PreparedTask:
     tiny = TinySize(cfg.model.tiny_hidden, cfg.model.tiny_layers, cfg.model.tiny_heads, cfg.model.tiny_intermediate)
     max_length = task_hparams(cfg).max_length
     t = cfg.task
     if t.name in NLG_TASKS:
-        return _generation_task(cfg, run_dir, tiny, max_length, say)
+        return _generation_task(cfg, run_dir, tiny, max_length, say, sink)
     loaded = load_model(cfg.model.name, cfg.model.path, spec_for(t.name).num_labels, cfg.seed, tiny)
     data = load_task(DataSettings(
         name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
@@ -176,7 +177,8 @@ def prepare_task(cfg: RunConfig, run_dir: Path, say) -> PreparedTask:
                         classification_ops(data.spec, next(iter(evals))), data.source)
 
 
-def _generation_task(cfg: RunConfig, run_dir: Path, tiny: TinySize, max_length: int, say) -> PreparedTask:
+def _generation_task(cfg: RunConfig, run_dir: Path, tiny: TinySize, max_length: int, say,
+                     sink: ProgressSink) -> PreparedTask:
     """GPT-2 on a data-to-text task: causal LM on the targets, beam search, multi-reference metrics."""
     t = cfg.task
     loaded = load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True)
@@ -201,7 +203,10 @@ def _generation_task(cfg: RunConfig, run_dir: Path, tiny: TinySize, max_length: 
         settings = DecodeSettings(t.num_beams, t.length_penalty, t.no_repeat_ngram_size, t.max_new_tokens,
                                   t.decode_batch_size)
         say(f"Decoding {len(enc.prompts)} {split} inputs (beam {settings.num_beams})")
-        hyps = decode(model, tok, enc.prompts, settings, device, eos_id, tok.pad_token_id)
+        sink.start(f"decode {split}", math.ceil(len(enc.prompts) / settings.batch_size), 0)
+        hyps = decode(model, tok, enc.prompts, settings, device, eos_id, tok.pad_token_id,
+                      progress=lambda done, total: sink.advance(float("nan"), 0.0))
+        sink.stop()
         lines = [json.dumps({"source": ex.source, "hypothesis": h, "references": list(ex.references)})
                  for ex, h in zip(examples, hyps)]
         atomic_write_text(run_dir / f"generations-{split}.jsonl", "\n".join(lines) + "\n")
@@ -268,7 +273,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     seed_everything(cfg.seed)
 
     say("Model and data")
-    task = prepare_task(cfg, run_dir, say)
+    task = prepare_task(cfg, run_dir, say, sink)
     loaded, model, tokenizer = task.loaded, task.loaded.model, task.loaded.tokenizer
     train_enc, eval_enc, pad_id = task.train, task.evals, tokenizer.pad_token_id
 
