@@ -103,7 +103,7 @@ class AdapterConfig:
     alpha2: float = 1.0  # pst: weight of α₂·(R + C)
     score_terms: list[str] = field(default_factory=lambda: ["weight", "lowrank", "structured"])  # pst ablations
     topk: str = "layer"  # pst / map / mvp: top-v per layer or global
-    score_lr: float = 1e-2  # mvp: the scores' learning rate
+    score_lr: float = 1e-4  # mvp: the scores' learning rate
 
 
 @dataclass

@@ -73,7 +73,7 @@ class SparseTrainingSettings:
     alpha2: float = 1.0
     score_terms: tuple[str, ...] = SCORE_TERMS
     topk: str = "layer"  # layer-wise or global top-v
-    score_lr: float = 1e-2  # mvp: the scores' learning rate
+    score_lr: float = 1e-4  # mvp: the scores' learning rate (they start at |W₀|)
 
     def check(self) -> None:
         if self.method not in METHODS:
