@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,24 +28,12 @@ from .adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weig
 from .arch import attention_units
 from .atomic import atomic_write_text
 from .config import RunConfig, method_settings, pruning_settings, sparsity_schedule, task_hparams, validate
-from .data import DataSettings, encode, load_task, spec_for
+from .data import DataSettings, load_task
 from .errors import DSEEError
 from .export import export_merged, load_state_dir, model_state, restore_state, save_adapter, save_state_dir
 from .methods import MERGEABLE, SPARSE_TRAINING, prepare_method
-from .models import TINY_MODELS, LoadedModel, TinySize, hub_reachable, load_model, resolve_source
-from .nlg import (
-    NLG_TASKS,
-    DecodeSettings,
-    NLGSettings,
-    collate_lm,
-    decode,
-    encode_eval,
-    encode_lm,
-    lm_loss,
-    load_nlg,
-    token_accuracy,
-)
-from .nlg_metrics import nlg_metrics
+from .models import TINY_MODELS, hub_reachable, resolve_source
+from .nlg import NLG_TASKS, NLGSettings, load_nlg
 from .pruning import (
     PruningSettings,
     apply_masks,
@@ -59,13 +45,12 @@ from .pruning import (
 )
 from .slimming import add_slimming, slim_and_prune, slimming_penalty
 from .sparse_training import sparse_layers, update_masks
+from .tasks import prepare_task
 from .train import (
     PhaseSettings,
     PhaseState,
     ProgressSink,
     StepHooks,
-    TaskOps,
-    classification_ops,
     summarize,
     train_phase,
 )
@@ -143,79 +128,6 @@ def omega_cache_dir(cfg: RunConfig) -> Path | None:
 
 
 _PHASE_SEED_OFFSET = {"phase1": 0, "recovery": 1}
-
-
-@dataclass
-class PreparedTask:
-    """The model and the encoded data of one task, and how its kind trains and evaluates."""
-
-    loaded: LoadedModel
-    train: object
-    evals: dict[str, object]
-    ops: TaskOps
-    data_source: str
-    generate: Callable[[torch.nn.Module, torch.device], dict[str, float]] | None = None  # decode + NLG metrics
-
-
-def prepare_task(cfg: RunConfig, run_dir: Path, say, sink: ProgressSink) -> PreparedTask:
-    tiny = TinySize(cfg.model.tiny_hidden, cfg.model.tiny_layers, cfg.model.tiny_heads, cfg.model.tiny_intermediate)
-    max_length = task_hparams(cfg).max_length
-    t = cfg.task
-    if t.name in NLG_TASKS:
-        return _generation_task(cfg, run_dir, tiny, max_length, say, sink)
-    loaded = load_model(cfg.model.name, cfg.model.path, spec_for(t.name).num_labels, cfg.seed, tiny)
-    data = load_task(DataSettings(
-        name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
-        text_fields=tuple(t.text_fields) if t.text_fields else None, label_field=t.label_field,
-        max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples, synthetic_train=t.synthetic_train,
-        synthetic_eval=t.synthetic_eval, synthetic_standin=t.synthetic_standin, seed=cfg.seed,
-    ))
-    regression = data.spec.num_labels == 1
-    tok = loaded.tokenizer
-    evals = {k: encode(v, tok, max_length, regression) for k, v in data.evals.items()}
-    return PreparedTask(loaded, encode(data.train, tok, max_length, regression), evals,
-                        classification_ops(data.spec, next(iter(evals))), data.source)
-
-
-def _generation_task(cfg: RunConfig, run_dir: Path, tiny: TinySize, max_length: int, say,
-                     sink: ProgressSink) -> PreparedTask:
-    """GPT-2 on a data-to-text task: causal LM on the targets, beam search, multi-reference metrics."""
-    t = cfg.task
-    loaded = load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True)
-    data = load_nlg(NLGSettings(
-        name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
-        eval_split=t.eval_split, max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples,
-        synthetic_train=t.synthetic_train, synthetic_eval=t.synthetic_eval, synthetic=t.synthetic_standin,
-        seed=cfg.seed,
-    ))
-    tok = loaded.tokenizer
-    eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-    split, examples = next(iter(data.evals.items()))
-    evals = {split: encode_eval(examples, tok, max_length, eos_id)}
-    smoothing = t.label_smoothing
-
-    def evaluate_lm(model, evals, pad_id, device, batch_size, bf16) -> dict[str, float]:
-        return {f"{s}/{k}": v for s, enc in evals.items()
-                for k, v in token_accuracy(model, enc, pad_id, device, batch_size).items()}
-
-    def generate(model, device) -> dict[str, float]:
-        enc = evals[split]
-        settings = DecodeSettings(t.num_beams, t.length_penalty, t.no_repeat_ngram_size, t.max_new_tokens,
-                                  t.decode_batch_size)
-        say(f"Decoding {len(enc.prompts)} {split} inputs (beam {settings.num_beams})")
-        sink.start(f"decode {split}", math.ceil(len(enc.prompts) / settings.batch_size), 0)
-        hyps = decode(model, tok, enc.prompts, settings, device, eos_id, tok.pad_token_id,
-                      progress=lambda done, total: sink.advance(float("nan"), 0.0))
-        sink.stop()
-        lines = [json.dumps({"source": ex.source, "hypothesis": h, "references": list(ex.references)})
-                 for ex, h in zip(examples, hyps)]
-        atomic_write_text(run_dir / f"generations-{split}.jsonl", "\n".join(lines) + "\n")
-        scores = nlg_metrics(hyps, enc.references, NLG_TASKS[t.name]["metrics"])
-        return {f"{split}/{k}": v for k, v in scores.items()}
-
-    ops = TaskOps(collate=collate_lm, evaluate=evaluate_lm, main=f"{split}/token_accuracy",
-                  loss=lambda model, batch: lm_loss(model, batch, smoothing))
-    return PreparedTask(loaded, encode_lm(data.train, tok, max_length, eos_id), evals, ops, data.source, generate)
 
 
 def phase_settings(cfg: RunConfig, phase: str) -> PhaseSettings:
