@@ -266,13 +266,19 @@ def encode(examples: list[Example], tokenizer, max_length: int, regression: bool
     return Encoded(enc["input_ids"], torch.tensor([e.label for e in examples], dtype=dtype))
 
 
-def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Dynamic padding: pad to the longest sequence of this batch only."""
-    seqs = [data.input_ids[i] for i in indices]
+def pad(seqs: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(padded ids, attention mask) to the longest sequence; ``left`` for decoder-only generation."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
+        span = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, span] = torch.tensor(s, dtype=torch.long)
+        mask[row, span] = 1
+    return ids, mask
+
+
+def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest sequence of this batch only."""
+    ids, mask = pad([data.input_ids[i] for i in indices], pad_id)
     return {"input_ids": ids, "attention_mask": mask, "labels": data.labels[indices]}

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import pad
 from .errors import DSEEError
 from .models import hub_reachable
 
@@ -233,16 +234,8 @@ def encode_eval(examples: list[NLGExample], tokenizer, max_length: int, eos_id: 
 
 
 def collate_lm(data: LMEncoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    seqs = [data.input_ids[i] for i in indices]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, i in enumerate(indices):
-        n = len(data.input_ids[i])
-        ids[row, :n] = torch.tensor(data.input_ids[i])
-        labels[row, :n] = torch.tensor(data.labels[i])
-        mask[row, :n] = 1
+    ids, mask = pad([data.input_ids[i] for i in indices], pad_id)
+    labels, _ = pad([data.labels[i] for i in indices], -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -289,13 +282,8 @@ def decode(model: nn.Module, tokenizer, prompts: list[list[int]], settings: Deco
     model.eval()
     outputs: list[str] = []
     for start in range(0, len(prompts), settings.batch_size):
-        chunk = prompts[start : start + settings.batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, p in enumerate(chunk):
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = pad(prompts[start : start + settings.batch_size], pad_id, left=True)
+        width = ids.shape[1]
         generated = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), num_beams=settings.num_beams,
             length_penalty=settings.length_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,

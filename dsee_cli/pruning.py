@@ -370,8 +370,3 @@ def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:
         shrink_inputs(modules[unit.output], cols)
         set_head_count(unit, len(kept_heads))
     model.config.dsee_pruned_heads = {str(k): sorted(v) for k, v in heads.items() if v}
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.base if isinstance(module, DSEELinear) else module
-

@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .arch import block_linears, dims, weight_out_in
 from .errors import DSEEError, choice_error
+from .selection import smallest_k_mask
 
 METHODS = ("pst", "map", "mvp")
 SCORE_TERMS = ("weight", "lowrank", "structured")  # |W₀ + βUV|, α₁AB, α₂(R + C)
@@ -103,13 +104,10 @@ class _StraightThrough(torch.autograd.Function):
 
 
 def top_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Boolean mask of the ``keep`` highest scores (ties to the lower index)."""
+    """Boolean mask of the ``keep`` highest scores (ties to the lower index), by one k-th value
+    pass rather than a sort: it runs over every block weight at each schedule step."""
     flat = scores.detach().flatten()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if keep > 0:
-        order = torch.sort(flat, descending=True, stable=True).indices[:keep]
-        mask[order] = True
-    return mask.view(scores.shape)
+    return smallest_k_mask(-flat[None], keep)[0].view(scores.shape)
 
 
 class SparseTrainLinear(nn.Module):
