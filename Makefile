@@ -3,9 +3,11 @@ PY ?= python3
 export HF_HUB_OFFLINE ?= 1
 
 PROFILE ?= paper
+DSEE ?= dsee
 EXPERIMENTS := table1 table2 table4 table3 table5 table6 table7 table9 table12 table13 table14 fig2 pst-table2 pst-table4 pst-table5
+REPRODUCE := $(addprefix reproduce-,$(EXPERIMENTS))
 
-.PHONY: install demo test lint bench $(addprefix reproduce-,$(EXPERIMENTS))
+.PHONY: install demo test lint bench $(REPRODUCE)
 
 install:
 	$(PY) -m pip install torch==2.13.0 || $(PY) -m pip install torch
@@ -25,9 +27,15 @@ bench:
 	$(PY) scripts/bench_train_step.py
 	$(PY) scripts/bench_head_pruned.py
 
-# make reproduce-table1 [PROFILE=smoke|mini|paper] [LAUNCHER=joblib|slurm]: the sweep as the paper
-# ran it (joblib: local processes; slurm: a cluster through submitit), then its report.
+# make reproduce-table1 [PROFILE=smoke|mini|paper] [LAUNCHER=joblib|slurm] [ARGS="more overrides"]:
+# the sweep as the paper ran it (joblib: local processes; slurm: a cluster through submitit), then
+# its report, written even when some jobs failed (they are counted in it); the exit status is the
+# sweep's. A static pattern rule, because make skips pattern rules for .PHONY targets.
 LAUNCHER ?=
+ARGS ?=
+$(REPRODUCE): reproduce-%:
+	$(DSEE) train -m experiment=$* profile=$(PROFILE) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS); \
+	status=$$?; $(DSEE) report multirun/$* || status=$$?; exit $$status
+
 reproduce-%:
-	dsee train -m experiment=$* profile=$(PROFILE) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER))
-	dsee report multirun/$*
+	@echo "make: unknown experiment '$*'. Valid experiments: $(EXPERIMENTS)." >&2; exit 2

@@ -83,8 +83,9 @@ class DSEELinear(nn.Module):
         start, end = self.slices[k]
         delta = (self.lora_B[k] @ self.lora_A[k]) * self.scaling
         idx = self.omega(k)
-        if idx.numel():
-            delta = delta.flatten().index_add(0, idx, self.sparse_values[k]).view(end - start, -1)
+        if idx.numel():  # under autocast the low-rank product is bf16/fp16 while S stays fp32
+            values = self.sparse_values[k].to(delta.dtype)
+            delta = delta.flatten().index_add(0, idx, values).view(end - start, -1)
         return delta
 
     def delta_weight(self) -> torch.Tensor:
@@ -122,7 +123,7 @@ class DSEELinear(nn.Module):
             idx = self.omega(k)
             if idx.numel():
                 rows, cols = idx // self.in_features, idx % self.in_features
-                d = d.index_add(-1, rows, xd[..., cols] * self.sparse_values[k])
+                d = d.index_add(-1, rows, (xd[..., cols] * self.sparse_values[k]).to(d.dtype))
             pieces.append(d)
         if len(self.slices) == 1 and self.slices[0] == (0, self.out_features):
             return out + pieces[0]

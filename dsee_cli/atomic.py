@@ -1,4 +1,5 @@
-"""Files that appear complete or not at all: write a sibling temporary, then rename."""
+"""Files that appear complete or not at all: write a sibling temporary, flush it to disk, then
+rename it over the target (one atomic step), and flush the directory entry too."""
 
 from __future__ import annotations
 
@@ -7,6 +8,28 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -18,7 +41,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        fsync_file(Path(tmp))
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -1,6 +1,8 @@
 """The `dsee` command. Hydra lives here and nowhere below.
 
     dsee train [hydra overrides...]      one run, or a sweep with -m
+    dsee report <sweep dir>              a sweep as the paper's table
+    dsee eval <run or export dir>        an export, evaluated again (and its predictions)
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ commands:
            config groups and their options; `-m` runs a sweep.
   report   `dsee report <sweep dir> [--table NAME]`: a sweep's runs as the paper's table, the
            median over seeds beside the paper's number; writes report-<table>.md and .csv.
+  eval     `dsee eval <run dir | export dir> [--from merged|adapter] [--split validation|test]
+           [--predictions FILE] [key=value ...]`: load what a run exported, evaluate it on the
+           run's task (dotted overrides change it, e.g. task.data_dir=...), print the metrics.
 """
-COMMANDS = ("train", "report")
+COMMANDS = ("train", "report", "eval")
 
 
 def config_dir() -> Path:
@@ -61,18 +66,33 @@ def _default_group(name: str) -> str:
 
 
 def train_job(cfg) -> float | None:
-    """The Hydra task: typed config in, metrics.json out. Returns the main metric (for sweepers)."""
+    """The Hydra task: typed config in, metrics.json out. Returns the main metric (for sweepers).
+
+    A job that fails writes failed.json in its run directory. In a sweep it then returns, so
+    the sweep goes on to its next job (SweepOutcome reports the failures at the end); a single
+    run exits non-zero: 2 for a user error (a DSEEError), 1 for anything else."""
+    import os
+
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from .errors import DSEEError
-    from .pipeline import preflight, run_experiment
+    from .pipeline import preflight, run_experiment, write_failure
     from .tracking import RichSink, Tracker, banner, console, results_table
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    in_sweep = hc.mode == RunMode.MULTIRUN
     typed = OmegaConf.to_object(cfg)
     tracker = None
+    stage = ["preflight"]
+
+    def say(text: str) -> None:
+        stage[0] = text
+        banner(text)
+
+    log = logging.getLogger("dsee")
     try:
         preflight(typed)
         tracker = Tracker(
@@ -80,14 +100,24 @@ def train_job(cfg) -> float | None:
             typed.logger.group or _default_group(typed.name), run_dir.name, list(typed.logger.tags),
             OmegaConf.to_container(cfg, resolve=True), run_dir,
         )
-        metrics = run_experiment(typed, run_dir, RichSink(tracker), say=banner)
-    except DSEEError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        logging.getLogger("dsee").error("%s", exc, extra={"file_only": True})
+        metrics = run_experiment(typed, run_dir, RichSink(tracker, typed.trainer.log_every_seconds), say=say)
+    except Exception as exc:
+        user_error = isinstance(exc, DSEEError)
+        path = write_failure(run_dir, exc, stage[0], os.environ.get("DSEE_SWEEP_RUN"))
         if tracker is not None:
-            tracker.finish(exit_code=2)
-        raise SystemExit(2) from None
-    except BaseException:
+            tracker.finish(exit_code=2 if user_error else 1)
+        if user_error:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            log.error("%s", exc, extra={"file_only": True})
+        else:
+            log.exception("the run failed during %r", stage[0])
+        if in_sweep:
+            console.print(f"[bold red]job failed[/] ({path}); the sweep goes on", highlight=False)
+            return None
+        if user_error:
+            raise SystemExit(2) from None
+        raise
+    except BaseException:  # Ctrl-C, SystemExit: stop, the sweep too
         if tracker is not None:
             tracker.finish(exit_code=1)
         raise
@@ -100,6 +130,40 @@ def train_job(cfg) -> float | None:
     return best.get(metrics["main_metric"])
 
 
+class SweepOutcome:
+    """A Hydra callback: at the end of a sweep, list the jobs that failed in it (their
+    failed.json carries this sweep invocation's id) and make the command exit non-zero."""
+
+    failures: list[dict] = []
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        SweepOutcome.failures = []
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import json
+        import os
+
+        from .tracking import failures_table
+
+        invocation = os.environ.get("DSEE_SWEEP_RUN")
+        found = []
+        for path in sorted(Path(str(config.hydra.sweep.dir)).glob("*/failed.json")):
+            record = json.loads(path.read_text())
+            if invocation is None or record.get("sweep_run") == invocation:
+                found.append({"job": path.parent.name, **record})
+        SweepOutcome.failures = found
+        if found:
+            from .tracking import console
+
+            console.print(failures_table(found, str(config.hydra.sweep.dir)))
+
+    # the other hooks Hydra calls
+    def on_run_start(self, config, **kwargs) -> None: ...
+    def on_run_end(self, config, **kwargs) -> None: ...
+    def on_job_start(self, config, **kwargs) -> None: ...
+    def on_job_end(self, config, job_return, **kwargs) -> None: ...
+
+
 def sweep_group(args: list[str]) -> str | None:
     """A W&B group shared by every job of one sweep command (the same command, the same group)."""
     if not {"-m", "--multirun"} & set(args):
@@ -107,8 +171,9 @@ def sweep_group(args: list[str]) -> str | None:
     return "sweep-" + hashlib.sha1(" ".join(sorted(args)).encode()).hexdigest()[:10]
 
 
-def run_train(args: list[str]) -> None:
+def run_train(args: list[str]) -> int:
     import os
+    import uuid
 
     import hydra
 
@@ -116,8 +181,11 @@ def run_train(args: list[str]) -> None:
     group = sweep_group(args)
     if group:  # inherited by launcher workers (joblib, submitit)
         os.environ["DSEE_SWEEP_GROUP"] = group
+        os.environ["DSEE_SWEEP_RUN"] = uuid.uuid4().hex[:12]  # marks this invocation's failed.json files
     sys.argv = ["dsee train", *args]
+    SweepOutcome.failures = []
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(train_job)()
+    return 1 if SweepOutcome.failures else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if command == "report":
         return run_report(rest)
-    run_train(rest)
-    return 0
+    if command == "eval":
+        return run_eval(rest)
+    return run_train(rest)
 
 
 def run_report(args: list[str]) -> int:
@@ -157,6 +226,75 @@ def run_report(args: list[str]) -> int:
     written = write_report(report, opts.sweep_dir)
     Console().print(Markdown(report.markdown()))
     print("written: " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def eval_config(saved: dict, overrides: list[str]):
+    """The run's config (from its metrics.json) with dotted overrides, typed by the schema."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .config import RunConfig
+    from .errors import DSEEError
+
+    bad = [o for o in overrides if "=" not in o or o.startswith(("+", "~", "-"))]
+    if bad:
+        raise DSEEError(f"dsee eval takes overrides as key=value with dotted keys (task.data_dir=..., "
+                        f"trainer.device=cpu); got {' '.join(bad)}.")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), saved, OmegaConf.from_dotlist(overrides))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise DSEEError(f"Invalid override for dsee eval: {str(exc).splitlines()[0]}. Keys are those of "
+                        f"`dsee train --cfg job` (task.data_dir, task.max_eval_samples, trainer.device).") from None
+
+
+def run_eval(args: list[str]) -> int:
+    import argparse
+
+    from .errors import DSEEError
+
+    parser = argparse.ArgumentParser(
+        prog="dsee eval", description="Evaluate what a run exported (export/merged, or export/adapter re-applied "
+                                      "onto the pretrained model) on the run's task.")
+    parser.add_argument("path", type=Path, help="a run directory, or its export/merged or export/adapter folder")
+    parser.add_argument("--from", dest="source", choices=("merged", "adapter"), default=None,
+                        help="which export (default: the folder given, else merged where the run wrote one)")
+    parser.add_argument("--split", choices=("validation", "test"), default=None,
+                        help="evaluation split (default: the run's: validation, or task.eval_split for generation)")
+    parser.add_argument("--predictions", default=None,
+                        help="write one prediction per example: a file, or a folder for GLUE's submission names")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. task.data_dir=/path/to/glue")
+    opts = parser.parse_intermixed_args(args)
+    try:
+        from rich.table import Table
+
+        from .evaluation import evaluate_export, find_run, pick_source, run_metrics
+        from .pipeline import preflight
+        from .tracking import banner, console
+
+        run_dir = find_run(opts.path)
+        cfg = eval_config(run_metrics(run_dir)["config"], opts.overrides)
+        cfg.logger.backend = "none"
+        preflight(cfg)
+        source, export_dir = pick_source(opts.path, run_dir, opts.source)
+        result = evaluate_export(cfg, run_dir, source, export_dir, opts.split, opts.predictions, say=banner)
+    except DSEEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = Table(title=f"dsee eval — {cfg.task.name}, export/{result.source}, {result.split} "
+                        f"({result.examples} examples)")
+    table.add_column("metric")
+    table.add_column("export", justify="right")
+    table.add_column("run (final.eval)", justify="right")
+    for key, value in result.metrics.items():
+        ref = result.reference.get(key)
+        table.add_row(key, f"{value:.4f}", "" if ref is None else f"{ref:.4f}")
+    if not result.metrics:
+        table.add_row("(unlabelled split: predictions only)", "", "")
+    console.print(table)
+    for path in result.predictions:
+        console.print(f"predictions: {path}")
     return 0
 
 

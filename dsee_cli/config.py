@@ -18,6 +18,7 @@ from .models import HUB_MODELS, TINY_MODELS
 from .nlg import NLG_TASKS
 from .omega import METHODS as OMEGA_METHODS
 from .omega import PRESETS
+from .precision import PRECISIONS
 from .pruning import PruningSettings
 from .sparse_training import Schedule, SparseTrainingSettings
 
@@ -52,6 +53,7 @@ class TaskConfig:
     data_dir: str | None = None  # the classic GLUE download (folder holding CoLA/, SST-2/, ...)
     train_file: str | None = None  # CSV / JSON lines, with validation_file
     validation_file: str | None = None
+    test_file: str | None = None  # for `dsee eval --split test` with train_file / validation_file
     text_fields: list[str] | None = None
     label_field: str = "label"
     max_length: int = 128
@@ -169,9 +171,10 @@ class TrainerConfig:
     eval_every: int = 0  # steps; 0: every epoch
     checkpoint_every: int = 200  # steps
     max_steps: int = 0  # per phase; 0: from epochs
-    bf16: bool = True  # autocast on GPU only
+    precision: str = "auto"  # 32-true, bf16-mixed, 16-mixed; auto: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0: torch's default
+    log_every_seconds: float = 30.0  # a plain progress line this often when stdout is not a terminal
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     recovery: PhaseConfig = field(default_factory=PhaseConfig)
 
@@ -260,6 +263,7 @@ def validate(cfg: RunConfig) -> None:
         ("Ω method (omega.method)", cfg.omega.method, OMEGA_METHODS),
         ("GreBsmo preset (omega.preset)", cfg.omega.preset, PRESETS),
         ("device (trainer.device)", cfg.trainer.device, DEVICES),
+        ("precision (trainer.precision)", cfg.trainer.precision, PRECISIONS),
         ("logger (logger=...)", cfg.logger.backend, LOGGER_BACKENDS),
         ("W&B mode (logger.mode)", cfg.logger.mode, LOGGER_MODES),
     ):

@@ -4,6 +4,7 @@ synthetic task generated offline that a model can really learn."""
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import random
 import sys
@@ -14,6 +15,10 @@ import torch
 
 from .errors import DSEEError, choice_error
 from .models import SYNTHETIC_WORDS, hub_reachable
+
+log = logging.getLogger("dsee")
+SPLITS = ("validation", "test")
+UNLABELLED = -1.0  # GLUE's test files (and the Hub's test splits) carry no labels
 
 
 @dataclass(frozen=True)
@@ -28,26 +33,44 @@ class TaskSpec:
     tsv_columns: tuple[int, ...] | None = None  # (text..., label) positions when the TSV has no header
     tsv_names: tuple[str, ...] = ()  # (text..., label) header names otherwise
     label_names: tuple[str, ...] = ()  # string labels in the TSV, in label-id order
+    submission: str = ""  # the file name the GLUE benchmark expects for this task's test predictions
+
+    def files(self, split: str) -> tuple[str, ...]:
+        """The classic download's files of an evaluation split (dev.tsv, or test.tsv for the test split)."""
+        return self.eval_files if split == "validation" else tuple(f.replace("dev", "test") for f in self.eval_files)
+
+    def splits(self, split: str) -> tuple[str, ...]:
+        """Hub split names of an evaluation split (MNLI has a matched and a mismatched one)."""
+        return self.eval_splits if split == "validation" else tuple(
+            s.replace("validation", "test") for s in self.eval_splits)
+
+    def test_text_names(self) -> tuple[str, ...]:
+        """The text columns of a test.tsv: every test file has a header (CoLA's too)."""
+        return self.tsv_names[:-1] if self.tsv_names else ("sentence",)
 
 
 TASKS: dict[str, TaskSpec] = {
-    "cola": TaskSpec("cola", ("sentence",), 2, "matthews_correlation", "CoLA", tsv_columns=(3, 1)),
-    "sst2": TaskSpec("sst2", ("sentence",), 2, "accuracy", "SST-2", tsv_names=("sentence", "label")),
+    "cola": TaskSpec("cola", ("sentence",), 2, "matthews_correlation", "CoLA", tsv_columns=(3, 1),
+                     submission="CoLA.tsv"),
+    "sst2": TaskSpec("sst2", ("sentence",), 2, "accuracy", "SST-2", tsv_names=("sentence", "label"),
+                     submission="SST-2.tsv"),
     "mrpc": TaskSpec("mrpc", ("sentence1", "sentence2"), 2, "f1", "MRPC",
-                     tsv_names=("#1 String", "#2 String", "Quality")),
+                     tsv_names=("#1 String", "#2 String", "Quality"), submission="MRPC.tsv"),
     "stsb": TaskSpec("stsb", ("sentence1", "sentence2"), 1, "pearson", "STS-B",
-                     tsv_names=("sentence1", "sentence2", "score")),
+                     tsv_names=("sentence1", "sentence2", "score"), submission="STS-B.tsv"),
     "qqp": TaskSpec("qqp", ("question1", "question2"), 2, "f1", "QQP",
-                    tsv_names=("question1", "question2", "is_duplicate")),
+                    tsv_names=("question1", "question2", "is_duplicate"), submission="QQP.tsv"),
     "mnli": TaskSpec("mnli", ("premise", "hypothesis"), 3, "accuracy", "MNLI",
                      eval_files=("dev_matched.tsv", "dev_mismatched.tsv"),
                      eval_splits=("validation_matched", "validation_mismatched"),
                      tsv_names=("sentence1", "sentence2", "gold_label"),
-                     label_names=("entailment", "neutral", "contradiction")),
+                     label_names=("entailment", "neutral", "contradiction"), submission="MNLI.tsv"),
     "qnli": TaskSpec("qnli", ("question", "sentence"), 2, "accuracy", "QNLI",
-                     tsv_names=("question", "sentence", "label"), label_names=("entailment", "not_entailment")),
+                     tsv_names=("question", "sentence", "label"), label_names=("entailment", "not_entailment"),
+                     submission="QNLI.tsv"),
     "rte": TaskSpec("rte", ("sentence1", "sentence2"), 2, "accuracy", "RTE",
-                    tsv_names=("sentence1", "sentence2", "label"), label_names=("entailment", "not_entailment")),
+                    tsv_names=("sentence1", "sentence2", "label"), label_names=("entailment", "not_entailment"),
+                    submission="RTE.tsv"),
     "synthetic": TaskSpec("synthetic", ("sentence",), 2, "accuracy"),
 }
 
@@ -55,7 +78,8 @@ TASKS: dict[str, TaskSpec] = {
 @dataclass
 class Example:
     texts: tuple[str, ...]
-    label: float
+    label: float  # UNLABELLED in test files
+    key: str = ""  # the file's index / id column where it has one (GLUE submissions need it)
 
 
 @dataclass
@@ -80,6 +104,8 @@ class DataSettings:
     synthetic_eval: int = 500
     synthetic_standin: bool = False  # generate data of the task's shape (labels, fields) instead of loading it
     seed: int = 0
+    split: str = "validation"  # the evaluation split: validation (dev), or test
+    test_file: str | None = None  # with train_file: the test split's CSV / JSON
 
 
 def spec_for(name: str) -> TaskSpec:
@@ -129,27 +155,51 @@ def synthetic_examples(n: int, seed: int, num_labels: int = 2, fields: int = 1) 
 
 
 # -- classic GLUE TSV ----------------------------------------------------------------------------
-def read_glue_tsv(path: Path, spec: TaskSpec) -> list[Example]:
+def read_glue_tsv(path: Path, spec: TaskSpec, training: bool = False, labelled: bool = True) -> list[Example]:
     """The standard GLUE download: tab-separated, quotes are literal text (no escaping),
-    MRPC starts with a byte-order mark, CoLA has no header, STS-B has ten columns."""
+    MRPC starts with a byte-order mark, CoLA has no header, STS-B has ten columns; test files
+    have an index column and no labels.
+
+    A row that cannot be parsed (too few columns, an unknown label) is never dropped silently:
+    in a training file it is skipped with a warning that counts them (a few exist in the
+    official QQP / MNLI files); in an evaluation file it is an error naming its line, since a
+    score on part of the dev set is not comparable with anyone's."""
     csv.field_size_limit(sys.maxsize)
     with open(path, encoding="utf-8-sig", newline="") as fh:
         rows = list(csv.reader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
-    if spec.tsv_columns is not None:
-        positions, body = spec.tsv_columns, rows
+    index = None
+    if labelled and spec.tsv_columns is not None:
+        positions, body, first_line = spec.tsv_columns, rows, 1
     else:
-        header = rows[0]
-        missing = [n for n in spec.tsv_names if n not in header]
+        header = rows[0] if rows else []
+        names = spec.tsv_names if labelled else spec.test_text_names()
+        missing = [n for n in names if n not in header]
         if missing:
             raise DSEEError(f"{path} has no column(s) {missing}; its header is {header}. Is this the "
                             f"{spec.glue_dir} file of the classic GLUE download?")
-        positions, body = tuple(header.index(n) for n in spec.tsv_names), rows[1:]
-    out = []
-    for row in body:
+        positions, body, first_line = tuple(header.index(n) for n in names), rows[1:], 2
+        index = next((header.index(n) for n in ("index", "id") if n in header), None)
+    texts_at = positions[:-1] if labelled else positions
+    out, bad = [], []
+    for line, row in enumerate(body, start=first_line):
+        if not row:
+            continue  # a blank line holds no example
         if len(row) <= max(positions):
-            continue  # a truncated line (a few exist in the official QQP/MNLI files)
-        raw = row[positions[-1]]
-        out.append(Example(tuple(row[p] for p in positions[:-1]), _label(raw, spec, path)))
+            bad.append((line, f"it has {len(row)} tab-separated column(s), and this task needs {max(positions) + 1}"))
+            continue
+        try:
+            label = _label(row[positions[-1]], spec, path) if labelled else UNLABELLED
+        except (ValueError, DSEEError):
+            bad.append((line, f"its label {row[positions[-1]]!r} is not a valid label"))
+            continue
+        key = row[index] if index is not None and index < len(row) else str(len(out))
+        out.append(Example(tuple(row[p] for p in texts_at), label, key))
+    if bad and training:
+        log.warning("%s: skipped %d line(s) that cannot be parsed (line %d: %s)", path, len(bad), *bad[0])
+    elif bad:
+        raise DSEEError(f"{path}, line {bad[0][0]}, cannot be parsed: {bad[0][1]} ({len(bad)} such line(s) in the "
+                        f"file). Evaluation files are read whole, so that scores stay comparable: repair the file "
+                        f"(one example per line, tab-separated, no quoting) or use the official GLUE download.")
     return out
 
 
@@ -161,21 +211,47 @@ def _label(raw: str, spec: TaskSpec, where: object) -> float:
     return float(raw)
 
 
-def load_glue_dir(data_dir: Path, spec: TaskSpec) -> tuple[list[Example], dict[str, list[Example]]]:
+def glue_dir_files(data_dir: Path, spec: TaskSpec, split: str = "validation") -> tuple[Path, list[Path]]:
+    """(train.tsv, the split's files) in a classic GLUE download; a clear error when one is missing."""
+    if not Path(data_dir).is_dir():
+        raise DSEEError(f"task.data_dir={str(data_dir)!r} does not exist. It should be the folder of the classic "
+                        f"GLUE download that holds {spec.glue_dir}/train.tsv and {spec.glue_dir}/{spec.eval_files[0]}.")
     folder = Path(data_dir) / spec.glue_dir
-    needed = [folder / "train.tsv", *(folder / f for f in spec.eval_files)]
-    missing = [str(p) for p in needed if not p.is_file()]
+    train, evals = folder / "train.tsv", [folder / f for f in spec.files(split)]
+    missing = [str(p) for p in (train, *evals) if not p.is_file()]
     if missing:
         raise DSEEError(
             f"task.data_dir={str(data_dir)!r} lacks {', '.join(missing)}. It should be the folder of the "
-            f"classic GLUE download that holds {spec.glue_dir}/train.tsv and {spec.glue_dir}/{spec.eval_files[0]}."
+            f"classic GLUE download that holds {spec.glue_dir}/train.tsv and {spec.glue_dir}/{spec.files(split)[0]}."
         )
-    evals = {split: read_glue_tsv(folder / f, spec) for split, f in zip(spec.eval_splits, spec.eval_files)}
-    return read_glue_tsv(folder / "train.tsv", spec), evals
+    return train, evals
+
+
+def load_glue_dir(data_dir: Path, spec: TaskSpec, split: str = "validation"
+                  ) -> tuple[list[Example], dict[str, list[Example]]]:
+    train, files = glue_dir_files(data_dir, spec, split)
+    labelled = split == "validation"
+    evals = {name: read_glue_tsv(f, spec, labelled=labelled) for name, f in zip(spec.splits(split), files)}
+    return read_glue_tsv(train, spec, training=True), evals
+
+
+def check_data_files(settings: DataSettings) -> None:
+    """Fail before any model is loaded when the named local data is not there."""
+    if settings.synthetic_standin or settings.name == "synthetic":
+        return
+    if settings.train_file or settings.validation_file:
+        for what, value in (("task.train_file", settings.train_file),
+                            ("task.validation_file", settings.validation_file),
+                            ("task.test_file", settings.test_file if settings.split == "test" else "")):
+            if value and not Path(value).is_file():
+                raise DSEEError(f"{what}={value!r} does not exist.")
+    elif settings.data_dir:
+        glue_dir_files(Path(settings.data_dir), spec_for(settings.name), settings.split)
 
 
 # -- CSV / JSON files -----------------------------------------------------------------------------
-def read_table(path: Path, fields: tuple[str, ...], label_field: str, spec: TaskSpec) -> list[Example]:
+def read_table(path: Path, fields: tuple[str, ...], label_field: str, spec: TaskSpec,
+               require_label: bool = True) -> list[Example]:
     import datasets
 
     path = Path(path)
@@ -186,11 +262,22 @@ def read_table(path: Path, fields: tuple[str, ...], label_field: str, spec: Task
         raise DSEEError(f"data file {str(path)!r}: unknown format; use .csv, .tsv, .json or .jsonl.")
     kwargs = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
     table = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
-    missing = [f for f in (*fields, label_field) if f not in table.column_names]
+    missing = [f for f in (*fields, *([label_field] if require_label else [])) if f not in table.column_names]
     if missing:
         raise DSEEError(f"{path} has no column(s) {missing}; it has {table.column_names}. Set "
                         f"task.text_fields=[...] and task.label_field=... to its column names.")
-    return [Example(tuple(str(r[f]) for f in fields), _label(str(r[label_field]), spec, path)) for r in table]
+    labelled = label_field in table.column_names  # a test file may have none
+    out = []
+    for row_number, r in enumerate(table, start=2 if kind == "csv" else 1):
+        try:
+            label = _label(str(r[label_field]), spec, path) if labelled else UNLABELLED
+        except (ValueError, DSEEError):
+            valid = "one of " + ", ".join(spec.label_names) if spec.label_names else "a number"
+            raise DSEEError(f"{path}, row {row_number}: the label {r[label_field]!r} is not valid for task "
+                            f"{spec.name!r} ({valid} expected).") from None
+        key = str(r.get("idx", r.get("index", r.get("id", len(out)))))
+        out.append(Example(tuple(str(r[f]) for f in fields), label, key))
+    return out
 
 
 # -- Hugging Face Hub -----------------------------------------------------------------------------
@@ -203,11 +290,12 @@ def hub_data_hint(spec: TaskSpec) -> DSEEError:
     )
 
 
-def load_hub(spec: TaskSpec) -> tuple[list[Example], dict[str, list[Example]]]:
+def load_hub(spec: TaskSpec, split: str = "validation") -> tuple[list[Example], dict[str, list[Example]]]:
     import datasets
 
-    def convert(split) -> list[Example]:
-        return [Example(tuple(r[f] for f in spec.text_fields), float(r["label"])) for r in split]
+    def convert(split) -> list[Example]:  # test splits carry label -1: UNLABELLED
+        return [Example(tuple(r[f] for f in spec.text_fields), float(r["label"]), str(r.get("idx", i)))
+                for i, r in enumerate(split)]
 
     hint = hub_data_hint(spec)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -219,29 +307,36 @@ def load_hub(spec: TaskSpec) -> tuple[list[Example], dict[str, list[Example]]]:
         if offline or not hub_reachable():
             raise hint from exc
         raise
-    return convert(ds["train"]), {s: convert(ds[s]) for s in spec.eval_splits}
+    return convert(ds["train"]), {s: convert(ds[s]) for s in spec.splits(split)}
 
 
 def load_task(settings: DataSettings) -> TaskData:
     spec = spec_for(settings.name)
+    split = settings.split
+    if split not in SPLITS:
+        raise choice_error("evaluation split", split, SPLITS)
     if spec.name == "synthetic" or settings.synthetic_standin:
         shape = (spec.num_labels, len(spec.text_fields))
         train = synthetic_examples(settings.synthetic_train, settings.seed, *shape)
-        evals = {split: synthetic_examples(settings.synthetic_eval, settings.seed + 10_000 + i, *shape)
-                 for i, split in enumerate(spec.eval_splits)}
+        offset = 10_000 if split == "validation" else 20_000  # a labelled test split of its own
+        evals = {name: synthetic_examples(settings.synthetic_eval, settings.seed + offset + i, *shape)
+                 for i, name in enumerate(spec.splits(split))}
         source = "synthetic" if spec.name == "synthetic" else f"synthetic stand-in for {spec.name}"
     elif settings.train_file or settings.validation_file:
         if not (settings.train_file and settings.validation_file):
             raise DSEEError("task.train_file and task.validation_file go together: give both.")
+        if split == "test" and not settings.test_file:
+            raise DSEEError("The test split of task.train_file / task.validation_file data needs task.test_file=...")
         fields = tuple(settings.text_fields or spec.text_fields)
         train = read_table(Path(settings.train_file), fields, settings.label_field, spec)
-        evals = {"validation": read_table(Path(settings.validation_file), fields, settings.label_field, spec)}
-        source = f"{settings.train_file}, {settings.validation_file}"
+        eval_file = settings.validation_file if split == "validation" else settings.test_file
+        evals = {split: read_table(Path(eval_file), fields, settings.label_field, spec, split == "validation")}
+        source = f"{settings.train_file}, {eval_file}"
     elif settings.data_dir:
-        train, evals = load_glue_dir(Path(settings.data_dir), spec)
+        train, evals = load_glue_dir(Path(settings.data_dir), spec, split)
         source = str(Path(settings.data_dir) / spec.glue_dir)
     else:
-        train, evals = load_hub(spec)
+        train, evals = load_hub(spec, split)
         source = "hub:nyu-mll/glue"
     if settings.max_train_samples:
         train = train[: settings.max_train_samples]
@@ -257,13 +352,19 @@ def load_task(settings: DataSettings) -> TaskData:
 class Encoded:
     input_ids: list[list[int]]
     labels: torch.Tensor
+    keys: list[str] | None = None  # each example's index in its file
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.labels)) and bool((self.labels != UNLABELLED).all())
 
 
 def encode(examples: list[Example], tokenizer, max_length: int, regression: bool) -> Encoded:
     columns = list(zip(*[e.texts for e in examples]))
     enc = tokenizer(*columns, truncation=True, max_length=max_length)
     dtype = torch.float32 if regression else torch.long
-    return Encoded(enc["input_ids"], torch.tensor([e.label for e in examples], dtype=dtype))
+    return Encoded(enc["input_ids"], torch.tensor([e.label for e in examples], dtype=dtype),
+                   [e.key or str(i) for i, e in enumerate(examples)])
 
 
 def pad(seqs: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,10 +25,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from .adapters import AdapterSettings, adapters_of, set_omegas, unwrap_adapters
 from .arch import weight_out_in
+from .atomic import atomic_write_text, fsync_dir, fsync_file
 from .methods import MethodSettings, prepare_method
 from .pruning import apply_masks, prune_heads
-from .slimming import prune_ffn
-from .sparse_training import finalize_sparse_training, sparse_layers
+from .slimming import FROZEN_CHANGED, prune_ffn
+from .sparse_training import SparseTrainingSettings, finalize_sparse_training, sparse_layers
 
 MASK_PREFIX = "mask::"
 SPARSE_MASK_PREFIX = "sparsemask::"
@@ -43,8 +45,11 @@ def unpack_mask(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
 
 
 def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything that differs from the pretrained model: trainable tensors, Ω, masks, heads."""
-    tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    """Everything that differs from the pretrained model: trainable tensors, frozen ones that
+    pruning changed (EarlyBERT folds its coefficients into them), Ω, masks, removed units."""
+    params = dict(model.named_parameters())
+    frozen_changed = sorted(n for n in getattr(model, FROZEN_CHANGED, ()) if not params[n].requires_grad)
+    tensors = {n: p.detach() for n, p in params.items() if p.requires_grad or n in frozen_changed}
     adapters = adapters_of(model)
     for name, a in adapters.items():
         for k in range(len(a.slices)):
@@ -66,6 +71,7 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
         "mask_shapes": shapes,
         "mask_delta": mask_delta,
         "sparse_masks": sparse,
+        "frozen_changed": frozen_changed,
     }
     return tensors, meta
 
@@ -90,6 +96,7 @@ def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict
         layers[name].mask.copy_(unpack_mask(tensors[SPARSE_MASK_PREFIX + name], info["shape"]))
         layers[name].sparsity = info["sparsity"]
     params = dict(model.named_parameters())
+    frozen = set(meta.get("frozen_changed", ()))
     with torch.no_grad():
         for name, value in tensors.items():
             if "::" in name or ".omega_" in name:  # masks, and the trainer's optim::/rng:: entries
@@ -97,7 +104,9 @@ def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict
             if name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in this model")
             params[name].copy_(value)
-            params[name].requires_grad_(True)
+            params[name].requires_grad_(name not in frozen)
+    if frozen:
+        setattr(model, FROZEN_CHANGED, frozen)
 
 
 def _atomic_dir(target: Path):
@@ -109,26 +118,63 @@ def _atomic_dir(target: Path):
 
 
 def _commit_dir(tmp: Path, target: Path) -> None:
+    """Swap a finished export directory in. Its files are on disk before the switch; a kill
+    between the two renames leaves no export, which the rerun (no metrics.json yet) writes again."""
+    for f in tmp.iterdir():
+        fsync_file(f)
+    fsync_dir(tmp)
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
+STATE_META = "meta.json"
+
+
 def save_state_dir(target: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write tensors + meta.json atomically: the directory appears complete or not at all."""
+    """Tensors + meta.json, crash-safe: the tensors go to a new file, then meta.json (which names
+    it) is replaced in one rename. A kill at any moment leaves the old state or the new one."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _atomic_dir(target)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    _commit_dir(tmp, target)
+    target.mkdir(parents=True, exist_ok=True)
+    name = f"state-{time.time_ns()}.safetensors"
+    tmp = target / f".{name}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    fsync_file(tmp)
+    os.replace(tmp, target / name)
+    atomic_write_text(target / STATE_META, json.dumps({**meta, "state_file": name}, indent=2, sort_keys=True))
+    clean_state_dir(target)
+
+
+def clean_state_dir(target: Path) -> None:
+    """Remove what a commit superseded or a killed write left behind: every file but meta.json
+    and the state file it names."""
+    target = Path(target)
+    meta = target / STATE_META
+    current = json.loads(meta.read_text()).get("state_file") if meta.is_file() else None
+    for f in target.iterdir():
+        if f.name not in (STATE_META, current) and (f.name.startswith((".", "state")) or f.suffix == ".tmp"):
+            shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
 
 
 def load_state_dir(target: Path) -> tuple[dict[str, torch.Tensor], dict]:
     target = Path(target)
-    return load_file(str(target / "state.safetensors")), json.loads((target / "meta.json").read_text())
+    meta = json.loads((target / STATE_META).read_text())
+    return load_file(str(target / meta.get("state_file", "state.safetensors"))), meta
+
+
+def method_from_meta(saved: dict) -> MethodSettings:
+    """The MethodSettings that ``save_adapter`` wrote as JSON (nested settings, tuples as lists)."""
+    method = dict(saved)
+    method["adapter"] = AdapterSettings(**method["adapter"])
+    method["targets"] = tuple(method["targets"]) if method.get("targets") else None
+    if "sparse" in method:
+        sparse = dict(method["sparse"])
+        sparse["score_terms"] = tuple(sparse["score_terms"])
+        method["sparse"] = SparseTrainingSettings(**sparse)
+    return MethodSettings(**method)
 
 
 def save_adapter(model: nn.Module, target: Path, method: MethodSettings, base_model: str) -> None:
@@ -141,10 +187,7 @@ def save_adapter(model: nn.Module, target: Path, method: MethodSettings, base_mo
 def apply_adapter(model: nn.Module, target: Path) -> None:
     """Re-apply a ``save_adapter`` directory onto the pretrained model it came from."""
     tensors, meta = load_state_dir(target)
-    method = dict(meta["method"])
-    method["adapter"] = AdapterSettings(**method["adapter"])
-    method["targets"] = tuple(method["targets"]) if method["targets"] else None
-    prepare_method(model, MethodSettings(**method))
+    prepare_method(model, method_from_meta(meta["method"]))
     restore_state(model, tensors, meta)
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from .data import pad
 from .errors import DSEEError
 from .models import hub_reachable
+from .precision import FP32, Precision
 
 SEPARATOR = " ||"
 # What each task reports (DSEE Table 4): E2E BLEU / METEOR / NIST (+ ROUGE-L, CIDEr), others TER.
@@ -102,14 +103,33 @@ def _find(data_dir: Path, stems: tuple[str, ...]) -> Path | None:
     return None
 
 
-def load_dir(data_dir: Path, split: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
-    """train + the evaluation split from a folder (LoRA's data/e2e layout or the E2E CSVs)."""
+def check_nlg_files(s: NLGSettings) -> None:
+    """Fail before any model is loaded when the named local data is not there."""
+    if s.synthetic:
+        return
+    for what, value in (("task.train_file", s.train_file), ("task.validation_file", s.validation_file)):
+        if value and not Path(value).is_file():
+            raise DSEEError(f"{what}={value!r} does not exist.")
+    if s.data_dir and not (s.train_file or s.validation_file):
+        if not Path(s.data_dir).is_dir():
+            raise DSEEError(f"task.data_dir={s.data_dir!r} does not exist: it should be a folder with train and "
+                            f"valid / test files (E2E CSV, LoRA-style .txt, or JSON lines).")
+        _dir_files(Path(s.data_dir), s.eval_split)
+
+
+def _dir_files(data_dir: Path, split: str) -> tuple[Path, Path]:
     train = _find(data_dir, ("train", "trainset"))
     wanted = ("valid", "validation", "dev", "devset") if split == "validation" else ("test", "testset_w_refs")
     evaluation = _find(data_dir, wanted)
     if train is None or evaluation is None:
         raise DSEEError(f"{data_dir} needs a training file (train.txt / trainset.csv / train.jsonl) and an "
                         f"evaluation file for split {split!r} ({' / '.join(wanted)} with .txt, .csv or .jsonl).")
+    return train, evaluation
+
+
+def load_dir(data_dir: Path, split: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
+    """train + the evaluation split from a folder (LoRA's data/e2e layout or the E2E CSVs)."""
+    train, evaluation = _dir_files(data_dir, split)
     return read_pairs(train), read_pairs(evaluation), f"{train}, {evaluation}"
 
 
@@ -248,7 +268,8 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: f
 
 
 @torch.no_grad()
-def token_accuracy(model: nn.Module, data: LMEncoded, pad_id: int, device, batch_size: int) -> dict[str, float]:
+def token_accuracy(model: nn.Module, data: LMEncoded, pad_id: int, device, batch_size: int,
+                   precision: Precision = FP32) -> dict[str, float]:
     """Teacher-forced next-token accuracy and loss on the targets: cheap, for evaluation while training."""
     model.eval()
     right = total = 0
@@ -257,7 +278,8 @@ def token_accuracy(model: nn.Module, data: LMEncoded, pad_id: int, device, batch
         batch = {k: v.to(device) for k, v in collate_lm(data, list(range(start, min(start + batch_size,
                                                                                     len(data.input_ids)))),
                                                           pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        with precision.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
         keep = targets != -100
         right += int((logits.argmax(-1)[keep] == targets[keep]).sum())
@@ -277,19 +299,20 @@ class DecodeSettings:
 
 @torch.no_grad()
 def decode(model: nn.Module, tokenizer, prompts: list[list[int]], settings: DecodeSettings, device,
-           eos_id: int, pad_id: int, progress=lambda done, total: None) -> list[str]:
+           eos_id: int, pad_id: int, progress=lambda done, total: None, precision: Precision = FP32) -> list[str]:
     """Batched beam search; prompts are left-padded so every row continues from its last token."""
     model.eval()
     outputs: list[str] = []
     for start in range(0, len(prompts), settings.batch_size):
         ids, mask = pad(prompts[start : start + settings.batch_size], pad_id, left=True)
         width = ids.shape[1]
-        generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), num_beams=settings.num_beams,
-            length_penalty=settings.length_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-            max_new_tokens=settings.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False,
-            early_stopping=True,
-        )
+        with precision.autocast():
+            generated = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), num_beams=settings.num_beams,
+                length_penalty=settings.length_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
+                max_new_tokens=settings.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False,
+                early_stopping=True,
+            )
         for row in generated[:, width:].tolist():
             if eos_id in row:
                 row = row[: row.index(eos_id)]

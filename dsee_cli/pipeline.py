@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import time
+import traceback
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -28,12 +29,21 @@ from .adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weig
 from .arch import attention_units
 from .atomic import atomic_write_text
 from .config import RunConfig, method_settings, pruning_settings, sparsity_schedule, task_hparams, validate
-from .data import DataSettings, load_task
+from .data import DataSettings, check_data_files, load_task
 from .errors import DSEEError
-from .export import export_merged, load_state_dir, model_state, restore_state, save_adapter, save_state_dir
+from .export import (
+    clean_state_dir,
+    export_merged,
+    load_state_dir,
+    model_state,
+    restore_state,
+    save_adapter,
+    save_state_dir,
+)
 from .methods import MERGEABLE, SPARSE_TRAINING, prepare_method
 from .models import TINY_MODELS, hub_reachable, resolve_source
-from .nlg import NLG_TASKS, NLGSettings, load_nlg
+from .nlg import NLG_TASKS, NLGSettings, check_nlg_files, load_nlg
+from .precision import Precision, resolve_precision
 from .pruning import (
     PruningSettings,
     apply_masks,
@@ -45,7 +55,7 @@ from .pruning import (
 )
 from .slimming import add_slimming, slim_and_prune, slimming_penalty
 from .sparse_training import sparse_layers, update_masks
-from .tasks import prepare_task
+from .tasks import data_settings, nlg_settings, prepare_task
 from .train import (
     PhaseSettings,
     PhaseState,
@@ -71,13 +81,49 @@ def pick_device(name: str) -> torch.device:
 
 
 def config_fingerprint(cfg: RunConfig) -> str:
-    """What must match for a checkpoint to be resumed (not logging, not resume itself)."""
+    """What must match for a run directory's checkpoint or metrics.json to be this run's: every
+    setting that changes its numbers (not logging, where it runs, how often it saves or prints)."""
     d = asdict(cfg)
     for key in ("logger", "resume"):
         d.pop(key)
-    for key in ("checkpoint_every", "device", "threads"):
+    for key in ("checkpoint_every", "device", "threads", "log_every_seconds"):
         d["trainer"].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def finished_metrics(run_dir: Path, fingerprint: str, say) -> dict | None:
+    """The run directory's metrics.json if it is this configuration's; another one's is removed."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    if metrics.get("fingerprint") == fingerprint:
+        return metrics
+    say(f"metrics.json here is from a different configuration (fingerprint {metrics.get('fingerprint')}, "
+        f"this run {fingerprint}): starting over")
+    path.unlink()
+    return None
+
+
+def clean_leftovers(run_dir: Path) -> None:
+    """Temporary files and directories a killed run left (a half-written checkpoint or export)."""
+    for parent in (run_dir, run_dir / "export"):
+        if parent.is_dir():
+            for f in parent.glob(".*"):
+                if ".tmp" in f.name or ".old-" in f.name:
+                    shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+    if (run_dir / "checkpoint").is_dir():
+        clean_state_dir(run_dir / "checkpoint")
+
+
+def write_failure(run_dir: Path, exc: BaseException, stage: str, sweep_run: str | None = None) -> Path:
+    """failed.json: what stopped this run, so that a sweep can go on and be reported honestly.
+    Call it from the ``except`` block (the traceback is the one being handled)."""
+    record = {"error": str(exc), "type": type(exc).__name__, "stage": stage, "sweep_run": sweep_run,
+              "traceback": None if isinstance(exc, DSEEError) else traceback.format_exc()}
+    path = Path(run_dir) / "failed.json"
+    atomic_write_text(path, json.dumps(record, indent=2))
+    return path
 
 
 class Checkpoint:
@@ -87,16 +133,16 @@ class Checkpoint:
         self.dir = Path(run_dir) / "checkpoint"
         self.fingerprint = fingerprint
 
-    def load(self) -> tuple[dict, dict] | None:
+    def load(self, say=lambda text: None) -> tuple[dict, dict] | None:
+        """This configuration's checkpoint; another configuration's is removed (the run starts over)."""
         if not (self.dir / "meta.json").is_file():
             return None
         tensors, meta = load_state_dir(self.dir)
         if meta.get("fingerprint") != self.fingerprint:
-            raise DSEEError(
-                f"{self.dir} holds a checkpoint of a different configuration (fingerprint "
-                f"{meta.get('fingerprint')} vs {self.fingerprint}). Use another run directory "
-                f"(hydra.run.dir=...) or start over here with resume=false."
-            )
+            say(f"the checkpoint here is from a different configuration (fingerprint {meta.get('fingerprint')}, "
+                f"this run {self.fingerprint}): starting over")
+            self.clear()
+            return None
         return tensors, meta
 
     def save(self, model, stage: str, progress: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
@@ -130,7 +176,7 @@ def omega_cache_dir(cfg: RunConfig) -> Path | None:
 _PHASE_SEED_OFFSET = {"phase1": 0, "recovery": 1}
 
 
-def phase_settings(cfg: RunConfig, phase: str) -> PhaseSettings:
+def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> PhaseSettings:
     """Phase I, or a recovery phase (``recovery``, and IMP's ``retrain<r>`` between rounds)."""
     t, task, per_model = cfg.trainer, cfg.task, task_hparams(cfg)
     p = t.phase1 if phase == "phase1" else t.recovery
@@ -141,7 +187,7 @@ def phase_settings(cfg: RunConfig, phase: str) -> PhaseSettings:
     return PhaseSettings(
         name=phase, epochs=epochs, lr=lr, batch_size=per_model.batch_size, eval_batch_size=t.eval_batch_size,
         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, bf16=t.bf16,
+        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, precision=precision,
         seed=cfg.seed * 1000 + (_PHASE_SEED_OFFSET[phase] if phase in _PHASE_SEED_OFFSET
                                  else 1 + int(phase.removeprefix("retrain"))),
     )
@@ -164,6 +210,10 @@ def preflight(cfg: RunConfig) -> None:
             load_nlg(NLGSettings(name=cfg.task.name, eval_split=cfg.task.eval_split))
         else:
             load_task(DataSettings(name=cfg.task.name, max_train_samples=1, max_eval_samples=1))
+    elif cfg.task.name in NLG_TASKS:
+        check_nlg_files(nlg_settings(cfg))
+    else:
+        check_data_files(data_settings(cfg))
 
 
 def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda text: None) -> dict:
@@ -171,21 +221,24 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     validate(cfg)
-    if metrics_path.is_file() and cfg.resume:
+    fingerprint = config_fingerprint(cfg)
+    clean_leftovers(run_dir)
+    if cfg.resume and (done := finished_metrics(run_dir, fingerprint, say)) is not None:
         say("already complete: metrics.json exists (resume=false starts over)")
-        return json.loads(metrics_path.read_text())
-    if not cfg.resume:
-        metrics_path.unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "export", ignore_errors=True)
+        return done
+    metrics_path.unlink(missing_ok=True)
+    (run_dir / "failed.json").unlink(missing_ok=True)  # an earlier attempt's; this one is under way
+    shutil.rmtree(run_dir / "export", ignore_errors=True)
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
     device = pick_device(cfg.trainer.device)
+    precision = resolve_precision(cfg.trainer.precision, device)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     seed_everything(cfg.seed)
 
-    say("Model and data")
-    task = prepare_task(cfg, run_dir, say, sink)
+    say(f"Model and data (on {device}, precision {precision.name})")
+    task = prepare_task(cfg, say, sink)
     loaded, model, tokenizer = task.loaded, task.loaded.model, task.loaded.tokenizer
     train_enc, eval_enc, pad_id = task.train, task.evals, tokenizer.pad_token_id
 
@@ -202,10 +255,10 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
             raise DSEEError(f"pruning.heads_to_remove={pruning.heads_to_remove} is out of range: this model has "
                             f"{heads} heads per layer, so it must be between 0 and {heads - 1}.")
 
-    ckpt = Checkpoint(run_dir, config_fingerprint(cfg))
+    ckpt = Checkpoint(run_dir, fingerprint)
     if not cfg.resume:
         ckpt.clear()
-    saved = ckpt.load()
+    saved = ckpt.load(say)
     meta: dict = {}
     omega_info: dict = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -252,7 +305,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         resume = (_state(meta, name), tensors) if stage == name else None
         l1 = pruning.slimming_l1
         return train_phase(
-            model, train_enc, eval_enc, task.ops, phase_settings(cfg, name), pad_id, device,
+            model, train_enc, eval_enc, task.ops, phase_settings(cfg, name, precision), pad_id, device,
             save=lambda st, extra: ckpt.save(model, name, progress_meta(**{name: st}), extra),
             sink=sink, resume=resume, hooks=StepHooks(
                 regularizer=(lambda: l1 * slimming_penalty(model)) if hasattr_slimming(model) else None,
@@ -298,8 +351,9 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
 
     say("Evaluation and export")
     final_phase = recovery if pruning.method != "none" else phase1
-    final_eval = task.ops.evaluate(model, eval_enc, pad_id, device, cfg.trainer.eval_batch_size, cfg.trainer.bf16)
-    generation = task.generate(model, device) if task.generate else None
+    final_eval = task.ops.evaluate(model, eval_enc, pad_id, device, cfg.trainer.eval_batch_size, precision)
+    generation = task.generate(model, device, precision, run_dir / f"generations-{cfg.task.eval_split}.jsonl") \
+        if task.generate else None
     _, scope_nonzero = scope_size(model)
     export_info = {}
     started = time.perf_counter()
@@ -331,6 +385,9 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         "seconds": {k: round(v, 3) for k, v in seconds.items()} | {"total": round(time.perf_counter() - t_start, 3)},
         "export": export_info,
         "config": asdict(cfg),
+        "fingerprint": fingerprint,
+        "precision": precision.name,
+        "device": str(device),
     }
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True, default=str))
     ckpt.save(model, "done", progress_meta(phase1=phase1, **states))

@@ -17,6 +17,10 @@ from .arch import GPT2, attention_units, family_of, layer_prefix, transformer_la
 from .errors import DSEEError
 from .pruning import lowest_heads, prune_heads, shrink_inputs, shrink_outputs
 
+# The model attribute naming frozen parameters that pruning changed (the folded projections):
+# checkpoints and export/adapter must save them although they do not train.
+FROZEN_CHANGED = "dsee_frozen_changed"
+
 
 def ffn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(expanding, contracting) projection names of each block's FFN."""
@@ -89,7 +93,11 @@ def prune_ffn(model: nn.Module, removed: dict[int, list[int]]) -> None:
 def slim_and_prune(model: nn.Module, heads_to_remove: int, ffn_fraction: float) -> dict:
     """Fold the learned coefficients in, then remove the weakest heads and FFN neurons per layer."""
     n_layers = len(transformer_layers(model))
-    coeffs = [_fold_and_remove(m) for m, _, _ in _consumers(model)]
+    consumers = [m for m, _, _ in _consumers(model)]
+    names = {id(m): n for n, m in model.named_modules()}
+    setattr(model, FROZEN_CHANGED, set(getattr(model, FROZEN_CHANGED, ())) |
+            {f"{names[id(m)]}.weight" for m in consumers})
+    coeffs = [_fold_and_remove(m) for m in consumers]
     head_scores, ffn_scores = torch.stack(coeffs[:n_layers]), coeffs[n_layers:]
     heads = lowest_heads(head_scores, heads_to_remove)
     ffn = {layer: lowest_units(s, ffn_fraction) for layer, s in enumerate(ffn_scores)}

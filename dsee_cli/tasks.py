@@ -29,6 +29,7 @@ from .nlg import (
     token_accuracy,
 )
 from .nlg_metrics import nlg_metrics
+from .precision import Precision
 from .train import ProgressSink, TaskOps, classification_ops
 
 
@@ -41,22 +42,50 @@ class PreparedTask:
     evals: dict[str, object]
     ops: TaskOps
     data_source: str
-    generate: Callable[[torch.nn.Module, torch.device], dict[str, float]] | None = None  # decode + NLG metrics
+    # (model, device, precision, where to write the decoded texts or None) -> the NLG metrics
+    generate: Callable[[torch.nn.Module, torch.device, Precision, Path | None], dict[str, float]] | None = None
 
 
-def prepare_task(cfg: RunConfig, run_dir: Path, say, sink: ProgressSink) -> PreparedTask:
-    tiny = TinySize(cfg.model.tiny_hidden, cfg.model.tiny_layers, cfg.model.tiny_heads, cfg.model.tiny_intermediate)
-    max_length = task_hparams(cfg).max_length
+def data_settings(cfg: RunConfig, split: str = "validation") -> DataSettings:
     t = cfg.task
-    if t.name in NLG_TASKS:
-        return _generation_task(cfg, run_dir, tiny, max_length, say, sink)
-    loaded = load_model(cfg.model.name, cfg.model.path, spec_for(t.name).num_labels, cfg.seed, tiny)
-    data = load_task(DataSettings(
+    return DataSettings(
         name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
         text_fields=tuple(t.text_fields) if t.text_fields else None, label_field=t.label_field,
         max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples, synthetic_train=t.synthetic_train,
-        synthetic_eval=t.synthetic_eval, synthetic_standin=t.synthetic_standin, seed=cfg.seed,
-    ))
+        synthetic_eval=t.synthetic_eval, synthetic_standin=t.synthetic_standin, seed=cfg.seed, split=split,
+        test_file=t.test_file,
+    )
+
+
+def nlg_settings(cfg: RunConfig) -> NLGSettings:
+    t = cfg.task
+    return NLGSettings(
+        name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
+        eval_split=t.eval_split, max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples,
+        synthetic_train=t.synthetic_train, synthetic_eval=t.synthetic_eval, synthetic=t.synthetic_standin,
+        seed=cfg.seed,
+    )
+
+
+def load_pretrained(cfg: RunConfig) -> LoadedModel:
+    """The pretrained model a run starts from (seeded, so a tiny model and a fresh task head are
+    the same in every process)."""
+    tiny = TinySize(cfg.model.tiny_hidden, cfg.model.tiny_layers, cfg.model.tiny_heads, cfg.model.tiny_intermediate)
+    if cfg.task.name in NLG_TASKS:
+        return load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True)
+    return load_model(cfg.model.name, cfg.model.path, spec_for(cfg.task.name).num_labels, cfg.seed, tiny)
+
+
+def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | None = None,
+                 split: str = "validation") -> PreparedTask:
+    """The task's data encoded for ``loaded`` (default: the pretrained model of the config).
+    ``split`` picks the classification tasks' evaluation split; generation uses task.eval_split."""
+    max_length = task_hparams(cfg).max_length
+    t = cfg.task
+    loaded = loaded or load_pretrained(cfg)
+    if t.name in NLG_TASKS:
+        return _generation_task(cfg, loaded, max_length, say, sink)
+    data = load_task(data_settings(cfg, split))
     regression = data.spec.num_labels == 1
     tok = loaded.tokenizer
     evals = {k: encode(v, tok, max_length, regression) for k, v in data.evals.items()}
@@ -64,39 +93,33 @@ def prepare_task(cfg: RunConfig, run_dir: Path, say, sink: ProgressSink) -> Prep
                         classification_ops(data.spec, next(iter(evals))), data.source)
 
 
-def _generation_task(cfg: RunConfig, run_dir: Path, tiny: TinySize, max_length: int, say,
-                     sink: ProgressSink) -> PreparedTask:
+def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, sink: ProgressSink) -> PreparedTask:
     """GPT-2 on a data-to-text task: causal LM on the targets, beam search, multi-reference metrics."""
     t = cfg.task
-    loaded = load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True)
-    data = load_nlg(NLGSettings(
-        name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
-        eval_split=t.eval_split, max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples,
-        synthetic_train=t.synthetic_train, synthetic_eval=t.synthetic_eval, synthetic=t.synthetic_standin,
-        seed=cfg.seed,
-    ))
+    data = load_nlg(nlg_settings(cfg))
     tok = loaded.tokenizer
     eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     split, examples = next(iter(data.evals.items()))
     evals = {split: encode_eval(examples, tok, max_length, eos_id)}
     smoothing = t.label_smoothing
 
-    def evaluate_lm(model, evals, pad_id, device, batch_size, bf16) -> dict[str, float]:
+    def evaluate_lm(model, evals, pad_id, device, batch_size, precision) -> dict[str, float]:
         return {f"{s}/{k}": v for s, enc in evals.items()
-                for k, v in token_accuracy(model, enc, pad_id, device, batch_size).items()}
+                for k, v in token_accuracy(model, enc, pad_id, device, batch_size, precision).items()}
 
-    def generate(model, device) -> dict[str, float]:
+    def generate(model, device, precision, out_path: Path | None) -> dict[str, float]:
         enc = evals[split]
         settings = DecodeSettings(t.num_beams, t.length_penalty, t.no_repeat_ngram_size, t.max_new_tokens,
                                   t.decode_batch_size)
         say(f"Decoding {len(enc.prompts)} {split} inputs (beam {settings.num_beams})")
         sink.start(f"decode {split}", math.ceil(len(enc.prompts) / settings.batch_size), 0)
         hyps = decode(model, tok, enc.prompts, settings, device, eos_id, tok.pad_token_id,
-                      progress=lambda done, total: sink.advance(float("nan"), 0.0))
+                      progress=lambda done, total: sink.advance(float("nan"), 0.0), precision=precision)
         sink.stop()
-        lines = [json.dumps({"source": ex.source, "hypothesis": h, "references": list(ex.references)})
-                 for ex, h in zip(examples, hyps)]
-        atomic_write_text(run_dir / f"generations-{split}.jsonl", "\n".join(lines) + "\n")
+        if out_path is not None:
+            lines = [json.dumps({"source": ex.source, "hypothesis": h, "references": list(ex.references)})
+                     for ex, h in zip(examples, hyps)]
+            atomic_write_text(out_path, "\n".join(lines) + "\n")
         scores = nlg_metrics(hyps, enc.references, NLG_TASKS[t.name]["metrics"])
         return {f"{split}/{k}": v for k, v in scores.items()}
 

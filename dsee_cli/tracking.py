@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -55,17 +57,59 @@ def _wandb_logged_in() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-class RichSink(ProgressSink):
-    """A progress bar with loss, lr and it/s; every logged value also goes to the tracker."""
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s"
 
-    def __init__(self, tracker: Tracker):
+
+class PlainProgress:
+    """For logs read later (SLURM, nohup, CI): one line every ``every`` seconds, and at the end,
+    to the console and dsee.log: phase, step/total, epoch, loss, lr, steps/s, ETA."""
+
+    def __init__(self, phase: str, total: int, done: int, per_epoch: int, every: float):
+        self.phase, self.total, self.step, self.per_epoch, self.every = phase, total, done, per_epoch, every
+        self.first_step = done
+        self.started = self.last = time.monotonic()
+
+    def advance(self, loss: float, lr: float) -> None:
+        self.step += 1
+        now = time.monotonic()
+        if now - self.last >= self.every or self.step == self.total:
+            self.last = now
+            log.info(self.line(loss, lr, now))
+
+    def line(self, loss: float, lr: float, now: float) -> str:
+        rate = (self.step - self.first_step) / max(now - self.started, 1e-9)
+        parts = [f"{self.phase}", f"step {self.step}/{self.total}"]
+        if self.per_epoch:
+            parts.append(f"epoch {self.step / self.per_epoch:.2f}/{self.total / self.per_epoch:.2f}")
+        if math.isfinite(loss):
+            parts += [f"loss {loss:.4f}", f"lr {lr:.2e}"]
+        parts += [f"{rate:.2f} steps/s", f"ETA {_duration((self.total - self.step) / rate if rate else math.inf)}"]
+        return "  ".join(parts)
+
+
+class RichSink(ProgressSink):
+    """A progress bar with loss, lr and it/s on a terminal, plain timed lines otherwise; every
+    logged value (per-step loss and lr, evaluations) also goes to the tracker."""
+
+    def __init__(self, tracker: Tracker, log_every_seconds: float = 30.0, interactive: bool | None = None):
         self.tracker = tracker
+        self.every = log_every_seconds
+        self.interactive = console.is_terminal if interactive is None else interactive
         self.progress: Progress | None = None
+        self.plain: PlainProgress | None = None
         self.task = None
         self.phase = ""
 
-    def start(self, phase: str, total: int, done: int) -> None:
+    def start(self, phase: str, total: int, done: int, per_epoch: int = 0) -> None:
         self.phase = phase
+        if not self.interactive:
+            self.plain = PlainProgress(phase, total, done, per_epoch, self.every)
+            return
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[speed]}"),
@@ -76,6 +120,9 @@ class RichSink(ProgressSink):
                                            speed="")
 
     def advance(self, loss: float, lr: float) -> None:
+        if self.plain is not None:
+            self.plain.advance(loss, lr)
+            return
         task = self.progress.tasks[0]
         speed = f"{task.speed:.1f} it/s" if task.speed else ""
         self.progress.update(self.task, advance=1, loss=loss, lr=lr, speed=speed)
@@ -90,6 +137,7 @@ class RichSink(ProgressSink):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+        self.plain = None
 
 
 class ConsoleFilter(logging.Filter):
@@ -102,6 +150,17 @@ class ConsoleFilter(logging.Filter):
 def banner(text: str) -> None:
     console.rule(f"[bold cyan]{text}")
     log.info(text, extra={"file_only": True})
+
+
+def failures_table(failures: list[dict], sweep_dir: str) -> Table:
+    table = Table(title=f"{len(failures)} failed job(s) in {sweep_dir} (failed.json in each; rerun the "
+                        f"sweep to retry them)", title_justify="left")
+    table.add_column("job", overflow="fold")
+    table.add_column("stage")
+    table.add_column("error", overflow="fold")
+    for f in failures:
+        table.add_row(f["job"], f.get("stage", ""), f"{f.get('type', '')}: {f.get('error', '')}")
+    return table
 
 
 def results_table(metrics: dict) -> Table:

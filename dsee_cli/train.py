@@ -1,6 +1,7 @@
-"""One training phase: AdamW, linear decay with optional warm-up, gradient clipping, bf16
-autocast on GPU, evaluation every N steps with best-by-task-metric selection, and a state
-that can be saved at any step and resumed to the same result (data order, RNG, optimizer)."""
+"""One training phase: AdamW, linear decay with optional warm-up, gradient clipping, mixed
+precision (autocast, and a gradient scaler for fp16), evaluation every N steps with
+best-by-task-metric selection, and a state that can be saved at any step and resumed to the
+same result (data order, every RNG, optimizer, loss scale)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 from .data import Encoded, TaskSpec, collate
 from .errors import DSEEError
 from .metrics import task_metrics
+from .precision import FP32, Precision
 
 
 @dataclass(frozen=True)
@@ -30,7 +32,7 @@ class PhaseSettings:
     eval_every: int = 0  # steps; 0: at the end of every epoch
     checkpoint_every: int = 0  # steps; 0: only at the end of the phase
     max_steps: int = 0  # 0: as many as the epochs make
-    bf16: bool = False
+    precision: Precision = FP32
     seed: int = 1
 
 
@@ -52,7 +54,7 @@ class PhaseState:
 class ProgressSink:
     """What the loop reports to; the CLI gives a rich progress bar, tests give nothing."""
 
-    def start(self, phase: str, total: int, done: int) -> None: ...
+    def start(self, phase: str, total: int, done: int, per_epoch: int = 0) -> None: ...
     def advance(self, loss: float, lr: float) -> None: ...
     def log(self, values: dict, step: int) -> None: ...
     def stop(self) -> None: ...
@@ -67,7 +69,7 @@ class TaskOps:
     """How a kind of task batches, computes its loss and evaluates (classification, generation)."""
 
     collate: Callable[..., dict[str, torch.Tensor]]  # (data, indices, pad_id)
-    evaluate: Callable[..., dict[str, float]]  # (model, evals, pad_id, device, batch_size, bf16)
+    evaluate: Callable[..., dict[str, float]]  # (model, evals, pad_id, device, batch_size, precision)
     main: str  # the metric that picks the best evaluation (higher is better)
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = lambda model, batch: model(**batch).loss
 
@@ -75,34 +77,35 @@ class TaskOps:
 def classification_ops(spec: TaskSpec, first_split: str) -> TaskOps:
     return TaskOps(
         collate=collate,
-        evaluate=lambda model, evals, pad_id, device, bs, bf16: evaluate(model, evals, spec, pad_id, device, bs, bf16),
+        evaluate=lambda model, evals, pad_id, device, bs, precision: evaluate(model, evals, spec, pad_id, device, bs,
+                                                                              precision),
         main=main_metric(spec, first_split),
     )
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, evals: dict[str, Encoded], spec: TaskSpec, pad_id: int, device: torch.device,
-             batch_size: int, bf16: bool = False) -> dict[str, float]:
+def predict(model: nn.Module, data: Encoded, spec: TaskSpec, pad_id: int, device: torch.device, batch_size: int,
+            precision: Precision = FP32) -> torch.Tensor:
+    """One prediction per example: the class index, or the score for regression (STS-B)."""
     model.eval()
+    preds = []
+    for start in range(0, len(data.input_ids), batch_size):
+        idx = list(range(start, min(start + batch_size, len(data.input_ids))))
+        batch = {k: v.to(device) for k, v in collate(data, idx, pad_id).items() if k != "labels"}
+        with precision.autocast():
+            logits = model(**batch).logits.float()
+        preds.append(logits.squeeze(-1) if spec.num_labels == 1 else logits.argmax(-1))
+    return torch.cat(preds).cpu()
+
+
+def evaluate(model: nn.Module, evals: dict[str, Encoded], spec: TaskSpec, pad_id: int, device: torch.device,
+             batch_size: int, precision: Precision = FP32) -> dict[str, float]:
     out: dict[str, float] = {}
     for split, data in evals.items():
-        preds = []
-        for start in range(0, len(data.input_ids), batch_size):
-            idx = list(range(start, min(start + batch_size, len(data.input_ids))))
-            batch = {k: v.to(device) for k, v in collate(data, idx, pad_id).items() if k != "labels"}
-            with _autocast(device, bf16):
-                logits = model(**batch).logits.float()
-            preds.append(logits.squeeze(-1) if spec.num_labels == 1 else logits.argmax(-1))
-        predictions = torch.cat(preds).cpu().numpy()
+        predictions = predict(model, data, spec, pad_id, device, batch_size, precision).numpy()
         for name, value in task_metrics(spec.name, predictions, data.labels.numpy()).items():
             out[f"{split}/{name}"] = value
     return out
-
-
-def _autocast(device: torch.device, bf16: bool):
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def linear_schedule(step: int, total: int, warmup: int) -> float:
@@ -125,6 +128,39 @@ def load_optimizer_tensors(optimizer, params: dict[str, nn.Parameter], tensors: 
             continue
         _, name, slot = key.split("::")
         optimizer.state[params[name]][slot] = value.to(params[name].device) if slot != "step" else value
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """Every generator the training step draws from (dropout): the CPU one and each GPU's."""
+    out = {"rng::torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng::cuda::{i}"] = state
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng::torch"])
+    cuda = sorted((int(k.rsplit("::", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng::cuda::"))
+    if cuda and torch.cuda.is_available():  # the run computes on the first GPU; restore what is there
+        for i, state in cuda[: torch.cuda.device_count()]:
+            torch.cuda.set_rng_state(state, i)
+
+
+def scaler_tensors(scaler: torch.amp.GradScaler | None) -> dict[str, torch.Tensor]:
+    if scaler is None:
+        return {}
+    state = scaler.state_dict()
+    return {"scaler::scale": torch.tensor(float(state["scale"]), dtype=torch.float64),
+            "scaler::growth_tracker": torch.tensor(int(state["_growth_tracker"]))}
+
+
+def load_scaler_tensors(scaler: torch.amp.GradScaler | None, tensors: dict[str, torch.Tensor]) -> None:
+    if scaler is None or "scaler::scale" not in tensors:
+        return
+    state = scaler.state_dict()
+    state.update(scale=float(tensors["scaler::scale"]), _growth_tracker=int(tensors["scaler::growth_tracker"]))
+    scaler.load_state_dict(state)
 
 
 SaveFn = Callable[[PhaseState, dict[str, torch.Tensor]], None]
@@ -172,21 +208,22 @@ def train_phase(
     eval_every = settings.eval_every or per_epoch
     main = ops.main
 
+    precision = settings.precision
+    scaler = precision.grad_scaler()
     state = PhaseState()
-    torch.manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # seeds every device's generator
     if resume is not None:
         state, tensors = resume
         load_optimizer_tensors(optimizer, named, tensors)
-        torch.set_rng_state(tensors["rng::torch"])
+        load_scaler_tensors(scaler, tensors)
+        restore_rng(tensors)
     if state.finished:
         return state
 
     def checkpoint() -> None:
-        extra = optimizer_tensors(optimizer, names)
-        extra["rng::torch"] = torch.get_rng_state()
-        save(state, extra)
+        save(state, optimizer_tensors(optimizer, names) | scaler_tensors(scaler) | rng_tensors())
 
-    sink.start(settings.name, total, state.step)
+    sink.start(settings.name, total, state.step, per_epoch)
     started = time.perf_counter() - state.seconds
     model.train()
     while state.step < total:
@@ -200,7 +237,7 @@ def train_phase(
             group["lr"] = group["peak_lr"] * factor
         if hooks.before_step is not None:
             hooks.before_step(state.step, total)
-        with _autocast(device, settings.bf16):
+        with precision.autocast():
             loss = ops.loss(model, batch)
             if hooks.regularizer is not None:
                 loss = loss + hooks.regularizer()
@@ -210,10 +247,18 @@ def train_phase(
                 f"(learning rate {lr:.3g}). The run stopped; lower the learning rate "
                 f"(trainer.{settings.name}.lr) or enable clipping (trainer.max_grad_norm)."
             )
-        loss.backward()
+        if scaler is None:
+            loss.backward()
+        else:  # fp16: scale the loss so small gradients do not underflow; unscale before clipping
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
         if settings.max_grad_norm > 0:
             nn.utils.clip_grad_norm_(named.values(), settings.max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then backs off
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if hooks.after_step is not None:
             hooks.after_step()
@@ -222,7 +267,7 @@ def train_phase(
         sink.advance(loss_value, lr)
         sink.log({f"{settings.name}/loss": loss_value, f"{settings.name}/lr": lr}, state.step)
         if state.step % eval_every == 0 or state.step == total:
-            scores = ops.evaluate(model, evals, pad_id, device, settings.eval_batch_size, settings.bf16)
+            scores = ops.evaluate(model, evals, pad_id, device, settings.eval_batch_size, precision)
             model.train()
             record = {"step": state.step, **scores}
             state.history.append(record)

@@ -40,3 +40,32 @@ def logits(model, enc):
     model.eval()
     with torch.no_grad():
         return model(**enc).logits
+
+
+# In-process runs: the config composed by Hydra exactly as `dsee train` does, then the library.
+QUICK = ["logger=none", "trainer=smoke", "task.synthetic_train=64", "task.synthetic_eval=32", "trainer.max_steps=3",
+         "trainer.eval_every=3", "model.tiny_hidden=32", "model.tiny_heads=4", "model.tiny_intermediate=64",
+         "trainer.threads=1", "trainer.checkpoint_every=0"]
+
+
+def compose(*overrides: str):
+    """A typed RunConfig from Hydra overrides (QUICK first, so the overrides win)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from dsee_cli.cli import _register, config_dir
+
+    _register()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose(config_name="config", overrides=[*QUICK, *overrides]))
+
+
+def run_in_process(run_dir, *overrides: str, messages: list | None = None) -> dict:
+    """run_experiment on a composed config; returns its metrics (and collects its banner lines)."""
+    from dsee_cli.pipeline import run_experiment
+    from dsee_cli.train import ProgressSink
+
+    cfg = compose(*overrides)
+    cfg.omega.cache_dir = str(run_dir.parent / "omega-cache")
+    return run_experiment(cfg, run_dir, ProgressSink(), say=(messages.append if messages is not None else print))

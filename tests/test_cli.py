@@ -150,7 +150,11 @@ def test_the_glue_tsv_layout_loads_from_a_fixture(workdir):
         (["adapter.targets=[qeury]"], "matches no linear layer"),
         (["pruning=structured", "pruning.heads_to_remove=4"], "between 0 and 3"),
         (["pruning.criterion=biggest"], "Valid choices: delta, delta_plus_weight, weight, random"),
-        (["task.data_dir=/nonexistent", "task=rte", "model=tiny-bert"], "lacks /nonexistent/RTE/train.tsv"),
+        (["task.data_dir=/nonexistent", "task=rte", "model=tiny-bert"], "task.data_dir='/nonexistent' does not exist"),
+        (["task.data_dir=.", "task=rte", "model=tiny-bert"], "lacks RTE/train.tsv"),
+        (["task=sst2", "model=tiny-bert", "task.train_file=nope.csv", "task.validation_file=dev.csv"],
+         "task.train_file='nope.csv' does not exist"),
+        (["trainer.precision=bf16"], "Valid choices: auto, 32-true, bf16-mixed, 16-mixed"),
         (["model=local", "model.path=/nonexistent"], "is not a Hugging Face model directory"),
         (["trainer.device=cuda"], "no CUDA GPU"),
         (["adapter=pst", "pruning=unstructured"], "prunes while it trains"),
@@ -171,6 +175,8 @@ def test_bad_input_gives_one_clear_paragraph(workdir, args, needle):
     assert needle in out.stdout.replace("\n", " ") + out.stderr.replace("\n", " ")
     assert "Traceback" not in out.stdout + out.stderr
     assert not (workdir / "bad" / "metrics.json").exists() and not (workdir / "bad" / "export").exists()
+    if "data_dir" in " ".join(args) or "train_file" in " ".join(args):  # local data is checked before any model
+        assert "Model and data" not in out.stdout
     assert time.time() - started < 60
 
 

@@ -1,0 +1,174 @@
+"""`dsee eval`: what a run exported, loaded back and evaluated on its task.
+
+``export/merged`` is loaded as the plain model it is (removed heads and FFN neurons rebuilt);
+``export/adapter`` is re-applied onto the pretrained model the run started from. Either is
+then evaluated on the run's task, or on the task the overrides describe, and may write one
+prediction per example: for GLUE in the benchmark's submission format (``index<TAB>prediction``,
+label names as GLUE expects), for generation tasks the decoded texts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .atomic import atomic_write_text
+from .config import RunConfig
+from .data import TASKS, Encoded, TaskSpec
+from .errors import DSEEError, choice_error
+from .export import apply_adapter, load_merged, load_merged_tokenizer
+from .metrics import task_metrics
+from .models import LoadedModel
+from .nlg import NLG_TASKS
+from .pipeline import pick_device
+from .precision import resolve_precision
+from .tasks import load_pretrained, prepare_task
+from .train import ProgressSink, predict
+
+SOURCES = ("merged", "adapter")
+
+
+def find_run(path: Path) -> Path:
+    """The run directory of ``path``: the run directory itself, or an export directory inside one."""
+    path = Path(path)
+    for candidate in (path, *list(path.parents)[:2]):
+        if (candidate / "metrics.json").is_file():
+            return candidate
+    raise DSEEError(f"{str(path)!r} is not a finished run: neither it nor its parents hold a metrics.json. Give a "
+                    f"run directory (outputs/<overrides>/ or multirun/<name>/<overrides>/) or its export/merged or "
+                    f"export/adapter folder.")
+
+
+def run_metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def pick_source(path: Path, run_dir: Path, source: str | None) -> tuple[str, Path]:
+    """Which export to load: the one named, the one ``path`` is, else merged where the run wrote one."""
+    path = Path(path)
+    if source is None and path.name in SOURCES and path.parent.name == "export":
+        source = path.name
+    if source is None:
+        source = "merged" if (run_dir / "export" / "merged").is_dir() else "adapter"
+    if source not in SOURCES:
+        raise choice_error("export (--from)", source, SOURCES)
+    export_dir = run_dir / "export" / source
+    if not export_dir.is_dir():
+        why = run_metrics(run_dir).get("export", {}).get(source) or "the run was made with export=false"
+        raise DSEEError(f"{run_dir} has no export/{source} ({why}). Valid choices here: "
+                        f"{', '.join(s for s in SOURCES if (run_dir / 'export' / s).is_dir()) or 'none'}.")
+    return source, export_dir
+
+
+def load_export(cfg: RunConfig, export_dir: Path, source: str) -> LoadedModel:
+    if source == "merged":
+        tokenizer = load_merged_tokenizer(export_dir)
+        if tokenizer.pad_token is None:  # GPT-2's, as at training time
+            tokenizer.pad_token = tokenizer.eos_token
+        return LoadedModel(load_merged(export_dir), tokenizer, str(export_dir))
+    loaded = load_pretrained(cfg)
+    apply_adapter(loaded.model, export_dir)
+    return loaded
+
+
+@dataclass
+class EvalResult:
+    source: str
+    split: str
+    metrics: dict[str, float]  # empty for an unlabelled split (GLUE's test files)
+    reference: dict[str, float] = field(default_factory=dict)  # the run's own final scores, where comparable
+    predictions: list[Path] = field(default_factory=list)
+    examples: int = 0
+
+
+def evaluate_export(cfg: RunConfig, run_dir: Path, source: str, export_dir: Path, split: str | None = None,
+                    predictions: Path | str | None = None, say=lambda text: None,
+                    sink: ProgressSink | None = None) -> EvalResult:
+    """Evaluate one export of a run on ``cfg``'s task; ``split`` None is the split the run evaluated."""
+    sink = sink or ProgressSink()
+    generation = cfg.task.name in NLG_TASKS
+    split = split or (cfg.task.eval_split if generation else "validation")
+    if generation:
+        cfg.task.eval_split = split
+    device = pick_device(cfg.trainer.device)
+    precision = resolve_precision(cfg.trainer.precision, device)
+    say(f"Loading export/{source} ({device}, precision {precision.name})")
+    loaded = load_export(cfg, export_dir, source)
+    task = prepare_task(cfg, say, sink, loaded=loaded, split=split)
+    model, pad_id = loaded.model.to(device).eval(), loaded.tokenizer.pad_token_id
+    say(f"Evaluating on {task.data_source} ({split})")
+    result = EvalResult(source, split, {})
+    if generation:
+        out = _prediction_path(predictions, f"generations-{split}.jsonl") if predictions else None
+        result.metrics = task.ops.evaluate(model, task.evals, pad_id, device, cfg.trainer.eval_batch_size, precision)
+        result.metrics |= task.generate(model, device, precision, out)
+        result.predictions = [out] if out else []
+        result.examples = sum(len(e.prompts) for e in task.evals.values())
+    else:
+        spec = TASKS[cfg.task.name]
+        for name, data in task.evals.items():
+            preds = predict(model, data, spec, pad_id, device, cfg.trainer.eval_batch_size, precision)
+            result.examples += len(preds)
+            if data.labelled:
+                scores = task_metrics(spec.name, preds.numpy(), data.labels.numpy())
+                result.metrics |= {f"{name}/{k}": v for k, v in scores.items()}
+            if predictions is not None:
+                result.predictions.append(write_predictions(predictions, name, len(task.evals), data, preds, spec))
+    result.reference = _reference(run_dir, cfg, result.metrics)
+    return result
+
+
+def _reference(run_dir: Path, cfg: RunConfig, metrics: dict[str, float]) -> dict[str, float]:
+    """The run's final scores for the same metrics, when the evaluation data is the run's own."""
+    saved = run_metrics(run_dir)
+    if saved.get("config", {}).get("task") != _as_dict(cfg.task):
+        return {}
+    final = saved.get("final", {})
+    own = {**final.get("eval", {}), **(final.get("generation") or {})}
+    return {k: own[k] for k in metrics if k in own}
+
+
+def _as_dict(obj) -> dict:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(obj), default=str))
+
+
+def _is_folder(target: Path | str) -> bool:
+    return str(target).endswith("/") or Path(target).is_dir()
+
+
+def _prediction_path(target: Path | str, default_name: str) -> Path:
+    return Path(target) / default_name if _is_folder(target) else Path(target)
+
+
+def _submission_name(spec: TaskSpec, split: str) -> str:
+    if spec.name == "mnli":  # the benchmark's names for the matched and mismatched files
+        return "MNLI-mm.tsv" if split.endswith("mismatched") else "MNLI-m.tsv"
+    return spec.submission or f"{spec.name}.tsv"
+
+
+def _label_text(spec: TaskSpec, value: float) -> str:
+    if spec.num_labels == 1:
+        return f"{value:.3f}"
+    return spec.label_names[int(value)] if spec.label_names else str(int(value))
+
+
+def write_predictions(target: Path | str, split: str, n_splits: int, data: Encoded, preds: torch.Tensor,
+                      spec: TaskSpec) -> Path:
+    """``index<TAB>prediction`` per example. A directory gets GLUE's file names (SST-2.tsv,
+    MNLI-m.tsv, ...); a file name with two splits (MNLI) gets the split appended."""
+    folder, target = _is_folder(target), Path(target)
+    if folder:
+        path = target / _submission_name(spec, split)
+    elif n_splits > 1:
+        path = target.with_name(f"{target.stem}-{split}{target.suffix}")
+    else:
+        path = target
+    keys = data.keys or [str(i) for i in range(len(preds))]
+    lines = ["index\tprediction", *(f"{k}\t{_label_text(spec, float(v))}" for k, v in zip(keys, preds.tolist()))]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

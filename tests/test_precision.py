@@ -1,0 +1,123 @@
+"""Mixed precision, as on a GPU, through CPU autocast: every method and every pruning mode trains,
+prunes, recovers and evaluates under bf16-mixed; fp16 runs with its gradient scaler; parameters,
+optimizer state and exports stay fp32."""
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from dsee_cli.errors import DSEEError
+from dsee_cli.export import load_merged
+from dsee_cli.precision import resolve_precision
+from dsee_cli.pruning import PruningSettings, apply_masks, compute_masks
+
+from .helpers import batch, compose, run_in_process, tiny, with_random_adapters
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_dsee_forward_under_autocast_matches_fp32(dtype, masked):
+    model, tok = tiny()
+    with_random_adapters(model, rank=4, omega=6)
+    if masked:  # the recovery forward: M⊙(W+ΔW) through slice_delta
+        apply_masks(model, compute_masks(model, PruningSettings(sparsity=0.5)))
+    enc = batch(tok)
+    model.eval()
+    with torch.no_grad():
+        reference = model(**enc).logits
+        with torch.autocast("cpu", dtype=dtype):
+            mixed = model(**enc).logits
+    assert mixed.dtype == dtype
+    assert torch.allclose(mixed.float(), reference, atol=0.05, rtol=0.05)
+
+
+def test_auto_precision_is_fp32_on_cpu_and_names_are_checked():
+    assert resolve_precision("auto", torch.device("cpu")).name == "32-true"
+    assert resolve_precision("bf16-mixed", torch.device("cpu")).mixed
+    assert resolve_precision("16-mixed", torch.device("cpu")).grad_scaler() is not None
+    with pytest.raises(DSEEError, match="32-true, bf16-mixed, 16-mixed"):
+        resolve_precision("bf16", torch.device("cpu"))
+
+
+# Every method with its default pruning (sparse-training ones prune while training), every
+# pruning mode with DSEE, and GPT-2 generation with beam decoding.
+MATRIX = {
+    "dsee": ["adapter=dsee"],
+    "lora": ["adapter=lora"],
+    "full": ["adapter=full"],
+    "bitfit": ["adapter=bitfit"],
+    "ft-top2": ["adapter=ft-top2"],
+    "houlsby": ["adapter=houlsby"],
+    "prefix": ["adapter=prefix"],
+    "ptuning-v2": ["adapter=ptuning-v2"],
+    "mam": ["adapter=mam"],
+    "pst": ["adapter=pst", "sparsity=0.5"],
+    "map": ["adapter=map", "sparsity=0.5"],
+    "mvp": ["adapter=mvp", "sparsity=0.5"],
+    "nm": ["pruning=nm"],
+    "structured": ["pruning=structured", "pruning.heads_to_remove=1"],
+    "imp": ["pruning=imp", "pruning.rounds=2"],
+    "earlybert": ["pruning=earlybert", "pruning.heads_to_remove=1"],
+    "gpt2-e2e": ["task=e2e", "profile=smoke", "model.tiny_hidden=32", "model.tiny_heads=4", "task.synthetic_train=16",
+                 "task.synthetic_eval=4", "task.num_beams=2", "task.max_new_tokens=6", "trainer.max_steps=3"],
+}
+
+
+@pytest.mark.parametrize("name", MATRIX)
+def test_every_method_and_pruning_mode_runs_under_bf16_mixed(name, tmp_path):
+    metrics = run_in_process(tmp_path / "run", "trainer.precision=bf16-mixed", "trainer.device=cpu", *MATRIX[name],
+                             messages=[])
+    assert metrics["precision"] == "bf16-mixed"
+    scores = metrics["final"]["eval"] | (metrics["final"].get("generation") or {})
+    assert scores and all(torch.isfinite(torch.tensor(v)) for v in scores.values())
+    if name == "gpt2-e2e":
+        assert "validation/bleu" in metrics["final"]["generation"] or "test/bleu" in metrics["final"]["generation"]
+    merged = tmp_path / "run" / "export" / "merged"
+    if merged.is_dir():  # exports keep the model's dtype
+        assert all(p.dtype == torch.float32 for p in load_merged(merged).parameters())
+
+
+def _phase1_setup(*overrides):
+    from dsee_cli.config import method_settings
+    from dsee_cli.methods import prepare_method
+    from dsee_cli.pipeline import phase_settings, seed_everything
+    from dsee_cli.tasks import prepare_task
+    from dsee_cli.train import ProgressSink
+
+    cfg = compose(*overrides)
+    seed_everything(cfg.seed)
+    task = prepare_task(cfg, lambda text: None, ProgressSink())
+    prepare_method(task.loaded.model, method_settings(cfg))
+    precision = resolve_precision(cfg.trainer.precision, torch.device("cpu"))
+    return task, phase_settings(cfg, "phase1", precision)
+
+
+def test_fp16_mixed_scales_the_loss_keeps_fp32_state_and_resumes_exactly():
+    from dsee_cli.export import model_state, restore_state
+    from dsee_cli.train import PhaseState, ProgressSink, train_phase
+
+    overrides = ("trainer.precision=16-mixed", "trainer.device=cpu", "adapter=lora", "adapter.dropout=0.1")
+    task, settings = _phase1_setup(*overrides)
+    settings = replace(settings, max_steps=6, checkpoint_every=3)
+    model, pad = task.loaded.model, task.loaded.tokenizer.pad_token_id
+    saves = []
+
+    def save(state, extra):
+        tensors, meta = model_state(model)
+        snapshot = {k: v.clone() for k, v in (tensors | extra).items()}  # as written to disk at that step
+        saves.append((PhaseState(**copy.deepcopy(state.as_meta())), snapshot, meta))
+
+    train_phase(model, task.train, task.evals, task.ops, settings, pad, torch.device("cpu"), save, ProgressSink())
+    state, tensors, meta = saves[0]  # after step 3 of 6
+    assert float(tensors["scaler::scale"]) > 0 and "scaler::growth_tracker" in tensors
+    assert all(v.dtype == torch.float32 for k, v in tensors.items() if k.endswith(("exp_avg", "exp_avg_sq")))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+    task2, _ = _phase1_setup(*overrides)
+    restore_state(task2.loaded.model, tensors, meta)
+    train_phase(task2.loaded.model, task2.train, task2.evals, task2.ops, settings, pad, torch.device("cpu"),
+                lambda s, e: None, ProgressSink(), resume=(state, tensors))
+    for (name, a), b in zip(model.named_parameters(), task2.loaded.model.parameters()):
+        assert torch.equal(a, b), name  # the same data order, dropout and loss scale after the resume
