@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import string
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,14 +82,29 @@ def tiny_config(name: str, vocab_size: int, num_labels: int, size: TinySize, pad
     )
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
+_HUB_ANSWER: dict[str, bool] = {}  # asked once per process
+
+
+def hub_reachable(timeout: float = 3.0, host: str = "huggingface.co") -> bool:
+    """Whether the Hub answers, within ``timeout`` seconds for name lookup and connection
+    together (a lookup alone can hang far longer offline); asked once per process."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    if host not in _HUB_ANSWER:
+        answer: list[bool] = []
+
+        def probe() -> None:
+            try:
+                with socket.create_connection((host, 443), timeout=timeout):
+                    answer.append(True)
+            except OSError:
+                answer.append(False)
+
+        thread = threading.Thread(target=probe, daemon=True)  # left behind if the lookup hangs
+        thread.start()
+        thread.join(timeout)
+        _HUB_ANSWER[host] = bool(answer and answer[0])
+    return _HUB_ANSWER[host]
 
 
 def offline_hint(what: str, name: str) -> DSEEError:
