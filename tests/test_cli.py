@@ -71,6 +71,8 @@ def _strip(m: dict) -> dict:
     ([], "recovery"),
     (["pruning=imp", "pruning.rounds=3", "pruning.rewind=true"], "retrain2"),  # mid-IMP, with rewinding
     (["adapter=full", "pruning=earlybert", "pruning.heads_to_remove=1"], "phase1"),  # slimming coefficients
+    # after EarlyBERT's pruning with an adapter: the folded, frozen projections come back from the checkpoint
+    (["pruning=earlybert", "pruning.heads_to_remove=1", "pruning.slimming_l1=0.01"], "recovery"),
 ])
 def test_resume_after_kill_9_gives_the_same_metrics(workdir, extra, kill_at):
     args = [*FAST, "trainer.max_steps=60", "trainer.checkpoint_every=4", "trainer.eval_every=20", "export=false",
@@ -216,6 +218,7 @@ def test_wandb_offline_logs_config_and_summary(workdir):
     blob = records[0].read_bytes()
     assert b"total_params_pct" in blob  # the summary
     assert b"sparsity" in blob and b"mysweep" in blob  # the resolved config and the group
+    assert b"phase1/loss" in blob and b"phase1/lr" in blob and b"recovery/loss" in blob  # per training step
 
 
 def test_multirun_sweep_writes_one_run_per_job(workdir):

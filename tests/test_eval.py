@@ -1,0 +1,91 @@
+"""`dsee eval`: every method's export, loaded back (merged, and adapter re-applied onto the
+pretrained model), scores what the run reported; predictions in GLUE's submission format."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsee_cli.evaluation import evaluate_export, load_export, pick_source
+
+from .conftest import FAST, run_dsee
+from .helpers import compose, run_in_process
+
+METHODS = {
+    "dsee": [],
+    "lora": ["adapter=lora"],
+    "full": ["adapter=full"],
+    "bitfit": ["adapter=bitfit"],
+    "ft-top2": ["adapter=ft-top2"],
+    "houlsby": ["adapter=houlsby"],
+    "ptuning-v2": ["adapter=ptuning-v2"],
+    "mam": ["adapter=mam"],
+    "pst": ["adapter=pst", "sparsity=0.5"],
+    "map": ["adapter=map", "sparsity=0.5"],
+    "mvp": ["adapter=mvp", "sparsity=0.5"],
+    "dsee-heads": ["pruning=structured", "pruning.heads_to_remove=1"],
+    "earlybert-dsee": ["pruning=earlybert", "pruning.heads_to_remove=1", "pruning.slimming_l1=0.01"],
+    "stsb-regression": ["task=stsb", "model=tiny-bert", "task.synthetic_standin=true"],
+    "gpt2-e2e": ["task=e2e", "profile=smoke", "model.tiny_hidden=32", "model.tiny_heads=4", "task.synthetic_train=16",
+                 "task.synthetic_eval=4", "task.num_beams=2", "task.max_new_tokens=6", "trainer.max_steps=3",
+                 "export=true"],
+}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_export_scores_what_the_run_reported(name, tmp_path):
+    overrides = ["trainer.max_steps=6", "trainer.eval_every=6", *METHODS[name]]
+    run = tmp_path / "run"
+    metrics = run_in_process(run, *overrides, messages=[])
+    reported = metrics["final"]["eval"] | (metrics["final"].get("generation") or {})
+    sources = [s for s in ("merged", "adapter") if (run / "export" / s).is_dir()]
+    assert "adapter" in sources
+    for source in sources:
+        cfg = compose(*overrides)
+        result = evaluate_export(cfg, run, *pick_source(run, run, source))
+        assert set(result.metrics) == set(reported)
+        for key, value in reported.items():
+            assert result.metrics[key] == pytest.approx(value, abs=1e-4), (source, key)
+        assert result.reference == pytest.approx(reported)
+    if len(sources) == 2 and "task=e2e" not in overrides:  # the two exports are the same model, logit for logit
+        cfg = compose(*overrides)
+        merged, adapter = (load_export(cfg, run / "export" / s, s) for s in sources)
+        enc = merged.tokenizer(["w1 w2 w17 w3", "w20 w5 w6 w7 w8"], padding=True, return_tensors="pt")
+        with torch.no_grad():
+            a, b = merged.model.eval()(**enc).logits, adapter.model.eval()(**enc).logits
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_dsee_eval_command_prints_the_table_and_writes_glue_predictions(workdir):
+    glue = workdir / "glue" / "RTE"
+    glue.mkdir(parents=True)
+    rows = [("w1 w2 w3", "w4 w5", "entailment"), ("w16 w17", "w18 w19 w20", "not_entailment")] * 16
+    (glue / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" +
+                                    "".join(f"{i}\t{a}\t{b}\t{c}\n" for i, (a, b, c) in enumerate(rows)))
+    (glue / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" +
+                                  "".join(f"{i}\t{a}\t{b}\t{c}\n" for i, (a, b, c) in enumerate(rows[:8])))
+    (glue / "test.tsv").write_text("index\tsentence1\tsentence2\n" +
+                                   "".join(f"{100 + i}\t{a}\t{b}\n" for i, (a, b, _) in enumerate(rows[:5])))
+    train = run_dsee([*FAST, "task=rte", "model=tiny-bert", f"task.data_dir={workdir / 'glue'}", "hydra.run.dir=run"],
+                     workdir)
+    assert train.returncode == 0, train.stderr[-2000:]
+    reported = json.loads((workdir / "run" / "metrics.json").read_text())["final"]["eval"]["validation/accuracy"]
+
+    def dsee_eval(*args):
+        return subprocess.run([sys.executable, "-m", "dsee_cli", "eval", *args], cwd=workdir, capture_output=True,
+                              text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "100"})
+
+    out = dsee_eval("run/export/adapter")
+    assert out.returncode == 0, out.stderr
+    assert "export/adapter" in out.stdout and f"{reported:.4f}" in out.stdout
+    test = dsee_eval("run", "--split", "test", "--predictions", "submission/")
+    assert test.returncode == 0, test.stderr
+    lines = (workdir / "submission" / "RTE.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 6
+    assert lines[1].split("\t")[0] == "100" and lines[1].split("\t")[1] in ("entailment", "not_entailment")
+    bad = dsee_eval("run", "--from", "merged", "task.nope=1")
+    assert bad.returncode == 2 and "Key 'nope' not in 'TaskConfig'" in bad.stderr
+    missing = dsee_eval(str(workdir / "glue"))
+    assert missing.returncode == 2 and "is not a finished run" in missing.stderr
