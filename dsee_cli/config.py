@@ -54,6 +54,10 @@ class TaskConfig:
     train_file: str | None = None  # CSV / JSON lines, with validation_file
     validation_file: str | None = None
     test_file: str | None = None  # for `dsee eval --split test` with train_file / validation_file
+    # The Hub source, for a fork, a pinned commit or another config (null: the README's default per task)
+    hub_repo: str | None = None
+    hub_revision: str | None = None
+    hub_config: str | None = None
     text_fields: list[str] | None = None
     label_field: str = "label"
     max_length: int = 128

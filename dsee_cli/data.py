@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .errors import DSEEError, choice_error
-from .models import SYNTHETIC_WORDS, hub_reachable
+from .hub_data import HubSource, read_splits, require_columns, with_overrides
+from .models import SYNTHETIC_WORDS
 
 log = logging.getLogger("dsee")
 SPLITS = ("validation", "test")
@@ -106,6 +106,9 @@ class DataSettings:
     seed: int = 0
     split: str = "validation"  # the evaluation split: validation (dev), or test
     test_file: str | None = None  # with train_file: the test split's CSV / JSON
+    hub_repo: str | None = None  # the Hub source: default nyu-mll/glue at main, config = the task
+    hub_revision: str | None = None
+    hub_config: str | None = None
 
 
 def spec_for(name: str) -> TaskSpec:
@@ -280,34 +283,29 @@ def read_table(path: Path, fields: tuple[str, ...], label_field: str, spec: Task
     return out
 
 
-# -- Hugging Face Hub -----------------------------------------------------------------------------
-def hub_data_hint(spec: TaskSpec) -> DSEEError:
-    return DSEEError(
-        f"Cannot load GLUE task {spec.name!r}: it is not in the local datasets cache and the Hub is "
-        f"unreachable (or HF_HUB_OFFLINE=1). Use the classic GLUE download instead with "
-        f"task.data_dir=/path/to/glue_data (the folder holding {spec.glue_dir}/train.tsv), or CSV/JSON "
-        f"files with task.train_file=... task.validation_file=...; task=synthetic needs no data at all."
-    )
+# -- Hugging Face Hub ---------------------------------------------------------------------------
+GLUE_HUB = HubSource("nyu-mll/glue", "main", "")  # Parquet in the repository itself; config = the task
 
 
-def load_hub(spec: TaskSpec, split: str = "validation") -> tuple[list[Example], dict[str, list[Example]]]:
-    import datasets
+def glue_source(spec: TaskSpec, settings: DataSettings) -> HubSource:
+    return with_overrides(replace(GLUE_HUB, config=spec.name), settings.hub_repo, settings.hub_revision,
+                          settings.hub_config)
 
-    def convert(split) -> list[Example]:  # test splits carry label -1: UNLABELLED
+
+def load_hub(spec: TaskSpec, settings: DataSettings) -> tuple[list[Example], dict[str, list[Example]], str]:
+    source = glue_source(spec, settings)
+    local = (f"task.data_dir=/path/to/glue_data (the classic GLUE download, holding {spec.glue_dir}/train.tsv), or "
+             f"CSV/JSON files with task.train_file=... task.validation_file=...; task=synthetic needs no data.")
+    names = ["train", *spec.splits(settings.split)]
+    rows = read_splits(source, names, f"GLUE task {spec.name!r}", local)
+    for name in names:
+        require_columns(rows[name], (*spec.text_fields, "label"), f"GLUE task {spec.name!r}", source, name)
+
+    def convert(split: list[dict]) -> list[Example]:  # test splits carry label -1: UNLABELLED
         return [Example(tuple(r[f] for f in spec.text_fields), float(r["label"]), str(r.get("idx", i)))
                 for i, r in enumerate(split)]
 
-    hint = hub_data_hint(spec)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if not offline and not hub_reachable():
-        raise hint  # rather than minutes of retries; with HF_HUB_OFFLINE=1 the local cache is tried
-    try:
-        ds = datasets.load_dataset("nyu-mll/glue", spec.name)
-    except Exception as exc:
-        if offline or not hub_reachable():
-            raise hint from exc
-        raise
-    return convert(ds["train"]), {s: convert(ds[s]) for s in spec.splits(split)}
+    return convert(rows["train"]), {s: convert(rows[s]) for s in names[1:]}, f"hub:{source.repo}@{source.revision}"
 
 
 def load_task(settings: DataSettings) -> TaskData:
@@ -336,8 +334,7 @@ def load_task(settings: DataSettings) -> TaskData:
         train, evals = load_glue_dir(Path(settings.data_dir), spec, split)
         source = str(Path(settings.data_dir) / spec.glue_dir)
     else:
-        train, evals = load_hub(spec, split)
-        source = "hub:nyu-mll/glue"
+        train, evals, source = load_hub(spec, settings)
     if settings.max_train_samples:
         train = train[: settings.max_train_samples]
     if settings.max_eval_samples:

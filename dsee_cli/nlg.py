@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +23,20 @@ from torch import nn
 
 from .data import pad
 from .errors import DSEEError
-from .models import hub_reachable
+from .hub_data import PARQUET_EXPORT, HubSource, read_splits, require_columns, with_overrides
 from .precision import FP32, Precision
 
 SEPARATOR = " ||"
 # What each task reports (DSEE Table 4): E2E BLEU / METEOR / NIST (+ ROUGE-L, CIDEr), others TER.
+# The Hub source is the GEM repository's Parquet export (its loading script is refused by
+# datasets >= 4); "input" names the column that holds the structured input.
 NLG_TASKS: dict[str, dict] = {
-    "e2e": {"hub": ("GEM/e2e_nlg", None), "metrics": ("bleu", "nist", "meteor", "rouge_l", "cider", "ter")},
-    "webnlg": {"hub": ("GEM/web_nlg", "en"), "metrics": ("bleu", "meteor", "ter", "nist")},
-    "dart": {"hub": ("GEM/dart", None), "metrics": ("bleu", "meteor", "ter", "nist")},
+    "e2e": {"hub": HubSource("GEM/e2e_nlg", PARQUET_EXPORT, "default"), "input": "meaning_representation",
+            "metrics": ("bleu", "nist", "meteor", "rouge_l", "cider", "ter")},
+    "webnlg": {"hub": HubSource("GEM/web_nlg", PARQUET_EXPORT, "en"), "input": "input",
+               "metrics": ("bleu", "meteor", "ter", "nist")},
+    "dart": {"hub": HubSource("GEM/dart", PARQUET_EXPORT, "default"), "input": "tripleset",
+             "metrics": ("bleu", "meteor", "ter", "nist")},
 }
 EVAL_SPLITS = ("validation", "test")
 
@@ -133,35 +137,37 @@ def load_dir(data_dir: Path, split: str) -> tuple[list[tuple[str, str]], list[tu
     return read_pairs(train), read_pairs(evaluation), f"{train}, {evaluation}"
 
 
-def load_hub(name: str, split: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
-    import datasets
+def linearize(value) -> str:
+    """The structured input as one line: E2E's meaning representation as it is; WebNLG's
+    "s | p | o" strings and DART's [s, p, o] lists as "s : p : o | s : p : o" (LoRA's format)."""
+    if isinstance(value, str):
+        return value
+    triples = [t if isinstance(t, (list, tuple)) else [part.strip() for part in str(t).split(" | ")] for t in value]
+    return " | ".join(" : ".join(str(x) for x in t) for t in triples)
 
-    repo, config = NLG_TASKS[name]["hub"]
-    hint = DSEEError(
-        f"Cannot load {name!r} from the Hub ({repo}): it is not in the local datasets cache and the Hub is "
-        f"unreachable (or HF_HUB_OFFLINE=1). Use local files: task.data_dir=/path/to/{name} holding train and "
-        f"valid / test files (E2E CSV mr,ref; LoRA-style 'input || reference' .txt; or JSON lines), or "
-        f"task.train_file=... task.validation_file=...; profile=smoke needs no data at all."
-    )
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if not offline and not hub_reachable():
-        raise hint
-    try:
-        ds = datasets.load_dataset(repo, config)
-    except Exception as exc:
-        raise hint from exc
 
-    def pairs(split_name: str) -> list[tuple[str, str]]:
+def hub_source(s: NLGSettings) -> HubSource:
+    return with_overrides(NLG_TASKS[s.name]["hub"], s.hub_repo, s.hub_revision, s.hub_config)
+
+
+def load_hub(s: NLGSettings) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
+    """Training pairs (input, target) and the evaluation split's (input, reference) pairs, all references."""
+    source, field = hub_source(s), NLG_TASKS[s.name]["input"]
+    local = (f"task.data_dir=/path/to/{s.name} holding train and valid / test files (E2E CSV mr,ref; LoRA-style "
+             f"'input || reference' .txt; or JSON lines), or task.train_file=... task.validation_file=...; "
+             f"profile=smoke needs no data at all.")
+    rows = read_splits(source, ["train", s.eval_split], f"{s.name!r}", local)
+    for split in ("train", s.eval_split):
+        require_columns(rows[split], (field, "target"), repr(s.name), source, split)
+
+    def pairs(split: str) -> list[tuple[str, str]]:
         out = []
-        for row in ds[split_name]:
-            triples = row.get("input") or row.get("tripleset") or []  # WebNLG / DART: lists of triples
-            source = row.get("meaning_representation") or " | ".join(
-                " : ".join(t) if isinstance(t, list) else str(t) for t in triples)
-            refs = row.get("references") or [row.get("target")]
-            out += [(source, r) for r in refs if r]
+        for row in rows[split]:
+            refs = [r for r in (row.get("references") or []) if r] or [row["target"]]  # train rows: the target
+            out += [(linearize(row[field]), r) for r in refs]
         return out
 
-    return pairs("train"), pairs(split), f"hub:{repo}"
+    return pairs("train"), pairs(s.eval_split), f"hub:{source.repo}@{source.revision}/{source.config}"
 
 
 # -- a learnable stand-in (smoke profile, tests) --------------------------------------------------
@@ -194,6 +200,9 @@ class NLGSettings:
     synthetic_eval: int = 40
     synthetic: bool = False
     seed: int = 1
+    hub_repo: str | None = None  # the Hub source (default: NLG_TASKS[name]["hub"])
+    hub_revision: str | None = None
+    hub_config: str | None = None
 
 
 def load_nlg(s: NLGSettings) -> NLGData:
@@ -211,7 +220,7 @@ def load_nlg(s: NLGSettings) -> NLGData:
     elif s.data_dir:
         train, evaluation, source = load_dir(Path(s.data_dir), s.eval_split)
     else:
-        train, evaluation, source = load_hub(s.name, s.eval_split)
+        train, evaluation, source = load_hub(s)
     if s.max_train_samples:
         train = train[: s.max_train_samples]
     grouped = group(evaluation)

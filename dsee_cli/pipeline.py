@@ -29,7 +29,7 @@ from .adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weig
 from .arch import attention_units
 from .atomic import atomic_write_text
 from .config import RunConfig, method_settings, pruning_settings, sparsity_schedule, task_hparams, validate
-from .data import DataSettings, check_data_files, load_task
+from .data import check_data_files, load_task
 from .errors import DSEEError
 from .export import (
     clean_state_dir,
@@ -40,9 +40,10 @@ from .export import (
     save_adapter,
     save_state_dir,
 )
+from .hub_data import uses_mirror
 from .methods import MERGEABLE, SPARSE_TRAINING, prepare_method
 from .models import TINY_MODELS, hub_reachable, resolve_source
-from .nlg import NLG_TASKS, NLGSettings, check_nlg_files, load_nlg
+from .nlg import NLG_TASKS, check_nlg_files, load_nlg
 from .precision import Precision, resolve_precision
 from .pruning import (
     PruningSettings,
@@ -205,11 +206,11 @@ def preflight(cfg: RunConfig) -> None:
         resolve_source(cfg.model.name, cfg.model.path)
     uses_hub_data = not (cfg.task.name == "synthetic" or cfg.task.synthetic_standin or cfg.task.data_dir
                          or cfg.task.train_file)
-    if uses_hub_data and not hub_reachable():  # offline: the datasets cache, or the hint
+    if uses_hub_data and not uses_mirror() and not hub_reachable():  # offline: the hint, at once
         if cfg.task.name in NLG_TASKS:
-            load_nlg(NLGSettings(name=cfg.task.name, eval_split=cfg.task.eval_split))
+            load_nlg(nlg_settings(cfg))
         else:
-            load_task(DataSettings(name=cfg.task.name, max_train_samples=1, max_eval_samples=1))
+            load_task(data_settings(cfg))
     elif cfg.task.name in NLG_TASKS:
         check_nlg_files(nlg_settings(cfg))
     else:

@@ -53,7 +53,7 @@ def data_settings(cfg: RunConfig, split: str = "validation") -> DataSettings:
         text_fields=tuple(t.text_fields) if t.text_fields else None, label_field=t.label_field,
         max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples, synthetic_train=t.synthetic_train,
         synthetic_eval=t.synthetic_eval, synthetic_standin=t.synthetic_standin, seed=cfg.seed, split=split,
-        test_file=t.test_file,
+        test_file=t.test_file, hub_repo=t.hub_repo, hub_revision=t.hub_revision, hub_config=t.hub_config,
     )
 
 
@@ -63,7 +63,7 @@ def nlg_settings(cfg: RunConfig) -> NLGSettings:
         name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
         eval_split=t.eval_split, max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples,
         synthetic_train=t.synthetic_train, synthetic_eval=t.synthetic_eval, synthetic=t.synthetic_standin,
-        seed=cfg.seed,
+        seed=cfg.seed, hub_repo=t.hub_repo, hub_revision=t.hub_revision, hub_config=t.hub_config,
     )
 
 

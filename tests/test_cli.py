@@ -165,7 +165,8 @@ def test_the_glue_tsv_layout_loads_from_a_fixture(workdir):
         (["adapter=pst", "adapter.score_terms=[magic]"], "choose one or more of weight, lowrank, structured"),
         (["pruning=imp", "pruning.rate=1.5"], "pruning.rate=1.5 is out of range"),
         (["task=e2e", "model=tiny-bert", "task.synthetic_standin=true"], "need a decoder"),
-        (["task=e2e", "model=tiny-gpt2", "task.data_dir=/nonexistent"], "needs a training file"),
+        (["task=e2e", "model=tiny-gpt2", "task.data_dir=/nonexistent"], "task.data_dir='/nonexistent' does not exist"),
+        (["task=e2e", "model=tiny-gpt2", "task.data_dir=."], "needs a training file"),
     ],
 )
 def test_bad_input_gives_one_clear_paragraph(workdir, args, needle):
