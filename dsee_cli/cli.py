@@ -207,16 +207,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_report(args: list[str]) -> int:
     import argparse
+    import shutil
 
     from rich.console import Console
-    from rich.markdown import Markdown
 
     from .errors import DSEEError
-    from .report import build_report, write_report
+    from .plots import write_figure
+    from .report import LAYOUTS, build_report, terminal_tables, write_report
 
     parser = argparse.ArgumentParser(prog="dsee report", description="A sweep's runs as the paper's table.")
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--table", default=None, help="which paper table to compare with (default: the sweep's name)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto",
+                        help="wide: the paper's rows × columns; long: one row per row × task; auto: wide if it fits")
     opts = parser.parse_args(args)
     try:
         report = build_report(opts.sweep_dir, opts.table)
@@ -224,8 +227,23 @@ def run_report(args: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     written = write_report(report, opts.sweep_dir)
-    Console().print(Markdown(report.markdown()))
-    print("written: " + ", ".join(str(p) for p in written))
+    png = opts.sweep_dir / f"report-{report.table}.png"
+    figure, why = write_figure(report, png)
+    width = Console().width if sys.stdout.isatty() else shutil.get_terminal_size((100, 24)).columns
+    console = Console(width=width)
+    _, tables = terminal_tables(report, width, opts.layout)
+    for table in tables:
+        console.print(table)
+    if report.note:
+        console.print(f"paper: {report.note}", highlight=False)
+    if figure is not None:
+        written.append(png)
+        if figure.caption:
+            console.print(f"figure: {figure.caption}", highlight=False)
+    else:
+        png.unlink(missing_ok=True)
+        console.print(f"no figure: {why}", highlight=False)
+    console.print("written: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
     return 0
 
 

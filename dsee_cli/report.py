@@ -71,6 +71,23 @@ class Cell:
         return ours + (f" [{', '.join(extra)}]" if extra else "")
 
 
+def short_name(key: str) -> str:
+    """The name a user typed for a swept key: omega_size for adapter.omega_size."""
+    return key.rsplit(".", 1)[-1]
+
+
+@dataclass
+class Point:
+    """One finished job's score in one report column, with where it sits in the sweep."""
+
+    grid: dict[str, str]  # every swept key's value, the seed included
+    column: str  # the report column (a task, task:metric, or the value of the column key)
+    panel: str  # the task (or task:metric) it belongs to, however the table is pivoted
+    score: float
+    total_pct: float
+    flops: float
+
+
 @dataclass
 class Report:
     table: str
@@ -80,6 +97,12 @@ class Report:
     columns: list[str]
     cells: dict[tuple[tuple[str, ...], str], Cell]
     paper_row_info: dict[tuple[str, ...], dict[str, str]] = field(default_factory=dict)
+    grid: dict[str, list[str]] = field(default_factory=dict)  # what the sweep varies (seed included)
+    points: list[Point] = field(default_factory=list)
+    note: str = ""  # the paper's note on this table
+
+    def row_of(self, grid: dict[str, str]) -> tuple[str, ...]:
+        return tuple(grid[k] for k in self.row_keys)
 
     def row_info(self, row: tuple[str, ...]) -> dict[str, str]:
         """Trainable parameters, % of block weights left, FLOPs: ours (the paper's)."""
@@ -117,6 +140,104 @@ class Report:
                 w.writerow([*row, c, cell.median, cell.std, len(cell.values), cell.failed, cell.missing,
                             cell.paper, delta])
         return buf.getvalue()
+
+
+def _number(value: float | None, digits: int, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+
+
+def _digits(report: Report, column: str) -> int:
+    paper = [c.paper for (_, col), c in report.cells.items() if col == column and c.paper is not None]
+    values = [v for (_, col), c in report.cells.items() if col == column for v in c.values]
+    return 3 if any(abs(v) < 1 for v in (paper or values)) and all(abs(v) <= 1 for v in (paper or values)) else 2
+
+
+def wide_table(report: Report):
+    """Rows × columns as the paper prints them; each cell ours ± spread (paper)."""
+    from rich.table import Table
+
+    table = Table(title=f"{report.table}: median ± std over seeds (paper)", title_justify="left")
+    for key in report.row_keys:
+        table.add_column(short_name(key), no_wrap=True)
+    for label in ("# trainable", "# total", "FLOPs"):
+        table.add_column(label, justify="right", no_wrap=True)
+    for column in report.columns:
+        table.add_column(column if report.column_key == "task" else f"{short_name(report.column_key)}={column}",
+                         justify="right", no_wrap=True)
+    for row in report.rows:
+        info = report.row_info(row)
+        cells = []
+        for column in report.columns:
+            cell, digits = report.cells[(row, column)], _digits(report, column)
+            text = "—" if cell.median is None else f"{cell.median:.{digits}f}±{cell.std:.{digits}f}"
+            if cell.paper is not None:
+                text += f" ({cell.paper:.{digits}f})"
+            if cell.failed or cell.missing:
+                text += f" [{cell.failed + cell.missing}!]"
+            cells.append(text)
+        table.add_row(*row, *(info[k] for k in ("# trainable", "# total", "FLOPs")), *cells)
+    return table
+
+
+def long_table(report: Report):
+    """One row per row × column, grouped by column (task): ours, spread, seeds, paper, Δ."""
+    from rich.table import Table
+
+    table = Table(title=f"{report.table}: ours (median over seeds) beside the paper", title_justify="left")
+    group = "task" if report.column_key == "task" else short_name(report.column_key)
+    table.add_column(group, no_wrap=True)
+    for key in report.row_keys:
+        table.add_column(short_name(key), no_wrap=True)
+    for label in ("ours", "spread", "seeds", "paper", "Δ"):
+        table.add_column(label, justify="right", no_wrap=True)
+    problems = any(c.failed or c.missing for c in report.cells.values())
+    if problems:
+        table.add_column("not run", no_wrap=True)
+    for i, column in enumerate(report.columns):
+        if i:
+            table.add_section()
+        digits = _digits(report, column)
+        for j, row in enumerate(report.rows):
+            cell = report.cells[(row, column)]
+            delta = None if cell.median is None or cell.paper is None else cell.median - cell.paper
+            values = [_number(cell.median, digits), _number(cell.std, digits), str(len(cell.values)),
+                      _number(cell.paper, digits), _number(delta, digits, signed=True)]
+            extra = [", ".join(x for x in (f"{cell.failed} failed" if cell.failed else "",
+                                           f"{cell.missing} missing" if cell.missing else "") if x)] if problems else []
+            table.add_row(column if j == 0 else "", *row, *values, *extra)
+    return table
+
+
+def info_table(report: Report):
+    """Per row: trainable parameters, % of block weights left and FLOPs, ours (the paper's)."""
+    from rich.table import Table
+
+    table = Table(title="counts: ours (paper)", title_justify="left")
+    for key in report.row_keys:
+        table.add_column(short_name(key), no_wrap=True)
+    for label in ("# trainable", "# total", "FLOPs"):
+        table.add_column(label, justify="right", no_wrap=True)
+    for row in report.rows:
+        info = report.row_info(row)
+        table.add_row(*row, *(info[k] for k in ("# trainable", "# total", "FLOPs")))
+    return table
+
+
+LAYOUTS = ("auto", "wide", "long")
+
+
+def terminal_tables(report: Report, width: int, layout: str = "auto") -> tuple[str, list]:
+    """(the layout used, the rich tables to print): wide when it fits ``width``, else long."""
+    from rich.console import Console
+
+    if layout not in LAYOUTS:
+        raise DSEEError(f"Unknown layout {layout!r}. Valid choices: {', '.join(LAYOUTS)}.")
+    wide = wide_table(report)
+    if layout == "auto":
+        layout = "wide" if Console(width=100_000).measure(wide).maximum <= width else "long"
+    return layout, ([wide] if layout == "wide" else [info_table(report), long_table(report)])
 
 
 def _values(spec: object) -> list[str]:
@@ -176,6 +297,7 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
     sub = {c: [f"{c}:{m}" for m in per_task[c]] if c in per_task else [c] for c in grid[column_key]}
     columns = [name for c in grid[column_key] for name in sub[c]]
     cells = {(row, col): Cell() for row in rows for col in columns}
+    points: list[Point] = []
     for combo in itertools.product(*grid.values()):
         point = dict(zip(grid, combo))
         row = tuple(point[k] for k in row_keys)
@@ -196,6 +318,8 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                 cell.trainable.append(int(metrics["trainable_params"]["total"]))
                 cell.total_pct.append(float(metrics["total_params_pct"]))
                 cell.flops.append(float(metrics["flops_ratio_unmerged"]))
+                panel = col if column_key == "task" else metrics["task"]
+                points.append(Point(point, col, panel, float(value), cell.total_pct[-1], cell.flops[-1]))
     paper_row_info = {}
     for entry in paper.get("rows", []):
         match = {k: str(v) for k, v in entry["match"].items()}
@@ -205,19 +329,13 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                 for col, value in entry["values"].items():
                     if (row, str(col)) in cells:
                         cells[(row, str(col))].paper = float(value)
-    return Report(table, row_keys, column_key, rows, columns, cells, paper_row_info)
+    return Report(table, row_keys, column_key, rows, columns, cells, paper_row_info, grid, points,
+                  paper.get("note", ""))
 
 
 def write_report(report: Report, sweep_dir: Path) -> list[Path]:
-    """report-<table>.md and .csv, and report-<table>.png where the paper has a figure."""
-    from .plots import PLOTS
-
+    """report-<table>.md and .csv (the figure is plots.write_figure's)."""
     md, csv_path = sweep_dir / f"report-{report.table}.md", sweep_dir / f"report-{report.table}.csv"
     atomic_write_text(md, report.markdown())
     atomic_write_text(csv_path, report.csv())
-    written = [md, csv_path]
-    if report.table in PLOTS:
-        png = sweep_dir / f"report-{report.table}.png"
-        PLOTS[report.table](report, png)
-        written.append(png)
-    return written
+    return [md, csv_path]

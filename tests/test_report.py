@@ -1,14 +1,17 @@
 """Every experiment runs end to end under profile=smoke, and `dsee report` reads it back."""
 
+import itertools
+import os
 import shutil
 import subprocess
 import sys
 
 import pytest
+from rich.console import Console
 
 from dsee_cli.cli import config_dir
-from dsee_cli.plots import PLOTS
-from dsee_cli.report import build_report
+from dsee_cli.plots import FIGURES, write_figure
+from dsee_cli.report import build_report, long_table, terminal_tables
 
 from .conftest import run_dsee
 
@@ -27,8 +30,22 @@ def test_every_experiment_runs_under_smoke_and_reports(workdir, experiment):
     built = build_report(sweep)
     assert all(c.values and not c.failed and not c.missing for c in built.cells.values())
     assert (sweep / f"report-{experiment}.md").is_file() and (sweep / f"report-{experiment}.csv").is_file()
-    if experiment in PLOTS:  # the paper has a figure for it
-        assert (sweep / f"report-{experiment}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = sweep / f"report-{experiment}.png"
+    if experiment in FIGURES:  # a figure: at least one drawn series for every swept method
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        figure, why = write_figure(built, png)
+        assert figure is not None, why
+        swept = [k for k in built.grid if k not in ("seed", "task", "sparsity", "pruning.rounds",
+                                                     "adapter.omega_size", "pruning.heads_to_remove")]
+        expected = {"/".join(combo) for combo in itertools.product(*(built.grid[k] for k in swept))} or {"DSEE"}
+        assert figure.series_labels() == expected
+        assert all(len(series) >= 1 for series in figure.panels.values())
+    else:
+        assert not png.exists()
+    # the long layout fits a 100-column terminal, and auto picks it when the wide one does not
+    assert Console(width=100_000).measure(long_table(built)).maximum <= 100
+    layout, tables = terminal_tables(built, 100)
+    assert all(Console(width=100_000).measure(t).maximum <= 100 for t in tables), layout
 
 
 def test_report_layout_with_paper_numbers_and_missing_or_failed_runs(workdir):
@@ -77,3 +94,17 @@ def test_ninety_percent_confidence_band():
     mean, half = confidence_band([1.0, 2.0, 3.0])
     assert mean == 2.0 and abs(half - 2.919986 / 3**0.5) < 1e-5  # t(0.95, 2) · s / √n with s = 1
     assert confidence_band([5.0]) == (5.0, 0.0)
+
+
+def test_a_figure_with_nothing_to_draw_is_not_written_and_the_report_says_why(workdir):
+    out = run_dsee(["-m", "experiment=fig2", "profile=smoke", "adapter.omega_size=16", "omega=grebsmo,random",
+                    "trainer.max_steps=2", "trainer.threads=1"], workdir)
+    assert out.returncode == 0, out.stderr[-2000:]
+    sweep = workdir / "multirun" / "fig2"
+    report = subprocess.run([sys.executable, "-m", "dsee_cli", "report", str(sweep), "--layout", "wide"],
+                            capture_output=True, text=True, env={**os.environ, "COLUMNS": "100"})
+    assert report.returncode == 0, report.stderr
+    text = " ".join(report.stdout.split())
+    assert "no figure: card(Ω) is not swept" in text and not (sweep / "report-fig2.png").exists()
+    assert "median ± std over seeds" in text  # the wide layout, as asked
+    assert max(len(line) for line in report.stdout.splitlines()) <= 100
