@@ -243,7 +243,8 @@ def run_report(args: list[str]) -> int:
     else:
         png.unlink(missing_ok=True)
         console.print(f"no figure: {why}", highlight=False)
-    console.print("written: " + ", ".join(str(p) for p in written), highlight=False, soft_wrap=True)
+    console.print(f"written in {opts.sweep_dir}: " + ", ".join(p.name for p in written), highlight=False,
+                  soft_wrap=True)
     return 0
 
 

@@ -107,4 +107,4 @@ def test_a_figure_with_nothing_to_draw_is_not_written_and_the_report_says_why(wo
     text = " ".join(report.stdout.split())
     assert "no figure: card(Ω) is not swept" in text and not (sweep / "report-fig2.png").exists()
     assert "median ± std over seeds" in text  # the wide layout, as asked
-    assert max(len(line) for line in report.stdout.splitlines()) <= 100
+    assert max(len(line) for line in report.stdout.splitlines() if str(sweep) not in line) <= 100
