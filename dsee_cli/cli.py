@@ -122,7 +122,8 @@ def train_job(cfg) -> float | None:
             tracker.finish(exit_code=1)
         raise
     tracker.summary({"metrics": metrics["final"], "trainable_params": metrics["trainable_params"],
-                     "total_params_pct": metrics["total_params_pct"], "flops_ratio": metrics["flops_ratio"]})
+                     "total_params_pct": metrics["total_params_pct"], "flops_ratio": metrics["flops_ratio"],
+                     "cost": metrics["cost"], "savings": metrics["savings"]})
     tracker.finish()
     console.print(results_table(metrics))
     console.print(f"metrics: {run_dir / 'metrics.json'}")
@@ -212,7 +213,7 @@ def run_report(args: list[str]) -> int:
     from rich.console import Console
 
     from .errors import DSEEError
-    from .plots import write_figure
+    from .plots import SPEED_FIGURES, speedup_figure, write_figure
     from .report import LAYOUTS, build_report, terminal_tables, write_report
 
     parser = argparse.ArgumentParser(prog="dsee report", description="A sweep's runs as the paper's table.")
@@ -243,6 +244,14 @@ def run_report(args: list[str]) -> int:
     else:
         png.unlink(missing_ok=True)
         console.print(f"no figure: {why}", highlight=False)
+    if report.table in SPEED_FIGURES:
+        speed_png = opts.sweep_dir / f"report-{report.table}-speed.png"
+        speed, why = write_figure(report, speed_png, speedup_figure)
+        if speed is not None:
+            written.append(speed_png)
+        else:
+            speed_png.unlink(missing_ok=True)
+            console.print(f"no speed figure: {why}", highlight=False)
     console.print(f"written in {opts.sweep_dir}: " + ", ".join(p.name for p in written), highlight=False,
                   soft_wrap=True)
     return 0

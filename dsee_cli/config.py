@@ -208,6 +208,7 @@ class RunConfig:
     seed: int = 1
     flops_seq_len: int = 128
     export: bool = True
+    measure: bool = True  # time and memory of the final model against the dense one (metrics.json "savings")
     resume: bool = True  # false: start over in the same run directory
 
 

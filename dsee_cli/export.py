@@ -191,27 +191,108 @@ def apply_adapter(model: nn.Module, target: Path) -> None:
     restore_state(model, tensors, meta)
 
 
-def export_merged(model: nn.Module, tokenizer, target: Path) -> None:
-    """A plain model directory with weights M⊙(W+ΔW) and the removed heads in its config."""
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A plain copy of the model as it computes, on the CPU: ΔW merged, M⊙(W+ΔW), sparse-training
+    wrappers replaced by their masked weights, pruned weights of unadapted layers zeroed."""
     merged = copy.deepcopy(model).cpu()
     unwrap_adapters(merged)
     finalize_sparse_training(merged)
     for name, mask in getattr(model, "dsee_other_masks", {}).items():
         with torch.no_grad():
             weight_out_in(merged.get_submodule(name)).mul_(mask.cpu())
+    merged.config.architectures = [type(merged).__name__]  # load_merged picks the model class from it
+    return merged
+
+
+def _write_model_dir(target: Path, write_weights, config, tokenizer) -> None:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_dir(target)
-    merged.config.architectures = [type(merged).__name__]  # load_merged picks the model class from it
-    save_model(merged, str(tmp / "model.safetensors"), metadata={"format": "pt"})  # tied weights (GPT-2's LM head) once
-    merged.config.save_pretrained(tmp)
+    write_weights(tmp)
+    config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     _commit_dir(tmp, target)
 
 
+def export_merged(model: nn.Module, tokenizer, target: Path, merged: nn.Module | None = None) -> nn.Module:
+    """A plain model directory with weights M⊙(W+ΔW) and the removed heads in its config."""
+    merged = merged if merged is not None else merged_copy(model)
+    # save_model stores tied weights (GPT-2's LM head) once
+    _write_model_dir(target, lambda d: save_model(merged, str(d / "model.safetensors"), metadata={"format": "pt"}),
+                     merged.config, tokenizer)
+    return merged
+
+
+COMPRESSION_META = "compression.json"
+MIN_ZERO_FRACTION = 1 / 32  # below this a bit mask costs more than the zeros it saves (fp32)
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each shared tensor once (GPT-2's tied LM head), and the aliases."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().cpu().contiguous()
+    return tensors, aliases
+
+
+def export_compressed(merged: nn.Module, tokenizer, target: Path) -> dict | None:
+    """Like export/merged, but every block linear weight that pruning left with zeros is stored as
+    a bit-packed mask plus its non-zero values. Returns the sizes of what it compressed (None, and
+    nothing written, where no weight has enough zeros to gain from it)."""
+    from .arch import block_linears
+
+    tensors, aliases = _unique_state(merged)
+    compressed, dense_bytes, packed_bytes = {}, 0, 0
+    for module_name in block_linears(merged):
+        name = f"{module_name}.weight"
+        w = tensors.get(name)
+        if w is None or w.dim() != 2:
+            continue
+        keep = w.ne(0)
+        if 1 - keep.float().mean().item() < MIN_ZERO_FRACTION:
+            continue
+        del tensors[name]
+        tensors[f"{name}::mask"], tensors[f"{name}::values"] = pack_mask(keep), w[keep]
+        compressed[name] = {"shape": list(w.shape)}
+        dense_bytes += w.numel() * w.element_size()
+        packed_bytes += tensors[f"{name}::mask"].numel() + tensors[f"{name}::values"].numel() * w.element_size()
+
+    if not compressed:
+        return None
+
+    def write(d: Path) -> None:
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / COMPRESSION_META).write_text(json.dumps({"format": 1, "compressed": compressed, "aliases": aliases},
+                                                     indent=2, sort_keys=True))
+
+    _write_model_dir(target, write, merged.config, tokenizer)
+    return {"tensors": len(compressed), "linears_dense_bytes": dense_bytes, "linears_compressed_bytes": packed_bytes}
+
+
+def _compressed_state(source: Path) -> dict[str, torch.Tensor]:
+    meta = json.loads((source / COMPRESSION_META).read_text())
+    tensors = load_file(str(source / "model.safetensors"))
+    for name, info in meta["compressed"].items():
+        keep = unpack_mask(tensors.pop(f"{name}::mask"), info["shape"])
+        values = tensors.pop(f"{name}::values")
+        dense = torch.zeros(info["shape"], dtype=values.dtype)
+        dense[keep] = values
+        tensors[name] = dense
+    for alias, name in meta["aliases"].items():
+        tensors[alias] = tensors[name]
+    return tensors
+
+
 def load_merged(source: Path) -> nn.Module:
-    """Rebuild an exported model: same shapes (heads removed again), identical weights."""
+    """Rebuild an exported model (export/merged or export/compressed): same shapes (heads and FFN
+    neurons removed again), identical weights."""
+    source = Path(source)
     config = AutoConfig.from_pretrained(source, local_files_only=True)
     heads = getattr(config, "dsee_pruned_heads", None) or {}
     ffn = getattr(config, "dsee_pruned_ffn", None) or {}
@@ -222,8 +303,15 @@ def load_merged(source: Path) -> nn.Module:
         prune_heads(model, {int(k): v for k, v in heads.items()})
     if ffn:
         prune_ffn(model, {int(k): v for k, v in ffn.items()})
-    load_model(model, str(Path(source) / "model.safetensors"), strict=True)
+    if (source / COMPRESSION_META).is_file():
+        model.load_state_dict(_compressed_state(source), strict=True)
+    else:
+        load_model(model, str(source / "model.safetensors"), strict=True)
     return model.eval()
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def load_merged_tokenizer(source: Path):

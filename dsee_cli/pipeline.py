@@ -29,12 +29,15 @@ from .adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weig
 from .arch import attention_units
 from .atomic import atomic_write_text
 from .config import RunConfig, method_settings, pruning_settings, sparsity_schedule, task_hparams, validate
+from .costs import TimingSettings, measure_savings, semi_structured
 from .data import check_data_files, load_task
 from .errors import DSEEError
 from .export import (
     clean_state_dir,
+    export_compressed,
     export_merged,
     load_state_dir,
+    merged_copy,
     model_state,
     restore_state,
     save_adapter,
@@ -56,7 +59,7 @@ from .pruning import (
 )
 from .slimming import add_slimming, slim_and_prune, slimming_penalty
 from .sparse_training import sparse_layers, update_masks
-from .tasks import data_settings, nlg_settings, prepare_task
+from .tasks import data_settings, load_pretrained, nlg_settings, prepare_task
 from .train import (
     PhaseSettings,
     PhaseState,
@@ -85,21 +88,23 @@ def config_fingerprint(cfg: RunConfig) -> str:
     """What must match for a run directory's checkpoint or metrics.json to be this run's: every
     setting that changes its numbers (not logging, where it runs, how often it saves or prints)."""
     d = asdict(cfg)
-    for key in ("logger", "resume"):
+    for key in ("logger", "resume", "measure"):  # measuring is redone on a finished run that lacks it
         d.pop(key)
     for key in ("checkpoint_every", "device", "threads", "log_every_seconds"):
         d["trainer"].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def finished_metrics(run_dir: Path, fingerprint: str, say) -> dict | None:
-    """The run directory's metrics.json if it is this configuration's; another one's is removed."""
+def finished_metrics(run_dir: Path, fingerprint: str, say, measured: bool = False) -> dict | None:
+    """The run directory's metrics.json if it is this configuration's (and, if ``measured``, holds
+    the measured savings; else the finished run is evaluated and measured again from its last
+    checkpoint); another configuration's is removed."""
     path = Path(run_dir) / "metrics.json"
     if not path.is_file():
         return None
     metrics = json.loads(path.read_text())
     if metrics.get("fingerprint") == fingerprint:
-        return metrics
+        return metrics if metrics.get("savings") or not measured else None
     say(f"metrics.json here is from a different configuration (fingerprint {metrics.get('fingerprint')}, "
         f"this run {fingerprint}): starting over")
     path.unlink()
@@ -224,7 +229,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     validate(cfg)
     fingerprint = config_fingerprint(cfg)
     clean_leftovers(run_dir)
-    if cfg.resume and (done := finished_metrics(run_dir, fingerprint, say)) is not None:
+    if cfg.resume and (done := finished_metrics(run_dir, fingerprint, say, cfg.measure)) is not None:
         say("already complete: metrics.json exists (resume=false starts over)")
         return done
     metrics_path.unlink(missing_ok=True)
@@ -356,18 +361,17 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     generation = task.generate(model, device, precision, run_dir / f"generations-{cfg.task.eval_split}.jsonl") \
         if task.generate else None
     _, scope_nonzero = scope_size(model)
-    export_info = {}
     started = time.perf_counter()
-    if cfg.export:
-        save_adapter(model, run_dir / "export" / "adapter", method, loaded.source)
-        export_info = {"adapter": str(run_dir / "export" / "adapter")}
-        if method.method in MERGEABLE:
-            export_merged(model, tokenizer, run_dir / "export" / "merged")
-            export_info["merged"] = str(run_dir / "export" / "merged")
-        else:
-            export_info["merged"] = f"none: adapter={method.method} adds modules that cannot be merged into the weights"
+    export_info, final_model = export_run(cfg, model, tokenizer, run_dir, method, loaded.source)
     seconds["export"] = round(time.perf_counter() - started, 3)
+    savings = {}
+    if cfg.measure:
+        say("Measuring what the result costs and saves (final model against the dense one)")
+        started = time.perf_counter()
+        savings = measure_run(cfg, final_model, device, precision, export_info, pruning)
+        seconds["measure"] = round(time.perf_counter() - started, 3)
     model_nonzero = model_total - (scope_total - scope_nonzero)
+    phase_states = {"phase1": phase1, **states}
     metrics = {
         "task": cfg.task.name,
         "data_source": task.data_source,
@@ -385,6 +389,8 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         "omega": omega_info,
         "seconds": {k: round(v, 3) for k, v in seconds.items()} | {"total": round(time.perf_counter() - t_start, 3)},
         "export": export_info,
+        "cost": training_cost(phase_states, device),
+        "savings": savings,
         "config": asdict(cfg),
         "fingerprint": fingerprint,
         "precision": precision.name,
@@ -393,6 +399,60 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True, default=str))
     ckpt.save(model, "done", progress_meta(phase1=phase1, **states))
     return metrics
+
+
+def export_run(cfg: RunConfig, model: torch.nn.Module, tokenizer, run_dir: Path, method, base_model: str
+               ) -> tuple[dict, torch.nn.Module]:
+    """export/adapter always; export/merged for methods that merge into the weights, and
+    export/compressed (bit-packed masks + non-zero values) where pruning left zeros in them.
+    Returns what was written and the final model as a user would ship it."""
+    export_info: dict = {}
+    mergeable = method.method in MERGEABLE
+    final = merged_copy(model) if mergeable else model
+    if not cfg.export:
+        return export_info, final
+    save_adapter(model, run_dir / "export" / "adapter", method, base_model)
+    export_info["adapter"] = str(run_dir / "export" / "adapter")
+    if not mergeable:
+        export_info["merged"] = f"none: adapter={method.method} adds modules that cannot be merged into the weights"
+        return export_info, final
+    export_merged(model, tokenizer, run_dir / "export" / "merged", final)
+    export_info["merged"] = str(run_dir / "export" / "merged")
+    compressed = export_compressed(final, tokenizer, run_dir / "export" / "compressed")
+    if compressed is not None:
+        dense, packed = compressed["linears_dense_bytes"], compressed["linears_compressed_bytes"]
+        export_info["compressed"] = str(run_dir / "export" / "compressed")
+        export_info["compression"] = {**compressed, "linears_ratio": round(packed / dense, 4) if dense else None}
+    return export_info, final
+
+
+def measure_run(cfg: RunConfig, final: torch.nn.Module, device: torch.device, precision: Precision,
+                export_info: dict, pruning: PruningSettings) -> dict:
+    """The final model against the dense pretrained one, in this process, on this device."""
+    dense = load_pretrained(cfg).model
+    files = {name: Path(export_info[name]) / "model.safetensors" for name in ("merged", "compressed")
+             if name in export_info and Path(str(export_info[name])).is_dir()}
+    sizes = {f"export_{name}": path.stat().st_size for name, path in files.items()}
+    savings = measure_savings(final, dense, device, precision, TimingSettings(seq_len=cfg.flops_seq_len), sizes)
+    if pruning.method == "nm":
+        savings["two_four"] = semi_structured(final, device, precision, pruning.n, pruning.m,
+                                              TimingSettings(seq_len=cfg.flops_seq_len))
+    return savings
+
+
+def training_cost(states: dict[str, PhaseState], device: torch.device) -> dict:
+    """What training took: time, speed and peak memory per phase, the optimizer's state."""
+    seconds = sum(s.seconds for s in states.values())
+    return {
+        "device": str(device),
+        "train_seconds": round(seconds, 3),
+        "steps": sum(s.step for s in states.values()),
+        "peak_memory_bytes": max((s.peak_memory_bytes for s in states.values()), default=0),
+        "optimizer_bytes": max((s.optimizer_bytes for s in states.values()), default=0),
+        "per_phase": {name: {"seconds": round(s.seconds, 3), "steps_per_second":
+                             round(s.step / s.seconds, 3) if s.seconds else None,
+                             "peak_memory_bytes": s.peak_memory_bytes} for name, s in states.items()},
+    }
 
 
 _PHASE1_TITLE = {"dsee": "sparse + low-rank tuning", "lora": "low-rank tuning", "full": "full fine-tuning",

@@ -160,6 +160,23 @@ def flops_figure(report: Report) -> Figure | str:
     return _against(report, "flops", "flops", "inference FLOPs (× dense, unmerged)", invert=True)
 
 
+def speedup_figure(report: Report) -> Figure | str:
+    """Score against the measured inference speed-up over the dense model (batch 32)."""
+    if not any(p.speedup for p in report.points):
+        return "no run measured its inference speed (measure=false)"
+    kept = [p for p in report.points if p.speedup]
+    view = Report(report.table, report.row_keys, report.column_key, report.rows, report.columns, report.cells,
+                  report.paper_row_info, report.grid, kept, report.note)
+    figure = _against(view, "speedup", "", "measured inference speed-up (× dense, batch 32)", invert=False)
+    if isinstance(figure, Figure):
+        figure.panels = {k: [Series(s.label, s.x, s.y, s.half) for s in v] for k, v in figure.panels.items()}
+        figure.caption = "Ours only: the paper reports FLOPs, not measured speed."
+    return figure
+
+
+# The second figure of the pruning tables: what the pruning buys in measured speed.
+SPEED_FIGURES = ("table3", "table6", "table14")
+
 FIGURES: dict[str, Callable[[Report], Figure | str]] = {
     "fig2": omega_size_figure,
     "table12": omega_size_figure,
@@ -212,8 +229,9 @@ def draw(figure: Figure, path: Path) -> None:
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     handles = [Line2D([], [], color=colour[label], marker="o", label=label) for label in labels]
-    handles += [Line2D([], [], color="black", marker="o", linestyle="none", label="ours"),
-                Line2D([], [], color="black", marker="o", markerfacecolor="none", linestyle="none", label="paper")]
+    if any(s.paper for series in figure.panels.values() for s in series):
+        handles += [Line2D([], [], color="black", marker="o", linestyle="none", label="ours"),
+                    Line2D([], [], color="black", marker="o", markerfacecolor="none", linestyle="none", label="paper")]
     fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.suptitle(figure.title)
     if figure.caption:
@@ -225,9 +243,10 @@ def draw(figure: Figure, path: Path) -> None:
     plt.close(fig)
 
 
-def write_figure(report: Report, path: Path) -> tuple[Figure | None, str]:
+def write_figure(report: Report, path: Path, make: Callable[[Report], Figure | str] | None = None
+                 ) -> tuple[Figure | None, str]:
     """(the figure drawn, "") or (None, why nothing was drawn)."""
-    make = FIGURES.get(report.table)
+    make = make or FIGURES.get(report.table)
     if make is None:
         return None, f"{report.table} is a table in the paper, not a figure"
     figure = make(report)

@@ -44,6 +44,11 @@ class Cell:
     trainable: list[int] = field(default_factory=list)
     total_pct: list[float] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)
+    # what it cost and saves (APT's layout), where the runs measured it
+    train_seconds: list[float] = field(default_factory=list)
+    train_memory: list[float] = field(default_factory=list)
+    speedup: list[float] = field(default_factory=list)  # dense latency / ours, batch 32
+    memory_ratio: list[float] = field(default_factory=list)  # inference peak memory, ours / dense
 
     @property
     def median(self) -> float | None:
@@ -86,6 +91,7 @@ class Point:
     score: float
     total_pct: float
     flops: float
+    speedup: float | None = None  # measured inference speed-up over the dense model (batch 32)
 
 
 @dataclass
@@ -132,13 +138,16 @@ class Report:
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow([*self.row_keys, self.column_key, "median", "std", "n", "failed", "missing", "paper", "delta"])
+        w.writerow([*self.row_keys, self.column_key, "median", "std", "n", "failed", "missing", "paper", "delta",
+                    "train_seconds", "train_peak_memory_bytes", "inference_speedup_b32", "inference_memory_ratio"])
         for row in self.rows:
             for c in self.columns:
                 cell = self.cells[(row, c)]
                 delta = None if cell.median is None or cell.paper is None else cell.median - cell.paper
+                costs = [statistics.median(v) if v else None for v in (cell.train_seconds, cell.train_memory,
+                                                                       cell.speedup, cell.memory_ratio)]
                 w.writerow([*row, c, cell.median, cell.std, len(cell.values), cell.failed, cell.missing,
-                            cell.paper, delta])
+                            cell.paper, delta, *costs])
         return buf.getvalue()
 
 
@@ -225,6 +234,45 @@ def info_table(report: Report):
     return table
 
 
+FULL_FINE_TUNING = {"method": "finetune", "adapter": "full"}  # the row training costs are relative to
+
+
+def cost_table(report: Report):
+    """APT's layout: training time and peak memory relative to full fine-tuning (when the table has
+    that row), inference speed-up and memory relative to the dense model; medians over runs."""
+    from rich.table import Table
+
+    def median_of(row, attribute):
+        values = [v for c in report.columns for v in getattr(report.cells[(row, c)], attribute)]
+        return statistics.median(values) if values else None
+
+    if not any(median_of(row, "speedup") or median_of(row, "train_seconds") for row in report.rows):
+        return None
+    reference = next((row for row in report.rows if any(dict(zip(report.row_keys, row)).get(k) == v
+                                                        for k, v in FULL_FINE_TUNING.items())), None)
+    table = Table(title="cost and savings (medians; training vs full fine-tuning, inference vs dense)",
+                  title_justify="left")
+    for key in report.row_keys:
+        table.add_column(short_name(key), no_wrap=True)
+    for label in ("train time", "train mem", "inf. speed-up", "inf. mem"):
+        table.add_column(label, justify="right", no_wrap=True)
+    for row in report.rows:
+        cells = []
+        for attribute in ("train_seconds", "train_memory"):
+            ours = median_of(row, attribute)
+            base = median_of(reference, attribute) if reference else None
+            if ours is None:
+                cells.append("—")
+            elif base:
+                cells.append(f"{ours / base:.2f}x")
+            else:  # no full fine-tuning row to compare with: absolute
+                cells.append(f"{ours:.0f} s" if attribute == "train_seconds" else f"{ours / 2**20:.0f} MiB")
+        speed, memory = median_of(row, "speedup"), median_of(row, "memory_ratio")
+        cells += ["—" if speed is None else f"{speed:.2f}x", "—" if memory is None else f"{memory:.2f}x"]
+        table.add_row(*row, *cells)
+    return table
+
+
 LAYOUTS = ("auto", "wide", "long")
 
 
@@ -237,7 +285,9 @@ def terminal_tables(report: Report, width: int, layout: str = "auto") -> tuple[s
     wide = wide_table(report)
     if layout == "auto":
         layout = "wide" if Console(width=100_000).measure(wide).maximum <= width else "long"
-    return layout, ([wide] if layout == "wide" else [info_table(report), long_table(report)])
+    tables = [wide] if layout == "wide" else [info_table(report), long_table(report)]
+    costs = cost_table(report)
+    return layout, tables + ([costs] if costs is not None else [])
 
 
 def _values(spec: object) -> list[str]:
@@ -276,19 +326,24 @@ def _score(metrics: dict, column: str, paper: dict) -> float | None:
 def build_report(sweep_dir: Path, table: str | None = None) -> Report:
     sweep_dir = Path(sweep_dir)
     grid = expected_grid(sweep_dir)
-    swept = [k for k in grid if k != SEED]
-    column_key = "task" if "task" in grid else swept[-1]
-    row_keys = [k for k in swept if k != column_key]
-    found: dict[tuple[str, ...], tuple[dict, dict | None]] = {}
+    jobs: list[tuple[dict, dict | None]] = []
     first_config = None
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
         overrides = dict(o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text()))
         metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
-        found[tuple(overrides.get(k, "") for k in grid)] = (overrides, metrics)
+        jobs.append((overrides, json.loads(metrics_file.read_text()) if metrics_file.is_file() else None))
         if first_config is None:
             first_config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
+    defaults: dict[str, str] = {}
+    if "task" not in grid and len([k for k in grid if k != SEED]) == 1 and first_config:
+        # one swept key and one task: the key's values are the rows, the task the column
+        defaults["task"] = str(first_config["task"]["name"])
+        grid = {"task": [defaults["task"]], **grid}
+    swept = [k for k in grid if k != SEED]
+    column_key = "task" if "task" in grid else swept[-1]
+    row_keys = [k for k in swept if k != column_key]
+    found = {tuple(o.get(k, defaults.get(k, "")) for k in grid): (o, m) for o, m in jobs}
     table = table or (first_config or {}).get("name") or sweep_dir.name
     paper = load_paper_numbers().get(table, {})
     rows = list(dict.fromkeys(tuple(combo) for combo in itertools.product(*(grid[k] for k in row_keys))))
@@ -318,8 +373,18 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                 cell.trainable.append(int(metrics["trainable_params"]["total"]))
                 cell.total_pct.append(float(metrics["total_params_pct"]))
                 cell.flops.append(float(metrics["flops_ratio_unmerged"]))
+                cost, savings = metrics.get("cost") or {}, metrics.get("savings") or {}
+                if cost:
+                    cell.train_seconds.append(float(cost["train_seconds"]))
+                    cell.train_memory.append(float(cost["peak_memory_bytes"]))
+                speedup = (savings.get("speedup") or {}).get("batch32")
+                if speedup:
+                    cell.speedup.append(float(speedup))
+                if savings.get("memory_ratio"):
+                    cell.memory_ratio.append(float(savings["memory_ratio"]))
                 panel = col if column_key == "task" else metrics["task"]
-                points.append(Point(point, col, panel, float(value), cell.total_pct[-1], cell.flops[-1]))
+                points.append(Point(point, col, panel, float(value), cell.total_pct[-1], cell.flops[-1],
+                                    float(speedup) if speedup else None))
     paper_row_info = {}
     for entry in paper.get("rows", []):
         match = {k: str(v) for k, v in entry["match"].items()}

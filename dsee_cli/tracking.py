@@ -182,4 +182,17 @@ def results_table(metrics: dict) -> Table:
                   f"{metrics['flops_ratio']:.3f}x / {metrics['flops_ratio_unmerged']:.3f}x")
     for phase, seconds in metrics["seconds"].items():
         table.add_row(f"time {phase}", f"{seconds:.1f} s")
+    cost = metrics.get("cost") or {}
+    if cost:
+        table.add_row("training peak memory / optimizer state",
+                      f"{cost['peak_memory_bytes'] / 2**20:,.0f} / {cost['optimizer_bytes'] / 2**20:,.1f} MiB")
+    savings = metrics.get("savings") or {}
+    if savings:
+        speed = savings["speedup"]
+        table.add_row("inference speed-up vs dense (batch 1 / 32)",
+                      " / ".join(f"{speed[k]:.2f}x" for k in ("batch1", "batch32") if k in speed))
+        table.add_row("inference memory vs dense (batch 32)", f"{savings['memory_ratio']:.2f}x")
+        for name in ("export_merged", "export_compressed"):
+            if f"{name}_ratio" in savings:
+                table.add_row(f"{name.replace('_', '/')} size vs dense", f"{savings[f'{name}_ratio']:.2f}x")
     return table

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .costs import optimizer_bytes, peak_memory_bytes, reset_peak_memory
 from .data import Encoded, TaskSpec, collate
 from .errors import DSEEError
 from .metrics import task_metrics
@@ -45,10 +46,13 @@ class PhaseState:
     best: dict | None = None  # the evaluation with the best main metric
     seconds: float = 0.0
     finished: bool = False
+    peak_memory_bytes: int = 0  # the phase's peak: GPU allocator, or the process's resident set on CPU
+    optimizer_bytes: int = 0  # the optimizer's state (AdamW: two moments per trained value)
 
     def as_meta(self) -> dict:
-        return {"step": self.step, "history": self.history, "best": self.best,
-                "seconds": self.seconds, "finished": self.finished}
+        return {"step": self.step, "history": self.history, "best": self.best, "seconds": self.seconds,
+                "finished": self.finished, "peak_memory_bytes": self.peak_memory_bytes,
+                "optimizer_bytes": self.optimizer_bytes}
 
 
 class ProgressSink:
@@ -220,8 +224,15 @@ def train_phase(
     if state.finished:
         return state
 
+    def measure() -> None:  # a resumed phase keeps the larger of its peaks
+        state.peak_memory_bytes = max(state.peak_memory_bytes, peak_memory_bytes(device))
+        state.optimizer_bytes = max(state.optimizer_bytes, optimizer_bytes(optimizer))
+
     def checkpoint() -> None:
+        measure()
         save(state, optimizer_tensors(optimizer, names) | scaler_tensors(scaler) | rng_tensors())
+
+    reset_peak_memory(device)
 
     sink.start(settings.name, total, state.step, per_epoch)
     started = time.perf_counter() - state.seconds
@@ -286,8 +297,10 @@ def train_phase(
 
 
 def summarize(state: PhaseState) -> dict:
-    """best and last evaluations of a phase, for metrics.json."""
+    """best and last evaluations of a phase, and what it cost, for metrics.json."""
     last = state.history[-1] if state.history else {}
-    return {"best": state.best, "last": last, "steps": state.step, "seconds": round(state.seconds, 3)}
+    return {"best": state.best, "last": last, "steps": state.step, "seconds": round(state.seconds, 3),
+            "steps_per_second": round(state.step / state.seconds, 3) if state.seconds else None,
+            "peak_memory_bytes": state.peak_memory_bytes, "optimizer_bytes": state.optimizer_bytes}
 
 

@@ -1,0 +1,95 @@
+"""What a run costs and saves, measured: the compressed export, training cost, inference savings
+against the dense model, and the report's APT columns."""
+
+import pytest
+import torch
+
+from dsee_cli.costs import TimingSettings, compare_latency, semi_structured
+from dsee_cli.export import export_compressed, load_merged, merged_copy
+from dsee_cli.precision import FP32
+from dsee_cli.pruning import PruningSettings, apply_masks, compute_masks
+from dsee_cli.report import build_report, cost_table
+
+from .conftest import FAST, run_dsee
+from .helpers import batch, run_in_process, tiny, with_random_adapters
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_compressed_export_reloads_to_the_same_logits_at_the_expected_size(name, sparsity, tmp_path):
+    model, tok = tiny(name)
+    with_random_adapters(model)
+    apply_masks(model, compute_masks(model, PruningSettings(sparsity=sparsity)))
+    merged = merged_copy(model)
+    info = export_compressed(merged, tok, tmp_path / "compressed")
+    ratio = info["linears_compressed_bytes"] / info["linears_dense_bytes"]
+    assert ratio == pytest.approx((1 - sparsity) + 1 / 32, abs=0.02)  # values + one bit per weight, fp32
+    enc = batch(tok)
+    with torch.no_grad():
+        assert torch.equal(load_merged(tmp_path / "compressed")(**enc).logits, merged.eval()(**enc).logits)
+
+
+def test_nothing_is_compressed_without_zeros(tmp_path):
+    model, tok = tiny()
+    assert export_compressed(merged_copy(model), tok, tmp_path / "c") is None and not (tmp_path / "c").exists()
+
+
+def test_a_run_measures_its_cost_and_savings(tmp_path):
+    metrics = run_in_process(tmp_path / "run", "measure=true", "export=true", "sparsity=0.5",
+                             "pruning=structured", "pruning.heads_to_remove=2", messages=[])
+    cost, savings = metrics["cost"], metrics["savings"]
+    assert cost["train_seconds"] > 0 and cost["peak_memory_bytes"] > 0 and cost["optimizer_bytes"] > 0
+    assert set(cost["per_phase"]) == {"phase1", "recovery"}
+    assert cost["per_phase"]["phase1"]["steps_per_second"] > 0
+    assert savings["latency_ms"]["batch1"] > 0 and savings["speedup"]["batch32"] > 0
+    assert savings["params"] < savings["dense_params"]  # two of four heads are really gone
+    assert savings["memory_bytes"] > 0 and savings["memory_ratio"] > 0
+    assert savings["export_merged_bytes"] < savings["dense_bytes"]
+    assert metrics["phases"]["phase1"]["optimizer_bytes"] > 0
+
+
+def test_unstructured_runs_write_the_compressed_export(tmp_path):
+    metrics = run_in_process(tmp_path / "run", "measure=true", "export=true", "sparsity=0.5", messages=[])
+    compression = metrics["export"]["compression"]
+    assert compression["linears_ratio"] == pytest.approx(0.5 + 1 / 32, abs=0.02)
+    assert metrics["savings"]["export_compressed_bytes"] < metrics["savings"]["export_merged_bytes"]
+    assert (tmp_path / "run" / "export" / "compressed" / "compression.json").is_file()
+
+
+def test_measuring_a_finished_run_later_does_not_train_it_again(tmp_path):
+    run = tmp_path / "run"
+    first = run_in_process(run, "measure=false", messages=[])
+    assert first["savings"] == {}
+    said: list[str] = []
+    second = run_in_process(run, "measure=true", messages=said)
+    assert second["savings"]["speedup"]["batch1"] > 0
+    assert any("Resuming" in s and "'done'" in s for s in said)
+    assert second["final"]["eval"] == first["final"]["eval"]
+
+
+def test_two_four_is_not_used_on_a_cpu_and_says_why():
+    model, _ = tiny()
+    cpu = semi_structured(model, torch.device("cpu"), FP32, 2, 4, TimingSettings())
+    assert cpu["used"] is False and "no speed-up on a CPU" in cpu["why"]
+    assert "not the 2:4 pattern" in semi_structured(model, torch.device("cpu"), FP32, 1, 4, TimingSettings())["why"]
+
+
+def test_latency_is_measured_for_each_model_and_batch():
+    a, _ = tiny()
+    b, _ = tiny(seed=1)
+    times = compare_latency({"a": a, "b": b}, torch.device("cpu"), FP32, TimingSettings(seq_len=16, repeats=3))
+    assert set(times) == {"a", "b"} and all(t[1] > 0 and t[32] > 0 for t in times.values())
+
+
+def test_the_report_shows_training_cost_against_full_fine_tuning_and_inference_against_dense(workdir):
+    out = run_dsee(["-m", *FAST, "name=costs", "method=finetune,dsee-50", "measure=true", "trainer.max_steps=2"],
+                   workdir)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = build_report(workdir / "multirun" / "costs")
+    table = cost_table(report)
+    assert table is not None
+    headers = [c.header for c in table.columns]
+    assert headers[-4:] == ["train time", "train mem", "inf. speed-up", "inf. mem"]
+    finetune = [list(c._cells) for c in table.columns]
+    assert finetune[1][0] == "1.00x"  # full fine-tuning is the training reference
+    assert "inference_speedup_b32" in report.csv().splitlines()[0]
