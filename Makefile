@@ -25,7 +25,7 @@ lint:
 bench:
 	$(PY) scripts/bench_omega.py
 	$(PY) scripts/bench_train_step.py
-	$(PY) scripts/bench_head_pruned.py
+	$(PY) scripts/bench_inference.py
 
 # make reproduce-table1 [PROFILE=smoke|mini|paper] [LAUNCHER=joblib|slurm] [ARGS="more overrides"]:
 # the sweep as the paper ran it (joblib: local processes; slurm: a cluster through submitit), then

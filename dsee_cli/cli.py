@@ -21,7 +21,7 @@ commands:
            config groups and their options; `-m` runs a sweep.
   report   `dsee report <sweep dir> [--table NAME]`: a sweep's runs as the paper's table, the
            median over seeds beside the paper's number; writes report-<table>.md and .csv.
-  eval     `dsee eval <run dir | export dir> [--from merged|adapter] [--split validation|test]
+  eval     `dsee eval <run dir | export dir> [--from merged|compressed|adapter] [--split validation|test]
            [--predictions FILE] [key=value ...]`: load what a run exported, evaluate it on the
            run's task (dotted overrides change it, e.g. task.data_dir=...), print the metrics.
 """
@@ -286,7 +286,7 @@ def run_eval(args: list[str]) -> int:
         prog="dsee eval", description="Evaluate what a run exported (export/merged, or export/adapter re-applied "
                                       "onto the pretrained model) on the run's task.")
     parser.add_argument("path", type=Path, help="a run directory, or its export/merged or export/adapter folder")
-    parser.add_argument("--from", dest="source", choices=("merged", "adapter"), default=None,
+    parser.add_argument("--from", dest="source", choices=("merged", "compressed", "adapter"), default=None,
                         help="which export (default: the folder given, else merged where the run wrote one)")
     parser.add_argument("--split", choices=("validation", "test"), default=None,
                         help="evaluation split (default: the run's: validation, or task.eval_split for generation)")

@@ -28,7 +28,7 @@ from .precision import resolve_precision
 from .tasks import load_pretrained, prepare_task
 from .train import ProgressSink, predict
 
-SOURCES = ("merged", "adapter")
+SOURCES = ("merged", "compressed", "adapter")
 
 
 def find_run(path: Path) -> Path:
@@ -64,7 +64,7 @@ def pick_source(path: Path, run_dir: Path, source: str | None) -> tuple[str, Pat
 
 
 def load_export(cfg: RunConfig, export_dir: Path, source: str) -> LoadedModel:
-    if source == "merged":
+    if source in ("merged", "compressed"):
         tokenizer = load_merged_tokenizer(export_dir)
         if tokenizer.pad_token is None:  # GPT-2's, as at training time
             tokenizer.pad_token = tokenizer.eos_token

@@ -40,7 +40,7 @@ def test_every_export_scores_what_the_run_reported(name, tmp_path):
     run = tmp_path / "run"
     metrics = run_in_process(run, *overrides, messages=[])
     reported = metrics["final"]["eval"] | (metrics["final"].get("generation") or {})
-    sources = [s for s in ("merged", "adapter") if (run / "export" / s).is_dir()]
+    sources = [s for s in ("merged", "compressed", "adapter") if (run / "export" / s).is_dir()]
     assert "adapter" in sources
     for source in sources:
         cfg = compose(*overrides)
@@ -49,9 +49,9 @@ def test_every_export_scores_what_the_run_reported(name, tmp_path):
         for key, value in reported.items():
             assert result.metrics[key] == pytest.approx(value, abs=1e-4), (source, key)
         assert result.reference == pytest.approx(reported)
-    if len(sources) == 2 and "task=e2e" not in overrides:  # the two exports are the same model, logit for logit
+    if "merged" in sources and "task=e2e" not in overrides:  # the exports are the same model, logit for logit
         cfg = compose(*overrides)
-        merged, adapter = (load_export(cfg, run / "export" / s, s) for s in sources)
+        merged, adapter = (load_export(cfg, run / "export" / s, s) for s in ("merged", "adapter"))
         enc = merged.tokenizer(["w1 w2 w17 w3", "w20 w5 w6 w7 w8"], padding=True, return_tensors="pt")
         with torch.no_grad():
             a, b = merged.model.eval()(**enc).logits, adapter.model.eval()(**enc).logits
