@@ -7,7 +7,7 @@ DSEE ?= dsee
 EXPERIMENTS := table1 table2 table4 table3 table5 table6 table7 table9 table12 table13 table14 fig2 pst-table2 pst-table4 pst-table5
 REPRODUCE := $(addprefix reproduce-,$(EXPERIMENTS))
 
-.PHONY: install demo test lint bench $(REPRODUCE)
+.PHONY: install demo test test-all lint bench $(REPRODUCE)
 
 install:
 	$(PY) -m pip install torch==2.13.0 || $(PY) -m pip install torch
@@ -16,7 +16,10 @@ install:
 demo:
 	dsee train experiment=demo
 
-test:
+test:  # the everyday fast tier: unit tests and in-process runs on tiny models
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
+
+test-all:  # everything, the subprocess end-to-end runs and every experiment's smoke sweep too (CI)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q
 
 lint:

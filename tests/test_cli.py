@@ -13,6 +13,8 @@ from dsee_cli.export import load_merged, load_merged_tokenizer
 
 from .conftest import FAST, run_dsee
 
+pytestmark = pytest.mark.slow  # every test here runs `dsee` in a subprocess
+
 
 def _metrics(run_dir: Path) -> dict:
     return json.loads((run_dir / "metrics.json").read_text())

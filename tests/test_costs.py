@@ -81,6 +81,7 @@ def test_latency_is_measured_for_each_model_and_batch():
     assert set(times) == {"a", "b"} and all(t[1] > 0 and t[32] > 0 for t in times.values())
 
 
+@pytest.mark.slow
 def test_the_report_shows_training_cost_against_full_fine_tuning_and_inference_against_dense(workdir):
     out = run_dsee(["-m", *FAST, "name=costs", "method=finetune,dsee-50", "measure=true", "trainer.max_steps=2"],
                    workdir)

@@ -34,7 +34,10 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("name", METHODS)
+FAST_TIER = ("dsee", "ptuning-v2", "pst", "earlybert-dsee", "gpt2-e2e")
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_TIER else pytest.param(n, marks=pytest.mark.slow) for n in METHODS])
 def test_every_export_scores_what_the_run_reported(name, tmp_path):
     overrides = ["trainer.max_steps=6", "trainer.eval_every=6", *METHODS[name]]
     run = tmp_path / "run"
@@ -58,6 +61,7 @@ def test_every_export_scores_what_the_run_reported(name, tmp_path):
         assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
+@pytest.mark.slow
 def test_dsee_eval_command_prints_the_table_and_writes_glue_predictions(workdir):
     glue = workdir / "glue" / "RTE"
     glue.mkdir(parents=True)

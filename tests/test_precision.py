@@ -65,7 +65,10 @@ MATRIX = {
 }
 
 
-@pytest.mark.parametrize("name", MATRIX)
+FAST_TIER = ("dsee", "prefix", "pst", "structured", "earlybert", "gpt2-e2e")
+
+
+@pytest.mark.parametrize("name", [n if n in FAST_TIER else pytest.param(n, marks=pytest.mark.slow) for n in MATRIX])
 def test_every_method_and_pruning_mode_runs_under_bf16_mixed(name, tmp_path):
     metrics = run_in_process(tmp_path / "run", "trainer.precision=bf16-mixed", "trainer.device=cpu", *MATRIX[name],
                              messages=[])

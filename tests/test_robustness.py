@@ -24,6 +24,7 @@ from .helpers import run_in_process
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
 def test_a_sweep_survives_a_failing_job_and_its_rerun_retries_only_that_one(workdir, launcher):
     extra = {"basic": [], "joblib": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
@@ -141,6 +142,7 @@ def test_every_rng_is_saved_and_restored(monkeypatch):
     assert restored == states
 
 
+@pytest.mark.slow
 def test_unattended_runs_print_timed_progress_lines_to_stdout_and_the_log(workdir):
     out = run_dsee([*FAST, "hydra.run.dir=run", "trainer.log_every_seconds=0", "export=false"], workdir)
     assert out.returncode == 0, out.stderr
@@ -194,6 +196,7 @@ def test_the_hub_check_is_bounded_and_asked_once(monkeypatch):
     assert time.time() - started < 2.5 and len(calls) == 1
 
 
+@pytest.mark.slow
 def test_make_reproduce_runs_the_sweep_and_writes_its_report(workdir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DSEE_CACHE": str(workdir / ".cache")}
     make = ["make", "-f", str(REPO / "Makefile"), f"DSEE={sys.executable} -m dsee_cli"]
@@ -207,6 +210,7 @@ def test_make_reproduce_runs_the_sweep_and_writes_its_report(workdir):
     assert bad.returncode != 0 and "unknown experiment 'tabel1'" in bad.stderr and "table1" in bad.stderr
 
 
+@pytest.mark.slow
 def test_make_lists_every_experiment():
     experiments = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml") if p.stem != "demo")
     out = subprocess.run(["make", "-n", "-f", str(REPO / "Makefile"), *(f"reproduce-{e}" for e in experiments)],
