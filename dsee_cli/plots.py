@@ -248,7 +248,7 @@ def write_figure(report: Report, path: Path, make: Callable[[Report], Figure | s
     """(the figure drawn, "") or (None, why nothing was drawn)."""
     make = make or FIGURES.get(report.table)
     if make is None:
-        return None, f"{report.table} is a table in the paper, not a figure"
+        return None, f"{report.table} has no figure (figures are drawn for {', '.join(FIGURES)})"
     figure = make(report)
     if isinstance(figure, str):
         return None, figure

@@ -183,8 +183,10 @@ def wide_table(report: Report):
             text = "—" if cell.median is None else f"{cell.median:.{digits}f}±{cell.std:.{digits}f}"
             if cell.paper is not None:
                 text += f" ({cell.paper:.{digits}f})"
-            if cell.failed or cell.missing:
-                text += f" [{cell.failed + cell.missing}!]"
+            if cell.failed:
+                text += f" [{cell.failed} failed]"
+            if cell.missing:
+                text += f" [{cell.missing} missing]"
             cells.append(text)
         table.add_row(*row, *(info[k] for k in ("# trainable", "# total", "FLOPs")), *cells)
     return table
@@ -250,11 +252,11 @@ def cost_table(report: Report):
         return None
     reference = next((row for row in report.rows if any(dict(zip(report.row_keys, row)).get(k) == v
                                                         for k, v in FULL_FINE_TUNING.items())), None)
-    table = Table(title="cost and savings (medians; training vs full fine-tuning, inference vs dense)",
-                  title_justify="left")
+    table = Table(title="cost and savings (medians)", title_justify="left")
     for key in report.row_keys:
         table.add_column(short_name(key), no_wrap=True)
-    for label in ("train time", "train mem", "inf. speed-up", "inf. mem"):
+    versus = " ×FT" if reference else ""
+    for label in (f"train time{versus}", f"train mem{versus}", "inf. speed-up", "inf. mem ×dense"):
         table.add_column(label, justify="right", no_wrap=True)
     for row in report.rows:
         cells = []
@@ -266,7 +268,7 @@ def cost_table(report: Report):
             elif base:
                 cells.append(f"{ours / base:.2f}x")
             else:  # no full fine-tuning row to compare with: absolute
-                cells.append(f"{ours:.0f} s" if attribute == "train_seconds" else f"{ours / 2**20:.0f} MiB")
+                cells.append(f"{ours:.1f} s" if attribute == "train_seconds" else f"{ours / 2**20:.0f} MiB")
         speed, memory = median_of(row, "speedup"), median_of(row, "memory_ratio")
         cells += ["—" if speed is None else f"{speed:.2f}x", "—" if memory is None else f"{memory:.2f}x"]
         table.add_row(*row, *cells)

@@ -90,7 +90,7 @@ def test_the_report_shows_training_cost_against_full_fine_tuning_and_inference_a
     table = cost_table(report)
     assert table is not None
     headers = [c.header for c in table.columns]
-    assert headers[-4:] == ["train time", "train mem", "inf. speed-up", "inf. mem"]
+    assert headers[-4:] == ["train time ×FT", "train mem ×FT", "inf. speed-up", "inf. mem ×dense"]
     finetune = [list(c._cells) for c in table.columns]
     assert finetune[1][0] == "1.00x"  # full fine-tuning is the training reference
     assert "inference_speedup_b32" in report.csv().splitlines()[0]
