@@ -69,3 +69,23 @@ def run_in_process(run_dir, *overrides: str, messages: list | None = None) -> di
     cfg = compose(*overrides)
     cfg.omega.cache_dir = str(run_dir.parent / "omega-cache")
     return run_experiment(cfg, run_dir, ProgressSink(), say=(messages.append if messages is not None else print))
+
+
+# Every tuning method as overrides of the tiny in-process run (sparse-training ones prune while training).
+METHOD_OVERRIDES = {
+    "dsee": ["adapter=dsee"],
+    "lora": ["adapter=lora"],
+    "full": ["adapter=full"],
+    "bitfit": ["adapter=bitfit"],
+    "ft-top2": ["adapter=ft-top2"],
+    "houlsby": ["adapter=houlsby"],
+    "prefix": ["adapter=prefix"],
+    "ptuning-v2": ["adapter=ptuning-v2"],
+    "mam": ["adapter=mam"],
+    "pst": ["adapter=pst", "sparsity=0.5"],
+    "map": ["adapter=map", "sparsity=0.5"],
+    "mvp": ["adapter=mvp", "sparsity=0.5"],
+}
+# GPT-2 on the E2E stand-in with a short beam search.
+GPT2_E2E = ["task=e2e", "profile=smoke", "model.tiny_hidden=32", "model.tiny_heads=4", "task.synthetic_train=16",
+            "task.synthetic_eval=4", "task.num_beams=2", "task.max_new_tokens=6", "trainer.max_steps=3"]

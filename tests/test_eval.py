@@ -11,26 +11,14 @@ import torch
 from dsee_cli.evaluation import evaluate_export, load_export, pick_source
 
 from .conftest import FAST, run_dsee
-from .helpers import compose, run_in_process
+from .helpers import GPT2_E2E, METHOD_OVERRIDES, compose, run_in_process
 
 METHODS = {
-    "dsee": [],
-    "lora": ["adapter=lora"],
-    "full": ["adapter=full"],
-    "bitfit": ["adapter=bitfit"],
-    "ft-top2": ["adapter=ft-top2"],
-    "houlsby": ["adapter=houlsby"],
-    "ptuning-v2": ["adapter=ptuning-v2"],
-    "mam": ["adapter=mam"],
-    "pst": ["adapter=pst", "sparsity=0.5"],
-    "map": ["adapter=map", "sparsity=0.5"],
-    "mvp": ["adapter=mvp", "sparsity=0.5"],
+    **{name: METHOD_OVERRIDES[name] for name in METHOD_OVERRIDES if name != "prefix"},
     "dsee-heads": ["pruning=structured", "pruning.heads_to_remove=1"],
     "earlybert-dsee": ["pruning=earlybert", "pruning.heads_to_remove=1", "pruning.slimming_l1=0.01"],
     "stsb-regression": ["task=stsb", "model=tiny-bert", "task.synthetic_standin=true"],
-    "gpt2-e2e": ["task=e2e", "profile=smoke", "model.tiny_hidden=32", "model.tiny_heads=4", "task.synthetic_train=16",
-                 "task.synthetic_eval=4", "task.num_beams=2", "task.max_new_tokens=6", "trainer.max_steps=3",
-                 "export=true"],
+    "gpt2-e2e": [*GPT2_E2E, "export=true"],
 }
 
 

@@ -13,7 +13,7 @@ from dsee_cli.export import load_merged
 from dsee_cli.precision import resolve_precision
 from dsee_cli.pruning import PruningSettings, apply_masks, compute_masks
 
-from .helpers import batch, compose, run_in_process, tiny, with_random_adapters
+from .helpers import GPT2_E2E, METHOD_OVERRIDES, batch, compose, run_in_process, tiny, with_random_adapters
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -44,24 +44,12 @@ def test_auto_precision_is_fp32_on_cpu_and_names_are_checked():
 # Every method with its default pruning (sparse-training ones prune while training), every
 # pruning mode with DSEE, and GPT-2 generation with beam decoding.
 MATRIX = {
-    "dsee": ["adapter=dsee"],
-    "lora": ["adapter=lora"],
-    "full": ["adapter=full"],
-    "bitfit": ["adapter=bitfit"],
-    "ft-top2": ["adapter=ft-top2"],
-    "houlsby": ["adapter=houlsby"],
-    "prefix": ["adapter=prefix"],
-    "ptuning-v2": ["adapter=ptuning-v2"],
-    "mam": ["adapter=mam"],
-    "pst": ["adapter=pst", "sparsity=0.5"],
-    "map": ["adapter=map", "sparsity=0.5"],
-    "mvp": ["adapter=mvp", "sparsity=0.5"],
+    **METHOD_OVERRIDES,
     "nm": ["pruning=nm"],
     "structured": ["pruning=structured", "pruning.heads_to_remove=1"],
     "imp": ["pruning=imp", "pruning.rounds=2"],
     "earlybert": ["pruning=earlybert", "pruning.heads_to_remove=1"],
-    "gpt2-e2e": ["task=e2e", "profile=smoke", "model.tiny_hidden=32", "model.tiny_heads=4", "task.synthetic_train=16",
-                 "task.synthetic_eval=4", "task.num_beams=2", "task.max_new_tokens=6", "trainer.max_steps=3"],
+    "gpt2-e2e": GPT2_E2E,
 }
 
 
