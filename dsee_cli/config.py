@@ -179,6 +179,7 @@ class TrainerConfig:
     device: str = "auto"
     threads: int = 0  # torch CPU threads; 0: torch's default
     log_every_seconds: float = 30.0  # a plain progress line this often when stdout is not a terminal
+    keep_best: bool = False  # each phase ends with its best evaluation's weights (the paper profile's protocol)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     recovery: PhaseConfig = field(default_factory=PhaseConfig)
 

@@ -194,6 +194,7 @@ def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> PhaseSet
         name=phase, epochs=epochs, lr=lr, batch_size=per_model.batch_size, eval_batch_size=t.eval_batch_size,
         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, precision=precision,
+        keep_best=t.keep_best,
         seed=cfg.seed * 1000 + (_PHASE_SEED_OFFSET[phase] if phase in _PHASE_SEED_OFFSET
                                  else 1 + int(phase.removeprefix("retrain"))),
     )

@@ -41,6 +41,7 @@ class Cell:
     missing: int = 0
     paper: float | None = None
     # what the paper's tables print beside the scores, from each finished run's metrics.json
+    last: list[float] = field(default_factory=list)  # the last evaluation's score (values: the best's)
     trainable: list[int] = field(default_factory=list)
     total_pct: list[float] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)
@@ -196,12 +197,12 @@ def long_table(report: Report):
     """One row per row × column, grouped by column (task): ours, spread, seeds, paper, Δ."""
     from rich.table import Table
 
-    table = Table(title=f"{report.table}: ours (median over seeds) beside the paper", title_justify="left")
+    table = Table(title=f"{report.table}: median over seeds, best dev evaluation", title_justify="left")
     group = "task" if report.column_key == "task" else short_name(report.column_key)
     table.add_column(group, no_wrap=True)
     for key in report.row_keys:
         table.add_column(short_name(key), no_wrap=True)
-    for label in ("ours", "spread", "seeds", "paper", "Δ"):
+    for label in ("ours", "spread", "seeds", "paper", "Δ", "last"):
         table.add_column(label, justify="right", no_wrap=True)
     problems = any(c.failed or c.missing for c in report.cells.values())
     if problems:
@@ -213,8 +214,9 @@ def long_table(report: Report):
         for j, row in enumerate(report.rows):
             cell = report.cells[(row, column)]
             delta = None if cell.median is None or cell.paper is None else cell.median - cell.paper
+            last = statistics.median(cell.last) if cell.last else None
             values = [_number(cell.median, digits), _number(cell.std, digits), str(len(cell.values)),
-                      _number(cell.paper, digits), _number(delta, digits, signed=True)]
+                      _number(cell.paper, digits), _number(delta, digits, signed=True), _number(last, digits)]
             extra = [", ".join(x for x in (f"{cell.failed} failed" if cell.failed else "",
                                            f"{cell.missing} missing" if cell.missing else "") if x)] if problems else []
             table.add_row(column if j == 0 else "", *row, *values, *extra)
@@ -314,15 +316,16 @@ def load_paper_numbers() -> dict:
     return yaml.safe_load(resources.files("dsee_cli").joinpath("paper_numbers.yaml").read_text())
 
 
-def _score(metrics: dict, column: str, paper: dict) -> float | None:
-    """The number a cell shows: a generation metric (``task:metric``), else the task's paper metric."""
+def _score(metrics: dict, column: str, paper: dict, which: str = "best") -> float | None:
+    """The number a cell shows: a generation metric (``task:metric``), else the task's paper metric
+    at the phase's best periodic evaluation (the paper's protocol) or its ``last`` one."""
     final = metrics["final"]
     if ":" in column:
         metric = column.split(":", 1)[1]
         generation = final.get("generation") or {}
         return next((v for k, v in generation.items() if k.endswith("/" + metric)), None)
-    best = final.get("best") or {}
-    return best.get(paper_metric(metrics["task"], paper.get("metrics")), best.get(metrics["main_metric"]))
+    scores = final.get(which) or {}
+    return scores.get(paper_metric(metrics["task"], paper.get("metrics")), scores.get(metrics["main_metric"]))
 
 
 def build_report(sweep_dir: Path, table: str | None = None) -> Report:
@@ -372,6 +375,9 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     continue
                 metrics = job[1]
                 cell.values.append(float(value))
+                last = _score(job[1], col, paper, "last")
+                if last is not None:
+                    cell.last.append(float(last))
                 cell.trainable.append(int(metrics["trainable_params"]["total"]))
                 cell.total_pct.append(float(metrics["total_params_pct"]))
                 cell.flops.append(float(metrics["flops_ratio_unmerged"]))

@@ -174,6 +174,8 @@ def results_table(metrics: dict) -> Table:
     for key, value in (final.get("last") or {}).items():
         if key != "step":
             table.add_row(f"last {key}", f"{value:.2f}")
+    if final.get("weights"):
+        table.add_row("weights kept and exported", final["weights"])
     tp = metrics["trainable_params"]
     table.add_row("trainable (adapter / task head)", f"{tp['adapter']:,} / {tp['task_head']:,}")
     table.add_row("total params (pruning scope)", f"{metrics['total_params_pct']:.2f} %")

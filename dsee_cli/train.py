@@ -35,6 +35,7 @@ class PhaseSettings:
     max_steps: int = 0  # 0: as many as the epochs make
     precision: Precision = FP32
     seed: int = 1
+    keep_best: bool = False  # end the phase with the weights of its best evaluation, not its last step
 
 
 @dataclass
@@ -48,11 +49,12 @@ class PhaseState:
     finished: bool = False
     peak_memory_bytes: int = 0  # the phase's peak: GPU allocator, or the process's resident set on CPU
     optimizer_bytes: int = 0  # the optimizer's state (AdamW: two moments per trained value)
+    weights: str = "last"  # which weights the phase ended with: "last", or "best (step N)"
 
     def as_meta(self) -> dict:
         return {"step": self.step, "history": self.history, "best": self.best, "seconds": self.seconds,
                 "finished": self.finished, "peak_memory_bytes": self.peak_memory_bytes,
-                "optimizer_bytes": self.optimizer_bytes}
+                "optimizer_bytes": self.optimizer_bytes, "weights": self.weights}
 
 
 class ProgressSink:
@@ -215,12 +217,14 @@ def train_phase(
     precision = settings.precision
     scaler = precision.grad_scaler()
     state = PhaseState()
+    best_weights: dict[str, torch.Tensor] = {}  # keep_best: the trained tensors at the best evaluation
     torch.manual_seed(settings.seed)  # seeds every device's generator
     if resume is not None:
         state, tensors = resume
         load_optimizer_tensors(optimizer, named, tensors)
         load_scaler_tensors(scaler, tensors)
         restore_rng(tensors)
+        best_weights = {k.split("::", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith("best::")}
     if state.finished:
         return state
 
@@ -230,7 +234,8 @@ def train_phase(
 
     def checkpoint() -> None:
         measure()
-        save(state, optimizer_tensors(optimizer, names) | scaler_tensors(scaler) | rng_tensors())
+        best = {f"best::{n}": t for n, t in best_weights.items()}
+        save(state, optimizer_tensors(optimizer, names) | scaler_tensors(scaler) | rng_tensors() | best)
 
     reset_peak_memory(device)
 
@@ -285,6 +290,8 @@ def train_phase(
             eligible = hooks.best_eligible is None or hooks.best_eligible()
             if eligible and (state.best is None or scores[main] > state.best[main]):
                 state.best = record
+                if settings.keep_best:
+                    best_weights = {n: p.detach().clone() for n, p in named.items()}
             sink.log({f"{settings.name}/{k}": v for k, v in scores.items()}, state.step)
         state.seconds = time.perf_counter() - started
         if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and state.step < total:
@@ -292,6 +299,12 @@ def train_phase(
     state.finished = True
     sink.stop()
     model.eval()
+    if settings.keep_best and best_weights and state.best is not None:
+        with torch.no_grad():  # the reported model is the one that is kept and exported
+            for n, value in best_weights.items():
+                named[n].copy_(value)
+        state.weights = f"best (step {state.best['step']})"
+        best_weights = {}
     checkpoint()
     return state
 
@@ -301,6 +314,7 @@ def summarize(state: PhaseState) -> dict:
     last = state.history[-1] if state.history else {}
     return {"best": state.best, "last": last, "steps": state.step, "seconds": round(state.seconds, 3),
             "steps_per_second": round(state.step / state.seconds, 3) if state.seconds else None,
-            "peak_memory_bytes": state.peak_memory_bytes, "optimizer_bytes": state.optimizer_bytes}
+            "weights": state.weights, "peak_memory_bytes": state.peak_memory_bytes,
+            "optimizer_bytes": state.optimizer_bytes}
 
 

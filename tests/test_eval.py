@@ -81,3 +81,18 @@ def test_dsee_eval_command_prints_the_table_and_writes_glue_predictions(workdir)
     assert bad.returncode == 2 and "Key 'nope' not in 'TaskConfig'" in bad.stderr
     missing = dsee_eval(str(workdir / "glue"))
     assert missing.returncode == 2 and "is not a finished run" in missing.stderr
+
+
+def test_keep_best_exports_the_model_that_was_reported(tmp_path):
+    # full fine-tuning at a rate too high for the tiny model: its best evaluation is not its last
+    overrides = ["trainer.keep_best=true", "trainer.max_steps=24", "trainer.eval_every=3", "pruning=none",
+                 "adapter=full", "trainer.phase1.lr=1e-2", "task.synthetic_train=256", "task.synthetic_eval=64"]
+    run = tmp_path / "run"
+    metrics = run_in_process(run, *overrides, messages=[])
+    final = metrics["final"]
+    best = {k: v for k, v in final["best"].items() if k != "step"}
+    assert best != {k: v for k, v in final["last"].items() if k != "step"}
+    assert final["weights"] == f"best (step {final['best']['step']})"
+    assert final["eval"] == pytest.approx(best)  # the final evaluation is the best one's
+    result = evaluate_export(compose(*overrides), run, *pick_source(run, run, "merged"))
+    assert result.metrics == pytest.approx(best)
