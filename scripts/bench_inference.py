@@ -90,7 +90,7 @@ def main() -> None:
     latency = compare_latency(models, device, precision, settings)
     memory = {name: forward_peak_bytes(m, device, precision, 32, args.seq) for name, m in models.items()}
     print(f"BERT-base from its config, sequence length {args.seq}, {device} ({precision.name}), "
-          f"{torch.get_num_threads()} threads, median of {args.repeats} (models interleaved); ratios to dense")
+          f"{torch.get_num_threads()} threads,\nmedian of {args.repeats} (models interleaved); ratios to dense")
     print(f"{'variant':18} {'b1 ms':>9} {'b32 ms':>9} {'speed-up b1':>11} {'b32':>6} {'memory':>7} "
           f"{'disk':>6} {'load s':>7}")
     for name in models:
@@ -98,13 +98,13 @@ def main() -> None:
               f"{latency['dense'][1] / latency[name][1]:11.2f}x {latency['dense'][32] / latency[name][32]:5.2f}x "
               f"{memory[name] / memory['dense']:6.2f}x {disk[name] / disk['dense']:5.2f}x {load[name]:7.2f}")
     ratio = info["linears_compressed_bytes"] / info["linears_dense_bytes"]
-    print(f"compressed: the pruned linears take {ratio:.3f}x their dense bytes ((1 - 0.5) + 1/32 = 0.531 expected); "
-          f"the whole file {disk['50% compressed'] / disk['50% unstructured']:.3f}x export/merged's")
+    print(f"compressed: the pruned linears take {ratio:.3f}x their dense bytes ((1 - 0.5) + 1/32 = 0.531 "
+          f"expected);\nthe whole file {disk['50% compressed'] / disk['50% unstructured']:.3f}x export/merged's")
     two_four = BertForSequenceClassification(BertConfig()).eval()
     two_four.load_state_dict(dense.state_dict())
     two_four_prune(two_four)
     result = semi_structured(two_four, device, precision, 2, 4, TimingSettings(seq_len=args.seq, repeats=args.repeats))
-    print(f"2:4 semi-structured: {'used' if result['used'] else 'not used'} — {result['why']}"
+    print(f"2:4 semi-structured: {'used' if result['used'] else 'not used'}:\n  {result['why']}"
           + (f"; speed-up {result['speedup']}" if "speedup" in result else ""))
 
 
