@@ -13,6 +13,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import statistics
 from dataclasses import dataclass, field
 from importlib import resources
@@ -107,6 +108,7 @@ class Report:
     grid: dict[str, list[str]] = field(default_factory=dict)  # what the sweep varies (seed included)
     points: list[Point] = field(default_factory=list)
     note: str = ""  # the paper's note on this table
+    claims: list[dict] = field(default_factory=list)  # the paper's qualitative claims (paper_numbers.yaml)
 
     def row_of(self, grid: dict[str, str]) -> tuple[str, ...]:
         return tuple(grid[k] for k in self.row_keys)
@@ -238,6 +240,83 @@ def info_table(report: Report):
     return table
 
 
+@dataclass
+class ClaimCheck:
+    """One of the paper's qualitative claims, checked on one column (task) of our runs."""
+
+    claim: str
+    column: str
+    ours: float | None  # median(better) − median(worse)
+    spread: float | None  # the two cells' standard deviations, combined
+    paper: float | None  # the same difference in the paper's numbers
+    seeds: int
+    margin: float
+    verdict: str
+
+
+def _matching_row(report: Report, match: dict) -> tuple[str, ...]:
+    match = {k: str(v) for k, v in match.items()}
+    rows = [row for row in report.rows if all(dict(zip(report.row_keys, row)).get(k) == v for k, v in match.items())]
+    if len(rows) != 1:
+        raise DSEEError(f"the claim's rows {match} match {len(rows)} rows of {report.table} "
+                        f"({', '.join(report.row_keys)}); each side of a claim must name exactly one")
+    return rows[0]
+
+
+def check_claims(report: Report, claims: list[dict]) -> list[ClaimCheck]:
+    """Each claim says ``better`` ≥ ``worse`` − ``margin``. On a column it holds when our difference
+    clears the margin by more than the seeds' spread, fails when it misses by more, and is not
+    resolved ("unresolved") otherwise or with fewer than 2 seeds on either side."""
+    out = []
+    for claim in claims:
+        better, worse = _matching_row(report, claim["better"]), _matching_row(report, claim["worse"])
+        margin = float(claim.get("margin", 0.0))
+        for column in claim.get("columns") or report.columns:
+            a, b = report.cells[(better, column)], report.cells[(worse, column)]
+            paper = a.paper - b.paper if a.paper is not None and b.paper is not None else None
+            seeds = min(len(a.values), len(b.values))
+            if not seeds:
+                out.append(ClaimCheck(claim["text"], column, None, None, paper, 0, margin, "no runs"))
+                continue
+            ours = a.median - b.median
+            spread = math.hypot(a.std or 0.0, b.std or 0.0)
+            slack = ours + margin
+            if seeds < 2:
+                verdict = "unresolved: < 2 seeds"
+            elif slack > spread:
+                verdict = "holds"
+            elif slack < -spread:
+                verdict = "fails"
+            else:
+                verdict = "unresolved: in spread"
+            out.append(ClaimCheck(claim["text"], column, ours, spread, paper, seeds, margin, verdict))
+    return out
+
+
+def claims_table(checks: list[ClaimCheck], column_label: str = "task"):
+    from rich.table import Table
+
+    table = Table(title="claims: ours (better − worse, median) against the paper's", title_justify="left")
+    table.add_column("claim", max_width=26, overflow="fold")
+    for label, justify in ((column_label, "left"), ("paper", "right"), ("ours ± spread", "right"),
+                           ("seeds", "right"), ("verdict", "left")):
+        table.add_column(label, justify=justify, no_wrap=True)
+    for c in checks:
+        ours = "—" if c.ours is None else f"{c.ours:+.2f} ± {c.spread:.2f}"
+        table.add_row(c.claim, c.column, _number(c.paper, 2, signed=True), ours, str(c.seeds), c.verdict)
+    return table
+
+
+def claims_markdown(checks: list[ClaimCheck]) -> str:
+    lines = ["", "## Claims", "", "| claim | task | paper | ours ± spread | seeds | verdict |",
+             "|---|---|---|---|---|---|"]
+    for c in checks:
+        ours = "—" if c.ours is None else f"{c.ours:+.2f} ± {c.spread:.2f}"
+        lines.append(f"| {c.claim} | {c.column} | {_number(c.paper, 2, signed=True)} | {ours} | {c.seeds} | "
+                     f"{c.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 FULL_FINE_TUNING = {"method": "finetune", "adapter": "full"}  # the row training costs are relative to
 
 
@@ -291,7 +370,9 @@ def terminal_tables(report: Report, width: int, layout: str = "auto") -> tuple[s
         layout = "wide" if Console(width=100_000).measure(wide).maximum <= width else "long"
     tables = [wide] if layout == "wide" else [info_table(report), long_table(report)]
     costs = cost_table(report)
-    return layout, tables + ([costs] if costs is not None else [])
+    label = "task" if report.column_key == "task" else short_name(report.column_key)
+    claims = [claims_table(check_claims(report, report.claims), label)] if report.claims else []
+    return layout, tables + ([costs] if costs is not None else []) + claims
 
 
 def _values(spec: object) -> list[str]:
@@ -403,12 +484,13 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     if (row, str(col)) in cells:
                         cells[(row, str(col))].paper = float(value)
     return Report(table, row_keys, column_key, rows, columns, cells, paper_row_info, grid, points,
-                  paper.get("note", ""))
+                  paper.get("note", ""), paper.get("claims", []))
 
 
 def write_report(report: Report, sweep_dir: Path) -> list[Path]:
     """report-<table>.md and .csv (the figure is plots.write_figure's)."""
     md, csv_path = sweep_dir / f"report-{report.table}.md", sweep_dir / f"report-{report.table}.csv"
-    atomic_write_text(md, report.markdown())
+    claims = claims_markdown(check_claims(report, report.claims)) if report.claims else ""
+    atomic_write_text(md, report.markdown() + claims)
     atomic_write_text(csv_path, report.csv())
     return [md, csv_path]

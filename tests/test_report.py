@@ -10,8 +10,9 @@ import pytest
 from rich.console import Console
 
 from dsee_cli.cli import config_dir
+from dsee_cli.errors import DSEEError
 from dsee_cli.plots import FIGURES, write_figure
-from dsee_cli.report import build_report, long_table, terminal_tables
+from dsee_cli.report import Cell, Report, build_report, check_claims, long_table, terminal_tables
 
 from .conftest import run_dsee
 
@@ -43,6 +44,7 @@ def test_every_experiment_runs_under_smoke_and_reports(workdir, experiment):
         assert all(len(series) >= 1 for series in figure.panels.values())
     else:
         assert not png.exists()
+    check_claims(built, built.claims)  # every claim names rows that the sweep has
     # the long layout fits a 100-column terminal, and auto picks it when the wide one does not
     assert Console(width=100_000).measure(long_table(built)).maximum <= 100
     layout, tables = terminal_tables(built, 100)
@@ -112,3 +114,23 @@ def test_a_figure_with_nothing_to_draw_is_not_written_and_the_report_says_why(wo
     assert "no figure: card(Ω) is not swept" in text and not (sweep / "report-fig2.png").exists()
     assert "median ± std over seeds" in text  # the wide layout, as asked
     assert max(len(line) for line in report.stdout.splitlines() if str(sweep) not in line) <= 100
+
+
+def test_claims_hold_fail_or_stay_unresolved():
+    values = {"dsee": [70.0, 71.0, 72.0], "lora": [65.0, 66.0, 67.0], "bad": [60.0, 61.0, 59.0],
+              "close": [70.5, 71.5, 69.5], "one": [90.0]}
+    cells = {((k,), "rte"): Cell(values=v) for k, v in values.items()}
+    cells[(("dsee",), "rte")].paper, cells[(("lora",), "rte")].paper = 70.04, 68.95
+    report = Report("t", ["method"], "task", [(k,) for k in values], ["rte"], cells)
+    checks = check_claims(report, [
+        {"text": "a clear gap", "better": {"method": "dsee"}, "worse": {"method": "lora"}},
+        {"text": "the other way", "better": {"method": "bad"}, "worse": {"method": "lora"}},
+        {"text": "within noise", "better": {"method": "close"}, "worse": {"method": "dsee"}},
+        {"text": "within a margin", "better": {"method": "lora"}, "worse": {"method": "dsee"}, "margin": 8.0},
+        {"text": "one seed", "better": {"method": "one"}, "worse": {"method": "dsee"}},
+    ])
+    assert [c.verdict for c in checks] == ["holds", "fails", "unresolved: in spread", "holds",
+                                           "unresolved: < 2 seeds"]
+    assert checks[0].ours == 5.0 and checks[0].paper == pytest.approx(1.09) and checks[0].seeds == 3
+    with pytest.raises(DSEEError, match="match 0 rows"):
+        check_claims(report, [{"text": "x", "better": {"method": "nope"}, "worse": {"method": "dsee"}}])
