@@ -254,13 +254,9 @@ class ClaimCheck:
     verdict: str
 
 
-def _matching_row(report: Report, match: dict) -> tuple[str, ...]:
+def _matching_rows(report: Report, match: dict) -> list[tuple[str, ...]]:
     match = {k: str(v) for k, v in match.items()}
-    rows = [row for row in report.rows if all(dict(zip(report.row_keys, row)).get(k) == v for k, v in match.items())]
-    if len(rows) != 1:
-        raise DSEEError(f"the claim's rows {match} match {len(rows)} rows of {report.table} "
-                        f"({', '.join(report.row_keys)}); each side of a claim must name exactly one")
-    return rows[0]
+    return [row for row in report.rows if all(dict(zip(report.row_keys, row)).get(k) == v for k, v in match.items())]
 
 
 def check_claims(report: Report, claims: list[dict]) -> list[ClaimCheck]:
@@ -269,8 +265,13 @@ def check_claims(report: Report, claims: list[dict]) -> list[ClaimCheck]:
     resolved ("unresolved") otherwise or with fewer than 2 seeds on either side."""
     out = []
     for claim in claims:
-        better, worse = _matching_row(report, claim["better"]), _matching_row(report, claim["worse"])
+        sides = _matching_rows(report, claim["better"]), _matching_rows(report, claim["worse"])
         margin = float(claim.get("margin", 0.0))
+        if any(len(rows) != 1 for rows in sides):  # a sweep of part of the table, or one that varies more
+            why = "not in this sweep" if any(not rows for rows in sides) else "several rows match"
+            out.append(ClaimCheck(claim["text"], "—", None, None, None, 0, margin, why))
+            continue
+        (better,), (worse,) = sides
         for column in claim.get("columns") or report.columns:
             a, b = report.cells[(better, column)], report.cells[(worse, column)]
             paper = a.paper - b.paper if a.paper is not None and b.paper is not None else None
