@@ -409,9 +409,9 @@ def export_run(cfg: RunConfig, model: torch.nn.Module, tokenizer, run_dir: Path,
     Returns what was written and the final model as a user would ship it."""
     export_info: dict = {}
     mergeable = method.method in MERGEABLE
+    if not cfg.export:  # the merged copy is only needed to measure it
+        return export_info, merged_copy(model) if mergeable and cfg.measure else model
     final = merged_copy(model) if mergeable else model
-    if not cfg.export:
-        return export_info, final
     save_adapter(model, run_dir / "export" / "adapter", method, base_model)
     export_info["adapter"] = str(run_dir / "export" / "adapter")
     if not mergeable:
