@@ -172,6 +172,19 @@ def sweep_group(args: list[str]) -> str | None:
     return "sweep-" + hashlib.sha1(" ".join(sorted(args)).encode()).hexdigest()[:10]
 
 
+PAPER_PROFILE_EXCEPT = ("demo",)  # experiments that are not a paper table
+
+
+def with_default_profile(args: list[str]) -> list[str]:
+    """A paper table (experiment=table1, ...) runs as the paper ran it unless a profile is given:
+    profile=paper. A single run keeps the tool's defaults (profile=tool). Hydra cannot let the
+    experiment choose it, because the profile comes after the experiment in the defaults list."""
+    experiment = next((a.split("=", 1)[1] for a in args if a.startswith("experiment=")), None)
+    if experiment is None or experiment in PAPER_PROFILE_EXCEPT or any(a.startswith("profile=") for a in args):
+        return args
+    return ["profile=paper", *args]
+
+
 def run_train(args: list[str]) -> int:
     import os
     import uuid
@@ -179,6 +192,7 @@ def run_train(args: list[str]) -> int:
     import hydra
 
     _register()
+    args = with_default_profile(args)
     group = sweep_group(args)
     if group:  # inherited by launcher workers (joblib, submitit)
         os.environ["DSEE_SWEEP_GROUP"] = group

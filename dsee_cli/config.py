@@ -72,6 +72,7 @@ class TaskConfig:
     epochs: float = 5.0
     recovery_lr: float | None = None  # None: the same as lr
     recovery_epochs: float = 5.0
+    sparse_training_epochs: float = 20.0  # pst / map / mvp: the PST paper's (the low end of its search)
     per_model: dict[str, ModelTaskHparams] = field(default_factory=dict)  # keyed by model.name
     # Generation tasks (e2e, webnlg, dart): the split that is decoded and scored, the loss, decoding.
     eval_split: str = "validation"  # or test (the papers report test)

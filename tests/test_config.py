@@ -6,11 +6,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from dsee_cli.cli import _register, config_dir, dirname_for, sweep_group
+from dsee_cli.cli import _register, config_dir, dirname_for, sweep_group, with_default_profile
 from dsee_cli.config import RunConfig, validate
 from dsee_cli.errors import DSEEError
 
-GROUPS = ["model", "task", "adapter", "omega", "pruning", "trainer", "logger", "experiment", "profile"]
+GROUPS = ["model", "task", "adapter", "omega", "pruning", "trainer", "logger", "experiment", "method", "modules",
+          "importance", "profile"]
 
 
 def _options(group: str) -> list[str]:
@@ -86,3 +87,31 @@ def test_method_rows_and_sparse_training_pick_their_pruning():
     assert pst.pruning.method == "none" and pst.adapter.r1 == pst.adapter.r2 == 8
     tickets = OmegaConf.to_object(_compose(["method=bert-tickets"]))
     assert tickets.pruning.method == "imp" and tickets.pruning.rounds == 7 and tickets.pruning.rewind
+
+
+PAPER_TABLES = [e for e in _options("experiment") if e != "demo"]
+
+
+@pytest.mark.parametrize("experiment", PAPER_TABLES)
+def test_an_experiment_runs_as_the_paper_ran_it_unless_a_profile_is_named(experiment):
+    cfg = OmegaConf.to_object(_compose(with_default_profile([f"experiment={experiment}"])))
+    assert (cfg.omega.method, cfg.omega.preset) == ("grebsmo", "reference")  # the reference code's GreBsmo
+    assert cfg.adapter.init == "normal" and cfg.trainer.keep_best  # Algorithm 2; best checkpoint exported
+    smoke = OmegaConf.to_object(_compose(with_default_profile([f"experiment={experiment}", "profile=smoke"])))
+    assert smoke.omega.preset == "fast" and smoke.adapter.init == "kaiming" and not smoke.trainer.keep_best
+
+
+def test_a_single_run_keeps_the_tools_defaults_and_fig2_sweeps_both_finders():
+    assert with_default_profile(["task=rte"]) == ["task=rte"]
+    assert with_default_profile(["experiment=demo"]) == ["experiment=demo"]
+    single = OmegaConf.to_object(_compose(with_default_profile(["task=rte"])))
+    assert single.omega.preset == "fast" and single.adapter.init == "kaiming" and not single.trainer.keep_best
+    fig2 = OmegaConf.load(config_dir() / "experiment" / "fig2.yaml")
+    assert fig2.hydra.sweeper.params.omega.split(",") == ["grebsmo-reference", "grebsmo", "magnitude", "random"]
+
+
+def test_sparse_training_runs_the_pst_papers_epochs_per_task():
+    def epochs(*overrides):
+        return OmegaConf.to_object(_compose(with_default_profile(list(overrides)))).trainer.phase1.epochs
+    assert epochs("method=pst", "task=sst2") == epochs("method=map", "task=rte") == 20
+    assert epochs("method=mvp", "task=mnli") == epochs("experiment=pst-table2", "method=pst", "task=qqp") == 10
