@@ -228,7 +228,7 @@ def run_report(args: list[str]) -> int:
 
     from .errors import DSEEError
     from .plots import SPEED_FIGURES, speedup_figure, write_figure
-    from .report import LAYOUTS, build_report, terminal_tables, write_report
+    from .report import LAYOUTS, TRIVIAL_LABEL, TRIVIAL_MEANING, build_report, terminal_tables, write_report
 
     parser = argparse.ArgumentParser(prog="dsee report", description="A sweep's runs as the paper's table.")
     parser.add_argument("sweep_dir", type=Path)
@@ -251,6 +251,8 @@ def run_report(args: list[str]) -> int:
         console.print(table)
     if report.note:
         console.print(f"paper: {report.note}", highlight=False)
+    if report.trivial:
+        console.print(f"{TRIVIAL_LABEL}: {TRIVIAL_MEANING}", highlight=False)
     if figure is not None:
         written.append(png)
         if figure.caption:

@@ -378,6 +378,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         "data_source": task.data_source,
         "model": loaded.source,
         "main_metric": task.ops.main,
+        "trivial": task.trivial,  # majority class (regression: the mean) on the same evaluation
         "final": summarize(final_phase) | {"eval": final_eval} | ({"generation": generation} if generation else {}),
         "phases": {"phase1": summarize(phase1)} | {name: summarize(st) for name, st in states.items()},
         "trainable_params": trainable_counts(model).as_dict(),

@@ -109,6 +109,13 @@ class Report:
     points: list[Point] = field(default_factory=list)
     note: str = ""  # the paper's note on this table
     claims: list[dict] = field(default_factory=list)  # the paper's qualitative claims (paper_numbers.yaml)
+    trivial: dict[str, float] = field(default_factory=dict)  # column -> the input-blind predictor's score
+
+    def trivial_row(self, digits_of) -> tuple[str, ...] | None:
+        """The row that says what a score must beat to mean anything (None if no run recorded it)."""
+        if not self.trivial:
+            return None
+        return tuple(_number(self.trivial.get(c), digits_of(c)) for c in self.columns)
 
     def row_of(self, grid: dict[str, str]) -> tuple[str, ...]:
         return tuple(grid[k] for k in self.row_keys)
@@ -136,6 +143,11 @@ class Report:
             info = self.row_info(row)
             cells = [self.cells[(row, c)].text() for c in self.columns]
             out.append("| " + " | ".join([*row, *(info[k] for k in info_keys), *cells]) + " |")
+        trivial = self.trivial_row(lambda c: _digits(self, c))
+        if trivial:
+            label = [TRIVIAL_LABEL, *[""] * (len(self.row_keys) - 1), "", "", ""]
+            out.append("| " + " | ".join([*label, *trivial]) + " |")
+            out += ["", f"{TRIVIAL_LABEL}: {TRIVIAL_MEANING}."]
         return "\n".join(out) + "\n"
 
     def csv(self) -> str:
@@ -151,7 +163,13 @@ class Report:
                                                                        cell.speedup, cell.memory_ratio)]
                 w.writerow([*row, c, cell.median, cell.std, len(cell.values), cell.failed, cell.missing,
                             cell.paper, delta, *costs])
+        for c, value in self.trivial.items():
+            w.writerow([TRIVIAL_LABEL, *[""] * (len(self.row_keys) - 1), c, value, *[""] * 10])
         return buf.getvalue()
+
+
+TRIVIAL_LABEL = "trivial"
+TRIVIAL_MEANING = "the score of always predicting the training set's majority class (STS-B: its mean label)"
 
 
 def _number(value: float | None, digits: int, signed: bool = False) -> str:
@@ -192,6 +210,10 @@ def wide_table(report: Report):
                 text += f" [{cell.missing} missing]"
             cells.append(text)
         table.add_row(*row, *(info[k] for k in ("# trainable", "# total", "FLOPs")), *cells)
+    trivial = report.trivial_row(lambda c: _digits(report, c))
+    if trivial:
+        table.add_section()
+        table.add_row(TRIVIAL_LABEL, *[""] * (len(report.row_keys) - 1 + 3), *trivial, style="dim")
     return table
 
 
@@ -222,6 +244,9 @@ def long_table(report: Report):
             extra = [", ".join(x for x in (f"{cell.failed} failed" if cell.failed else "",
                                            f"{cell.missing} missing" if cell.missing else "") if x)] if problems else []
             table.add_row(column if j == 0 else "", *row, *values, *extra)
+        if column in report.trivial:
+            keys, rest = [""] * (len(report.row_keys) - 1), [""] * (5 + (1 if problems else 0))
+            table.add_row("", TRIVIAL_LABEL, *keys, _number(report.trivial[column], digits), *rest, style="dim")
     return table
 
 
@@ -400,13 +425,16 @@ def load_paper_numbers() -> dict:
 
 def _score(metrics: dict, column: str, paper: dict, which: str = "best") -> float | None:
     """The number a cell shows: a generation metric (``task:metric``), else the task's paper metric
-    at the phase's best periodic evaluation (the paper's protocol) or its ``last`` one."""
+    at the phase's best periodic evaluation (the paper's protocol), its ``last`` one, or the
+    ``trivial`` predictor's score."""
     final = metrics["final"]
     if ":" in column:
+        if which == "trivial":
+            return None
         metric = column.split(":", 1)[1]
         generation = final.get("generation") or {}
         return next((v for k, v in generation.items() if k.endswith("/" + metric)), None)
-    scores = final.get(which) or {}
+    scores = (metrics.get("trivial") if which == "trivial" else final.get(which)) or {}
     return scores.get(paper_metric(metrics["task"], paper.get("metrics")), scores.get(metrics["main_metric"]))
 
 
@@ -440,6 +468,7 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
     columns = [name for c in grid[column_key] for name in sub[c]]
     cells = {(row, col): Cell() for row in rows for col in columns}
     points: list[Point] = []
+    report_trivial: dict[str, float] = {}
     for combo in itertools.product(*grid.values()):
         point = dict(zip(grid, combo))
         row = tuple(point[k] for k in row_keys)
@@ -457,6 +486,9 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     continue
                 metrics = job[1]
                 cell.values.append(float(value))
+                trivial = _score(metrics, col, paper, "trivial")
+                if trivial is not None:
+                    report_trivial.setdefault(col, float(trivial))
                 last = _score(job[1], col, paper, "last")
                 if last is not None:
                     cell.last.append(float(last))
@@ -485,7 +517,7 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     if (row, str(col)) in cells:
                         cells[(row, str(col))].paper = float(value)
     return Report(table, row_keys, column_key, rows, columns, cells, paper_row_info, grid, points,
-                  paper.get("note", ""), paper.get("claims", []))
+                  paper.get("note", ""), paper.get("claims", []), report_trivial)
 
 
 def write_report(report: Report, sweep_dir: Path) -> list[Path]:

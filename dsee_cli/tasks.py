@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,6 +15,7 @@ import torch
 from .atomic import atomic_write_text
 from .config import RunConfig, task_hparams
 from .data import DataSettings, encode, load_task, spec_for
+from .metrics import trivial_metrics
 from .models import LoadedModel, TinySize, load_model
 from .nlg import (
     NLG_TASKS,
@@ -44,6 +45,7 @@ class PreparedTask:
     data_source: str
     # (model, device, precision, where to write the decoded texts or None) -> the NLG metrics
     generate: Callable[[torch.nn.Module, torch.device, Precision, Path | None], dict[str, float]] | None = None
+    trivial: dict[str, float] = field(default_factory=dict)  # the input-blind predictor's scores, as evaluate's
 
 
 def data_settings(cfg: RunConfig, split: str = "validation") -> DataSettings:
@@ -89,8 +91,11 @@ def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | 
     regression = data.spec.num_labels == 1
     tok = loaded.tokenizer
     evals = {k: encode(v, tok, max_length, regression) for k, v in data.evals.items()}
-    return PreparedTask(loaded, encode(data.train, tok, max_length, regression), evals,
-                        classification_ops(data.spec, next(iter(evals))), data.source)
+    train = encode(data.train, tok, max_length, regression)
+    trivial = {f"{split}/{name}": value for split, enc in evals.items() if enc.labelled
+               for name, value in trivial_metrics(t.name, train.labels.numpy(), enc.labels.numpy()).items()}
+    return PreparedTask(loaded, train, evals, classification_ops(data.spec, next(iter(evals))), data.source,
+                        trivial=trivial)
 
 
 def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, sink: ProgressSink) -> PreparedTask:

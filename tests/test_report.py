@@ -134,3 +134,60 @@ def test_claims_hold_fail_or_stay_unresolved():
     assert checks[0].ours == 5.0 and checks[0].paper == pytest.approx(1.09) and checks[0].seeds == 3
     missing = check_claims(report, [{"text": "x", "better": {"method": "nope"}, "worse": {"method": "dsee"}}])
     assert [c.verdict for c in missing] == ["not in this sweep"]  # a sweep of part of the table still reports
+
+
+def _hand_made_run(sweep, overrides: dict, best: float, task: str = "sst2") -> None:
+    """A finished job as `dsee train -m` leaves it, with made-up numbers."""
+    import json
+
+    import yaml
+
+    job = sweep / ",".join(f"{k}={v}" for k, v in overrides.items())
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"{k}={v}" for k, v in overrides.items()]))
+    (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"name": "table7", "task": {"name": task}}))
+    metric = "validation/accuracy"
+    (job / "metrics.json").write_text(json.dumps({
+        "task": task, "main_metric": metric, "trivial": {metric: 50.92},
+        "final": {"best": {metric: best}, "last": {metric: best - 1}},
+        "trainable_params": {"total": 1000}, "total_params_pct": 70.0, "flops_ratio_unmerged": 1.0}))
+
+
+def test_claims_and_the_trivial_baseline_from_hand_made_run_directories(tmp_path):
+    """Table 7's claims on three seeds of made-up runs: |ΔW| clearly above random (holds), |W + ΔW|
+    within a point of |ΔW| (holds), random above |W + ΔW| (fails), structured |ΔW| vs |W + ΔW|
+    within the seeds' spread (unresolved); the report shows what a score must beat."""
+    import yaml
+
+    sweep = tmp_path / "table7"
+    scores = {("unstructured", "delta"): [90.0, 91.0, 92.0], ("unstructured", "delta_plus_weight"): [90.5, 90.0, 91.5],
+              ("unstructured", "random"): [80.0, 81.0, 79.0], ("structured", "delta"): [85.0, 88.0, 86.0],
+              ("structured", "delta_plus_weight"): [87.0, 84.0, 86.5], ("structured", "random"): [75.0, 74.0, 76.0]}
+    for (pruning, criterion), values in scores.items():
+        for seed, value in enumerate(values, 1):
+            _hand_made_run(sweep, {"task": "sst2", "pruning": pruning, "pruning.criterion": criterion,
+                                   "seed": seed}, value)
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweeper": {"params": {"task": "sst2", "pruning": "unstructured,structured",
+                               "pruning.criterion": "delta,delta_plus_weight,random", "seed": "1,2,3"}},
+        "overrides": {"task": []}}}))
+    report = build_report(sweep)
+    assert report.trivial == {"sst2": 50.92}
+    verdicts = {c.claim: c.verdict for c in check_claims(report, [
+        {"text": "delta beats random", "better": {"pruning": "unstructured", "pruning.criterion": "delta"},
+         "worse": {"pruning": "unstructured", "pruning.criterion": "random"}},
+        {"text": "close", "better": {"pruning": "unstructured", "pruning.criterion": "delta_plus_weight"},
+         "worse": {"pruning": "unstructured", "pruning.criterion": "delta"}, "margin": 3.0},
+        {"text": "random beats |W + ΔW|", "better": {"pruning": "unstructured", "pruning.criterion": "random"},
+         "worse": {"pruning": "unstructured", "pruning.criterion": "delta_plus_weight"}},
+        {"text": "structured", "better": {"pruning": "structured", "pruning.criterion": "delta"},
+         "worse": {"pruning": "structured", "pruning.criterion": "delta_plus_weight"}},
+    ])}
+    assert verdicts == {"delta beats random": "holds", "close": "holds", "random beats |W + ΔW|": "fails",
+                        "structured": "unresolved: in spread"}
+    console = Console(width=100, record=True)
+    for table in terminal_tables(report, 100)[1]:
+        console.print(table)
+    text = console.export_text()
+    assert "trivial" in text and "50.92" in text and "claims" in text.lower()
+    assert "| trivial |" in report.markdown() and "trivial,,sst2,50.92," in report.csv().replace("\r", "")
