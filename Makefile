@@ -27,6 +27,7 @@ lint:
 
 bench:
 	$(PY) scripts/bench_omega.py
+	$(PY) scripts/bench_omega_recovery.py
 	$(PY) scripts/bench_train_step.py
 	$(PY) scripts/bench_inference.py
 
