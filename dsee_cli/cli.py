@@ -65,6 +65,25 @@ def _default_group(name: str) -> str:
     return f"{name}/{sweep}" if sweep else name
 
 
+def apply_per_task(cfg, command_line: list[str]):
+    """The config with its ``per_task`` entry for this task merged in (typed: a misspelt key is an
+    error), except the values the command line sets, which win; ``per_task`` is then emptied, so
+    a run's config and fingerprint hold only what applies to it."""
+    from omegaconf import OmegaConf
+
+    patch = OmegaConf.to_container(cfg.per_task.get(cfg.task.name) or OmegaConf.create({}))
+    for override in command_line:  # a value set on the command line (not a group choice) wins
+        *parents, leaf = override.split("=", 1)[0].lstrip("+~").split(".")
+        node = patch
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and not isinstance(node[leaf], dict):
+            del node[leaf]
+    cfg = OmegaConf.merge(cfg, patch)
+    cfg.per_task = {}
+    return cfg
+
+
 def train_job(cfg) -> float | None:
     """The Hydra task: typed config in, metrics.json out. Returns the main metric (for sweepers).
 
@@ -84,6 +103,7 @@ def train_job(cfg) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
+    cfg = apply_per_task(cfg, list(hc.overrides.task))
     typed = OmegaConf.to_object(cfg)
     tracker = None
     stage = ["preflight"]

@@ -8,6 +8,7 @@ Hydra. ``validate`` does the semantic checks that types cannot express, before a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .adapters import AdapterSettings
 from .data import TASKS
@@ -212,6 +213,10 @@ class RunConfig:
     export: bool = True
     measure: bool = True  # time and memory of the final model against the dense one (metrics.json "savings")
     resume: bool = True  # false: start over in the same run directory
+    # Settings for one task, keyed by task name, as nested config ({cola: {task: {lr: 1e-3}}}):
+    # profiles tune each task this way. Applied at the command line's edge (cli.apply_per_task),
+    # where the command line still wins; emptied once applied.
+    per_task: dict[str, Any] = field(default_factory=dict)
 
 
 def _require(ok: bool, message: str) -> None:

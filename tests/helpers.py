@@ -54,12 +54,12 @@ def compose(*overrides: str):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from dsee_cli.cli import _register, config_dir, with_default_profile
+    from dsee_cli.cli import _register, apply_per_task, config_dir, with_default_profile
 
     _register()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         overrides = with_default_profile([*QUICK, *overrides])
-        return OmegaConf.to_object(hydra_compose(config_name="config", overrides=overrides))
+        return OmegaConf.to_object(apply_per_task(hydra_compose(config_name="config", overrides=overrides), overrides))
 
 
 def run_in_process(run_dir, *overrides: str, messages: list | None = None) -> dict:

@@ -115,3 +115,24 @@ def test_sparse_training_runs_the_pst_papers_epochs_per_task():
         return OmegaConf.to_object(_compose(with_default_profile(list(overrides)))).trainer.phase1.epochs
     assert epochs("method=pst", "task=sst2") == epochs("method=map", "task=rte") == 20
     assert epochs("method=mvp", "task=mnli") == epochs("experiment=pst-table2", "method=pst", "task=qqp") == 10
+
+
+def test_per_task_settings_apply_to_their_task_and_the_command_line_wins():
+    from omegaconf import open_dict
+
+    from dsee_cli.cli import apply_per_task
+
+    def typed(per_task: dict, *command_line: str):
+        cfg = _compose(list(command_line))
+        with open_dict(cfg):
+            cfg.per_task = per_task
+        return OmegaConf.to_object(apply_per_task(cfg, list(command_line)))
+
+    table = {"synthetic": {"trainer": {"batch_size": 8, "phase1": {"epochs": 3}}, "task": {"lr": 0.01}},
+             "cola": {"task": {"lr": 0.5}}}
+    cfg = typed(table)
+    assert (cfg.trainer.batch_size, cfg.trainer.phase1.epochs, cfg.task.lr) == (8, 3, 0.01) and cfg.per_task == {}
+    cfg = typed(table, "trainer.batch_size=4", "task=synthetic")  # a value set on the command line wins
+    assert (cfg.trainer.batch_size, cfg.trainer.phase1.epochs, cfg.task.lr) == (4, 3, 0.01)
+    with pytest.raises(Exception, match="bach_size"):  # typed: a misspelt key is an error
+        typed({"synthetic": {"trainer": {"bach_size": 8}}})
