@@ -3,6 +3,7 @@
     dsee train [hydra overrides...]      one run, or a sweep with -m
     dsee report <sweep dir>              a sweep as the paper's table
     dsee eval <run or export dir>        an export, evaluated again (and its predictions)
+    dsee cache ls|size|prune             the steps runs share (phase I, IMP rounds) and Ω
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ commands:
   eval     `dsee eval <run dir | export dir> [--from merged|compressed|adapter] [--split validation|test]
            [--predictions FILE] [key=value ...]`: load what a run exported, evaluate it on the
            run's task (dotted overrides change it, e.g. task.data_dir=...), print the metrics.
+  cache    `dsee cache ls | size | prune [--older-than DAYS]`: the finished steps (phase I, IMP
+           rounds) that runs with the same settings reuse, and the Ω cache, in $DSEE_CACHE
+           (default ~/.cache/dsee-cli); prune removes them (all, or those older than DAYS).
 """
-COMMANDS = ("train", "report", "eval")
+COMMANDS = ("train", "report", "eval", "cache")
 
 
 def config_dir() -> Path:
@@ -237,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_report(rest)
     if command == "eval":
         return run_eval(rest)
+    if command == "cache":
+        return run_cache(rest)
     return run_train(rest)
 
 
@@ -364,3 +370,47 @@ def run_eval(args: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_cache(args: list[str]) -> int:
+    import argparse
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .steps import StepStore, steps_dir
+
+    parser = argparse.ArgumentParser(prog="dsee cache", description="The steps runs share, and the Ω cache.")
+    parser.add_argument("action", choices=("ls", "size", "prune"))
+    parser.add_argument("--older-than", type=float, default=None, metavar="DAYS",
+                        help="prune: only entries older than this many days (default: all)")
+    opts = parser.parse_args(args)
+    store = StepStore()
+    omega_dir = steps_dir().parent / "omega"
+    omega_files = sorted(omega_dir.glob("omega-*.safetensors")) if omega_dir.is_dir() else []
+    console = Console(width=100 if not sys.stdout.isatty() else None)
+    if opts.action == "prune":
+        removed = store.prune(opts.older_than)
+        cutoff = time.time() - 86400 * (opts.older_than or 0)
+        stale = [f for f in omega_files if opts.older_than is None or f.stat().st_mtime < cutoff]
+        for f in stale:
+            f.unlink(missing_ok=True)
+        freed = sum(e["bytes"] for e in removed)
+        console.print(f"removed {len(removed)} steps ({freed / 2**20:,.1f} MiB) and {len(stale)} Ω files "
+                      f"from {store.root.parent}", highlight=False)
+        return 0
+    entries = store.entries()
+    total = sum(e["bytes"] for e in entries) + sum(f.stat().st_size for f in omega_files)
+    if opts.action == "size":
+        console.print(f"{len(entries)} steps and {len(omega_files)} Ω files, {total / 2**20:,.1f} MiB in "
+                      f"{store.root.parent}", highlight=False)
+        return 0
+    table = Table(title=f"steps in {store.root}", title_justify="left")
+    for column, justify in (("step", "left"), ("MiB", "right"), ("created", "left"), ("computed in", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for e in entries:
+        table.add_row(e["name"], f"{e['bytes'] / 2**20:,.1f}", e["created"], e["source"])
+    console.print(table)
+    console.print(f"{len(entries)} steps and {len(omega_files)} Ω files, {total / 2**20:,.1f} MiB", highlight=False)
+    return 0

@@ -213,6 +213,7 @@ class RunConfig:
     export: bool = True
     measure: bool = True  # time and memory of the final model against the dense one (metrics.json "savings")
     resume: bool = True  # false: start over in the same run directory
+    reuse: bool = True  # phase I / IMP rounds another run computed with the same settings (steps.py); false: recompute
     # Settings for one task, keyed by task name, as nested config ({cola: {task: {lr: 1e-3}}}):
     # profiles tune each task this way. Applied at the command line's edge (cli.apply_per_task),
     # where the command line still wins; emptied once applied.

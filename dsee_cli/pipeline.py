@@ -33,6 +33,7 @@ from .costs import TimingSettings, measure_savings, semi_structured
 from .data import check_data_files, load_task
 from .errors import DSEEError
 from .export import (
+    STATE_META,
     clean_state_dir,
     export_compressed,
     export_merged,
@@ -59,6 +60,7 @@ from .pruning import (
 )
 from .slimming import add_slimming, slim_and_prune, slimming_penalty
 from .sparse_training import sparse_layers, update_masks
+from .steps import StepLock, StepRecord, StepStore, step_fingerprint
 from .tasks import data_settings, load_pretrained, nlg_settings, prepare_task
 from .train import (
     PhaseSettings,
@@ -88,7 +90,8 @@ def config_fingerprint(cfg: RunConfig) -> str:
     """What must match for a run directory's checkpoint or metrics.json to be this run's: every
     setting that changes its numbers (not logging, where it runs, how often it saves or prints)."""
     d = asdict(cfg)
-    for key in ("logger", "resume", "measure"):  # measuring is redone on a finished run that lacks it
+    # measuring is redone on a finished run that lacks it; per_task is applied and empty here
+    for key in ("logger", "resume", "measure", "reuse", "per_task"):
         d.pop(key)
     for key in ("checkpoint_every", "device", "threads", "log_every_seconds"):
         d["trainer"].pop(key)
@@ -179,7 +182,29 @@ def omega_cache_dir(cfg: RunConfig) -> Path | None:
     return Path(root) / "omega"
 
 
-_PHASE_SEED_OFFSET = {"phase1": 0, "recovery": 1}
+def round_of(cfg: RunConfig, phase: str) -> int:
+    """Which round a recovery phase trains: IMP's ``retrain<r>`` is round r, ``recovery`` the last."""
+    if phase == "recovery":
+        return cfg.pruning.rounds if cfg.pruning.method == "imp" else 1
+    return int(phase.removeprefix("retrain"))
+
+
+def phase_of_round(r: int, rounds: int) -> str:
+    return "recovery" if r == rounds else f"retrain{r}"
+
+
+def rename_rounds(meta: dict, rounds: int, to_store: bool) -> dict:
+    """A checkpoint's phase names made independent of the run's number of rounds (``round<r>``,
+    to store a step) or back to this run's (``retrain<r>`` / ``recovery``, to use one)."""
+    def rename(name: str) -> str:
+        if to_store:
+            if name == "recovery":
+                return f"round{rounds}"
+            return f"round{name[7:]}" if name.startswith("retrain") else name
+        return phase_of_round(int(name[5:]), rounds) if name.startswith("round") and name[5:].isdigit() else name
+    out = {rename(k): v for k, v in meta.items()}
+    out["stage"] = rename(meta.get("stage", ""))
+    return out
 
 
 def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> PhaseSettings:
@@ -195,8 +220,9 @@ def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> PhaseSet
         warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, precision=precision,
         keep_best=t.keep_best,
-        seed=cfg.seed * 1000 + (_PHASE_SEED_OFFSET[phase] if phase in _PHASE_SEED_OFFSET
-                                 else 1 + int(phase.removeprefix("retrain"))),
+        # round r trains from the same seed whether it is a run's last round or not, so that
+        # IMP's rounds are one chain of steps (steps.py)
+        seed=cfg.seed * 1000 + (0 if phase == "phase1" else round_of(cfg, phase)),
     )
 
 
@@ -225,6 +251,15 @@ def preflight(cfg: RunConfig) -> None:
 
 def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda text: None) -> dict:
     """Run (or resume) one experiment in run_dir; returns what it writes to metrics.json."""
+    locks: list[StepLock] = []  # steps this run is computing for others to reuse (steps.py)
+    try:
+        return _run_experiment(cfg, run_dir, sink, say, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say, locks: list[StepLock]) -> dict:
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.json"
     validate(cfg)
@@ -269,6 +304,15 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     meta: dict = {}
     omega_info: dict = {}
     tensors: dict[str, torch.Tensor] = {}
+    store, steps = StepStore(), {}
+    imp_rounds = pruning.method == "imp"
+    fp_phase1 = step_fingerprint(cfg, "phase1")
+    if saved is None and cfg.reuse:  # phase I as another run computed it (or wait while one does)
+        saved = reused_step(store, "phase1", fp_phase1, locks, say)
+        if saved is not None:
+            steps["phase1"] = saved[2]
+            saved = (saved[0], {**saved[1], "fingerprint": fingerprint})
+            say(f"Phase I: reused (step phase1-{fp_phase1}, computed in {steps['phase1'].source})")
     stage = saved[1]["stage"] if saved else None
     if pruning.method == "earlybert" and stage in (None, "phase1"):
         add_slimming(model)  # its coefficients train in phase I; pruning folds them in
@@ -279,7 +323,9 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         tensors, meta = saved
         restore_state(model, tensors, meta["model"])
         omega_info = meta.get("omega", {})
-        say(f"Resuming from the checkpoint after stage {stage!r} (step {_resume_step(meta)})")
+        if "phase1" not in steps:  # this run's own checkpoint: what it computed and reused so far
+            steps.update({k: StepRecord(**v) for k, v in meta.get("steps", {}).items()})
+            say(f"Resuming from the checkpoint after stage {stage!r} (step {_resume_step(meta)})")
     elif method.method == "dsee" and cfg.adapter.omega_size > 0:
         say("Ω: sparse positions from the pretrained weights")
         keys = omega_keys(adapters)
@@ -306,7 +352,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     def progress_meta(**states: PhaseState) -> dict:
         keep = {k: v for k, v in meta.items() if k in ("phase1", "pruning", "round", *retrain_phases)}
         keep.update({k: s.as_meta() for k, s in states.items()})
-        return {**keep, "omega": omega_info}
+        return {**keep, "omega": omega_info, "steps": {k: r.as_dict() for k, r in steps.items()}}
 
     def run_phase(name: str) -> PhaseState:
         resume = (_state(meta, name), tensors) if stage == name else None
@@ -327,6 +373,10 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         say(f"Phase I: {_PHASE1_TITLE.get(method.method, method.method + ' tuning')}")
         phase1 = run_phase("phase1")
         meta.update(progress_meta(phase1=phase1))
+        if "phase1" not in steps:  # computed here: offer it to the runs that share it
+            steps["phase1"] = StepRecord(fp_phase1, False, str(run_dir))
+            store.publish("phase1", fp_phase1, ckpt.dir, json.loads((ckpt.dir / STATE_META).read_text()), run_dir)
+        release(locks)
         stage = "phase1-done"
     seconds["phase1"] = phase1.seconds
 
@@ -338,6 +388,15 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         if stage == "done" or r < done_round:
             states[phase] = _state(meta, phase)
             continue
+        fp_round = step_fingerprint(cfg, f"round{r}") if imp_rounds else ""
+        if r > done_round and imp_rounds and cfg.reuse:  # this round as a run with as many or more computed it
+            found = reused_step(store, f"round{r}", fp_round, locks, say)
+            if found is not None:
+                tensors, meta = found[0], rename_rounds(found[1], len(rounds), to_store=False)
+                restore_state(model, tensors, meta["model"])
+                steps[f"round{r}"], stage, done_round = found[2], phase, r
+                pruning_info = meta.get("pruning", pruning_info)
+                say(f"IMP round {r}: reused (step round{r}-{fp_round}, computed in {found[2].source})")
         if r > done_round:
             say(f"Phase II: {pruning.method} pruning" + (f", round {r} of {len(rounds)}" if len(rounds) > 1 else ""))
             started = time.perf_counter()
@@ -350,6 +409,11 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         say(f"Phase III: recovery tuning{f' (round {r})' if len(rounds) > 1 else ''}")
         states[phase] = run_phase(phase)
         meta.update(progress_meta(**{phase: states[phase]}))
+        if imp_rounds and f"round{r}" not in steps:
+            steps[f"round{r}"] = StepRecord(fp_round, False, str(run_dir))
+            saved_meta = rename_rounds(json.loads((ckpt.dir / STATE_META).read_text()), len(rounds), to_store=True)
+            store.publish(f"round{r}", fp_round, ckpt.dir, saved_meta, run_dir)
+        release(locks)
         stage = f"{phase}-done"
     seconds["pruning"] = pruning_info.get("seconds", 0.0)
     recovery = states.get("recovery", PhaseState())
@@ -395,12 +459,33 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         "savings": savings,
         "config": asdict(cfg),
         "fingerprint": fingerprint,
+        "steps": {name: record.as_dict() for name, record in steps.items()},  # computed here or reused
         "precision": precision.name,
         "device": str(device),
     }
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True, default=str))
     ckpt.save(model, "done", progress_meta(phase1=phase1, **states))
     return metrics
+
+
+def reused_step(store: StepStore, step: str, fingerprint: str, locks: list[StepLock], say
+                ) -> tuple[dict, dict, StepRecord] | None:
+    """A stored step, or None after taking its lock (added to ``locks``): this run computes it,
+    and runs that need it meanwhile wait. A run that finds the lock taken waits for it first."""
+    lock = StepLock(store.root / f"{step}-{fingerprint}.lock")
+    lock.acquire(on_wait=lambda: say(f"waiting: another run is computing step {step}-{fingerprint}"))
+    found = store.load(step, fingerprint)
+    if found is None:
+        locks.append(lock)
+        return None
+    lock.release()
+    tensors, meta, entry = found
+    return tensors, meta, StepRecord(fingerprint, True, entry.get("source", ""))
+
+
+def release(locks: list[StepLock]) -> None:
+    while locks:
+        locks.pop().release()
 
 
 def export_run(cfg: RunConfig, model: torch.nn.Module, tokenizer, run_dir: Path, method, base_model: str

@@ -23,6 +23,12 @@ def run_dsee(args, cwd: Path, env_extra=None, timeout=300) -> subprocess.Complet
                           text=True, timeout=timeout)
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test its own $DSEE_CACHE (Ω and the step store), so tests never reuse each other's work."""
+    monkeypatch.setenv("DSEE_CACHE", str(tmp_path / ".dsee-cache"))
+
+
 @pytest.fixture
 def workdir(tmp_path):
     return tmp_path

@@ -1,0 +1,124 @@
+"""Phase I and IMP rounds computed once and shared between runs (dsee_cli/steps.py)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dsee_cli.steps import StepStore, steps_dir
+
+from .conftest import FAST, run_dsee
+from .helpers import compose, run_in_process
+
+NUMBERS = ("final", "phases", "trainable_params", "total_params_pct", "flops_ratio", "pruning")
+
+
+def _numbers(metrics: dict) -> dict:
+    out = {k: metrics[k] for k in NUMBERS}
+    for phase in out["phases"].values():
+        phase.pop("seconds"), phase.pop("steps_per_second"), phase.pop("peak_memory_bytes")
+    for key in ("seconds", "steps_per_second", "peak_memory_bytes"):
+        out["final"].pop(key, None)
+    out["pruning"] = {k: v for k, v in out["pruning"].items() if k != "seconds"}
+    return out
+
+
+def _computed(metrics: dict) -> list[str]:
+    return sorted(name for name, record in metrics["steps"].items() if not record["reused"])
+
+
+def test_a_run_that_reuses_phase1_ends_as_the_same_run_computed_from_scratch(tmp_path, monkeypatch):
+    """dsee-70 computes phase I; dsee-50 with the random criterion (the RNG state matters) reuses it
+    and ends with exactly the numbers of the same run computed from scratch."""
+    first = run_in_process(tmp_path / "a", "sparsity=0.3")
+    assert first["steps"]["phase1"]["reused"] is False
+    reused = run_in_process(tmp_path / "b", "sparsity=0.5", "pruning.criterion=random")
+    assert reused["steps"]["phase1"] == {"fingerprint": first["steps"]["phase1"]["fingerprint"], "reused": True,
+                                         "source": str(tmp_path / "a")}
+    scratch = run_in_process(tmp_path / "c", "sparsity=0.5", "pruning.criterion=random", "reuse=false")
+    assert scratch["steps"]["phase1"]["reused"] is False
+    assert _numbers(reused) == _numbers(scratch)
+    # what phase I depends on changes its fingerprint; what it does not, does not
+    assert run_in_process(tmp_path / "d", "sparsity=0.3", "seed=2")["steps"]["phase1"]["reused"] is False
+    assert run_in_process(tmp_path / "e", "trainer.recovery.lr=0.01")["steps"]["phase1"]["reused"] is True
+
+
+def test_imp_rounds_chain_across_runs_of_different_lengths(tmp_path):
+    """Round r of a 3-round job is round r of an r-round job: after the 1- and 2-round jobs the
+    3-round job trains only its third round, and ends as if it had computed all three."""
+    imp = ["pruning=imp", "pruning.rate=0.2"]
+    one = run_in_process(tmp_path / "r1", *imp, "pruning.rounds=1")
+    two = run_in_process(tmp_path / "r2", *imp, "pruning.rounds=2")
+    three = run_in_process(tmp_path / "r3", *imp, "pruning.rounds=3")
+    assert _computed(one) == ["phase1", "round1"] and _computed(two) == ["round2"] and _computed(three) == ["round3"]
+    scratch = run_in_process(tmp_path / "s3", *imp, "pruning.rounds=3", "reuse=false")
+    assert _computed(scratch) == ["phase1", "round1", "round2", "round3"]
+    assert _numbers(three) == _numbers(scratch)
+    # the 1-round job's last round is the 2-round job's first: the same seed, the same training
+    for key in ("best", "last", "steps"):
+        assert one["phases"]["recovery"][key] == two["phases"]["retrain1"][key]
+
+
+def test_a_failed_computation_leaves_no_entry_and_a_damaged_entry_is_recomputed(tmp_path, caplog):
+    from dsee_cli.train import ProgressSink
+
+    class Crash(ProgressSink):
+        def advance(self, loss, lr):
+            raise RuntimeError("killed in phase I")
+
+    from dsee_cli.pipeline import run_experiment
+
+    cfg = compose()
+    with pytest.raises(RuntimeError, match="killed"):
+        run_experiment(cfg, tmp_path / "crash", Crash())
+    store = StepStore()
+    assert store.entries() == []
+    (store.root / ".tmp-phase1-x").mkdir(parents=True)  # what a kill during publishing leaves
+    first = run_in_process(tmp_path / "a")
+    [entry] = store.entries()
+    state = next(entry["path"].glob("state-*.safetensors"))
+    data = bytearray(state.read_bytes())
+    data[-100] ^= 0xFF  # bit rot
+    state.write_bytes(bytes(data))
+    second = run_in_process(tmp_path / "b", "sparsity=0.5")
+    assert second["steps"]["phase1"]["reused"] is False and "unusable" in caplog.text
+    assert first["steps"]["phase1"]["fingerprint"] == second["steps"]["phase1"]["fingerprint"]
+    assert [e["name"] for e in store.entries()] == [entry["name"]]
+    assert store.prune() and store.entries() == [] and not list(store.root.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_two_concurrent_jobs_compute_a_shared_phase1_once(workdir):
+    """Two processes start together and need the same phase I: one computes it, the other waits
+    on its lock and reuses it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DSEE_CACHE": str(workdir / ".cache")}
+    args = [*FAST, "trainer.max_steps=30", "trainer.eval_every=10"]
+    procs = [subprocess.Popen([sys.executable, "-m", "dsee_cli", "train", *args, f"sparsity={s}",
+                               f"hydra.run.dir=run{i}"], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i, s in enumerate((0.3, 0.5))]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    records = [json.loads((workdir / f"run{i}" / "metrics.json").read_text())["steps"]["phase1"] for i in range(2)]
+    assert sorted(r["reused"] for r in records) == [False, True]
+    assert any("waiting: another run is computing step phase1" in out for out in outs) or \
+        any("Phase I: reused" in out for out in outs)
+
+
+@pytest.mark.slow
+def test_table14_under_smoke_trains_four_rounds_not_ten(workdir):
+    result = run_dsee(["-m", "experiment=table14", "profile=smoke"], workdir)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    computed = []
+    for path in sorted((workdir / "multirun" / "table14").glob("*/metrics.json")):
+        computed += _computed(json.loads(path.read_text()))
+    assert sorted(computed) == ["phase1", "round1", "round2", "round3", "round4"]
+    listing = subprocess.run([sys.executable, "-m", "dsee_cli", "cache", "ls"], cwd=workdir, capture_output=True,
+                             text=True, env={**os.environ, "DSEE_CACHE": str(workdir / ".cache")})
+    assert listing.returncode == 0 and listing.stdout.count("round") >= 4 and "phase1" in listing.stdout
+
+
+def test_the_store_lives_under_dsee_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSEE_CACHE", str(tmp_path / "c"))
+    assert steps_dir() == tmp_path / "c" / "steps"
