@@ -217,6 +217,8 @@ def run_train(args: list[str]) -> int:
 
     _register()
     args = with_default_profile(args)
+    if "--plan" in args:
+        return print_plan([a for a in args if a != "--plan"])
     group = sweep_group(args)
     if group:  # inherited by launcher workers (joblib, submitit)
         os.environ["DSEE_SWEEP_GROUP"] = group
@@ -225,6 +227,70 @@ def run_train(args: list[str]) -> int:
     SweepOutcome.failures = []
     hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")(train_job)()
     return 1 if SweepOutcome.failures else 0
+
+
+def sweep_jobs(args: list[str]) -> list[list[str]]:
+    """The overrides of each job `dsee train <args>` runs: one job, or with -m the product of
+    the sweeper's params and the command line's comma lists (the command line wins)."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    if len(overrides) == len(args):
+        return [overrides]
+    fixed = [o for o in overrides if "," not in o.split("=", 1)[-1]]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
+    grid = {k: str(v).split(",") for k, v in (cfg.hydra.sweeper.params or {}).items()}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if "," in value or key in grid:
+            grid[key] = value.split(",")
+    fixed = [o for o in fixed if o.partition("=")[0] not in grid]
+    return [[*fixed, *(f"{k}={v.strip()}" for k, v in zip(grid, combo))] for combo in itertools.product(*grid.values())]
+
+
+def print_plan(args: list[str]) -> int:
+    """`dsee train ... --plan`: each job's steps, and which the step store would let it reuse."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import validate
+    from .errors import DSEEError
+    from .plan import build_plan, will_reuse
+    from .steps import StepStore
+
+    console = Console(width=None if sys.stdout.isatty() else 100)
+    store, computed = StepStore(), set()
+    jobs = sweep_jobs(args)
+    total = {"all": 0, "computed": 0}
+    try:
+        for i, overrides in enumerate(jobs):
+            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+                cfg = OmegaConf.to_object(apply_per_task(compose(config_name="config", overrides=overrides), overrides))
+            validate(cfg)
+            plan = build_plan(cfg)
+            reuse = will_reuse(plan, cfg, store, computed)
+            swept = " ".join(o for o in overrides if o not in args) or " ".join(overrides) or "(defaults)"
+            table = Table(title=f"job {i + 1} of {len(jobs)}: {swept}", title_justify="left")
+            for column in ("step", "what", "optimizer steps", "store"):
+                table.add_column(column, justify="right" if column == "optimizer steps" else "left")
+            for step in plan:
+                status = "" if step.name not in reuse else ("reused" if reuse[step.name] else "computed, then shared")
+                table.add_row(step.name, step.what, f"{step.optimizer_steps:,}" if step.optimizer_steps else "", status)
+                total["all"] += step.optimizer_steps
+                total["computed"] += 0 if reuse.get(step.name) else step.optimizer_steps
+            console.print(table)
+    except DSEEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    saved = 1 - total["computed"] / total["all"] if total["all"] else 0.0
+    console.print(f"{len(jobs)} job(s): {total['all']:,} optimizer steps, {total['computed']:,} to compute "
+                  f"with the step store ({saved:.0%} reused); nothing was run.", highlight=False)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -122,3 +122,21 @@ def test_table14_under_smoke_trains_four_rounds_not_ten(workdir):
 def test_the_store_lives_under_dsee_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DSEE_CACHE", str(tmp_path / "c"))
     assert steps_dir() == tmp_path / "c" / "steps"
+
+
+def test_the_plan_names_the_steps_a_run_records_and_a_sweep_plan_runs_nothing(tmp_path, monkeypatch, capsys):
+    from dsee_cli.cli import main
+    from dsee_cli.plan import build_plan
+
+    overrides = ("pruning=imp", "pruning.rounds=2")
+    plan = build_plan(compose(*overrides))
+    assert [s.name for s in plan] == ["omega", "phase1", "prune1", "round1", "prune2", "round2", "evaluate", "export",
+                                      "measure"][: len(plan)]
+    metrics = run_in_process(tmp_path / "run", *overrides)
+    assert {s.name: s.fingerprint for s in plan if s.fingerprint} == \
+        {name: record["fingerprint"] for name, record in metrics["steps"].items()}
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "-m", "experiment=table7", "profile=smoke", "--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "job 12 of 12" in out and "reused" in out and "12 job(s)" in out and "nothing was run" in out
+    assert not (tmp_path / "multirun").exists()
