@@ -250,222 +250,279 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda text: None) -> dict:
-    """Run (or resume) one experiment in run_dir; returns what it writes to metrics.json."""
-    locks: list[StepLock] = []  # steps this run is computing for others to reuse (steps.py)
-    try:
-        return _run_experiment(cfg, run_dir, sink, say, locks)
-    finally:
-        for lock in locks:
-            lock.release()
-
-
-def _run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say, locks: list[StepLock]) -> dict:
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
+    """Run (or resume) one experiment in run_dir; returns what it writes to metrics.json.
+    The plan (plan.build_plan): Ω, phase I, per round prune + train, evaluate, export, measure."""
     validate(cfg)
-    fingerprint = config_fingerprint(cfg)
-    clean_leftovers(run_dir)
-    if cfg.resume and (done := finished_metrics(run_dir, fingerprint, say, cfg.measure)) is not None:
+    run = Run(cfg, Path(run_dir), sink, say)
+    clean_leftovers(run.dir)
+    if cfg.resume and (done := finished_metrics(run.dir, run.fingerprint, say, cfg.measure)) is not None:
         say("already complete: metrics.json exists (resume=false starts over)")
         return done
-    metrics_path.unlink(missing_ok=True)
-    (run_dir / "failed.json").unlink(missing_ok=True)  # an earlier attempt's; this one is under way
-    shutil.rmtree(run_dir / "export", ignore_errors=True)
-    t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
-    device = pick_device(cfg.trainer.device)
-    precision = resolve_precision(cfg.trainer.precision, device)
-    if cfg.trainer.threads:
-        torch.set_num_threads(cfg.trainer.threads)
-    seed_everything(cfg.seed)
+    try:
+        run.setup()
+        run.start()
+        run.phase1()
+        run.prune_and_recover()
+        return run.finish()
+    finally:
+        release(run.locks)
 
-    say(f"Model and data (on {device}, precision {precision.name})")
-    task = prepare_task(cfg, say, sink)
-    loaded, model, tokenizer = task.loaded, task.loaded.model, task.loaded.tokenizer
-    train_enc, eval_enc, pad_id = task.train, task.evals, tokenizer.pad_token_id
 
-    scope_total, _ = scope_size(model)
-    model_total = sum(p.numel() for p in model.parameters())
-    dense_flops = inference_flops(model, cfg.flops_seq_len)
-    method = method_settings(cfg)
-    pruning = pruning_settings(cfg)
-    prepare_method(model, method)
-    adapters = adapters_of(model)
-    if pruning.method in ("structured", "earlybert"):
-        heads = attention_units(model)[0].num_heads
-        if not 0 <= pruning.heads_to_remove < heads:
-            raise DSEEError(f"pruning.heads_to_remove={pruning.heads_to_remove} is out of range: this model has "
-                            f"{heads} heads per layer, so it must be between 0 and {heads - 1}.")
+class Run:
+    """The state the steps of one run share: model and data, the checkpoint's progress (``meta``,
+    ``tensors``, ``stage``: the last saved phase, or ``<phase>-done`` in memory), what each
+    step took (``seconds``) and where shared steps came from (``steps``)."""
 
-    ckpt = Checkpoint(run_dir, fingerprint)
-    if not cfg.resume:
-        ckpt.clear()
-    saved = ckpt.load(say)
-    meta: dict = {}
-    omega_info: dict = {}
-    tensors: dict[str, torch.Tensor] = {}
-    store, steps = StepStore(), {}
-    imp_rounds = pruning.method == "imp"
-    fp_phase1 = step_fingerprint(cfg, "phase1")
-    if saved is None and cfg.reuse:  # phase I as another run computed it (or wait while one does)
-        saved = reused_step(store, "phase1", fp_phase1, locks, say)
+    def __init__(self, cfg: RunConfig, run_dir: Path, sink: ProgressSink, say):
+        self.cfg, self.dir, self.sink, self.say = cfg, run_dir, sink, say
+        self.fingerprint = config_fingerprint(cfg)
+        self.ckpt = Checkpoint(run_dir, self.fingerprint)
+        self.store = StepStore()
+        self.locks: list[StepLock] = []  # steps this run computes for others to reuse (steps.py)
+        self.steps: dict[str, StepRecord] = {}
+        self.meta: dict = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.stage: str | None = None
+        self.omega_info: dict = {}
+        self.seconds: dict[str, float] = {}
+        self.phase1_state = PhaseState()
+        self.states: dict[str, PhaseState] = {}  # the recovery phases, by name
+        self.pruning_info: dict = {}
+        self.started = time.perf_counter()
+
+    # -- set-up ----------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Device, data, the model with the method attached; checks that need the model."""
+        cfg = self.cfg
+        (self.dir / "metrics.json").unlink(missing_ok=True)
+        (self.dir / "failed.json").unlink(missing_ok=True)  # an earlier attempt's; this one is under way
+        shutil.rmtree(self.dir / "export", ignore_errors=True)
+        self.device = pick_device(cfg.trainer.device)
+        self.precision = resolve_precision(cfg.trainer.precision, self.device)
+        if cfg.trainer.threads:
+            torch.set_num_threads(cfg.trainer.threads)
+        seed_everything(cfg.seed)
+        self.say(f"Model and data (on {self.device}, precision {self.precision.name})")
+        self.task = prepare_task(cfg, self.say, self.sink)
+        self.model = self.task.loaded.model
+        self.scope_total, _ = scope_size(self.model)
+        self.model_total = sum(p.numel() for p in self.model.parameters())
+        self.dense_flops = inference_flops(self.model, cfg.flops_seq_len)
+        self.method, self.pruning = method_settings(cfg), pruning_settings(cfg)
+        prepare_method(self.model, self.method)
+        if self.pruning.method in ("structured", "earlybert"):
+            heads = attention_units(self.model)[0].num_heads
+            if not 0 <= self.pruning.heads_to_remove < heads:
+                raise DSEEError(f"pruning.heads_to_remove={self.pruning.heads_to_remove} is out of range: this model "
+                                f"has {heads} heads per layer, so it must be between 0 and {heads - 1}.")
+        self.rounds = self.pruning.round_sparsities()
+        self.phases = [phase_of_round(r, len(self.rounds)) for r in range(1, len(self.rounds) + 1)]
+        self.pruning_info = {"method": self.pruning.method}
+
+    def start(self) -> None:
+        """Where this run starts: its own checkpoint, a phase I another run computed, or Ω."""
+        cfg, model = self.cfg, self.model
+        if not cfg.resume:
+            self.ckpt.clear()
+        saved = self.ckpt.load(self.say)
+        self.fp_phase1 = step_fingerprint(cfg, "phase1")
+        if saved is None and cfg.reuse:  # phase I as another run computed it (or wait while one does)
+            found = reused_step(self.store, "phase1", self.fp_phase1, self.locks, self.say)
+            if found is not None:
+                self.steps["phase1"] = found[2]
+                saved = (found[0], {**found[1], "fingerprint": self.fingerprint})
+                self.say(f"Phase I: reused (step phase1-{self.fp_phase1}, computed in {found[2].source})")
+        self.stage = saved[1]["stage"] if saved else None
+        if self.pruning.method == "earlybert" and self.stage in (None, "phase1"):
+            add_slimming(model)  # its coefficients train in phase I; pruning folds them in
+        # IMP with rewinding resets the trained tensors to where they started (also in a resumed run)
+        self.start_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} \
+            if self.pruning.rewind else {}
         if saved is not None:
-            steps["phase1"] = saved[2]
-            saved = (saved[0], {**saved[1], "fingerprint": fingerprint})
-            say(f"Phase I: reused (step phase1-{fp_phase1}, computed in {steps['phase1'].source})")
-    stage = saved[1]["stage"] if saved else None
-    if pruning.method == "earlybert" and stage in (None, "phase1"):
-        add_slimming(model)  # its coefficients train in phase I; pruning folds them in
-    # IMP with rewinding resets the trained tensors to where they started (the same for a resumed run).
-    start_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} \
-        if pruning.rewind else {}
-    if saved is not None:
-        tensors, meta = saved
-        restore_state(model, tensors, meta["model"])
-        omega_info = meta.get("omega", {})
-        if "phase1" not in steps:  # this run's own checkpoint: what it computed and reused so far
-            steps.update({k: StepRecord(**v) for k, v in meta.get("steps", {}).items()})
-            say(f"Resuming from the checkpoint after stage {stage!r} (step {_resume_step(meta)})")
-    elif method.method == "dsee" and cfg.adapter.omega_size > 0:
-        say("Ω: sparse positions from the pretrained weights")
-        keys = omega_keys(adapters)
-        weights = {k: slice_pretrained_weight(a, s) for k, (a, s) in keys.items()}
+            self.tensors, self.meta = saved
+            restore_state(model, self.tensors, self.meta["model"])
+            self.omega_info = self.meta.get("omega", {})
+            self.pruning_info = self.meta.get("pruning", self.pruning_info)
+            if "phase1" not in self.steps:  # this run's own checkpoint: what it computed and reused so far
+                self.steps.update({k: StepRecord(**v) for k, v in self.meta.get("steps", {}).items()})
+                self.say(f"Resuming from the checkpoint after stage {self.stage!r} (step {_resume_step(self.meta)})")
+        elif self.method.method == "dsee" and cfg.adapter.omega_size > 0:
+            self.find_omega()
+        self.seconds["omega"] = self.omega_info.get("seconds", 0.0)
+        model.to(self.device)
+
+    def find_omega(self) -> None:
+        cfg = self.cfg
+        self.say("Ω: sparse positions from the pretrained weights")
+        adapters = adapters_of(self.model)
+        weights = {k: slice_pretrained_weight(a, s) for k, (a, s) in omega_keys(adapters).items()}
         result = omega_lib.cached_omega(weights, cfg.adapter.omega_size, cfg.omega.method, omega_settings(cfg),
                                         omega_cache_dir(cfg))
         set_omegas(adapters, result.indices)
-        omega_info = {"method": cfg.omega.method, "seconds": round(result.seconds, 3),
-                      "from_cache": result.from_cache, "cache_path": str(result.cache_path or "")}
-    seconds["omega"] = omega_info.get("seconds", 0.0)
-    model.to(device)
-    rounds = pruning.round_sparsities()
-    sparse_hooks: dict = {}
-    if method.method in SPARSE_TRAINING:  # PST / MaP / MvP: the mask follows the schedule in phase I
-        schedule, topk = sparsity_schedule(cfg), method.sparse.topk
-        sparse_hooks = {
-            "before_step": lambda step, total: update_masks(model, schedule.at(step + 1, total), topk),
-            "best_eligible": lambda: all(abs(m.sparsity - schedule.final) < 1e-9
-                                         for m in sparse_layers(model).values()),
-            "lr_by_suffix": {".scores": method.sparse.score_lr} if method.method == "mvp" else {},
-        }
-    retrain_phases = [f"retrain{r}" for r in range(1, len(rounds))] + ["recovery"] if rounds else []
+        self.omega_info = {"method": cfg.omega.method, "seconds": round(result.seconds, 3),
+                           "from_cache": result.from_cache, "cache_path": str(result.cache_path or "")}
 
-    def progress_meta(**states: PhaseState) -> dict:
-        keep = {k: v for k, v in meta.items() if k in ("phase1", "pruning", "round", *retrain_phases)}
+    # -- training --------------------------------------------------------------------------
+    def progress_meta(self, **states: PhaseState) -> dict:
+        """What the checkpoint records besides tensors: every finished phase, pruning, round."""
+        keep = {k: v for k, v in self.meta.items() if k in ("phase1", "pruning", "round", *self.phases)}
         keep.update({k: s.as_meta() for k, s in states.items()})
-        return {**keep, "omega": omega_info, "steps": {k: r.as_dict() for k, r in steps.items()}}
+        return {**keep, "omega": self.omega_info, "steps": {k: r.as_dict() for k, r in self.steps.items()}}
 
-    def run_phase(name: str) -> PhaseState:
-        resume = (_state(meta, name), tensors) if stage == name else None
-        l1 = pruning.slimming_l1
-        return train_phase(
-            model, train_enc, eval_enc, task.ops, phase_settings(cfg, name, precision), pad_id, device,
-            save=lambda st, extra: ckpt.save(model, name, progress_meta(**{name: st}), extra),
-            sink=sink, resume=resume, hooks=StepHooks(
-                regularizer=(lambda: l1 * slimming_penalty(model)) if hasattr_slimming(model) else None,
-                after_step=(lambda: reapply_masks(model)) if getattr(model, "dsee_other_masks", None) else None,
-                **(sparse_hooks if name == "phase1" else {}),
-            ),
+    def hooks(self, name: str) -> StepHooks:
+        model, method = self.model, self.method
+        sparse: dict = {}
+        if name == "phase1" and method.method in SPARSE_TRAINING:  # PST / MaP / MvP: masks follow the schedule
+            schedule, topk = sparsity_schedule(self.cfg), method.sparse.topk
+            sparse = {
+                "before_step": lambda step, total: update_masks(model, schedule.at(step + 1, total), topk),
+                "best_eligible": lambda: all(abs(m.sparsity - schedule.final) < 1e-9
+                                             for m in sparse_layers(model).values()),
+                "lr_by_suffix": {".scores": method.sparse.score_lr} if method.method == "mvp" else {},
+            }
+        l1 = self.pruning.slimming_l1
+        return StepHooks(
+            regularizer=(lambda: l1 * slimming_penalty(model)) if hasattr_slimming(model) else None,
+            after_step=(lambda: reapply_masks(model)) if getattr(model, "dsee_other_masks", None) else None,
+            **sparse,
         )
 
-    # Phase I: tuning (sparse + low-rank for DSEE; whatever the method trains otherwise)
-    phase1 = _state(meta, "phase1")
-    if stage in (None, "phase1"):
-        say(f"Phase I: {_PHASE1_TITLE.get(method.method, method.method + ' tuning')}")
-        phase1 = run_phase("phase1")
-        meta.update(progress_meta(phase1=phase1))
-        if "phase1" not in steps:  # computed here: offer it to the runs that share it
-            steps["phase1"] = StepRecord(fp_phase1, False, str(run_dir))
-            store.publish("phase1", fp_phase1, ckpt.dir, json.loads((ckpt.dir / STATE_META).read_text()), run_dir)
-        release(locks)
-        stage = "phase1-done"
-    seconds["phase1"] = phase1.seconds
+    def run_phase(self, name: str) -> PhaseState:
+        """Train one phase, from its checkpoint when the run stopped inside it."""
+        resume = (_state(self.meta, name), self.tensors) if self.stage == name else None
+        task = self.task
+        return train_phase(
+            self.model, task.train, task.evals, task.ops, phase_settings(self.cfg, name, self.precision),
+            task.loaded.tokenizer.pad_token_id, self.device,
+            save=lambda st, extra: self.ckpt.save(self.model, name, self.progress_meta(**{name: st}), extra),
+            sink=self.sink, resume=resume, hooks=self.hooks(name),
+        )
 
-    # Phase II and III, once per round (IMP: prune a further fraction, retrain, repeat)
-    pruning_info = meta.get("pruning", {"method": pruning.method})
-    done_round = meta.get("round", 0)
-    states: dict[str, PhaseState] = {}
-    for r, (target, phase) in enumerate(zip(rounds, retrain_phases), start=1):
-        if stage == "done" or r < done_round:
-            states[phase] = _state(meta, phase)
-            continue
-        fp_round = step_fingerprint(cfg, f"round{r}") if imp_rounds else ""
-        if r > done_round and imp_rounds and cfg.reuse:  # this round as a run with as many or more computed it
-            found = reused_step(store, f"round{r}", fp_round, locks, say)
-            if found is not None:
-                tensors, meta = found[0], rename_rounds(found[1], len(rounds), to_store=False)
-                restore_state(model, tensors, meta["model"])
-                steps[f"round{r}"], stage, done_round = found[2], phase, r
-                pruning_info = meta.get("pruning", pruning_info)
-                say(f"IMP round {r}: reused (step round{r}-{fp_round}, computed in {found[2].source})")
-        if r > done_round:
-            say(f"Phase II: {pruning.method} pruning" + (f", round {r} of {len(rounds)}" if len(rounds) > 1 else ""))
-            started = time.perf_counter()
-            pruning_info = prune_step(model, replace(pruning, sparsity=target), start_state)
-            earlier = meta.get("pruning", {}).get("seconds", 0.0)
-            pruning_info["seconds"] = round(time.perf_counter() - started + earlier, 3)
-            meta["pruning"], meta["round"] = pruning_info, r
-            ckpt.save(model, "pruned", progress_meta())
-            stage = "pruned"
-        say(f"Phase III: recovery tuning{f' (round {r})' if len(rounds) > 1 else ''}")
-        states[phase] = run_phase(phase)
-        meta.update(progress_meta(**{phase: states[phase]}))
-        if imp_rounds and f"round{r}" not in steps:
-            steps[f"round{r}"] = StepRecord(fp_round, False, str(run_dir))
-            saved_meta = rename_rounds(json.loads((ckpt.dir / STATE_META).read_text()), len(rounds), to_store=True)
-            store.publish(f"round{r}", fp_round, ckpt.dir, saved_meta, run_dir)
-        release(locks)
-        stage = f"{phase}-done"
-    seconds["pruning"] = pruning_info.get("seconds", 0.0)
-    recovery = states.get("recovery", PhaseState())
-    if rounds:
-        seconds["recovery"] = sum(st.seconds for st in states.values())
+    def share(self, step: str, fingerprint: str, to_store=lambda meta: meta) -> None:
+        """This run computed ``step``: offer its checkpoint to the runs that share it."""
+        self.steps[step] = StepRecord(fingerprint, False, str(self.dir))
+        meta = to_store(json.loads((self.ckpt.dir / STATE_META).read_text()))
+        self.store.publish(step, fingerprint, self.ckpt.dir, meta, self.dir)
+        release(self.locks)
 
-    say("Evaluation and export")
-    final_phase = recovery if pruning.method != "none" else phase1
-    final_eval = task.ops.evaluate(model, eval_enc, pad_id, device, cfg.trainer.eval_batch_size, precision)
-    generation = task.generate(model, device, precision, run_dir / f"generations-{cfg.task.eval_split}.jsonl") \
-        if task.generate else None
-    _, scope_nonzero = scope_size(model)
-    started = time.perf_counter()
-    export_info, final_model = export_run(cfg, model, tokenizer, run_dir, method, loaded.source)
-    seconds["export"] = round(time.perf_counter() - started, 3)
-    savings = {}
-    if cfg.measure:
-        say("Measuring what the result costs and saves (final model against the dense one)")
+    def phase1(self) -> None:
+        """Phase I: tuning (sparse + low-rank for DSEE; whatever the method trains otherwise)."""
+        self.phase1_state = _state(self.meta, "phase1")
+        if self.stage in (None, "phase1"):
+            method = self.method.method
+            self.say(f"Phase I: {_PHASE1_TITLE.get(method, method + ' tuning')}")
+            self.phase1_state = self.run_phase("phase1")
+            self.meta.update(self.progress_meta(phase1=self.phase1_state))
+            if "phase1" not in self.steps:
+                self.share("phase1", self.fp_phase1)
+            self.stage = "phase1-done"
+        self.seconds["phase1"] = self.phase1_state.seconds
+
+    def prune_and_recover(self) -> None:
+        """Phase II and III, once per round (IMP: prune a further fraction, retrain, repeat)."""
+        done_round = self.meta.get("round", 0)
+        imp = self.pruning.method == "imp"
+        for r, (target, phase) in enumerate(zip(self.rounds, self.phases), start=1):
+            if self.stage == "done" or r < done_round:
+                self.states[phase] = _state(self.meta, phase)
+                continue
+            fp_round = step_fingerprint(self.cfg, f"round{r}") if imp else ""
+            if r > done_round and imp and self.cfg.reuse and self.reuse_round(r, phase, fp_round):
+                done_round = r
+            if r > done_round:
+                self.prune(r, target)
+            self.say(f"Phase III: recovery tuning{f' (round {r})' if len(self.rounds) > 1 else ''}")
+            self.states[phase] = self.run_phase(phase)
+            self.meta.update(self.progress_meta(**{phase: self.states[phase]}))
+            if imp and f"round{r}" not in self.steps:
+                self.share(f"round{r}", fp_round, lambda m: rename_rounds(m, len(self.rounds), to_store=True))
+            self.stage = f"{phase}-done"
+        self.seconds["pruning"] = self.pruning_info.get("seconds", 0.0)
+        if self.rounds:
+            self.seconds["recovery"] = sum(st.seconds for st in self.states.values())
+
+    def reuse_round(self, r: int, phase: str, fingerprint: str) -> bool:
+        """IMP round r as a run with as many rounds or more computed it, if one did."""
+        found = reused_step(self.store, f"round{r}", fingerprint, self.locks, self.say)
+        if found is None:
+            return False
+        self.tensors, self.meta = found[0], rename_rounds(found[1], len(self.rounds), to_store=False)
+        restore_state(self.model, self.tensors, self.meta["model"])
+        self.steps[f"round{r}"], self.stage = found[2], phase
+        self.pruning_info = self.meta.get("pruning", self.pruning_info)
+        self.say(f"IMP round {r}: reused (step round{r}-{fingerprint}, computed in {found[2].source})")
+        return True
+
+    def prune(self, r: int, target: float) -> None:
+        n = len(self.rounds)
+        self.say(f"Phase II: {self.pruning.method} pruning" + (f", round {r} of {n}" if n > 1 else ""))
         started = time.perf_counter()
-        savings = measure_run(cfg, final_model, device, precision, export_info, pruning)
-        seconds["measure"] = round(time.perf_counter() - started, 3)
-    model_nonzero = model_total - (scope_total - scope_nonzero)
-    phase_states = {"phase1": phase1, **states}
-    metrics = {
-        "task": cfg.task.name,
-        "data_source": task.data_source,
-        "model": loaded.source,
-        "main_metric": task.ops.main,
-        "trivial": task.trivial,  # majority class (regression: the mean) on the same evaluation
-        "final": summarize(final_phase) | {"eval": final_eval} | ({"generation": generation} if generation else {}),
-        "phases": {"phase1": summarize(phase1)} | {name: summarize(st) for name, st in states.items()},
-        "trainable_params": trainable_counts(model).as_dict(),
-        "total_params_pct": round(100 * scope_nonzero / scope_total, 4),
-        "model_nonzero_pct": round(100 * model_nonzero / model_total, 4),
-        "flops_seq_len": cfg.flops_seq_len,
-        "flops_ratio": round(inference_flops(model, cfg.flops_seq_len) / dense_flops, 4),
-        "flops_ratio_unmerged": round(inference_flops(model, cfg.flops_seq_len, True) / dense_flops, 4),
-        "pruning": pruning_info,
-        "omega": omega_info,
-        "seconds": {k: round(v, 3) for k, v in seconds.items()} | {"total": round(time.perf_counter() - t_start, 3)},
-        "export": export_info,
-        "cost": training_cost(phase_states, device),
-        "savings": savings,
-        "config": asdict(cfg),
-        "fingerprint": fingerprint,
-        "steps": {name: record.as_dict() for name, record in steps.items()},  # computed here or reused
-        "precision": precision.name,
-        "device": str(device),
-    }
-    atomic_write_text(metrics_path, json.dumps(metrics, indent=2, sort_keys=True, default=str))
-    ckpt.save(model, "done", progress_meta(phase1=phase1, **states))
-    return metrics
+        info = prune_step(self.model, replace(self.pruning, sparsity=target), self.start_state)
+        info["seconds"] = round(time.perf_counter() - started + self.meta.get("pruning", {}).get("seconds", 0.0), 3)
+        self.pruning_info = self.meta["pruning"] = info
+        self.meta["round"] = r
+        self.ckpt.save(self.model, "pruned", self.progress_meta())
+        self.stage = "pruned"
+
+    # -- the result ------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """Evaluate, export, measure; write metrics.json."""
+        cfg, model, task = self.cfg, self.model, self.task
+        self.say("Evaluation and export")
+        pad_id = task.loaded.tokenizer.pad_token_id
+        final_eval = task.ops.evaluate(model, task.evals, pad_id, self.device, cfg.trainer.eval_batch_size,
+                                       self.precision)
+        generation = task.generate(model, self.device, self.precision,
+                                   self.dir / f"generations-{cfg.task.eval_split}.jsonl") if task.generate else None
+        started = time.perf_counter()
+        export_info, final_model = export_run(cfg, model, task.loaded.tokenizer, self.dir, self.method,
+                                              task.loaded.source)
+        self.seconds["export"] = round(time.perf_counter() - started, 3)
+        savings = {}
+        if cfg.measure:
+            self.say("Measuring what the result costs and saves (final model against the dense one)")
+            started = time.perf_counter()
+            savings = measure_run(cfg, final_model, self.device, self.precision, export_info, self.pruning)
+            self.seconds["measure"] = round(time.perf_counter() - started, 3)
+        metrics = self.metrics(final_eval, generation, export_info, savings)
+        atomic_write_text(self.dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
+        self.ckpt.save(model, "done", self.progress_meta(phase1=self.phase1_state, **self.states))
+        return metrics
+
+    def metrics(self, final_eval: dict, generation: dict | None, export_info: dict, savings: dict) -> dict:
+        """metrics.json: scores, counts, FLOPs, times, costs and savings, and the config."""
+        cfg, model, task = self.cfg, self.model, self.task
+        _, scope_nonzero = scope_size(model)
+        model_nonzero = self.model_total - (self.scope_total - scope_nonzero)
+        final_phase = self.states.get("recovery", PhaseState()) if self.pruning.method != "none" else self.phase1_state
+        phases = {"phase1": self.phase1_state, **self.states}
+        total_seconds = round(time.perf_counter() - self.started, 3)
+        return {
+            "task": cfg.task.name,
+            "data_source": task.data_source,
+            "model": task.loaded.source,
+            "main_metric": task.ops.main,
+            "trivial": task.trivial,  # majority class (regression: the mean) on the same evaluation
+            "final": summarize(final_phase) | {"eval": final_eval} | ({"generation": generation} if generation else {}),
+            "phases": {name: summarize(st) for name, st in phases.items()},
+            "trainable_params": trainable_counts(model).as_dict(),
+            "total_params_pct": round(100 * scope_nonzero / self.scope_total, 4),
+            "model_nonzero_pct": round(100 * model_nonzero / self.model_total, 4),
+            "flops_seq_len": cfg.flops_seq_len,
+            "flops_ratio": round(inference_flops(model, cfg.flops_seq_len) / self.dense_flops, 4),
+            "flops_ratio_unmerged": round(inference_flops(model, cfg.flops_seq_len, True) / self.dense_flops, 4),
+            "pruning": self.pruning_info,
+            "omega": self.omega_info,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()} | {"total": total_seconds},
+            "export": export_info,
+            "cost": training_cost(phases, self.device),
+            "savings": savings,
+            "config": asdict(cfg),
+            "fingerprint": self.fingerprint,
+            "steps": {name: record.as_dict() for name, record in self.steps.items()},  # computed here or reused
+            "precision": self.precision.name,
+            "device": str(self.device),
+        }
 
 
 def reused_step(store: StepStore, step: str, fingerprint: str, locks: list[StepLock], say
