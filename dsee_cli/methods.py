@@ -18,6 +18,7 @@ any weight the checkpoint lacked) always trains.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -27,11 +28,6 @@ from .adapters import AdapterSettings, inject_adapters
 from .arch import GPT2, family_of, task_head_params, transformer_layers
 from .errors import DSEEError, choice_error
 from .sparse_training import SparseTrainingSettings, inject_sparse_training
-
-METHODS = ("dsee", "lora", "full", "bitfit", "ft-top", "houlsby", "prefix", "ptuning-v2", "mam", "pst", "map", "mvp")
-MERGEABLE = ("dsee", "lora", "full", "bitfit", "ft-top", "pst", "map", "mvp")  # the result is a plain HF model
-PROMPT_METHODS = ("prefix", "ptuning-v2", "mam")
-SPARSE_TRAINING = ("pst", "map", "mvp")  # sparsify while training, on the cubic schedule (sparse_training.py)
 
 
 @dataclass(frozen=True)
@@ -50,14 +46,14 @@ class MethodSettings:
     sparse: SparseTrainingSettings = field(default_factory=SparseTrainingSettings)  # pst / map / mvp
 
     def check(self) -> None:
-        if self.method not in METHODS:
-            raise choice_error("adapter method (adapter=... / adapter.method)", self.method, METHODS)
+        if self.method not in TUNING_METHODS:
+            raise choice_error("adapter method (adapter=... / adapter.method)", self.method, tuple(TUNING_METHODS))
         if self.placement not in ("both", "ffn"):
             raise choice_error("adapter placement (adapter.placement)", self.placement, ("both", "ffn"))
         for name in ("bottleneck", "prefix_length", "top_layers", "prefix_hidden"):
             if getattr(self, name) < 1:
                 raise DSEEError(f"adapter.{name}={getattr(self, name)} is invalid: it must be >= 1.")
-        if self.method in SPARSE_TRAINING:
+        if TUNING_METHODS[self.method].sparse_training:
             replace(self.sparse, method=self.method).check()
 
 
@@ -171,40 +167,103 @@ def _add_prefix(model: nn.Module, s: MethodSettings) -> None:
     model.register_forward_pre_hook(_PrefixInjector(peft_model, s.prefix_length), with_kwargs=True)
 
 
+def _attach_lowrank(model: nn.Module, s: MethodSettings) -> None:
+    inject_adapters(model, s.adapter, list(s.targets) if s.targets else None)
+
+
+def _freeze_all_but(model: nn.Module, trains: bool) -> None:
+    for p in model.parameters():
+        p.requires_grad_(trains)
+
+
+def _attach_bitfit(model: nn.Module, s: MethodSettings) -> None:
+    _freeze_all_but(model, False)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            p.requires_grad_(True)
+
+
+def _attach_ft_top(model: nn.Module, s: MethodSettings) -> None:
+    _freeze_all_but(model, False)
+    layers = transformer_layers(model)
+    if s.top_layers > len(layers):
+        raise DSEEError(f"adapter.top_layers={s.top_layers} is out of range: this model has {len(layers)} blocks.")
+    for layer in list(layers)[len(layers) - s.top_layers:]:
+        layer.requires_grad_(True)
+    base = model.base_model
+    for after_blocks in ("pooler", "ln_f"):  # what sits between the blocks and the head
+        if getattr(base, after_blocks, None) is not None:
+            getattr(base, after_blocks).requires_grad_(True)
+
+
+def _attach_houlsby(model: nn.Module, s: MethodSettings) -> None:
+    _freeze_all_but(model, False)
+    _add_houlsby(model, s)
+
+
+def _attach_prefix(model: nn.Module, s: MethodSettings) -> None:
+    _freeze_all_but(model, False)
+    _add_prefix(model, s)
+
+
+def _attach_mam(model: nn.Module, s: MethodSettings) -> None:
+    _attach_prefix(model, s)
+    _add_parallel_ffn(model, s)
+
+
+def _attach_sparse(model: nn.Module, s: MethodSettings) -> None:
+    _freeze_all_but(model, s.method != "pst")  # MaP and MvP train every weight, as their papers did
+    inject_sparse_training(model, replace(s.sparse, method=s.method))
+
+
+@dataclass(frozen=True)
+class TuningMethod:
+    """A fine-tuning method, declared once: the rest of the code reads these attributes."""
+
+    name: str
+    title: str  # what phase I is called on the terminal
+    attach: Callable[[nn.Module, MethodSettings], None]  # what trains, and what is added to the model
+    merges: bool  # the tuned model is a plain HF model again (export/merged)
+    prompts: bool = False  # adds virtual tokens to every layer (no head pruning)
+    sparse_training: bool = False  # prunes while it trains, on the cubic schedule (no pruning phase)
+
+
+TUNING_METHODS: dict[str, TuningMethod] = {}
+
+
+def register(method: TuningMethod) -> TuningMethod:
+    """Declare a tuning method (adapter.method): one call, in one place."""
+    TUNING_METHODS[method.name] = method
+    return method
+
+
+for _method in (
+    TuningMethod("dsee", "sparse + low-rank tuning", _attach_lowrank, merges=True),
+    TuningMethod("lora", "low-rank tuning", _attach_lowrank, merges=True),
+    TuningMethod("full", "full fine-tuning", lambda model, s: _freeze_all_but(model, True), merges=True),
+    TuningMethod("bitfit", "BitFit: biases only", _attach_bitfit, merges=True),
+    TuningMethod("ft-top", "fine-tuning the top blocks", _attach_ft_top, merges=True),
+    TuningMethod("houlsby", "bottleneck adapters", _attach_houlsby, merges=False),
+    TuningMethod("prefix", "prefix tuning", _attach_prefix, merges=False, prompts=True),
+    TuningMethod("ptuning-v2", "P-tuning v2", _attach_prefix, merges=False, prompts=True),
+    TuningMethod("mam", "MAM adapter", _attach_mam, merges=False, prompts=True),
+    TuningMethod("pst", "PST sparse training on the cubic schedule", _attach_sparse, merges=True,
+                 sparse_training=True),
+    TuningMethod("map", "fine-tuning with magnitude pruning", _attach_sparse, merges=True, sparse_training=True),
+    TuningMethod("mvp", "fine-tuning with movement pruning", _attach_sparse, merges=True, sparse_training=True),
+):
+    register(_method)
+
+# Views of the registry for the code that asks one question of many methods
+METHODS = tuple(TUNING_METHODS)
+MERGEABLE = tuple(n for n, m in TUNING_METHODS.items() if m.merges)
+PROMPT_METHODS = tuple(n for n, m in TUNING_METHODS.items() if m.prompts)
+SPARSE_TRAINING = tuple(n for n, m in TUNING_METHODS.items() if m.sparse_training)
+
+
 def prepare_method(model: nn.Module, s: MethodSettings) -> None:
     """Set up the model for training with method ``s.method`` (in place)."""
     s.check()
-    if s.method in ("dsee", "lora"):
-        inject_adapters(model, s.adapter, list(s.targets) if s.targets else None)
-        return
-    for p in model.parameters():
-        p.requires_grad_(s.method == "full")
-    if s.method == "bitfit":
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.requires_grad_(True)
-    elif s.method == "ft-top":
-        layers = transformer_layers(model)
-        if s.top_layers > len(layers):
-            raise DSEEError(f"adapter.top_layers={s.top_layers} is out of range: this model has {len(layers)} "
-                            f"blocks.")
-        for layer in list(layers)[len(layers) - s.top_layers:]:
-            layer.requires_grad_(True)
-        base = model.base_model
-        for after_blocks in ("pooler", "ln_f"):  # what sits between the blocks and the head
-            if getattr(base, after_blocks, None) is not None:
-                getattr(base, after_blocks).requires_grad_(True)
-    elif s.method == "houlsby":
-        _add_houlsby(model, s)
-    elif s.method in ("prefix", "ptuning-v2"):
-        _add_prefix(model, s)
-    elif s.method == "mam":
-        _add_prefix(model, s)
-        _add_parallel_ffn(model, s)
-    elif s.method in SPARSE_TRAINING:
-        if s.method != "pst":  # MaP and MvP train every weight, as their papers did
-            for p in model.parameters():
-                p.requires_grad_(True)
-        inject_sparse_training(model, replace(s.sparse, method=s.method))
-    for _, p in task_head_params(model):
+    TUNING_METHODS[s.method].attach(model, s)
+    for _, p in task_head_params(model):  # the task head (and weights the checkpoint lacked) always trains
         p.requires_grad_(True)

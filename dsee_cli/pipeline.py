@@ -45,7 +45,7 @@ from .export import (
     save_state_dir,
 )
 from .hub_data import uses_mirror
-from .methods import MERGEABLE, SPARSE_TRAINING, prepare_method
+from .methods import MERGEABLE, SPARSE_TRAINING, TUNING_METHODS, prepare_method
 from .models import TINY_MODELS, hub_reachable, resolve_source
 from .nlg import NLG_TASKS, check_nlg_files, load_nlg
 from .precision import Precision, resolve_precision
@@ -409,8 +409,7 @@ class Run:
         """Phase I: tuning (sparse + low-rank for DSEE; whatever the method trains otherwise)."""
         self.phase1_state = _state(self.meta, "phase1")
         if self.stage in (None, "phase1"):
-            method = self.method.method
-            self.say(f"Phase I: {_PHASE1_TITLE.get(method, method + ' tuning')}")
+            self.say(f"Phase I: {TUNING_METHODS[self.method.method].title}")
             self.phase1_state = self.run_phase("phase1")
             self.meta.update(self.progress_meta(phase1=self.phase1_state))
             if "phase1" not in self.steps:
@@ -597,11 +596,6 @@ def training_cost(states: dict[str, PhaseState], device: torch.device) -> dict:
                              round(s.step / s.seconds, 3) if s.seconds else None,
                              "peak_memory_bytes": s.peak_memory_bytes} for name, s in states.items()},
     }
-
-
-_PHASE1_TITLE = {"dsee": "sparse + low-rank tuning", "lora": "low-rank tuning", "full": "full fine-tuning",
-                 "pst": "PST sparse training on the cubic schedule", "map": "fine-tuning with magnitude pruning",
-                 "mvp": "fine-tuning with movement pruning"}
 
 
 def hasattr_slimming(model: torch.nn.Module) -> bool:

@@ -196,3 +196,22 @@ def test_method_export_reapplies_onto_the_pretrained_model(method, tmp_path):
     fresh, _ = tiny(seed=0)
     apply_adapter(fresh, tmp_path / "adapter")
     assert torch.allclose(logits(fresh, enc), logits(model, enc), atol=1e-6)
+
+
+def test_a_tuning_method_is_one_registration():
+    """A new method (here: the task head only) is declared once and prepare_method runs it."""
+    from dsee_cli.methods import TUNING_METHODS, MethodSettings, TuningMethod, prepare_method, register
+    from dsee_cli.models import load_model
+
+    def head_only(model, settings):
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    register(TuningMethod("head-only", "training the task head", head_only, merges=True))
+    try:
+        model = load_model("tiny-bert", None, 2, seed=0).model
+        prepare_method(model, MethodSettings(method="head-only"))
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trained and all(n.startswith("classifier") for n in trained)
+    finally:
+        del TUNING_METHODS["head-only"]
