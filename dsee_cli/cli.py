@@ -25,11 +25,13 @@ commands:
   eval     `dsee eval <run dir | export dir> [--from merged|compressed|adapter] [--split validation|test]
            [--predictions FILE] [key=value ...]`: load what a run exported, evaluate it on the
            run's task (dotted overrides change it, e.g. task.data_dir=...), print the metrics.
+  config   `dsee config [SECTION] [key=value ...]`: every setting (or one section's, e.g. trainer),
+           its value for these overrides, and what it does.
   cache    `dsee cache ls | size | prune [--older-than DAYS]`: the finished steps (phase I, IMP
            rounds) that runs with the same settings reuse, and the Ω cache, in $DSEE_CACHE
            (default ~/.cache/dsee-cli); prune removes them (all, or those older than DAYS).
 """
-COMMANDS = ("train", "report", "eval", "cache")
+COMMANDS = ("train", "report", "eval", "config", "cache")
 
 
 def config_dir() -> Path:
@@ -309,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_eval(rest)
     if command == "cache":
         return run_cache(rest)
+    if command == "config":
+        return run_config(rest)
     return run_train(rest)
 
 
@@ -479,4 +483,36 @@ def run_cache(args: list[str]) -> int:
         table.add_row(e["name"], f"{e['bytes'] / 2**20:,.1f}", e["created"], e["source"])
     console.print(table)
     console.print(f"{len(entries)} steps and {len(omega_files)} Ω files, {total / 2**20:,.1f} MiB", highlight=False)
+    return 0
+
+
+def run_config(args: list[str]) -> int:
+    """`dsee config [SECTION] [key=value ...]`: the settings, their values and their help."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import RunConfig, describe
+
+    _register()
+    sections = [f.name for f in __import__("dataclasses").fields(RunConfig)]
+    section = args[0] if args and "=" not in args[0] else None
+    overrides = with_default_profile([a for a in args if "=" in a])
+    if section is not None and section not in sections:
+        print(f"dsee config: unknown section {section!r}. Valid sections: {', '.join(sections)}.", file=sys.stderr)
+        return 2
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = OmegaConf.to_object(apply_per_task(compose(config_name="config", overrides=overrides), overrides))
+    except Exception as exc:  # a bad override: Hydra's message names it
+        print(f"dsee config: {exc}", file=sys.stderr)
+        return 2
+    table = Table(title="settings (key=value on the dsee train command line)", title_justify="left")
+    for column in ("key", "value", "what it does"):
+        table.add_column(column, overflow="fold")
+    for key, value, help_text in describe(cfg):
+        if section is None or key == section or key.startswith(section + "."):
+            table.add_row(key, repr(value) if isinstance(value, str) else str(value), help_text)
+    Console(width=None if sys.stdout.isatty() else 100).print(table)
     return 0

@@ -33,10 +33,10 @@ class ModelConfig:
     # a preset (bert-base, roberta-large, gpt2-medium, tiny-bert, tiny-gpt2), "local" or a Hub id
     name: str = "tiny-bert"
     path: str | None = None  # a local Hugging Face model directory (overrides name)
-    tiny_hidden: int = 64
-    tiny_layers: int = 2
-    tiny_heads: int = 4
-    tiny_intermediate: int = 128
+    tiny_hidden: int = 64  # tiny-bert / tiny-gpt2 (built in code): hidden size
+    tiny_layers: int = 2  # tiny models: blocks
+    tiny_heads: int = 4  # tiny models: attention heads
+    tiny_intermediate: int = 128  # tiny models: FFN size
 
 
 @dataclass
@@ -50,58 +50,58 @@ class ModelTaskHparams:
 
 @dataclass
 class TaskConfig:
-    name: str = "synthetic"
+    name: str = "synthetic"  # the task: a GLUE task, synthetic, or e2e / webnlg / dart (task=... picks its defaults)
     data_dir: str | None = None  # the classic GLUE download (folder holding CoLA/, SST-2/, ...)
     train_file: str | None = None  # CSV / JSON lines, with validation_file
-    validation_file: str | None = None
+    validation_file: str | None = None  # the evaluation file that goes with train_file
     test_file: str | None = None  # for `dsee eval --split test` with train_file / validation_file
     # The Hub source, for a fork, a pinned commit or another config (null: the README's default per task)
     hub_repo: str | None = None
-    hub_revision: str | None = None
-    hub_config: str | None = None
-    text_fields: list[str] | None = None
-    label_field: str = "label"
-    max_length: int = 128
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    synthetic_train: int = 2000
-    synthetic_eval: int = 500
+    hub_revision: str | None = None  # a branch, tag or commit of hub_repo
+    hub_config: str | None = None  # the dataset config (subset) on the Hub
+    text_fields: list[str] | None = None  # the columns holding the text (one, or two for pairs); null: the task's
+    label_field: str = "label"  # the column holding the label
+    max_length: int = 128  # tokens per example (longer ones are truncated)
+    max_train_samples: int | None = None  # use only this many training examples (a fixed random slice); null: all
+    max_eval_samples: int | None = None  # evaluate on only this many examples; null: all
+    synthetic_train: int = 2000  # synthetic task / stand-ins: training examples
+    synthetic_eval: int = 500  # synthetic task / stand-ins: evaluation examples
     synthetic_standin: bool = False  # smoke profile: synthetic data shaped like this task (labels, fields)
     smoke_model: str = "tiny-bert"  # the model the smoke profile uses (tiny-gpt2 for generation tasks)
     # Per-task defaults (paper Table 11 and the reference scripts); trainer.* overrides them.
     lr: float = 5e-4
-    epochs: float = 5.0
+    epochs: float = 5.0  # phase I epochs (trainer.phase1.epochs overrides)
     recovery_lr: float | None = None  # None: the same as lr
-    recovery_epochs: float = 5.0
+    recovery_epochs: float = 5.0  # recovery epochs, per round (trainer.recovery.epochs overrides)
     sparse_training_epochs: float = 20.0  # pst / map / mvp: the PST paper's (the low end of its search)
     per_model: dict[str, ModelTaskHparams] = field(default_factory=dict)  # keyed by model.name
     # Generation tasks (e2e, webnlg, dart): the split that is decoded and scored, the loss, decoding.
     eval_split: str = "validation"  # or test (the papers report test)
-    label_smoothing: float = 0.0
-    num_beams: int = 10
-    length_penalty: float = 0.8
-    no_repeat_ngram_size: int = 4
-    max_new_tokens: int = 64
-    decode_batch_size: int = 16
+    label_smoothing: float = 0.0  # generation tasks: label smoothing of the LM loss
+    num_beams: int = 10  # generation: beam size
+    length_penalty: float = 0.8  # generation: beam search length penalty
+    no_repeat_ngram_size: int = 4  # generation: no repeated n-grams of this size
+    max_new_tokens: int = 64  # generation: the longest output
+    decode_batch_size: int = 16  # generation: inputs decoded at once
 
 
 @dataclass
 class AdapterConfig:
     """The fine-tuning method (dsee_cli.methods): what trains and what is added."""
 
-    method: str = "dsee"
-    rank: int = 16
-    alpha: float = 32.0
+    method: str = "dsee"  # the tuning method (adapter=... picks it with its defaults; dsee_cli.methods)
+    rank: int = 16  # dsee / lora: the rank r of B·A
+    alpha: float = 32.0  # dsee / lora: B·A is scaled by alpha / r
     omega_size: int = 16  # card(Ω) per adapted matrix; 0 is LoRA
-    dropout: float = 0.0
-    init: str = "kaiming"
+    dropout: float = 0.0  # dsee / lora: dropout on the adapter's input
+    init: str = "kaiming"  # dsee / lora: A's start, kaiming (LoRA, PEFT) or normal (N(0, 0.02), the paper)
     targets: list[str] | None = None  # None: the architecture's default (q, v)
     bottleneck: int = 64  # houlsby / mam
     placement: str = "both"  # houlsby: both (Houlsby) or ffn (Pfeiffer)
     adapter_scale: float = 4.0  # mam
     prefix_length: int = 16  # prefix / ptuning-v2 / mam
-    prefix_projection: bool = False
-    prefix_hidden: int = 512
+    prefix_projection: bool = False  # prefix: reparameterise the prompts through an MLP
+    prefix_hidden: int = 512  # prefix: that MLP's hidden size
     top_layers: int = 2  # ft-top
     train_layer_norms: bool = False  # houlsby
     r1: int = 8  # pst: rank of the importance's A·B
@@ -116,32 +116,32 @@ class AdapterConfig:
 
 @dataclass
 class OmegaConfig:
-    method: str = "grebsmo"
-    preset: str = "fast"
+    method: str = "grebsmo"  # grebsmo, magnitude (largest |W|) or random
+    preset: str = "fast"  # grebsmo: fast (ours) or reference (the paper's code)
     # Any of these overrides the preset's value.
     rank: int | None = None
-    rank_start: int | None = None
-    rank_step: int | None = None
-    outer_iters: int | None = None
-    inner_iters: int | None = None
-    threshold: float | None = None
-    soft: bool | None = None
+    rank_start: int | None = None  # grebsmo: the rank of UV at the start
+    rank_step: int | None = None  # grebsmo: its growth per outer iteration
+    outer_iters: int | None = None  # grebsmo: outer iterations
+    inner_iters: int | None = None  # grebsmo: inner iterations per outer one
+    threshold: float | None = None  # grebsmo: |S| below this is 0 (without sparse_card)
+    soft: bool | None = None  # grebsmo: soft instead of hard thresholding
     sparse_card: int | None = None  # 0: threshold instead of a card constraint
-    reset_sparse: bool | None = None
-    tol: float | None = None
-    seed: int = 0
-    cache: bool = True
+    reset_sparse: bool | None = None  # grebsmo: S = 0 at each outer iteration (the reference code)
+    tol: float | None = None  # grebsmo: stop at this relative error (0: never)
+    seed: int = 0  # the random draws of grebsmo and of random Ω
+    cache: bool = True  # keep Ω on disk, computed once per weights and settings
     cache_dir: str | None = None  # default: $DSEE_CACHE or ~/.cache/dsee-cli, then /omega
 
 
 @dataclass
 class PruningConfig:
-    method: str = "unstructured"
-    criterion: str = "delta"
-    granularity: str = "global"
-    n: int = 2
-    m: int = 4
-    heads_to_remove: int = 3
+    method: str = "unstructured"  # unstructured, nm, structured (heads), imp, earlybert or none
+    criterion: str = "delta"  # the score: delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|, random
+    granularity: str = "global"  # global: one threshold per pool; layer: per matrix
+    n: int = 2  # nm: keep n of every m
+    m: int = 4  # nm: the group size
+    heads_to_remove: int = 3  # structured / earlybert: heads removed per layer
     mask_delta: bool = True  # false: the reference behaviour, ΔW stays dense in recovery
     scope: str = "blocks"  # blocks: every linear in the blocks; adapted: only the adapted matrices (Table 7)
     rounds: int = 1  # imp: prune-retrain rounds
@@ -155,7 +155,7 @@ class PruningConfig:
 class ScheduleConfig:
     """Cubic sparsity schedule of pst / map / mvp (Zhu & Gupta), up to the top-level `sparsity`."""
 
-    initial: float = 0.0
+    initial: float = 0.0  # the sparsity the schedule starts from
     warmup: float = 0.1  # fraction of phase I held at `initial`
     cooldown: float = 0.3  # fraction held at the final sparsity
     every: int = 10  # steps between mask updates during the ramp
@@ -164,21 +164,21 @@ class ScheduleConfig:
 @dataclass
 class PhaseConfig:
     epochs: float | None = None  # None: the task's default
-    lr: float | None = None
+    lr: float | None = None  # None: the task's (Table 11)
 
 
 @dataclass
 class TrainerConfig:
-    batch_size: int = 32
-    eval_batch_size: int = 128
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    batch_size: int = 32  # training batch (a model's Table 11 value in task.per_model wins)
+    eval_batch_size: int = 128  # evaluation batch
+    warmup_ratio: float = 0.0  # fraction of each phase's steps with a linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (0: none)
     eval_every: int = 0  # steps; 0: every epoch
     checkpoint_every: int = 200  # steps
     max_steps: int = 0  # per phase; 0: from epochs
     precision: str = "auto"  # 32-true, bf16-mixed, 16-mixed; auto: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU
-    device: str = "auto"
+    device: str = "auto"  # auto (a GPU if there is one), cpu or cuda
     threads: int = 0  # torch CPU threads; 0: torch's default
     log_every_seconds: float = 30.0  # a plain progress line this often when stdout is not a terminal
     keep_best: bool = False  # each phase ends with its best evaluation's weights (the paper profile's protocol)
@@ -188,12 +188,12 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "wandb"
+    backend: str = "wandb"  # wandb or none
     mode: str = "offline"  # online needs WANDB_API_KEY (or `wandb login`)
-    project: str = "dsee-cli"
-    entity: str | None = None
+    project: str = "dsee-cli"  # W&B project
+    entity: str | None = None  # W&B entity (team or user)
     group: str | None = None  # default: the run's name
-    tags: list[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)  # W&B tags
 
 
 @dataclass
@@ -206,11 +206,11 @@ class RunConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    name: str = "dsee"
+    name: str = "dsee"  # the W&B group and sweep folder (experiments set it to the table's name)
     sparsity: float = 0.3  # fraction of the transformer blocks' weights removed (unstructured, N:M)
-    seed: int = 1
-    flops_seq_len: int = 128
-    export: bool = True
+    seed: int = 1  # one seed for everything (model head, data order, dropout, Ω)
+    flops_seq_len: int = 128  # the sequence length FLOPs are counted at
+    export: bool = True  # write export/ (adapter, merged, compressed)
     measure: bool = True  # time and memory of the final model against the dense one (metrics.json "savings")
     resume: bool = True  # false: start over in the same run directory
     reuse: bool = True  # phase I / IMP rounds another run computed with the same settings (steps.py); false: recompute
@@ -316,3 +316,36 @@ def task_hparams(cfg: RunConfig) -> ModelTaskHparams:
     own = cfg.task.per_model.get(cfg.model.name) or ModelTaskHparams()
     return ModelTaskHparams(lr=own.lr or cfg.task.lr, batch_size=own.batch_size or cfg.trainer.batch_size,
                             max_length=own.max_length or cfg.task.max_length)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's one-line help: its trailing comment, or the comment lines just above it."""
+    import inspect
+    import re
+
+    out, above = {}, []
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# "))
+            continue
+        match = re.match(r"(\w+): [^#]+?(?:\s+#\s*(.*))?$", stripped)
+        if match:
+            out[match.group(1)] = match.group(2) or " ".join(above)
+        above = []
+    return out
+
+
+def describe(cfg: object, prefix: str = "") -> list[tuple[str, object, str]]:
+    """(dotted key, value, help) of every setting of a config, nested sections flattened."""
+    from dataclasses import fields, is_dataclass
+
+    helps = field_help(type(cfg))
+    rows = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            rows += describe(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", value, helps.get(f.name, "")))
+    return rows

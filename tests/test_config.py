@@ -136,3 +136,15 @@ def test_per_task_settings_apply_to_their_task_and_the_command_line_wins():
     assert (cfg.trainer.batch_size, cfg.trainer.phase1.epochs, cfg.task.lr) == (4, 3, 0.01)
     with pytest.raises(Exception, match="bach_size"):  # typed: a misspelt key is an error
         typed({"synthetic": {"trainer": {"bach_size": 8}}})
+
+
+def test_every_setting_has_a_one_line_help_and_dsee_config_shows_it(capsys):
+    from dsee_cli.cli import main
+    from dsee_cli.config import describe
+
+    rows = describe(OmegaConf.to_object(_compose([])))
+    assert len(rows) > 100 and [key for key, _, text in rows if not text] == []
+    assert main(["config", "trainer", "task=rte"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer.keep_best" in out and "best evaluation" in out and "task.lr" not in out
+    assert main(["config", "nosuch"]) == 2 and "Valid sections" in capsys.readouterr().err
