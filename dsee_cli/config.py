@@ -33,6 +33,8 @@ class ModelConfig:
     # a preset (bert-base, roberta-large, gpt2-medium, tiny-bert, tiny-gpt2), "local" or a Hub id
     name: str = "tiny-bert"
     path: str | None = None  # a local Hugging Face model directory (overrides name)
+    # the pooler trains with the task head: true / false; null: if the checkpoint's was never trained
+    train_pooler: bool | None = None
     tiny_hidden: int = 64  # tiny-bert / tiny-gpt2 (built in code): hidden size
     tiny_layers: int = 2  # tiny models: blocks
     tiny_heads: int = 4  # tiny models: attention heads

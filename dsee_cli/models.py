@@ -8,6 +8,7 @@ point at a local directory instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import string
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
+from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -38,6 +40,8 @@ HUB_MODELS = {
 TINY_MODELS = ("tiny-bert", "tiny-gpt2")
 SYNTHETIC_WORDS = 512  # the synthetic task draws its words from w0 .. w511
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+log = logging.getLogger("dsee")
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -146,11 +150,24 @@ class LoadedModel:
     source: str  # hub name, local path, or tiny preset name
 
 
+def untrained_pooler(model: nn.Module) -> list[str]:
+    """The pooler's parameters if the checkpoint's pooler was never trained: its bias is exactly
+    zero, as initialised (sentence-transformers models such as all-MiniLM-L6-v2 pool by mean and
+    never train it). Frozen, it would be a random projection between the model and its head."""
+    pooler = getattr(getattr(model, "base_model", model), "pooler", None)
+    dense = getattr(pooler, "dense", None)
+    if dense is None or dense.bias is None or bool(dense.bias.detach().abs().max() > 0):
+        return []
+    return [n for n, _ in model.named_parameters() if ".pooler." in f".{n}"]
+
+
 def load_model(
-    name: str, path: str | None, num_labels: int, seed: int, tiny: TinySize | None = None, causal_lm: bool = False
+    name: str, path: str | None, num_labels: int, seed: int, tiny: TinySize | None = None, causal_lm: bool = False,
+    train_pooler: bool | None = None,
 ) -> LoadedModel:
     """A sequence-classification model (or, with ``causal_lm``, a language model for generation)
-    with its tokenizer. Tiny models are seeded random inits."""
+    with its tokenizer. Tiny models are seeded random inits. ``train_pooler``: whether a
+    checkpoint's pooler trains with the task head (None: if it was never trained)."""
     auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     if causal_lm and name == "tiny-bert" and not path:
         raise DSEEError("Generation tasks (e2e, webnlg, dart) need a decoder: use model=tiny-gpt2, model=gpt2-medium "
@@ -171,7 +188,13 @@ def load_model(
         model, info = auto.from_pretrained(source, local_files_only=local_only, output_loading_info=True, **extra)
     # Weights the checkpoint lacks are random (e.g. the pooler of a sentence-transformers
     # model): they train with the task head rather than stay frozen at random values.
-    model.dsee_fresh_params = sorted(set(info["missing_keys"]))
+    fresh = set(info["missing_keys"])
+    pooler = untrained_pooler(model) if train_pooler is None else \
+        [n for n, _ in model.named_parameters() if ".pooler." in f".{n}"] if train_pooler else []
+    if pooler and train_pooler is None:
+        log.info("the checkpoint's pooler was never trained (its bias is all zeros): it trains with the task head "
+                 "(model.train_pooler=false keeps it frozen)")
+    model.dsee_fresh_params = sorted(fresh | set(pooler))
     if tokenizer.pad_token is None:  # GPT-2 has none
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:

@@ -75,7 +75,8 @@ def load_pretrained(cfg: RunConfig) -> LoadedModel:
     tiny = TinySize(cfg.model.tiny_hidden, cfg.model.tiny_layers, cfg.model.tiny_heads, cfg.model.tiny_intermediate)
     if cfg.task.name in NLG_TASKS:
         return load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True)
-    return load_model(cfg.model.name, cfg.model.path, spec_for(cfg.task.name).num_labels, cfg.seed, tiny)
+    return load_model(cfg.model.name, cfg.model.path, spec_for(cfg.task.name).num_labels, cfg.seed, tiny,
+                      train_pooler=cfg.model.train_pooler)
 
 
 def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | None = None,

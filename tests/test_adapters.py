@@ -161,3 +161,22 @@ def test_gradients_reach_a_b_and_the_sparse_values(name):
     for a in adapters.values():
         for p in a.adapter_parameters():
             assert p.grad is not None and float(p.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("trained,setting,trains", [(False, None, True), (True, None, False), (False, False, False),
+                                                    (True, True, True)])
+def test_a_pooler_the_checkpoint_never_trained_trains_with_the_head(tmp_path, trained, setting, trains):
+    """all-MiniLM-L6-v2 ships a pooler whose bias is all zeros (sentence-transformers pool by mean):
+    frozen, it would be a random projection in front of the head. model.train_pooler decides."""
+    from transformers import BertModel
+
+    from dsee_cli.models import load_model
+
+    model, _ = tiny("tiny-bert")
+    base = BertModel(model.config)
+    torch.nn.init.zeros_(base.pooler.dense.bias)
+    if trained:
+        torch.nn.init.constant_(base.pooler.dense.bias, 0.1)
+    base.save_pretrained(tmp_path)
+    loaded = load_model("local", str(tmp_path), 2, seed=0, train_pooler=setting).model
+    assert ("bert.pooler.dense.weight" in loaded.dsee_fresh_params) is trains
