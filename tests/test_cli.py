@@ -69,10 +69,12 @@ def _strip(m: dict) -> dict:
     return {"phases": phases, "final": m["final"]["eval"]}
 
 
+# The reference run offers its phase I and IMP rounds to the step store: the first case resumes a run
+# that reused them; the next two compute their own (reuse=false), so that the kill lands mid-step.
 @pytest.mark.parametrize("extra,kill_at", [
     ([], "recovery"),
-    (["pruning=imp", "pruning.rounds=3", "pruning.rewind=true"], "retrain2"),  # mid-IMP, with rewinding
-    (["adapter=full", "pruning=earlybert", "pruning.heads_to_remove=1"], "phase1"),  # slimming coefficients
+    (["pruning=imp", "pruning.rounds=3", "pruning.rewind=true", "reuse=false"], "retrain2"),  # mid-IMP, rewinding
+    (["adapter=full", "pruning=earlybert", "pruning.heads_to_remove=1", "reuse=false"], "phase1"),  # slimming
     # after EarlyBERT's pruning with an adapter: the folded, frozen projections come back from the checkpoint
     (["pruning=earlybert", "pruning.heads_to_remove=1", "pruning.slimming_l1=0.01"], "recovery"),
 ])
