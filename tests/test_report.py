@@ -74,7 +74,9 @@ def test_report_layout_with_paper_numbers_and_missing_or_failed_runs(workdir):
     assert "1 failed" in md and "1 missing" in md and "paper 89.28" in md
     lines = report.csv().splitlines()
     assert lines[0].startswith("adapter.omega_size,task,median,std,n,failed,missing,paper,delta")
-    assert len(lines) == 1 + 4
+    # a row per cell, then each task's trivial baseline (the synthetic stand-ins record one too)
+    assert len(lines) == 1 + 4 + 2 and [line.split(",")[:2] for line in lines[-2:]] == [["trivial", "stsb"],
+                                                                                      ["trivial", "mrpc"]]
 
 
 @pytest.mark.slow
