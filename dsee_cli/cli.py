@@ -90,6 +90,16 @@ def apply_per_task(cfg, command_line: list[str]):
     return cfg
 
 
+def typed_config(overrides: list[str]):
+    """The RunConfig `dsee train <overrides>` would run, composed outside a Hydra app (per_task applied)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    _register()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return OmegaConf.to_object(apply_per_task(compose(config_name="config", overrides=overrides), overrides))
+
+
 def train_job(cfg) -> float | None:
     """The Hydra task: typed config in, metrics.json out. Returns the main metric (for sweepers).
 
@@ -255,8 +265,6 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
 
 def print_plan(args: list[str]) -> int:
     """`dsee train ... --plan`: each job's steps, and which the step store would let it reuse."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
     from rich.console import Console
     from rich.table import Table
 
@@ -271,8 +279,7 @@ def print_plan(args: list[str]) -> int:
     total = {"all": 0, "computed": 0}
     try:
         for i, overrides in enumerate(jobs):
-            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-                cfg = OmegaConf.to_object(apply_per_task(compose(config_name="config", overrides=overrides), overrides))
+            cfg = typed_config(overrides)
             validate(cfg)
             plan = build_plan(cfg)
             reuse = will_reuse(plan, cfg, store, computed)
@@ -488,8 +495,6 @@ def run_cache(args: list[str]) -> int:
 
 def run_config(args: list[str]) -> int:
     """`dsee config [SECTION] [key=value ...]`: the settings, their values and their help."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
     from rich.console import Console
     from rich.table import Table
 
@@ -503,8 +508,7 @@ def run_config(args: list[str]) -> int:
         print(f"dsee config: unknown section {section!r}. Valid sections: {', '.join(sections)}.", file=sys.stderr)
         return 2
     try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = OmegaConf.to_object(apply_per_task(compose(config_name="config", overrides=overrides), overrides))
+        cfg = typed_config(overrides)
     except Exception as exc:  # a bad override: Hydra's message names it
         print(f"dsee config: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import time
@@ -60,7 +59,7 @@ from .pruning import (
 )
 from .slimming import add_slimming, slim_and_prune, slimming_penalty
 from .sparse_training import sparse_layers, update_masks
-from .steps import StepLock, StepRecord, StepStore, step_fingerprint
+from .steps import StepLock, StepRecord, StepStore, cache_root, step_fingerprint
 from .tasks import data_settings, load_pretrained, nlg_settings, prepare_task
 from .train import (
     PhaseSettings,
@@ -178,8 +177,7 @@ def omega_cache_dir(cfg: RunConfig) -> Path | None:
         return None
     if cfg.omega.cache_dir:
         return Path(cfg.omega.cache_dir).expanduser()
-    root = os.environ.get("DSEE_CACHE") or Path.home() / ".cache" / "dsee-cli"
-    return Path(root) / "omega"
+    return cache_root() / "omega"
 
 
 def round_of(cfg: RunConfig, phase: str) -> int:
@@ -528,7 +526,7 @@ def reused_step(store: StepStore, step: str, fingerprint: str, locks: list[StepL
                 ) -> tuple[dict, dict, StepRecord] | None:
     """A stored step, or None after taking its lock (added to ``locks``): this run computes it,
     and runs that need it meanwhile wait. A run that finds the lock taken waits for it first."""
-    lock = StepLock(store.root / f"{step}-{fingerprint}.lock")
+    lock = store.lock(step, fingerprint)
     lock.acquire(on_wait=lambda: say(f"waiting: another run is computing step {step}-{fingerprint}"))
     found = store.load(step, fingerprint)
     if found is None:

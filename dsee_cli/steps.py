@@ -40,9 +40,13 @@ STEP_FORMAT = 1  # bump when what a step's state means changes: older entries ar
 ENTRY = "entry.json"
 
 
+def cache_root() -> Path:
+    """$DSEE_CACHE, or ~/.cache/dsee-cli: the Ω cache and the step store live under it."""
+    return Path(os.environ.get("DSEE_CACHE") or Path.home() / ".cache" / "dsee-cli")
+
+
 def steps_dir() -> Path:
-    root = os.environ.get("DSEE_CACHE") or Path.home() / ".cache" / "dsee-cli"
-    return Path(root) / "steps"
+    return cache_root() / "steps"
 
 
 def _outcome_independent(d: dict) -> dict:

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
-
-from dsee_cli.cli import _register, apply_per_task, config_dir, sweep_jobs
+from dsee_cli.cli import _register, sweep_jobs, typed_config
 from dsee_cli.plan import build_plan
 
 
@@ -33,8 +30,7 @@ def main() -> None:
         jobs = sweep_jobs(["-m", f"experiment={experiment}", f"profile={args.profile}"])
         trainings = []
         for overrides in jobs:
-            with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-                cfg = OmegaConf.to_object(apply_per_task(compose(config_name="config", overrides=overrides), overrides))
+            cfg = typed_config(overrides)
             trainings += [(f"{s.name}-{s.fingerprint}" if s.fingerprint else f"{len(trainings)}", s.optimizer_steps)
                           for s in build_plan(cfg) if s.optimizer_steps]
         unique = dict(trainings)

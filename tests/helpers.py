@@ -50,16 +50,9 @@ QUICK = ["logger=none", "trainer=smoke", "task.synthetic_train=64", "task.synthe
 
 def compose(*overrides: str):
     """A typed RunConfig from Hydra overrides (QUICK first, so the overrides win)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+    from dsee_cli.cli import typed_config, with_default_profile
 
-    from dsee_cli.cli import _register, apply_per_task, config_dir, with_default_profile
-
-    _register()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        overrides = with_default_profile([*QUICK, *overrides])
-        return OmegaConf.to_object(apply_per_task(hydra_compose(config_name="config", overrides=overrides), overrides))
+    return typed_config(with_default_profile([*QUICK, *overrides]))
 
 
 def run_in_process(run_dir, *overrides: str, messages: list | None = None) -> dict:
