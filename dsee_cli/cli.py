@@ -57,7 +57,7 @@ def _register() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from .config import RunConfig
+    from dsee_cli.config import RunConfig
 
     ConfigStore.instance().store(name="config_schema", node=RunConfig)
     if not OmegaConf.has_resolver("dsee_dirname"):
@@ -112,9 +112,9 @@ def train_job(cfg) -> float | None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from .errors import DSEEError
-    from .pipeline import preflight, run_experiment, write_failure
-    from .tracking import RichSink, Tracker, banner, console, results_table
+    from dsee_cli.errors import DSEEError
+    from dsee_cli.reporting.tracking import RichSink, Tracker, banner, console, results_table
+    from dsee_cli.run.pipeline import preflight, run_experiment, write_failure
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -180,7 +180,7 @@ class SweepOutcome:
         import json
         import os
 
-        from .tracking import failures_table
+        from dsee_cli.reporting.tracking import failures_table
 
         invocation = os.environ.get("DSEE_SWEEP_RUN")
         found = []
@@ -190,7 +190,7 @@ class SweepOutcome:
                 found.append({"job": path.parent.name, **record})
         SweepOutcome.failures = found
         if found:
-            from .tracking import console
+            from dsee_cli.reporting.tracking import console
 
             console.print(failures_table(found, str(config.hydra.sweep.dir)))
 
@@ -268,10 +268,10 @@ def print_plan(args: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .config import validate
-    from .errors import DSEEError
-    from .plan import build_plan, will_reuse
-    from .steps import StepStore
+    from dsee_cli.config import validate
+    from dsee_cli.errors import DSEEError
+    from dsee_cli.run.plan import build_plan, will_reuse
+    from dsee_cli.run.steps import StepStore
 
     console = Console(width=None if sys.stdout.isatty() else 100)
     store, computed = StepStore(), set()
@@ -329,9 +329,16 @@ def run_report(args: list[str]) -> int:
 
     from rich.console import Console
 
-    from .errors import DSEEError
-    from .plots import SPEED_FIGURES, speedup_figure, write_figure
-    from .report import LAYOUTS, TRIVIAL_LABEL, TRIVIAL_MEANING, build_report, terminal_tables, write_report
+    from dsee_cli.errors import DSEEError
+    from dsee_cli.reporting.plots import SPEED_FIGURES, speedup_figure, write_figure
+    from dsee_cli.reporting.report import (
+        LAYOUTS,
+        TRIVIAL_LABEL,
+        TRIVIAL_MEANING,
+        build_report,
+        terminal_tables,
+        write_report,
+    )
 
     parser = argparse.ArgumentParser(prog="dsee report", description="A sweep's runs as the paper's table.")
     parser.add_argument("sweep_dir", type=Path)
@@ -381,8 +388,8 @@ def eval_config(saved: dict, overrides: list[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from .config import RunConfig
-    from .errors import DSEEError
+    from dsee_cli.config import RunConfig
+    from dsee_cli.errors import DSEEError
 
     bad = [o for o in overrides if "=" not in o or o.startswith(("+", "~", "-"))]
     if bad:
@@ -399,7 +406,7 @@ def eval_config(saved: dict, overrides: list[str]):
 def run_eval(args: list[str]) -> int:
     import argparse
 
-    from .errors import DSEEError
+    from dsee_cli.errors import DSEEError
 
     parser = argparse.ArgumentParser(
         prog="dsee eval", description="Evaluate what a run exported (export/merged, or export/adapter re-applied "
@@ -416,9 +423,9 @@ def run_eval(args: list[str]) -> int:
     try:
         from rich.table import Table
 
-        from .evaluation import evaluate_export, find_run, pick_source, run_metrics
-        from .pipeline import preflight
-        from .tracking import banner, console
+        from dsee_cli.reporting.tracking import banner, console
+        from dsee_cli.run.evaluation import evaluate_export, find_run, pick_source, run_metrics
+        from dsee_cli.run.pipeline import preflight
 
         run_dir = find_run(opts.path)
         cfg = eval_config(run_metrics(run_dir)["config"], opts.overrides)
@@ -456,7 +463,7 @@ def run_cache(args: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .steps import StepStore, steps_dir
+    from dsee_cli.run.steps import StepStore, steps_dir
 
     parser = argparse.ArgumentParser(prog="dsee cache", description="The steps runs share, and the Ω cache.")
     parser.add_argument("action", choices=("ls", "size", "prune"))
@@ -498,7 +505,7 @@ def run_config(args: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from .config import RunConfig, describe
+    from dsee_cli.config import RunConfig, describe
 
     _register()
     sections = [f.name for f in __import__("dataclasses").fields(RunConfig)]

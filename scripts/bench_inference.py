@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from dsee_cli.arch import block_linears, weight_out_in
-from dsee_cli.costs import TimingSettings, compare_latency, forward_peak_bytes, semi_structured
-from dsee_cli.export import export_compressed, export_merged, load_merged
-from dsee_cli.precision import resolve_precision
+from dsee_cli.core.arch import block_linears, weight_out_in
+from dsee_cli.core.precision import resolve_precision
+from dsee_cli.measure.costs import TimingSettings, compare_latency, forward_peak_bytes, semi_structured
 from dsee_cli.pruning import prune_heads
+from dsee_cli.run.export import export_compressed, export_merged, load_merged
 
 
 def magnitude_prune(model: torch.nn.Module, sparsity: float) -> None:

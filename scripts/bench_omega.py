@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import AutoModel, BertConfig, BertModel
 
-from dsee_cli.omega import PRESETS, find_omega, top_n
+from dsee_cli.tuning.omega import PRESETS, find_omega, top_n
 
 
 def reference_loop_omega(w: np.ndarray, n: int) -> np.ndarray:

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from dsee_cli.omega import PRESETS, find_omega
+from dsee_cli.tuning.omega import PRESETS, find_omega
 
 SHAPES = {"BERT-base": (768, 768), "RoBERTa-large": (1024, 1024)}
 FINDERS = (("GreBsmo, reference settings", "grebsmo", "reference"), ("GreBsmo, fast preset", "grebsmo", "fast"),

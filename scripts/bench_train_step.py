@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from dsee_cli.adapters import AdapterSettings, adapters_of, inject_adapters, omega_keys, set_omegas
+from dsee_cli.tuning.adapters import LowRankConfig, adapters_of, inject_adapters, omega_keys, set_omegas
 
 
 class DenseMaskedS(nn.Module):
@@ -55,7 +55,7 @@ def build(kind: str, layers: int, rank: int, omega: int) -> nn.Module:
         for p in model.classifier.parameters():
             p.requires_grad_(True)
         return model
-    inject_adapters(model, AdapterSettings(rank=rank, alpha=2 * rank, omega_size=omega))
+    inject_adapters(model, LowRankConfig(rank=rank, alpha=2 * rank, omega_size=omega))
     adapters = adapters_of(model)
     set_omegas(adapters, {k: torch.arange(omega) * 7 for k in omega_keys(adapters)})
     return model

@@ -3,7 +3,7 @@
     python scripts/reuse_savings.py [table3 table6 table7 table14 ...] [--profile paper]
 
 Every job of the experiment's sweep is composed as `dsee train -m` would (nothing is trained) and
-planned (dsee_cli.plan): phase I, then one training per IMP round or one recovery. A shared step
+planned (dsee_cli.run.plan): phase I, then one training per IMP round or one recovery. A shared step
 (phase I, an IMP round) is counted once per distinct fingerprint with reuse, once per job without.
 Counts are optimizer steps (epochs x training examples / batch; GLUE's training-set sizes, or the
 profile's slice), so the saving is a share of the training compute, not of the job count.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from dsee_cli.cli import _register, sweep_jobs, typed_config
-from dsee_cli.plan import build_plan
+from dsee_cli.run.plan import build_plan
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # Small and quick, but every phase runs: tiny-bert, 256 synthetic examples.
 FAST = [
     "logger=none", "trainer=smoke", "task.synthetic_train=256", "task.synthetic_eval=64",
-    "model.tiny_hidden=32", "model.tiny_heads=4", "model.tiny_intermediate=64", "trainer.threads=1",
+    "model.tiny.hidden=32", "model.tiny.heads=4", "model.tiny.intermediate=64", "trainer.threads=1",
 ]
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from dsee_cli.adapters import AdapterSettings, adapters_of, inject_adapters, omega_keys, set_omegas
-from dsee_cli.models import TinySize, load_model
+from dsee_cli.core.models import TinySize, load_model
+from dsee_cli.tuning.adapters import LowRankConfig, adapters_of, inject_adapters, omega_keys, set_omegas
 
 TINY = TinySize(hidden=32, layers=2, heads=4, intermediate=64)
 
@@ -21,7 +21,7 @@ def batch(tokenizer, texts=("w1 w2 w3 hello there", "w7 w9", "a longer sentence 
 
 def with_random_adapters(model, rank=4, omega=5, targets=None, seed=0):
     """Inject adapters with random Ω and random non-zero A, B, S (so ΔW is not zero)."""
-    inject_adapters(model, AdapterSettings(rank=rank, alpha=2 * rank, omega_size=omega), targets)
+    inject_adapters(model, LowRankConfig(rank=rank, alpha=2 * rank, omega_size=omega), targets)
     adapters = adapters_of(model)
     gen = torch.Generator().manual_seed(seed)
     omegas = {}
@@ -44,7 +44,7 @@ def logits(model, enc):
 
 # In-process runs: the config composed by Hydra exactly as `dsee train` does, then the library.
 QUICK = ["logger=none", "trainer=smoke", "task.synthetic_train=64", "task.synthetic_eval=32", "trainer.max_steps=3",
-         "trainer.eval_every=3", "model.tiny_hidden=32", "model.tiny_heads=4", "model.tiny_intermediate=64",
+         "trainer.eval_every=3", "model.tiny.hidden=32", "model.tiny.heads=4", "model.tiny.intermediate=64",
          "trainer.threads=1", "trainer.checkpoint_every=0"]
 
 
@@ -57,8 +57,8 @@ def compose(*overrides: str):
 
 def run_in_process(run_dir, *overrides: str, messages: list | None = None) -> dict:
     """run_experiment on a composed config; returns its metrics (and collects its banner lines)."""
-    from dsee_cli.pipeline import run_experiment
-    from dsee_cli.train import ProgressSink
+    from dsee_cli.run.pipeline import run_experiment
+    from dsee_cli.run.train import ProgressSink
 
     cfg = compose(*overrides)
     cfg.omega.cache_dir = str(run_dir.parent / "omega-cache")
@@ -81,5 +81,5 @@ METHOD_OVERRIDES = {
     "mvp": ["adapter=mvp", "sparsity=0.5"],
 }
 # GPT-2 on the E2E stand-in with a short beam search.
-GPT2_E2E = ["task=e2e", "profile=smoke", "model.tiny_hidden=32", "model.tiny_heads=4", "task.synthetic_train=16",
-            "task.synthetic_eval=4", "task.num_beams=2", "task.max_new_tokens=6", "trainer.max_steps=3"]
+GPT2_E2E = ["task=e2e", "profile=smoke", "model.tiny.hidden=32", "model.tiny.heads=4", "task.synthetic_train=16",
+            "task.synthetic_eval=4", "task.decode.num_beams=2", "task.decode.max_new_tokens=6", "trainer.max_steps=3"]

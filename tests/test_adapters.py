@@ -9,9 +9,9 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from dsee_cli.accounting import trainable_counts
-from dsee_cli.adapters import AdapterSettings, adapters_of, inject_adapters, omega_keys, set_omegas
 from dsee_cli.errors import DSEEError
+from dsee_cli.measure.accounting import trainable_counts
+from dsee_cli.tuning.adapters import LowRankConfig, adapters_of, inject_adapters, omega_keys, set_omegas
 
 from .helpers import batch, logits, tiny, with_random_adapters
 
@@ -22,7 +22,7 @@ def _meta_model(cls, config):
 
 
 def _with_omega(model, rank, omega):
-    inject_adapters(model, AdapterSettings(rank=rank, alpha=2 * rank, omega_size=omega))
+    inject_adapters(model, LowRankConfig(rank=rank, alpha=2 * rank, omega_size=omega))
     adapters = adapters_of(model)
     set_omegas(adapters, {k: torch.arange(omega) for k in omega_keys(adapters)})
     return trainable_counts(model)
@@ -58,7 +58,7 @@ def test_output_at_step_zero_equals_pretrained(name):
     model, tok = tiny(name)
     enc = batch(tok)
     before = logits(model, enc)
-    inject_adapters(model, AdapterSettings(rank=4, omega_size=6))
+    inject_adapters(model, LowRankConfig(rank=4, omega_size=6))
     adapters = adapters_of(model)
     set_omegas(adapters, {k: torch.arange(6) * 7 for k in omega_keys(adapters)})
     assert torch.equal(logits(model, enc), before)
@@ -96,7 +96,7 @@ def test_omega_zero_is_exactly_peft_lora():
     ours, tok = tiny("tiny-bert")
     theirs, _ = tiny("tiny-bert")
     enc = batch(tok)
-    inject_adapters(ours, AdapterSettings(rank=4, alpha=16, omega_size=0))
+    inject_adapters(ours, LowRankConfig(rank=4, alpha=16, omega_size=0))
     cfg = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0)
     theirs = peft.get_peft_model(theirs, cfg)
     gen = torch.Generator().manual_seed(3)
@@ -124,12 +124,12 @@ def test_sparse_part_is_stored_as_n_values_not_a_dense_matrix():
 def test_unknown_target_pattern_names_the_choices():
     model, _ = tiny("tiny-bert")
     with pytest.raises(DSEEError, match="query.*value|matches no linear layer"):
-        inject_adapters(model, AdapterSettings(), ["qeury"])
+        inject_adapters(model, LowRankConfig(), ["qeury"])
 
 
 def test_only_adapters_and_head_train():
     model, _ = tiny("tiny-bert")
-    inject_adapters(model, AdapterSettings(rank=2))
+    inject_adapters(model, LowRankConfig(rank=2))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(("lora_" in n or "sparse_values" in n or n.startswith("classifier")) for n in names)
 
@@ -138,14 +138,14 @@ def test_weights_missing_from_the_checkpoint_train_with_the_head(tmp_path):
     """A checkpoint without a pooler (as sentence-transformers saves BERT) gets a fresh one: it must train."""
     from transformers import BertModel
 
-    from dsee_cli.models import load_model
+    from dsee_cli.core.models import load_model
 
     model, _ = tiny("tiny-bert")
     base = BertModel(model.config, add_pooling_layer=False)
     base.save_pretrained(tmp_path)
     loaded = load_model("local", str(tmp_path), 2, seed=0).model
     assert "bert.pooler.dense.weight" in loaded.dsee_fresh_params
-    inject_adapters(loaded, AdapterSettings(rank=2))
+    inject_adapters(loaded, LowRankConfig(rank=2))
     trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
     assert {"bert.pooler.dense.weight", "classifier.weight"} <= trainable
     assert "bert.encoder.layer.0.attention.self.query.base.weight" not in trainable
@@ -170,7 +170,7 @@ def test_a_pooler_the_checkpoint_never_trained_trains_with_the_head(tmp_path, tr
     frozen, it would be a random projection in front of the head. model.train_pooler decides."""
     from transformers import BertModel
 
-    from dsee_cli.models import load_model
+    from dsee_cli.core.models import load_model
 
     model, _ = tiny("tiny-bert")
     base = BertModel(model.config)

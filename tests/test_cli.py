@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsee_cli.export import load_merged, load_merged_tokenizer
+from dsee_cli.run.export import load_merged, load_merged_tokenizer
 
 from .conftest import FAST, run_dsee
 
@@ -131,14 +131,14 @@ def test_the_glue_tsv_layout_loads_from_a_fixture(workdir):
     (glue / "STS-B" / "train.tsv").write_text(stsb)
     (glue / "STS-B" / "dev.tsv").write_text(stsb)
 
-    from dsee_cli.data import DataSettings, load_task
+    from dsee_cli.data.classification import DataSource, load_task
 
-    cola_data = load_task(DataSettings(name="cola", data_dir=str(glue)))
+    cola_data = load_task(DataSource(name="cola", data_dir=str(glue)), 0)
     assert len(cola_data.train) == 40 and cola_data.train[1].label == 1.0
     assert cola_data.train[0].texts == ('The "w0" sentence w1 .',)
-    mrpc_data = load_task(DataSettings(name="mrpc", data_dir=str(glue)))
+    mrpc_data = load_task(DataSource(name="mrpc", data_dir=str(glue)), 0)
     assert mrpc_data.train[0].texts == ('w0 " w3', "w2 w4") and mrpc_data.train[1].label == 1.0
-    stsb_data = load_task(DataSettings(name="stsb", data_dir=str(glue)))
+    stsb_data = load_task(DataSource(name="stsb", data_dir=str(glue)), 0)
     assert stsb_data.train[5].label == 5.0 and stsb_data.train[5].texts == ("w5 w2", "w5 w3")
     for task, metric in (("cola", "matthews_correlation"), ("stsb", "pearson")):
         out = run_dsee([*FAST, f"task={task}", "model=tiny-bert", f"task.data_dir={glue}",
@@ -165,8 +165,9 @@ def test_the_glue_tsv_layout_loads_from_a_fixture(workdir):
         (["trainer.device=cuda"], "no CUDA GPU"),
         (["adapter=pst", "pruning=unstructured"], "prunes while it trains"),
         (["adapter=ptuning-v2", "pruning=structured"], "prompts are shaped by the head count"),
-        (["adapter=pst", "schedule.warmup=0.8"], "warmup + cooldown < 1"),
-        (["adapter=pst", "adapter.score_terms=[magic]"], "choose one or more of weight, lowrank, structured"),
+        (["adapter=pst", "adapter.sparse_training.schedule.warmup=0.8"], "warmup + cooldown < 1"),
+        (["adapter=pst", "adapter.sparse_training.score_terms=[magic]"],
+         "choose one or more of weight, lowrank, structured"),
         (["pruning=imp", "pruning.rate=1.5"], "pruning.rate=1.5 is out of range"),
         (["task=e2e", "model=tiny-bert", "task.synthetic_standin=true"], "need a decoder"),
         (["task=e2e", "model=tiny-gpt2", "task.data_dir=/nonexistent"], "task.data_dir='/nonexistent' does not exist"),
@@ -241,18 +242,18 @@ def test_nan_loss_stops_with_a_clear_message(workdir):
 
 
 def test_local_csv_and_jsonl_files(workdir):
-    from dsee_cli.data import DataSettings, load_task
+    from dsee_cli.data.classification import DataSource, load_task
 
     (workdir / "train.csv").write_text("text,label\n" + "".join(f"w{i} w2,{i % 2}\n" for i in range(20)))
     (workdir / "dev.jsonl").write_text("".join(f'{{"text": "w{i}", "label": {i % 2}}}\n' for i in range(6)))
-    data = load_task(DataSettings(name="sst2", train_file=str(workdir / "train.csv"),
-                                  validation_file=str(workdir / "dev.jsonl"), text_fields=("text",)))
+    data = load_task(DataSource(name="sst2", train_file=str(workdir / "train.csv"),
+                                  validation_file=str(workdir / "dev.jsonl"), text_fields=("text",)), 0)
     assert len(data.train) == 20 and data.train[3].label == 1.0 and data.evals["validation"][0].texts == ("w0",)
     from dsee_cli.errors import DSEEError
 
     with pytest.raises(DSEEError, match="has no column"):
-        load_task(DataSettings(name="sst2", train_file=str(workdir / "train.csv"),
-                               validation_file=str(workdir / "dev.jsonl")))
+        load_task(DataSource(name="sst2", train_file=str(workdir / "train.csv"),
+                               validation_file=str(workdir / "dev.jsonl")), 0)
 
 
 def test_wheel_ships_the_configs(tmp_path):

@@ -75,7 +75,7 @@ def test_a_sweep_command_gets_one_w_and_b_group():
 def test_smoke_profile_keeps_the_sweep_and_runs_one_seed():
     cfg = _compose(["experiment=table6", "method=dsee-6heads", "profile=smoke"])
     typed = OmegaConf.to_object(cfg)
-    assert typed.name == "table6" and typed.model.name == "tiny-bert" and typed.model.tiny_heads == 12
+    assert typed.name == "table6" and typed.model.name == "tiny-bert" and typed.model.tiny.heads == 12
     assert typed.task.synthetic_standin and typed.pruning.method == "structured"
     assert typed.pruning.heads_to_remove == 6 and typed.adapter.method == "dsee"
 
@@ -84,7 +84,7 @@ def test_method_rows_and_sparse_training_pick_their_pruning():
     bitfit = OmegaConf.to_object(_compose(["method=bitfit"]))
     assert bitfit.adapter.method == "bitfit" and bitfit.pruning.method == "none" and bitfit.trainer.phase1.lr == 1e-3
     pst = OmegaConf.to_object(_compose(["adapter=pst", "sparsity=0.9"]))
-    assert pst.pruning.method == "none" and pst.adapter.r1 == pst.adapter.r2 == 8
+    assert pst.pruning.method == "none" and pst.adapter.sparse_training.r1 == pst.adapter.sparse_training.r2 == 8
     tickets = OmegaConf.to_object(_compose(["method=bert-tickets"]))
     assert tickets.pruning.method == "imp" and tickets.pruning.rounds == 7 and tickets.pruning.rewind
 

@@ -4,11 +4,11 @@ against the dense model, and the report's APT columns."""
 import pytest
 import torch
 
-from dsee_cli.costs import TimingSettings, compare_latency, semi_structured
-from dsee_cli.export import export_compressed, load_merged, merged_copy
-from dsee_cli.precision import FP32
-from dsee_cli.pruning import PruningSettings, apply_masks, compute_masks
-from dsee_cli.report import build_report, cost_table
+from dsee_cli.core.precision import FP32
+from dsee_cli.measure.costs import TimingSettings, compare_latency, semi_structured
+from dsee_cli.pruning import PruningConfig, apply_masks, compute_masks
+from dsee_cli.reporting.report import build_report, cost_table
+from dsee_cli.run.export import export_compressed, load_merged, merged_copy
 
 from .conftest import FAST, run_dsee
 from .helpers import batch, run_in_process, tiny, with_random_adapters
@@ -19,7 +19,7 @@ from .helpers import batch, run_in_process, tiny, with_random_adapters
 def test_compressed_export_reloads_to_the_same_logits_at_the_expected_size(name, sparsity, tmp_path):
     model, tok = tiny(name)
     with_random_adapters(model)
-    apply_masks(model, compute_masks(model, PruningSettings(sparsity=sparsity)))
+    apply_masks(model, compute_masks(model, PruningConfig(), sparsity))
     merged = merged_copy(model)
     info = export_compressed(merged, tok, tmp_path / "compressed")
     ratio = info["linears_compressed_bytes"] / info["linears_dense_bytes"]

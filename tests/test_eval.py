@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from dsee_cli.evaluation import evaluate_export, load_export, pick_source
+from dsee_cli.run.evaluation import evaluate_export, load_export, pick_source
 
 from .conftest import FAST, run_dsee
 from .helpers import GPT2_E2E, METHOD_OVERRIDES, compose, run_in_process

@@ -8,11 +8,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dsee_cli import hub_data
-from dsee_cli.data import UNLABELLED, DataSettings, load_task
+from dsee_cli.data import hub as hub_data
+from dsee_cli.data.classification import UNLABELLED, DataSource, load_task
+from dsee_cli.data.generation import load_nlg
+from dsee_cli.data.hub import HubSource, is_connection_error
 from dsee_cli.errors import DSEEError
-from dsee_cli.hub_data import HubSource, is_connection_error
-from dsee_cli.nlg import NLGSettings, load_nlg
 
 from .helpers import run_in_process
 
@@ -83,7 +83,7 @@ def _nlg_mirror(root: Path, task: str, revision: str | None = None, repo: str | 
 @pytest.mark.parametrize("task", NLG_LAYOUTS)
 def test_each_generation_source_loads_through_the_hub_path(task, tmp_path, monkeypatch):
     monkeypatch.setenv("DSEE_HUB_MIRROR", str(_nlg_mirror(tmp_path, task)))
-    data = load_nlg(NLGSettings(name=task, eval_split="validation"))
+    data = load_nlg(DataSource(name=task, eval_split="validation"), 1)
     evaluation = data.evals["validation"]
     assert len(evaluation) == 2 and data.source.startswith(f"hub:{NLG_LAYOUTS[task][0]}@refs/convert/parquet")
     if task == "e2e":
@@ -98,7 +98,7 @@ def test_each_generation_source_loads_through_the_hub_path(task, tmp_path, monke
         assert evaluation[0].source == ("Mars Hill College : JOINED : 1973 | Mars Hill College : LOCATION : "
                                         "Mars Hill, North Carolina")
         assert evaluation[1].references == ("This is a list of lakes.", "Lakes, listed.")
-    test = load_nlg(NLGSettings(name=task, eval_split="test"))
+    test = load_nlg(DataSource(name=task, eval_split="test"), 1)
     assert "test" in test.evals
 
 
@@ -109,27 +109,27 @@ def test_glue_loads_its_own_parquet_files_with_test_splits(tmp_path, monkeypatch
                           ("test_matched", [-1, -1]), ("test_mismatched", [-1, -1])):
         _write(base / f"{split}-00000-of-00001.parquet", {**pair, "label": labels, "idx": [7, 8]})
     monkeypatch.setenv("DSEE_HUB_MIRROR", str(tmp_path))
-    dev = load_task(DataSettings(name="mnli"))
+    dev = load_task(DataSource(name="mnli"), 0)
     assert set(dev.evals) == {"validation_matched", "validation_mismatched"}
     assert dev.evals["validation_mismatched"][0].label == 1.0 and dev.source == "hub:nyu-mll/glue@main"
-    test = load_task(DataSettings(name="mnli", split="test"))
+    test = load_task(DataSource(name="mnli"), 0, "test")
     assert set(test.evals) == {"test_matched", "test_mismatched"}
     assert all(e.label == UNLABELLED for e in test.evals["test_matched"]) and test.evals["test_matched"][1].key == "8"
 
 
 def test_hub_repo_and_revision_point_at_a_fork(tmp_path, monkeypatch):
     monkeypatch.setenv("DSEE_HUB_MIRROR", str(_nlg_mirror(tmp_path, "e2e", revision="abc123", repo="me/e2e-fork")))
-    data = load_nlg(NLGSettings(name="e2e", hub_repo="me/e2e-fork", hub_revision="abc123"))
+    data = load_nlg(DataSource(name="e2e", hub_repo="me/e2e-fork", hub_revision="abc123"), 1)
     assert data.source == "hub:me/e2e-fork@abc123/default"
     with pytest.raises(DSEEError, match="revision refs/convert/parquet"):  # the default is not in this mirror
-        load_nlg(NLGSettings(name="e2e"))
+        load_nlg(DataSource(name="e2e"), 1)
 
 
 def test_no_connection_gives_the_offline_hint(monkeypatch):
     monkeypatch.delenv("DSEE_HUB_MIRROR", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DSEEError) as err:
-        load_nlg(NLGSettings(name="webnlg"))
+        load_nlg(DataSource(name="webnlg"), 1)
     text = str(err.value)
     assert "unreachable" in text and "GEM/web_nlg (revision refs/convert/parquet, config en)" in text
     assert "task.data_dir=" in text and "DSEE_HUB_MIRROR" in text
@@ -143,7 +143,7 @@ def test_a_reachable_hub_with_unreadable_data_says_so(tmp_path, monkeypatch):
     monkeypatch.setattr(hub_data, "hub_root", lambda source: str(tmp_path / "empty"))
     (tmp_path / "empty" / "other").mkdir(parents=True)
     with pytest.raises(DSEEError) as err:
-        load_nlg(NLGSettings(name="dart"))
+        load_nlg(DataSource(name="dart"), 1)
     text = str(err.value)
     assert text.startswith("Could not read 'dart' from GEM/dart (revision refs/convert/parquet, config default)")
     assert "no Parquet files for config 'default'" in text and "other" in text and "unreachable" not in text
@@ -163,7 +163,7 @@ def test_a_connection_failure_while_reading_gives_the_offline_hint(monkeypatch):
 
     monkeypatch.setattr(hub_data, "_split_files", drop)
     with pytest.raises(DSEEError, match="unreachable"):
-        load_nlg(NLGSettings(name="e2e"))
+        load_nlg(DataSource(name="e2e"), 1)
 
 
 def test_wrong_columns_are_named(tmp_path, monkeypatch):
@@ -172,7 +172,7 @@ def test_wrong_columns_are_named(tmp_path, monkeypatch):
         _write(base / split / "0000.parquet", {"mr": ["a[b]"], "text": ["a b"]})
     monkeypatch.setenv("DSEE_HUB_MIRROR", str(tmp_path))
     with pytest.raises(DSEEError, match=r"has no column\(s\) \['meaning_representation', 'target'\]"):
-        load_nlg(NLGSettings(name="e2e"))
+        load_nlg(DataSource(name="e2e"), 1)
 
 
 def test_connection_errors_are_told_apart_from_data_errors():
@@ -190,7 +190,7 @@ def test_connection_errors_are_told_apart_from_data_errors():
 def test_a_generation_run_trains_on_hub_data(tmp_path, monkeypatch):
     monkeypatch.setenv("DSEE_HUB_MIRROR", str(_nlg_mirror(tmp_path / "mirror", "webnlg")))
     metrics = run_in_process(tmp_path / "run", "task=webnlg", "model=tiny-gpt2", "task.eval_split=validation",
-                             "task.num_beams=1", "task.max_new_tokens=4", "trainer.max_steps=2", "pruning=none",
-                             "model.tiny_hidden=32", "model.tiny_heads=4", messages=[])
+                             "task.decode.num_beams=1", "task.decode.max_new_tokens=4", "trainer.max_steps=2",
+                             "pruning=none", "model.tiny.hidden=32", "model.tiny.heads=4", messages=[])
     assert metrics["data_source"] == "hub:GEM/web_nlg@refs/convert/parquet/en"
     assert "validation/bleu" in metrics["final"]["generation"]

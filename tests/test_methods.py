@@ -13,13 +13,13 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from dsee_cli.accounting import inference_flops, trainable_counts
-from dsee_cli.arch import block_linears, weight_out_in
+from dsee_cli.core.arch import block_linears, weight_out_in
 from dsee_cli.errors import DSEEError
-from dsee_cli.export import apply_adapter, export_merged, load_merged, save_adapter
-from dsee_cli.methods import MethodSettings, prepare_method
-from dsee_cli.pruning import PruningSettings, apply_masks, compute_masks, reapply_masks
-from dsee_cli.slimming import add_slimming, slim_and_prune
+from dsee_cli.measure.accounting import inference_flops, trainable_counts
+from dsee_cli.pruning import PruningConfig, apply_masks, compute_masks, reapply_masks
+from dsee_cli.pruning.slimming import add_slimming, slim_and_prune
+from dsee_cli.run.export import apply_adapter, export_merged, load_merged, save_adapter
+from dsee_cli.tuning import AdapterConfig, BottleneckConfig, PromptConfig, prepare_method
 
 from .helpers import batch, logits, tiny, with_random_adapters
 
@@ -31,7 +31,7 @@ GPT2_MEDIUM = GPT2Config(n_embd=1024, n_layer=24, n_head=16)
 def _counts(cls, config, **settings):
     with torch.device("meta"):
         model = cls(config)
-    prepare_method(model, MethodSettings(**settings))
+    prepare_method(model, AdapterConfig(**settings))
     return trainable_counts(model)
 
 
@@ -41,9 +41,11 @@ def _counts(cls, config, **settings):
         # Table 3 (BERT-base): Fine-tune 110M, BitFit 0.1M, P-tuning v2 0.3M
         (BertForSequenceClassification, BertConfig(), {"method": "full"}, 109_482_240, "110M"),
         (BertForSequenceClassification, BertConfig(), {"method": "bitfit"}, 102_912, "0.1M"),
-        (BertForSequenceClassification, BertConfig(), {"method": "ptuning-v2", "prefix_length": 16}, 294_912, "0.3M"),
+        (BertForSequenceClassification, BertConfig(), {"method": "ptuning-v2", "prompt": PromptConfig(length=16)},
+         294_912, "0.3M"),
         # Table 5 (RoBERTa-large): Adapter 0.8M (Houlsby, bottleneck 8), Fine-tune 355M
-        (RobertaForSequenceClassification, ROBERTA_LARGE, {"method": "houlsby", "bottleneck": 8}, 835_968, "0.8M"),
+        (RobertaForSequenceClassification, ROBERTA_LARGE, {"method": "houlsby", "bottleneck": BottleneckConfig(size=8)},
+         835_968, "0.8M"),
         (RobertaForSequenceClassification, ROBERTA_LARGE, {"method": "full"}, 354_310_144, "355.0M"),
         # Table 4 (GPT-2 medium): FT-Top2 25.19M (two blocks + the final LayerNorm), Fine-tune 354.92M
         (GPT2ForSequenceClassification, GPT2_MEDIUM, {"method": "ft-top", "top_layers": 2}, 25_194_496, "25.19M"),
@@ -59,7 +61,7 @@ def test_baseline_counts_match_the_paper(cls, config, settings, expected, paper)
 
 def test_bitfit_trains_only_biases_and_the_head():
     model, _ = tiny()
-    prepare_method(model, MethodSettings("bitfit"))
+    prepare_method(model, AdapterConfig(method="bitfit"))
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all(n.endswith(".bias") or n.startswith("classifier.") for n in trained)
     assert "classifier.weight" in trained
@@ -67,12 +69,12 @@ def test_bitfit_trains_only_biases_and_the_head():
 
 def test_ft_top_trains_the_last_blocks_only():
     model, _ = tiny()
-    prepare_method(model, MethodSettings("ft-top", top_layers=1))
+    prepare_method(model, AdapterConfig(method="ft-top", top_layers=1))
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("bert.encoder.layer.1.") for n in trained)
     assert not any(n.startswith(("bert.encoder.layer.0.", "bert.embeddings.")) for n in trained)
     with pytest.raises(DSEEError, match="top_layers=5 is out of range"):
-        prepare_method(tiny()[0], MethodSettings("ft-top", top_layers=5))
+        prepare_method(tiny()[0], AdapterConfig(method="ft-top", top_layers=5))
 
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
@@ -81,7 +83,8 @@ def test_added_adapters_start_as_the_identity_and_then_learn(name, method):
     model, tok = tiny(name)
     enc = batch(tok)
     before = logits(model, enc)
-    prepare_method(model, MethodSettings(method, bottleneck=4, prefix_length=3))
+    prepare_method(model, AdapterConfig(method=method, bottleneck=BottleneckConfig(size=4),
+                                        prompt=PromptConfig(length=3)))
     if method == "houlsby":
         assert torch.allclose(logits(model, enc), before, atol=1e-6)  # up-projections start at 0
     model.train()
@@ -98,7 +101,7 @@ def test_prefix_prompts_reach_every_layer_and_get_gradients(name):
     model, tok = tiny(name)
     enc = batch(tok)
     before = logits(model, enc)
-    prepare_method(model, MethodSettings("ptuning-v2", prefix_length=4))
+    prepare_method(model, AdapterConfig(method="ptuning-v2", prompt=PromptConfig(length=4)))
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     prompt = [p for n, p in trained.items() if n.startswith("prefix_encoder.")]
     assert len(prompt) == 1 and prompt[0].shape == (4, 2 * 2 * 32)  # 4 tokens x layers x (k, v) x hidden
@@ -123,23 +126,23 @@ def test_imp_rounds_are_nested_with_exact_sparsity():
     with_random_adapters(model)
     scope = block_linears(model)
     total = sum(weight_out_in(m.base if hasattr(m, "base") else m).numel() for m in scope.values())
-    settings = PruningSettings(method="imp", rounds=3, rate=0.1, criterion="delta_plus_weight")
+    settings = PruningConfig(method="imp", rounds=3, rate=0.1, criterion="delta_plus_weight")
     previous = None
-    for target in settings.round_sparsities():
-        masks = compute_masks(model, PruningSettings(**{**settings.__dict__, "sparsity": target}))
+    for target in settings.round_sparsities(0.3):
+        masks = compute_masks(model, settings, target)
         pruned = sum(int((~m).sum()) for m in masks.values())
         assert abs(pruned - target * total) <= 2  # two pools, each rounded once
         if previous is not None:
             assert all(bool((masks[n] <= previous[n]).all()) for n in masks)  # pruned stays pruned
         apply_masks(model, masks)
         previous = masks
-    assert [round(s, 4) for s in settings.round_sparsities()] == [0.1, 0.19, 0.271]
+    assert [round(s, 4) for s in settings.round_sparsities(0.3)] == [0.1, 0.19, 0.271]
 
 
 def test_adapted_scope_prunes_only_the_adapted_matrices():
     model, _ = tiny()
     adapters = with_random_adapters(model)
-    masks = compute_masks(model, PruningSettings(sparsity=0.5, scope="adapted"))
+    masks = compute_masks(model, PruningConfig(scope="adapted"), 0.5)
     adapted = torch.cat([m.flatten() for n, m in masks.items() if n in adapters])
     assert int((~adapted).sum()) == adapted.numel() // 2  # the adapted pool: exactly half, globally
     assert all(bool(m.all()) for n, m in masks.items() if n not in adapters)
@@ -147,8 +150,8 @@ def test_adapted_scope_prunes_only_the_adapted_matrices():
 
 def test_full_fine_tuning_keeps_pruned_weights_at_zero():
     model, tok = tiny()
-    prepare_method(model, MethodSettings("full"))
-    apply_masks(model, compute_masks(model, PruningSettings(sparsity=0.5)))
+    prepare_method(model, AdapterConfig(method="full"))
+    apply_masks(model, compute_masks(model, PruningConfig(), 0.5))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**batch(tok), labels=torch.tensor([0, 1, 1])).loss.backward()
     opt.step()
@@ -161,7 +164,7 @@ def test_full_fine_tuning_keeps_pruned_weights_at_zero():
 def test_earlybert_pruned_model_equals_the_slimmed_one(name, tmp_path):
     model, tok = tiny(name)
     enc = batch(tok)
-    prepare_method(model, MethodSettings("full"))
+    prepare_method(model, AdapterConfig(method="full"))
     add_slimming(model)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -185,13 +188,13 @@ def test_earlybert_pruned_model_equals_the_slimmed_one(name, tmp_path):
 def test_method_export_reapplies_onto_the_pretrained_model(method, tmp_path):
     model, tok = tiny(seed=0)
     enc = batch(tok)
-    settings = MethodSettings(method, bottleneck=4, prefix_length=3)
+    settings = AdapterConfig(method=method, bottleneck=BottleneckConfig(size=4), prompt=PromptConfig(length=3))
     prepare_method(model, settings)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
-    apply_masks(model, compute_masks(model, PruningSettings(sparsity=0.3)))
+    apply_masks(model, compute_masks(model, PruningConfig(), 0.3))
     save_adapter(model, tmp_path / "adapter", settings, "tiny-bert")
     fresh, _ = tiny(seed=0)
     apply_adapter(fresh, tmp_path / "adapter")
@@ -200,8 +203,8 @@ def test_method_export_reapplies_onto_the_pretrained_model(method, tmp_path):
 
 def test_a_tuning_method_is_one_registration():
     """A new method (here: the task head only) is declared once and prepare_method runs it."""
-    from dsee_cli.methods import TUNING_METHODS, MethodSettings, TuningMethod, prepare_method, register
-    from dsee_cli.models import load_model
+    from dsee_cli.core.models import load_model
+    from dsee_cli.tuning import TUNING_METHODS, AdapterConfig, TuningMethod, prepare_method, register
 
     def head_only(model, settings):
         for p in model.parameters():
@@ -210,7 +213,7 @@ def test_a_tuning_method_is_one_registration():
     register(TuningMethod("head-only", "training the task head", head_only, merges=True))
     try:
         model = load_model("tiny-bert", None, 2, seed=0).model
-        prepare_method(model, MethodSettings(method="head-only"))
+        prepare_method(model, AdapterConfig(method="head-only"))
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trained and all(n.startswith("classifier") for n in trained)
     finally:

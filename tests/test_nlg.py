@@ -5,12 +5,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from dsee_cli.accounting import trainable_counts
-from dsee_cli.adapters import AdapterSettings, inject_adapters
-from dsee_cli.errors import DSEEError
-from dsee_cli.models import TinySize, load_model
-from dsee_cli.nlg import (
-    DecodeSettings,
+from dsee_cli.core.models import TinySize, load_model
+from dsee_cli.data.generation import (
+    DecodeConfig,
     collate_lm,
     decode,
     encode_eval,
@@ -20,7 +17,10 @@ from dsee_cli.nlg import (
     read_pairs,
     synthetic_pairs,
 )
-from dsee_cli.nlg_metrics import bleu, cider, meteor, nist, nlg_metrics, rouge_l, ter
+from dsee_cli.data.nlg_metrics import bleu, cider, meteor, nist, nlg_metrics, rouge_l, ter
+from dsee_cli.errors import DSEEError
+from dsee_cli.measure.accounting import trainable_counts
+from dsee_cli.tuning.adapters import LowRankConfig, inject_adapters
 
 REFS = [["the vaults is a pub near cafe adriatic .", "near cafe adriatic there is a pub called the vaults ."],
         ["green man serves cheap food ."]]
@@ -110,10 +110,10 @@ def test_batched_beam_search_is_deterministic_and_padding_free():
     torch.manual_seed(0)
     examples = group(synthetic_pairs(5, seed=3))
     enc = encode_eval(examples, tok, 64, eos)
-    settings = DecodeSettings(num_beams=3, max_new_tokens=8, batch_size=5)
+    settings = DecodeConfig(num_beams=3, max_new_tokens=8, batch_size=5)
     first = decode(model, tok, enc.prompts, settings, torch.device("cpu"), eos, tok.pad_token_id)
     again = decode(model, tok, enc.prompts, settings, torch.device("cpu"), eos, tok.pad_token_id)
-    one_by_one = decode(model, tok, enc.prompts, DecodeSettings(num_beams=3, max_new_tokens=8, batch_size=1),
+    one_by_one = decode(model, tok, enc.prompts, DecodeConfig(num_beams=3, max_new_tokens=8, batch_size=1),
                         torch.device("cpu"), eos, tok.pad_token_id)
     assert first == again == one_by_one and len(first) == 5 and any(first)
 
@@ -122,6 +122,6 @@ def test_batched_beam_search_is_deterministic_and_padding_free():
 def test_gpt2_medium_lm_counts(rank, expected):
     with torch.device("meta"):
         model = GPT2LMHeadModel(GPT2Config(n_embd=1024, n_layer=24, n_head=16))
-    inject_adapters(model, AdapterSettings(rank=rank, alpha=2 * rank, omega_size=0))
+    inject_adapters(model, LowRankConfig(rank=rank, alpha=2 * rank, omega_size=0))
     counts = trainable_counts(model)
     assert counts.adapter_low_rank == expected and counts.task_head == 0 and counts.other == 0  # 0.39M / 0.20M

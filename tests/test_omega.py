@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dsee_cli.errors import DSEEError
-from dsee_cli.omega import PRESETS, cached_omega, find_omega, grebsmo, top_n
+from dsee_cli.tuning.omega import PRESETS, cached_omega, find_omega, grebsmo, top_n
 
 
 def planted(m=256, n=256, rank=4, spikes=16, seed=0, fool_magnitude=False):
@@ -57,7 +57,7 @@ def test_grebsmo_batched_equals_one_by_one():
 
 
 def test_parallel_split_gives_the_same_sparse_part():
-    from dsee_cli.omega import grebsmo_parallel
+    from dsee_cli.tuning.omega import grebsmo_parallel
 
     xs = torch.stack([planted(seed=s)[0] for s in range(5)])
     threads = torch.get_num_threads()

@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dsee_cli.core.precision import resolve_precision
 from dsee_cli.errors import DSEEError
-from dsee_cli.export import load_merged
-from dsee_cli.precision import resolve_precision
-from dsee_cli.pruning import PruningSettings, apply_masks, compute_masks
+from dsee_cli.pruning import PruningConfig, apply_masks, compute_masks
+from dsee_cli.run.export import load_merged
 
 from .helpers import GPT2_E2E, METHOD_OVERRIDES, batch, compose, run_in_process, tiny, with_random_adapters
 
@@ -22,7 +22,7 @@ def test_dsee_forward_under_autocast_matches_fp32(dtype, masked):
     model, tok = tiny()
     with_random_adapters(model, rank=4, omega=6)
     if masked:  # the recovery forward: M⊙(W+ΔW) through slice_delta
-        apply_masks(model, compute_masks(model, PruningSettings(sparsity=0.5)))
+        apply_masks(model, compute_masks(model, PruningConfig(), 0.5))
     enc = batch(tok)
     model.eval()
     with torch.no_grad():
@@ -71,27 +71,26 @@ def test_every_method_and_pruning_mode_runs_under_bf16_mixed(name, tmp_path):
 
 
 def _phase1_setup(*overrides):
-    from dsee_cli.config import method_settings
-    from dsee_cli.methods import prepare_method
-    from dsee_cli.pipeline import phase_settings, seed_everything
-    from dsee_cli.tasks import prepare_task
-    from dsee_cli.train import ProgressSink
+    from dsee_cli.run.pipeline import phase_settings, seed_everything
+    from dsee_cli.run.task import prepare_task
+    from dsee_cli.run.train import ProgressSink
+    from dsee_cli.tuning import prepare_method
 
     cfg = compose(*overrides)
     seed_everything(cfg.seed)
     task = prepare_task(cfg, lambda text: None, ProgressSink())
-    prepare_method(task.loaded.model, method_settings(cfg))
+    prepare_method(task.loaded.model, cfg.adapter)
     precision = resolve_precision(cfg.trainer.precision, torch.device("cpu"))
-    return task, phase_settings(cfg, "phase1", precision)
+    return task, phase_settings(cfg, "phase1", precision), cfg.trainer
 
 
 def test_fp16_mixed_scales_the_loss_keeps_fp32_state_and_resumes_exactly():
-    from dsee_cli.export import model_state, restore_state
-    from dsee_cli.train import PhaseState, ProgressSink, train_phase
+    from dsee_cli.run.export import model_state, restore_state
+    from dsee_cli.run.train import PhaseState, ProgressSink, train_phase
 
     overrides = ("trainer.precision=16-mixed", "trainer.device=cpu", "adapter=lora", "adapter.dropout=0.1")
-    task, settings = _phase1_setup(*overrides)
-    settings = replace(settings, max_steps=6, checkpoint_every=3)
+    task, settings, trainer = _phase1_setup(*overrides)
+    trainer = replace(trainer, max_steps=6, checkpoint_every=3)
     model, pad = task.loaded.model, task.loaded.tokenizer.pad_token_id
     saves = []
 
@@ -100,15 +99,16 @@ def test_fp16_mixed_scales_the_loss_keeps_fp32_state_and_resumes_exactly():
         snapshot = {k: v.clone() for k, v in (tensors | extra).items()}  # as written to disk at that step
         saves.append((PhaseState(**copy.deepcopy(state.as_meta())), snapshot, meta))
 
-    train_phase(model, task.train, task.evals, task.ops, settings, pad, torch.device("cpu"), save, ProgressSink())
+    train_phase(model, task.train, task.evals, task.ops, settings, trainer, pad, torch.device("cpu"), save,
+                ProgressSink())
     state, tensors, meta = saves[0]  # after step 3 of 6
     assert float(tensors["scaler::scale"]) > 0 and "scaler::growth_tracker" in tensors
     assert all(v.dtype == torch.float32 for k, v in tensors.items() if k.endswith(("exp_avg", "exp_avg_sq")))
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
-    task2, _ = _phase1_setup(*overrides)
+    task2, _, _ = _phase1_setup(*overrides)
     restore_state(task2.loaded.model, tensors, meta)
-    train_phase(task2.loaded.model, task2.train, task2.evals, task2.ops, settings, pad, torch.device("cpu"),
+    train_phase(task2.loaded.model, task2.train, task2.evals, task2.ops, settings, trainer, pad, torch.device("cpu"),
                 lambda s, e: None, ProgressSink(), resume=(state, tensors))
     for (name, a), b in zip(model.named_parameters(), task2.loaded.model.parameters()):
         assert torch.equal(a, b), name  # the same data order, dropout and loss scale after the resume

@@ -2,13 +2,11 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification
 
-from dsee_cli.accounting import inference_flops, scope_size
-from dsee_cli.adapters import AdapterSettings, adapters_of, inject_adapters
-from dsee_cli.arch import attention_units, block_linears, weight_out_in
+from dsee_cli.core.arch import attention_units, block_linears, weight_out_in
 from dsee_cli.errors import DSEEError
-from dsee_cli.export import apply_adapter, export_merged, load_merged, save_adapter
+from dsee_cli.measure.accounting import inference_flops, scope_size
 from dsee_cli.pruning import (
-    PruningSettings,
+    PruningConfig,
     apply_masks,
     compute_masks,
     head_scores,
@@ -16,6 +14,8 @@ from dsee_cli.pruning import (
     prune_heads,
     score_pieces,
 )
+from dsee_cli.run.export import apply_adapter, export_merged, load_merged, save_adapter
+from dsee_cli.tuning.adapters import LowRankConfig, adapters_of, inject_adapters
 
 from .helpers import batch, logits, tiny, with_random_adapters
 
@@ -26,8 +26,8 @@ from .helpers import batch, logits, tiny, with_random_adapters
 def test_masks_have_exact_sparsity_per_pool(name, granularity, criterion):
     model, _ = tiny(name)
     with_random_adapters(model)
-    settings = PruningSettings(sparsity=0.37, criterion=criterion, granularity=granularity)
-    masks = compute_masks(model, settings)
+    settings = PruningConfig(criterion=criterion, granularity=granularity)
+    masks = compute_masks(model, settings, 0.37)
     pools: dict = {}
     for p in score_pieces(model, "delta", 0):
         key = p.pool if granularity == "global" else (p.pool, p.layer)
@@ -42,7 +42,7 @@ def test_masks_have_exact_sparsity_per_pool(name, granularity, criterion):
 def test_delta_criterion_keeps_the_largest_delta():
     model, _ = tiny("tiny-bert")
     adapters = with_random_adapters(model)
-    masks = compute_masks(model, PruningSettings(sparsity=0.5))
+    masks = compute_masks(model, PruningConfig(), 0.5)
     for name, a in adapters.items():
         d = a.delta_weight().abs()
         assert d[masks[name]].min() >= d[~masks[name]].max()
@@ -51,7 +51,7 @@ def test_delta_criterion_keeps_the_largest_delta():
 def test_nm_masks_are_exactly_n_of_m():
     model, _ = tiny("tiny-bert")
     with_random_adapters(model)
-    masks = compute_masks(model, PruningSettings(method="nm", n=2, m=4))
+    masks = compute_masks(model, PruningConfig(method="nm", n=2, m=4))
     for mask in masks.values():
         groups = mask.reshape(mask.shape[0], -1, 4).sum(-1)
         assert torch.all(groups == 2)
@@ -62,7 +62,7 @@ def test_recovery_forward_and_merged_export_are_really_sparse(name, tmp_path):
     model, tok = tiny(name)
     enc = batch(tok)
     with_random_adapters(model)
-    masks = compute_masks(model, PruningSettings(sparsity=0.3))
+    masks = compute_masks(model, PruningConfig(), 0.3)
     apply_masks(model, masks)
     total, nonzero = scope_size(model)
     assert abs(1 - nonzero / total - 0.3) < 1e-3
@@ -78,7 +78,7 @@ def test_recovery_forward_and_merged_export_are_really_sparse(name, tmp_path):
 def test_reference_flag_keeps_delta_dense():
     model, tok = tiny("tiny-bert")
     with_random_adapters(model)
-    apply_masks(model, compute_masks(model, PruningSettings(sparsity=0.3)), mask_delta=False)
+    apply_masks(model, compute_masks(model, PruningConfig(), 0.3), mask_delta=False)
     total, nonzero = scope_size(model)
     assert 1 - nonzero / total < 0.3  # ΔW refills pruned positions of the adapted layers
 
@@ -122,11 +122,10 @@ def test_adapter_checkpoint_reapplies_onto_the_pretrained_model(structured, tmp_
     if structured:
         prune_heads(model, lowest_heads(head_scores(model), 1))
     else:
-        apply_masks(model, compute_masks(model, PruningSettings(sparsity=0.4)))
-    from dsee_cli.adapters import AdapterSettings
-    from dsee_cli.methods import MethodSettings
+        apply_masks(model, compute_masks(model, PruningConfig(), 0.4))
+    from dsee_cli.tuning import AdapterConfig
 
-    save_adapter(model, tmp_path / "adapter", MethodSettings("dsee", AdapterSettings(rank=4, alpha=8, omega_size=5)),
+    save_adapter(model, tmp_path / "adapter", AdapterConfig(method="dsee", rank=4, alpha=8, omega_size=5),
                  "tiny-bert")
     fresh, _ = tiny("tiny-bert", seed=0)
     apply_adapter(fresh, tmp_path / "adapter")
@@ -148,7 +147,7 @@ def test_flops_ratio_of_head_pruned_bert_base_is_near_the_paper(removed, paper):
     with torch.device("meta"):
         model = BertForSequenceClassification(BertConfig())
     dense = inference_flops(model, 128)
-    inject_adapters(model, AdapterSettings(rank=16, alpha=32))
+    inject_adapters(model, LowRankConfig(rank=16, alpha=32))
     if removed:
         prune_heads(model, {layer: list(range(removed)) for layer in range(12)})
     assert inference_flops(model, 128, unmerged_adapters=True) / dense == pytest.approx(paper, abs=0.012)
@@ -159,7 +158,7 @@ def test_flops_ratio_of_head_pruned_bert_base_is_near_the_paper(removed, paper):
 def test_masked_recovery_with_dropout_drops_only_the_delta_path():
     model, _ = tiny("tiny-bert")
     adapters = with_random_adapters(model)
-    apply_masks(model, compute_masks(model, PruningSettings(sparsity=0.3)))
+    apply_masks(model, compute_masks(model, PruningConfig(), 0.3))
     for a in adapters.values():
         a.dropout = torch.nn.Dropout(1.0)  # drops every input of the ΔW path
     model.train()

@@ -10,8 +10,8 @@ import pytest
 from rich.console import Console
 
 from dsee_cli.cli import config_dir
-from dsee_cli.plots import FIGURES, write_figure
-from dsee_cli.report import Cell, Report, build_report, check_claims, long_table, terminal_tables
+from dsee_cli.reporting.plots import FIGURES, write_figure
+from dsee_cli.reporting.report import Cell, Report, build_report, check_claims, long_table, terminal_tables
 
 from .conftest import run_dsee
 
@@ -87,7 +87,7 @@ def test_report_on_a_non_sweep_directory_is_a_clear_error(tmp_path):
 
 
 def test_command_line_values_replace_the_sweeps_params(tmp_path):
-    from dsee_cli.report import expected_grid
+    from dsee_cli.reporting.report import expected_grid
 
     (tmp_path / "multirun.yaml").write_text(
         "hydra:\n  sweeper:\n    params:\n      task: sst2,mrpc\n      seed: 1,2\n"
@@ -96,7 +96,7 @@ def test_command_line_values_replace_the_sweeps_params(tmp_path):
 
 
 def test_ninety_percent_confidence_band():
-    from dsee_cli.plots import confidence_band
+    from dsee_cli.reporting.plots import confidence_band
 
     mean, half = confidence_band([1.0, 2.0, 3.0])
     assert mean == 2.0 and abs(half - 2.919986 / 3**0.5) < 1e-5  # t(0.95, 2) · s / √n with s = 1

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsee_cli.data import DataSettings, load_task
+from dsee_cli.data.classification import DataSource, load_task
 from dsee_cli.errors import DSEEError
-from dsee_cli.export import clean_state_dir, load_state_dir, save_state_dir
-from dsee_cli.pipeline import clean_leftovers, write_failure
-from dsee_cli.report import build_report
+from dsee_cli.reporting.report import build_report
+from dsee_cli.run.export import clean_state_dir, load_state_dir, save_state_dir
+from dsee_cli.run.pipeline import clean_leftovers, write_failure
 
 from .conftest import FAST, run_dsee
 from .helpers import run_in_process
@@ -82,7 +82,7 @@ def test_a_rerun_with_another_config_starts_over_and_the_same_config_is_reused(t
 
 
 def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path):
-    from dsee_cli.pipeline import Checkpoint
+    from dsee_cli.run.pipeline import Checkpoint
 
     run = tmp_path / "run"
     first = run_in_process(run, "sparsity=0.3")
@@ -122,7 +122,7 @@ def test_leftovers_of_a_killed_run_are_cleaned_on_the_next_start(tmp_path):
 
 
 def test_every_rng_is_saved_and_restored(monkeypatch):
-    from dsee_cli import train
+    from dsee_cli.run import train
 
     cpu = train.rng_tensors()
     a = torch.rand(3)
@@ -164,13 +164,13 @@ def _glue_dir(root: Path, dev_rows: list[str], train_rows: list[str]) -> Path:
 def test_an_unparsable_dev_row_is_an_error_naming_its_line(tmp_path):
     data = _glue_dir(tmp_path, ["good one\t1", "no label here", "fine\t0"], ["a\t1", "b\t0"])
     with pytest.raises(DSEEError, match=r"dev.tsv, line 3, cannot be parsed: it has 1 tab-separated column"):
-        load_task(DataSettings(name="sst2", data_dir=str(data)))
+        load_task(DataSource(name="sst2", data_dir=str(data)), 0)
 
 
 def test_unparsable_training_rows_are_counted_in_a_warning(tmp_path, caplog):
     data = _glue_dir(tmp_path, ["good\t1", "fine\t0"], ["a\t1", "broken", "b\tmaybe", "c\t0"])
     with caplog.at_level("WARNING", logger="dsee"):
-        task = load_task(DataSettings(name="sst2", data_dir=str(data)))
+        task = load_task(DataSource(name="sst2", data_dir=str(data)), 0)
     assert len(task.train) == 2
     assert "skipped 2 line(s)" in caplog.text and "line 3" in caplog.text
 
@@ -178,7 +178,7 @@ def test_unparsable_training_rows_are_counted_in_a_warning(tmp_path, caplog):
 def test_the_hub_check_is_bounded_and_asked_once(monkeypatch):
     import socket
 
-    from dsee_cli import models
+    from dsee_cli.core import models
 
     calls = []
 

@@ -5,39 +5,39 @@ import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
 
-from dsee_cli.accounting import scope_size, trainable_counts
 from dsee_cli.errors import DSEEError
-from dsee_cli.export import export_merged, load_merged
-from dsee_cli.methods import MethodSettings, prepare_method
-from dsee_cli.sparse_training import Schedule, SparseTrainingSettings, sparse_layers, update_masks
+from dsee_cli.measure.accounting import scope_size, trainable_counts
+from dsee_cli.run.export import export_merged, load_merged
+from dsee_cli.tuning import AdapterConfig, prepare_method
+from dsee_cli.tuning.sparse_training import ScheduleConfig, SparseTrainingConfig, sparse_layers, update_masks
 
 from .helpers import batch, logits, tiny
 
 
 def test_cubic_schedule_at_start_warmup_end_middle_and_end():
-    s = Schedule(final=0.9, initial=0.0, warmup=0.1, cooldown=0.3, every=1)
+    s = ScheduleConfig(initial=0.0, warmup=0.1, cooldown=0.3, every=1)
     total = 1000
-    assert s.at(0, total) == 0.0
-    assert s.at(99, total) == 0.0  # warm-up: the first 10 % of the steps
-    assert s.at(100, total) == 0.0  # the ramp starts at the initial value
-    assert s.at(400, total) == pytest.approx(0.9 - 0.9 * 0.5**3)  # halfway through the ramp
-    assert s.at(700, total) == 0.9 and s.at(999, total) == 0.9  # cool-down: the last 30 %
-    values = [s.at(t, total) for t in range(total)]
+    assert s.at(0, total, 0.9) == 0.0
+    assert s.at(99, total, 0.9) == 0.0  # warm-up: the first 10 % of the steps
+    assert s.at(100, total, 0.9) == 0.0  # the ramp starts at the initial value
+    assert s.at(400, total, 0.9) == pytest.approx(0.9 - 0.9 * 0.5**3)  # halfway through the ramp
+    assert s.at(700, total, 0.9) == 0.9 and s.at(999, total, 0.9) == 0.9  # cool-down: the last 30 %
+    values = [s.at(t, total, 0.9) for t in range(total)]
     assert all(a <= b for a, b in zip(values, values[1:]))  # never decreases
-    coarse = Schedule(final=0.9, every=50)
-    assert len({coarse.at(t, total) for t in range(total)}) <= 600 // 50 + 2  # changes every 50 steps only
+    coarse = ScheduleConfig(every=50)
+    assert len({coarse.at(t, total, 0.9) for t in range(total)}) <= 600 // 50 + 2  # changes every 50 steps only
 
 
 def test_bad_schedules_are_clear_errors():
     with pytest.raises(DSEEError, match="warmup"):
-        Schedule(warmup=0.5, cooldown=0.5).check()
+        ScheduleConfig(warmup=0.5, cooldown=0.5).check(0.9)
     with pytest.raises(DSEEError, match="initial"):
-        Schedule(final=0.3, initial=0.5).check()
+        ScheduleConfig(initial=0.5).check(0.3)
 
 
 def _pst(name="tiny-bert", **kw):
     model, tok = tiny(name)
-    prepare_method(model, MethodSettings("pst", sparse=SparseTrainingSettings(**{"method": "pst", **kw})))
+    prepare_method(model, AdapterConfig(method="pst", sparse_training=SparseTrainingConfig(**kw)))
     return model, tok
 
 
@@ -45,11 +45,11 @@ def _pst(name="tiny-bert", **kw):
 @pytest.mark.parametrize("topk", ["layer", "global"])
 def test_mask_sparsity_equals_the_schedule_at_every_update(method, topk):
     model, tok = tiny()
-    prepare_method(model, MethodSettings(method, sparse=SparseTrainingSettings(method=method, topk=topk)))
-    schedule = Schedule(final=0.8, every=3)
+    prepare_method(model, AdapterConfig(method=method, sparse_training=SparseTrainingConfig(topk=topk)))
+    schedule = ScheduleConfig(every=3)
     total, updates = 40, 0
     for step in range(total):
-        target = schedule.at(step + 1, total)
+        target = schedule.at(step + 1, total, 0.8)
         if update_masks(model, target, topk):
             updates += 1
             layers = sparse_layers(model).values()
@@ -60,7 +60,7 @@ def test_mask_sparsity_equals_the_schedule_at_every_update(method, topk):
             else:
                 assert sum(pruned) == round(target * sum(sizes))
             assert all(m.sparsity == target for m in layers)
-    assert updates >= 3 and schedule.at(total, total) == 0.8
+    assert updates >= 3 and schedule.at(total, total, 0.8) == 0.8
 
 
 def test_mask_is_not_recomputed_while_the_sparsity_holds():
@@ -117,7 +117,7 @@ def test_the_forward_uses_the_masked_weight():
 def test_pst_trainable_count_is_n_plus_k_times_r1_r2_1(cls, config, per_matrix_total, paper):
     with torch.device("meta"):
         model = cls(config)
-    prepare_method(model, MethodSettings("pst"))
+    prepare_method(model, AdapterConfig(method="pst"))
     counts = trainable_counts(model)
     expected = sum((m.out_features + m.in_features) * (8 + 8 + 1) for m in sparse_layers(model).values())
     assert counts.other == expected == per_matrix_total
@@ -142,7 +142,7 @@ def test_pst_export_holds_the_sparse_final_weights(tmp_path):
 
 def test_mvp_scores_start_at_the_weight_magnitudes():
     model, _ = tiny()
-    prepare_method(model, MethodSettings("mvp", sparse=SparseTrainingSettings(method="mvp")))
+    prepare_method(model, AdapterConfig(method="mvp"))
     layer = next(iter(sparse_layers(model).values()))
     assert torch.equal(layer.scores.detach(), layer.base.weight.detach().abs())
     assert layer.base.weight.requires_grad and layer.scores.requires_grad
@@ -153,5 +153,5 @@ def test_map_and_mvp_counts_match_the_pst_paper(method, expected):
     # PST Table 2, BERT-base: MaP 110.00M (every weight), MvP 194.93M (every weight + a score per block weight)
     with torch.device("meta"):
         model = BertForSequenceClassification(BertConfig())
-    prepare_method(model, MethodSettings(method, sparse=SparseTrainingSettings(method=method)))
+    prepare_method(model, AdapterConfig(method=method))
     assert trainable_counts(model).other == expected

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from dsee_cli.steps import StepStore, steps_dir
+from dsee_cli.run.steps import StepStore, steps_dir
 
 from .conftest import FAST, run_dsee
 from .helpers import compose, run_in_process
@@ -62,13 +62,13 @@ def test_imp_rounds_chain_across_runs_of_different_lengths(tmp_path):
 
 
 def test_a_failed_computation_leaves_no_entry_and_a_damaged_entry_is_recomputed(tmp_path, caplog):
-    from dsee_cli.train import ProgressSink
+    from dsee_cli.run.train import ProgressSink
 
     class Crash(ProgressSink):
         def advance(self, loss, lr):
             raise RuntimeError("killed in phase I")
 
-    from dsee_cli.pipeline import run_experiment
+    from dsee_cli.run.pipeline import run_experiment
 
     cfg = compose()
     with pytest.raises(RuntimeError, match="killed"):
@@ -126,7 +126,7 @@ def test_the_store_lives_under_dsee_cache(tmp_path, monkeypatch):
 
 def test_the_plan_names_the_steps_a_run_records_and_a_sweep_plan_runs_nothing(tmp_path, monkeypatch, capsys):
     from dsee_cli.cli import main
-    from dsee_cli.plan import build_plan
+    from dsee_cli.run.plan import build_plan
 
     overrides = ("pruning=imp", "pruning.rounds=2")
     plan = build_plan(compose(*overrides))

@@ -13,29 +13,66 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .costs import optimizer_bytes, peak_memory_bytes, reset_peak_memory
-from .data import Encoded, TaskSpec, collate
-from .errors import DSEEError
-from .metrics import task_metrics
-from .precision import FP32, Precision
+from dsee_cli.core.precision import FP32, PRECISIONS, Precision
+from dsee_cli.data.classification import Encoded, TaskSpec, collate
+from dsee_cli.data.metrics import task_metrics
+from dsee_cli.errors import DSEEError, choice_error
+from dsee_cli.measure.costs import optimizer_bytes, peak_memory_bytes, reset_peak_memory
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class PhaseConfig:
+    epochs: float | None = None  # None: the task's default
+    lr: float | None = None  # None: the task's (Table 11)
+
+
+@dataclass
+class TrainerConfig:
+    """The ``trainer`` section: how every phase trains (its epochs and lr: ``phase1`` / ``recovery``)."""
+
+    batch_size: int = 32  # training batch (a model's Table 11 value in task.per_model wins)
+    eval_batch_size: int = 128  # evaluation batch
+    warmup_ratio: float = 0.0  # fraction of each phase's steps with a linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping (0: none)
+    eval_every: int = 0  # steps; 0: every epoch
+    checkpoint_every: int = 200  # steps; 0: only at the end of a phase
+    max_steps: int = 0  # per phase; 0: from epochs
+    precision: str = "auto"  # 32-true, bf16-mixed, 16-mixed; auto: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU
+    device: str = "auto"  # auto (a GPU if there is one), cpu or cuda
+    threads: int = 0  # torch CPU threads; 0: torch's default
+    log_every_seconds: float = 30.0  # a plain progress line this often when stdout is not a terminal
+    keep_best: bool = False  # each phase ends with its best evaluation's weights (the paper profile's protocol)
+    phase1: PhaseConfig = field(default_factory=PhaseConfig)
+    recovery: PhaseConfig = field(default_factory=PhaseConfig)
+
+    def check(self) -> None:
+        if self.device not in DEVICES:
+            raise choice_error("device (trainer.device)", self.device, DEVICES)
+        if self.precision not in PRECISIONS:
+            raise choice_error("precision (trainer.precision)", self.precision, PRECISIONS)
+        if self.batch_size < 1:
+            raise DSEEError(f"trainer.batch_size={self.batch_size} must be >= 1.")
+        for name in ("phase1", "recovery"):
+            p = getattr(self, name)
+            if p.lr is not None and p.lr <= 0:
+                raise DSEEError(f"trainer.{name}.lr={p.lr} must be > 0.")
+            if p.epochs is not None and p.epochs <= 0:
+                raise DSEEError(f"trainer.{name}.epochs={p.epochs} must be > 0.")
 
 
 @dataclass(frozen=True)
-class PhaseSettings:
-    name: str
+class Phase:
+    """One phase's own values, resolved from the task's defaults and the trainer section."""
+
+    name: str  # phase1, recovery, or IMP's retrain<r>
     epochs: float
     lr: float
     batch_size: int = 32
-    eval_batch_size: int = 128
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 disables clipping
-    eval_every: int = 0  # steps; 0: at the end of every epoch
-    checkpoint_every: int = 0  # steps; 0: only at the end of the phase
-    max_steps: int = 0  # 0: as many as the epochs make
+    seed: int = 1  # data order and every generator of the phase
     precision: Precision = FP32
-    seed: int = 1
-    keep_best: bool = False  # end the phase with the weights of its best evaluation, not its last step
 
 
 @dataclass
@@ -183,12 +220,77 @@ class StepHooks:
     lr_by_suffix: dict[str, float] = field(default_factory=dict)  # parameter-name suffix -> peak lr
 
 
+def _optimizer(named: dict[str, nn.Parameter], phase: Phase, trainer: TrainerConfig, hooks: StepHooks
+               ) -> torch.optim.Optimizer:
+    """AdamW with one group per peak learning rate (MvP's scores have their own)."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for n, p in named.items():
+        peak = next((lr for suffix, lr in hooks.lr_by_suffix.items() if n.endswith(suffix)), phase.lr)
+        groups.setdefault(peak, []).append(p)
+    return torch.optim.AdamW([{"params": ps, "peak_lr": peak} for peak, ps in groups.items()],
+                             lr=phase.lr, weight_decay=trainer.weight_decay)
+
+
+def _batch_indices(step: int, n_train: int, per_epoch: int, phase: Phase) -> list[int]:
+    """The examples of ``step``: a fresh seeded permutation per epoch, so a resumed run sees the same."""
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(phase.seed * 7919 + epoch))
+    return order[position * phase.batch_size : (position + 1) * phase.batch_size].tolist()
+
+
+def _update(model: nn.Module, batch: dict, ops: TaskOps, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None, phase: Phase, trainer: TrainerConfig, hooks: StepHooks,
+            step: int, lr: float) -> float:
+    """Forward, backward (scaled for fp16), clip, step: one optimizer update. Returns the loss."""
+    with phase.precision.autocast():
+        loss = ops.loss(model, batch)
+        if hooks.regularizer is not None:
+            loss = loss + hooks.regularizer()
+    if not torch.isfinite(loss):
+        raise DSEEError(
+            f"The loss became {loss.item()} at step {step + 1} of phase {phase.name!r} "
+            f"(learning rate {lr:.3g}). The run stopped; lower the learning rate "
+            f"(trainer.{phase.name}.lr) or enable clipping (trainer.max_grad_norm)."
+        )
+    if scaler is None:
+        loss.backward()
+    else:  # fp16: scale the loss so small gradients do not underflow; unscale before clipping
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    if trainer.max_grad_norm > 0:
+        nn.utils.clip_grad_norm_(params, trainer.max_grad_norm)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then backs off
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if hooks.after_step is not None:
+        hooks.after_step()
+    return loss.item()
+
+
+def _evaluate(model: nn.Module, evals: dict[str, Encoded], ops: TaskOps, pad_id: int, device: torch.device,
+              phase: Phase, trainer: TrainerConfig, hooks: StepHooks, state: PhaseState, sink: ProgressSink) -> bool:
+    """Evaluate and record it in ``state``; returns whether it is the phase's best so far."""
+    scores = ops.evaluate(model, evals, pad_id, device, trainer.eval_batch_size, phase.precision)
+    model.train()
+    state.history.append({"step": state.step, **scores})
+    sink.log({f"{phase.name}/{k}": v for k, v in scores.items()}, state.step)
+    eligible = hooks.best_eligible is None or hooks.best_eligible()
+    if eligible and (state.best is None or scores[ops.main] > state.best[ops.main]):
+        state.best = state.history[-1]
+        return True
+    return False
+
+
 def train_phase(
     model: nn.Module,
     train: Encoded,
     evals: dict[str, Encoded],
     ops: TaskOps,
-    settings: PhaseSettings,
+    phase: Phase,
+    trainer: TrainerConfig,
     pad_id: int,
     device: torch.device,
     save: SaveFn,
@@ -201,24 +303,16 @@ def train_phase(
     hooks = hooks or StepHooks()
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     names = {id(p): n for n, p in named.items()}
-    groups: dict[float, list[nn.Parameter]] = {}
-    for n, p in named.items():  # peak learning rate per group (MvP's scores have their own)
-        peak = next((lr for suffix, lr in hooks.lr_by_suffix.items() if n.endswith(suffix)), settings.lr)
-        groups.setdefault(peak, []).append(p)
-    optimizer = torch.optim.AdamW([{"params": ps, "peak_lr": peak} for peak, ps in groups.items()],
-                                  lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = _optimizer(named, phase, trainer, hooks)
     n_train = len(train.input_ids)
-    per_epoch = math.ceil(n_train / settings.batch_size)
-    total = settings.max_steps or max(1, math.ceil(settings.epochs * per_epoch))
-    warmup = int(settings.warmup_ratio * total)
-    eval_every = settings.eval_every or per_epoch
-    main = ops.main
-
-    precision = settings.precision
-    scaler = precision.grad_scaler()
+    per_epoch = math.ceil(n_train / phase.batch_size)
+    total = trainer.max_steps or max(1, math.ceil(phase.epochs * per_epoch))
+    warmup = int(trainer.warmup_ratio * total)
+    eval_every = trainer.eval_every or per_epoch
+    scaler = phase.precision.grad_scaler()
     state = PhaseState()
     best_weights: dict[str, torch.Tensor] = {}  # keep_best: the trained tensors at the best evaluation
-    torch.manual_seed(settings.seed)  # seeds every device's generator
+    torch.manual_seed(phase.seed)  # seeds every device's generator
     if resume is not None:
         state, tensors = resume
         load_optimizer_tensors(optimizer, named, tensors)
@@ -228,78 +322,39 @@ def train_phase(
     if state.finished:
         return state
 
-    def measure() -> None:  # a resumed phase keeps the larger of its peaks
+    def checkpoint() -> None:  # a resumed phase keeps the larger of its peaks
         state.peak_memory_bytes = max(state.peak_memory_bytes, peak_memory_bytes(device))
         state.optimizer_bytes = max(state.optimizer_bytes, optimizer_bytes(optimizer))
-
-    def checkpoint() -> None:
-        measure()
         best = {f"best::{n}": t for n, t in best_weights.items()}
         save(state, optimizer_tensors(optimizer, names) | scaler_tensors(scaler) | rng_tensors() | best)
 
     reset_peak_memory(device)
-
-    sink.start(settings.name, total, state.step, per_epoch)
+    sink.start(phase.name, total, state.step, per_epoch)
     started = time.perf_counter() - state.seconds
     model.train()
     while state.step < total:
-        epoch, position = divmod(state.step, per_epoch)
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(settings.seed * 7919 + epoch))
-        idx = order[position * settings.batch_size : (position + 1) * settings.batch_size].tolist()
-        batch = {k: v.to(device) for k, v in ops.collate(train, idx, pad_id).items()}
+        batch = {k: v.to(device) for k, v in
+                 ops.collate(train, _batch_indices(state.step, n_train, per_epoch, phase), pad_id).items()}
         factor = linear_schedule(state.step, total, warmup)
-        lr = settings.lr * factor
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
         if hooks.before_step is not None:
             hooks.before_step(state.step, total)
-        with precision.autocast():
-            loss = ops.loss(model, batch)
-            if hooks.regularizer is not None:
-                loss = loss + hooks.regularizer()
-        if not torch.isfinite(loss):
-            raise DSEEError(
-                f"The loss became {loss.item()} at step {state.step + 1} of phase {settings.name!r} "
-                f"(learning rate {lr:.3g}). The run stopped; lower the learning rate "
-                f"(trainer.{settings.name}.lr) or enable clipping (trainer.max_grad_norm)."
-            )
-        if scaler is None:
-            loss.backward()
-        else:  # fp16: scale the loss so small gradients do not underflow; unscale before clipping
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        if settings.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(named.values(), settings.max_grad_norm)
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then backs off
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if hooks.after_step is not None:
-            hooks.after_step()
+        loss = _update(model, batch, ops, list(named.values()), optimizer, scaler, phase, trainer, hooks, state.step,
+                       phase.lr * factor)
         state.step += 1
-        loss_value = loss.item()
-        sink.advance(loss_value, lr)
-        sink.log({f"{settings.name}/loss": loss_value, f"{settings.name}/lr": lr}, state.step)
-        if state.step % eval_every == 0 or state.step == total:
-            scores = ops.evaluate(model, evals, pad_id, device, settings.eval_batch_size, precision)
-            model.train()
-            record = {"step": state.step, **scores}
-            state.history.append(record)
-            eligible = hooks.best_eligible is None or hooks.best_eligible()
-            if eligible and (state.best is None or scores[main] > state.best[main]):
-                state.best = record
-                if settings.keep_best:
-                    best_weights = {n: p.detach().clone() for n, p in named.items()}
-            sink.log({f"{settings.name}/{k}": v for k, v in scores.items()}, state.step)
+        sink.advance(loss, phase.lr * factor)
+        sink.log({f"{phase.name}/loss": loss, f"{phase.name}/lr": phase.lr * factor}, state.step)
+        if (state.step % eval_every == 0 or state.step == total) and \
+                _evaluate(model, evals, ops, pad_id, device, phase, trainer, hooks, state, sink) and trainer.keep_best:
+            best_weights = {n: p.detach().clone() for n, p in named.items()}
         state.seconds = time.perf_counter() - started
-        if settings.checkpoint_every and state.step % settings.checkpoint_every == 0 and state.step < total:
+        if trainer.checkpoint_every and state.step % trainer.checkpoint_every == 0 and state.step < total:
             checkpoint()
     state.finished = True
     sink.stop()
     model.eval()
-    if settings.keep_best and best_weights and state.best is not None:
+    if trainer.keep_best and best_weights and state.best is not None:
         with torch.no_grad():  # the reported model is the one that is kept and exported
             for n, value in best_weights.items():
                 named[n].copy_(value)

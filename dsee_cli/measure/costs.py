@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .precision import FP32, Precision
+from dsee_cli.core.arch import block_linears
+from dsee_cli.core.precision import FP32, Precision
 
 
 def _status_kib(field: str) -> int | None:
@@ -234,8 +235,6 @@ def _semi_structured_on_gpu(final: nn.Module, device: torch.device, precision: P
     import copy
 
     from torch.sparse import to_sparse_semi_structured
-
-    from .arch import block_linears
 
     dtype = torch.bfloat16 if precision.name == "bf16-mixed" else torch.float16
     dense = copy.deepcopy(final).to(device=device, dtype=dtype).eval()

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote
 
-from .errors import DSEEError
-from .models import hub_reachable
+from dsee_cli.core.models import hub_reachable
+from dsee_cli.errors import DSEEError
 
 PARQUET_EXPORT = "refs/convert/parquet"
 # The layouts a split's files have: the export's, a repository's own (GLUE), the export's older one.

@@ -19,50 +19,82 @@ any weight the checkpoint lacked) always trains.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .adapters import AdapterSettings, inject_adapters
-from .arch import GPT2, family_of, task_head_params, transformer_layers
-from .errors import DSEEError, choice_error
-from .sparse_training import SparseTrainingSettings, inject_sparse_training
+from dsee_cli.core.arch import GPT2, AddedModule, family_of, task_head_params, transformer_layers
+from dsee_cli.errors import DSEEError, choice_error
+from dsee_cli.tuning.adapters import LowRankConfig, inject_adapters
+from dsee_cli.tuning.sparse_training import ScheduleConfig, SparseTrainingConfig, inject_sparse_training
+
+PLACEMENTS = ("both", "ffn")
 
 
-@dataclass(frozen=True)
-class MethodSettings:
-    method: str = "dsee"
-    adapter: AdapterSettings = field(default_factory=AdapterSettings)  # dsee / lora
-    targets: tuple[str, ...] | None = None  # dsee / lora; None: the architecture's q, v
-    bottleneck: int = 64  # houlsby / mam: the adapter's hidden size
-    placement: str = "both"  # houlsby: after attention and FFN (both) or after the FFN only (ffn)
-    adapter_scale: float = 4.0  # mam: the parallel adapter's output scale
-    prefix_length: int = 16  # prefix / ptuning-v2 / mam: virtual tokens per layer
-    prefix_projection: bool = False  # reparameterise the prefix through an MLP (prefix tuning)
-    prefix_hidden: int = 512  # that MLP's hidden size
-    top_layers: int = 2  # ft-top: how many of the last blocks train
+@dataclass
+class BottleneckConfig:
+    """``adapter.bottleneck``: houlsby's serial and mam's parallel bottleneck adapters."""
+
+    size: int = 64  # houlsby / mam: the adapter's hidden size
+    placement: str = "both"  # houlsby: after attention and FFN (both, Houlsby) or after the FFN only (ffn, Pfeiffer)
+    scale: float = 4.0  # mam: the parallel adapter's output scale
     train_layer_norms: bool = False  # houlsby: also train the blocks' LayerNorms (Houlsby's recipe)
-    sparse: SparseTrainingSettings = field(default_factory=SparseTrainingSettings)  # pst / map / mvp
+
+
+@dataclass
+class PromptConfig:
+    """``adapter.prompt``: the deep prompts of prefix / ptuning-v2 / mam (PEFT's prefix encoder)."""
+
+    length: int = 16  # virtual tokens per layer
+    projection: bool = False  # prefix: reparameterise the prompts through an MLP
+    hidden: int = 512  # prefix: that MLP's hidden size
+
+
+@dataclass
+class AdapterConfig(LowRankConfig):
+    """The ``adapter`` section: the tuning method and its settings. The low-rank fields
+    (rank, alpha, omega_size, dropout, init) are adapters.LowRankConfig's, for dsee / lora."""
+
+    method: str = "dsee"  # the tuning method (adapter=... picks it with its defaults; see TUNING_METHODS)
+    targets: list[str] | None = None  # dsee / lora: the adapted projections; null: the architecture's q, v
+    top_layers: int = 2  # ft-top: how many of the last blocks train
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    sparse_training: SparseTrainingConfig = field(default_factory=SparseTrainingConfig)
 
     def check(self) -> None:
         if self.method not in TUNING_METHODS:
             raise choice_error("adapter method (adapter=... / adapter.method)", self.method, tuple(TUNING_METHODS))
-        if self.placement not in ("both", "ffn"):
-            raise choice_error("adapter placement (adapter.placement)", self.placement, ("both", "ffn"))
-        for name in ("bottleneck", "prefix_length", "top_layers", "prefix_hidden"):
-            if getattr(self, name) < 1:
-                raise DSEEError(f"adapter.{name}={getattr(self, name)} is invalid: it must be >= 1.")
+        LowRankConfig.check(self)
+        if self.bottleneck.placement not in PLACEMENTS:
+            raise choice_error("adapter placement (adapter.bottleneck.placement)", self.bottleneck.placement,
+                               PLACEMENTS)
+        for name, value in (("bottleneck.size", self.bottleneck.size), ("prompt.length", self.prompt.length),
+                            ("prompt.hidden", self.prompt.hidden), ("top_layers", self.top_layers)):
+            if value < 1:
+                raise DSEEError(f"adapter.{name}={value} is invalid: it must be >= 1.")
         if TUNING_METHODS[self.method].sparse_training:
-            replace(self.sparse, method=self.method).check()
+            self.sparse_training.check(self.method)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> AdapterConfig:
+        """The section as ``dataclasses.asdict`` wrote it (export/adapter's meta.json)."""
+        d = dict(saved)
+        if "adapter" in d or "prefix_length" in d:
+            raise DSEEError("this adapter export was written by dsee-cli before the adapter section was split "
+                            "(adapter.bottleneck, adapter.prompt, adapter.sparse_training); export it again.")
+        sparse = dict(d.get("sparse_training", {}))
+        sparse["schedule"] = ScheduleConfig(**sparse.get("schedule", {}))
+        d.update(bottleneck=BottleneckConfig(**d.get("bottleneck", {})), prompt=PromptConfig(**d.get("prompt", {})),
+                 sparse_training=SparseTrainingConfig(**sparse))
+        return cls(**d)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(AddedModule):
     """x ↦ scale · up(act(down(x))), with up = 0 at the start so the model is unchanged.
 
     Its Linears are trainable additions, not pretrained weights to prune."""
-
-    dsee_added = True  # not a pretrained layer: outside the pruning scope (arch.block_linears)
 
     def __init__(self, dim: int, hidden: int, activation: str = "gelu", scale: float = 1.0):
         super().__init__()
@@ -110,23 +142,23 @@ def _ffn_and_attention_outputs(model: nn.Module) -> list[tuple[nn.Module, nn.Mod
     return [(layer.attention.output.dense, layer.output.dense) for layer in transformer_layers(model)]
 
 
-def _add_houlsby(model: nn.Module, s: MethodSettings) -> None:
+def _add_houlsby(model: nn.Module, s: AdapterConfig) -> None:
     dim = _hidden_size(model)
     for attn_out, ffn_out in _ffn_and_attention_outputs(model):
-        for module in (attn_out, ffn_out) if s.placement == "both" else (ffn_out,):
-            module.add_module("houlsby", Bottleneck(dim, s.bottleneck))
+        for module in (attn_out, ffn_out) if s.bottleneck.placement == "both" else (ffn_out,):
+            module.add_module("houlsby", Bottleneck(dim, s.bottleneck.size))
             module.register_forward_hook(_serial_adapter_hook)
-    if s.train_layer_norms:
+    if s.bottleneck.train_layer_norms:
         for layer in transformer_layers(model):
             for m in layer.modules():
                 if isinstance(m, nn.LayerNorm):
                     m.requires_grad_(True)
 
 
-def _add_parallel_ffn(model: nn.Module, s: MethodSettings) -> None:
+def _add_parallel_ffn(model: nn.Module, s: AdapterConfig) -> None:
     dim = _hidden_size(model)
     for layer in transformer_layers(model):
-        adapter = Bottleneck(dim, s.bottleneck, activation="relu", scale=s.adapter_scale)
+        adapter = Bottleneck(dim, s.bottleneck.size, activation="relu", scale=s.bottleneck.scale)
         if family_of(model) is GPT2:
             layer.mlp.add_module("mam", adapter)
             layer.mlp.register_forward_hook(_parallel_ffn_hook_gpt2)
@@ -157,18 +189,18 @@ class _PrefixInjector:
         return args, kwargs
 
 
-def _add_prefix(model: nn.Module, s: MethodSettings) -> None:
+def _add_prefix(model: nn.Module, s: AdapterConfig) -> None:
     from peft import PeftModel, PrefixTuningConfig
 
-    config = PrefixTuningConfig(num_virtual_tokens=s.prefix_length, prefix_projection=s.prefix_projection,
-                                encoder_hidden_size=s.prefix_hidden, task_type=None)
+    config = PrefixTuningConfig(num_virtual_tokens=s.prompt.length, prefix_projection=s.prompt.projection,
+                                encoder_hidden_size=s.prompt.hidden, task_type=None)
     peft_model = PeftModel(model, config)  # builds the prompt encoder; freezes the model
     model.add_module("prefix_encoder", peft_model.prompt_encoder)
-    model.register_forward_pre_hook(_PrefixInjector(peft_model, s.prefix_length), with_kwargs=True)
+    model.register_forward_pre_hook(_PrefixInjector(peft_model, s.prompt.length), with_kwargs=True)
 
 
-def _attach_lowrank(model: nn.Module, s: MethodSettings) -> None:
-    inject_adapters(model, s.adapter, list(s.targets) if s.targets else None)
+def _attach_lowrank(model: nn.Module, s: AdapterConfig) -> None:
+    inject_adapters(model, s, list(s.targets) if s.targets else None)
 
 
 def _freeze_all_but(model: nn.Module, trains: bool) -> None:
@@ -176,14 +208,14 @@ def _freeze_all_but(model: nn.Module, trains: bool) -> None:
         p.requires_grad_(trains)
 
 
-def _attach_bitfit(model: nn.Module, s: MethodSettings) -> None:
+def _attach_bitfit(model: nn.Module, s: AdapterConfig) -> None:
     _freeze_all_but(model, False)
     for name, p in model.named_parameters():
         if name.endswith(".bias"):
             p.requires_grad_(True)
 
 
-def _attach_ft_top(model: nn.Module, s: MethodSettings) -> None:
+def _attach_ft_top(model: nn.Module, s: AdapterConfig) -> None:
     _freeze_all_but(model, False)
     layers = transformer_layers(model)
     if s.top_layers > len(layers):
@@ -196,24 +228,24 @@ def _attach_ft_top(model: nn.Module, s: MethodSettings) -> None:
             getattr(base, after_blocks).requires_grad_(True)
 
 
-def _attach_houlsby(model: nn.Module, s: MethodSettings) -> None:
+def _attach_houlsby(model: nn.Module, s: AdapterConfig) -> None:
     _freeze_all_but(model, False)
     _add_houlsby(model, s)
 
 
-def _attach_prefix(model: nn.Module, s: MethodSettings) -> None:
+def _attach_prefix(model: nn.Module, s: AdapterConfig) -> None:
     _freeze_all_but(model, False)
     _add_prefix(model, s)
 
 
-def _attach_mam(model: nn.Module, s: MethodSettings) -> None:
+def _attach_mam(model: nn.Module, s: AdapterConfig) -> None:
     _attach_prefix(model, s)
     _add_parallel_ffn(model, s)
 
 
-def _attach_sparse(model: nn.Module, s: MethodSettings) -> None:
+def _attach_sparse(model: nn.Module, s: AdapterConfig) -> None:
     _freeze_all_but(model, s.method != "pst")  # MaP and MvP train every weight, as their papers did
-    inject_sparse_training(model, replace(s.sparse, method=s.method))
+    inject_sparse_training(model, s.sparse_training, s.method)
 
 
 @dataclass(frozen=True)
@@ -222,10 +254,11 @@ class TuningMethod:
 
     name: str
     title: str  # what phase I is called on the terminal
-    attach: Callable[[nn.Module, MethodSettings], None]  # what trains, and what is added to the model
+    attach: Callable[[nn.Module, AdapterConfig], None]  # what trains, and what is added to the model
     merges: bool  # the tuned model is a plain HF model again (export/merged)
     prompts: bool = False  # adds virtual tokens to every layer (no head pruning)
     sparse_training: bool = False  # prunes while it trains, on the cubic schedule (no pruning phase)
+    lowrank: bool = False  # adds ΔW through DSEELinear on the targets (Ω, |ΔW| pruning criteria, head scores)
 
 
 TUNING_METHODS: dict[str, TuningMethod] = {}
@@ -238,8 +271,8 @@ def register(method: TuningMethod) -> TuningMethod:
 
 
 for _method in (
-    TuningMethod("dsee", "sparse + low-rank tuning", _attach_lowrank, merges=True),
-    TuningMethod("lora", "low-rank tuning", _attach_lowrank, merges=True),
+    TuningMethod("dsee", "sparse + low-rank tuning", _attach_lowrank, merges=True, lowrank=True),
+    TuningMethod("lora", "low-rank tuning", _attach_lowrank, merges=True, lowrank=True),
     TuningMethod("full", "full fine-tuning", lambda model, s: _freeze_all_but(model, True), merges=True),
     TuningMethod("bitfit", "BitFit: biases only", _attach_bitfit, merges=True),
     TuningMethod("ft-top", "fine-tuning the top blocks", _attach_ft_top, merges=True),
@@ -261,7 +294,7 @@ PROMPT_METHODS = tuple(n for n, m in TUNING_METHODS.items() if m.prompts)
 SPARSE_TRAINING = tuple(n for n, m in TUNING_METHODS.items() if m.sparse_training)
 
 
-def prepare_method(model: nn.Module, s: MethodSettings) -> None:
+def prepare_method(model: nn.Module, s: AdapterConfig) -> None:
     """Set up the model for training with method ``s.method`` (in place)."""
     s.check()
     TUNING_METHODS[s.method].attach(model, s)

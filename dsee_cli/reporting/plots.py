@@ -23,7 +23,7 @@ from pathlib import Path
 
 from scipy import stats
 
-from .report import SEED, Point, Report
+from dsee_cli.reporting.report import SEED, Point, Report
 
 
 def confidence_band(values: list[float], level: float = 0.90) -> tuple[float, float]:

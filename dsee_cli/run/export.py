@@ -23,13 +23,13 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from .adapters import AdapterSettings, adapters_of, set_omegas, unwrap_adapters
-from .arch import weight_out_in
-from .atomic import atomic_write_text, fsync_dir, fsync_file
-from .methods import MethodSettings, prepare_method
-from .pruning import apply_masks, prune_heads
-from .slimming import FROZEN_CHANGED, prune_ffn
-from .sparse_training import SparseTrainingSettings, finalize_sparse_training, sparse_layers
+from dsee_cli.atomic import atomic_write_text, fsync_dir, fsync_file
+from dsee_cli.core.arch import block_linears, weight_out_in
+from dsee_cli.pruning import apply_masks, prune_heads
+from dsee_cli.pruning.slimming import FROZEN_CHANGED, prune_ffn
+from dsee_cli.tuning import AdapterConfig, prepare_method
+from dsee_cli.tuning.adapters import adapters_of, set_omegas, unwrap_adapters
+from dsee_cli.tuning.sparse_training import finalize_sparse_training, sparse_layers
 
 MASK_PREFIX = "mask::"
 SPARSE_MASK_PREFIX = "sparsemask::"
@@ -165,19 +165,7 @@ def load_state_dir(target: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(target / meta.get("state_file", "state.safetensors"))), meta
 
 
-def method_from_meta(saved: dict) -> MethodSettings:
-    """The MethodSettings that ``save_adapter`` wrote as JSON (nested settings, tuples as lists)."""
-    method = dict(saved)
-    method["adapter"] = AdapterSettings(**method["adapter"])
-    method["targets"] = tuple(method["targets"]) if method.get("targets") else None
-    if "sparse" in method:
-        sparse = dict(method["sparse"])
-        sparse["score_terms"] = tuple(sparse["score_terms"])
-        method["sparse"] = SparseTrainingSettings(**sparse)
-    return MethodSettings(**method)
-
-
-def save_adapter(model: nn.Module, target: Path, method: MethodSettings, base_model: str) -> None:
+def save_adapter(model: nn.Module, target: Path, method: AdapterConfig, base_model: str) -> None:
     """What the method trained (and the masks, Ω, removed units), to re-apply onto the base model."""
     tensors, meta = model_state(model)
     meta.update(method=asdict(method), base_model=base_model)
@@ -187,7 +175,7 @@ def save_adapter(model: nn.Module, target: Path, method: MethodSettings, base_mo
 def apply_adapter(model: nn.Module, target: Path) -> None:
     """Re-apply a ``save_adapter`` directory onto the pretrained model it came from."""
     tensors, meta = load_state_dir(target)
-    prepare_method(model, method_from_meta(meta["method"]))
+    prepare_method(model, AdapterConfig.from_dict(meta["method"]))
     restore_state(model, tensors, meta)
 
 
@@ -245,8 +233,6 @@ def export_compressed(merged: nn.Module, tokenizer, target: Path) -> dict | None
     """Like export/merged, but every block linear weight that pruning left with zeros is stored as
     a bit-packed mask plus its non-zero values. Returns the sizes of what it compressed (None, and
     nothing written, where no weight has enough zeros to gain from it)."""
-    from .arch import block_linears
-
     tensors, aliases = _unique_state(merged)
     compressed, dense_bytes, packed_bytes = {}, 0, 0
     for module_name in block_linears(merged):

@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import pad
-from .errors import DSEEError
-from .hub_data import PARQUET_EXPORT, HubSource, read_splits, require_columns, with_overrides
-from .precision import FP32, Precision
+from dsee_cli.core.precision import FP32, Precision
+from dsee_cli.data.classification import DataSource, pad
+from dsee_cli.data.hub import PARQUET_EXPORT, HubSource, read_splits, require_columns, with_overrides
+from dsee_cli.errors import DSEEError
 
 SEPARATOR = " ||"
 # What each task reports (DSEE Table 4): E2E BLEU / METEOR / NIST (+ ROUGE-L, CIDEr), others TER.
@@ -107,9 +107,9 @@ def _find(data_dir: Path, stems: tuple[str, ...]) -> Path | None:
     return None
 
 
-def check_nlg_files(s: NLGSettings) -> None:
+def check_nlg_files(s: DataSource) -> None:
     """Fail before any model is loaded when the named local data is not there."""
-    if s.synthetic:
+    if s.synthetic_standin:
         return
     for what, value in (("task.train_file", s.train_file), ("task.validation_file", s.validation_file)):
         if value and not Path(value).is_file():
@@ -146,11 +146,11 @@ def linearize(value) -> str:
     return " | ".join(" : ".join(str(x) for x in t) for t in triples)
 
 
-def hub_source(s: NLGSettings) -> HubSource:
+def hub_source(s: DataSource) -> HubSource:
     return with_overrides(NLG_TASKS[s.name]["hub"], s.hub_repo, s.hub_revision, s.hub_config)
 
 
-def load_hub(s: NLGSettings) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
+def load_hub(s: DataSource) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
     """Training pairs (input, target) and the evaluation split's (input, reference) pairs, all references."""
     source, field = hub_source(s), NLG_TASKS[s.name]["input"]
     local = (f"task.data_dir=/path/to/{s.name} holding train and valid / test files (E2E CSV mr,ref; LoRA-style "
@@ -187,30 +187,12 @@ def synthetic_pairs(n_inputs: int, seed: int, refs_per_input: int = 2) -> list[t
     return pairs
 
 
-@dataclass(frozen=True)
-class NLGSettings:
-    name: str
-    data_dir: str | None = None
-    train_file: str | None = None
-    validation_file: str | None = None
-    eval_split: str = "validation"  # validation or test (the papers report test)
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    synthetic_train: int = 200
-    synthetic_eval: int = 40
-    synthetic: bool = False
-    seed: int = 1
-    hub_repo: str | None = None  # the Hub source (default: NLG_TASKS[name]["hub"])
-    hub_revision: str | None = None
-    hub_config: str | None = None
-
-
-def load_nlg(s: NLGSettings) -> NLGData:
+def load_nlg(s: DataSource, seed: int) -> NLGData:
     if s.eval_split not in EVAL_SPLITS:
         raise DSEEError(f"task.eval_split={s.eval_split!r} is invalid; valid choices: {', '.join(EVAL_SPLITS)}.")
-    if s.synthetic:
-        train = synthetic_pairs(s.synthetic_train, s.seed)
-        evaluation = synthetic_pairs(s.synthetic_eval, s.seed + 10_000)
+    if s.synthetic_standin:
+        train = synthetic_pairs(s.synthetic_train, seed)
+        evaluation = synthetic_pairs(s.synthetic_eval, seed + 10_000)
         source = f"synthetic stand-in for {s.name}"
     elif s.train_file or s.validation_file:
         if not (s.train_file and s.validation_file):
@@ -297,17 +279,24 @@ def token_accuracy(model: nn.Module, data: LMEncoded, pad_id: int, device, batch
     return {"token_accuracy": 100.0 * right / max(1, total), "loss": loss_sum / max(1, total)}
 
 
-@dataclass(frozen=True)
-class DecodeSettings:
-    num_beams: int = 10
-    length_penalty: float = 0.8
-    no_repeat_ngram_size: int = 4
-    max_new_tokens: int = 64
-    batch_size: int = 16
+@dataclass
+class DecodeConfig:
+    """``task.decode``: beam search for the generation tasks (LoRA's and PST's settings)."""
+
+    num_beams: int = 10  # beam size
+    length_penalty: float = 0.8  # beam search length penalty
+    no_repeat_ngram_size: int = 4  # no repeated n-grams of this size
+    max_new_tokens: int = 64  # the longest output
+    batch_size: int = 16  # inputs decoded at once
+
+    def check(self) -> None:
+        if self.num_beams < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise DSEEError(f"task.decode.num_beams={self.num_beams}, .max_new_tokens={self.max_new_tokens} and "
+                            f".batch_size={self.batch_size} must be >= 1.")
 
 
 @torch.no_grad()
-def decode(model: nn.Module, tokenizer, prompts: list[list[int]], settings: DecodeSettings, device,
+def decode(model: nn.Module, tokenizer, prompts: list[list[int]], settings: DecodeConfig, device,
            eos_id: int, pad_id: int, progress=lambda done, total: None, precision: Precision = FP32) -> list[str]:
     """Batched beam search; prompts are left-padded so every row continues from its last token."""
     model.eval()

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
-from .config import RunConfig
-from .data import TASKS, Encoded, TaskSpec
-from .errors import DSEEError, choice_error
-from .export import apply_adapter, load_merged, load_merged_tokenizer
-from .metrics import task_metrics
-from .models import LoadedModel
-from .nlg import NLG_TASKS
-from .pipeline import pick_device
-from .precision import resolve_precision
-from .tasks import load_pretrained, prepare_task
-from .train import ProgressSink, predict
+from dsee_cli.atomic import atomic_write_text
+from dsee_cli.config import RunConfig
+from dsee_cli.core.models import LoadedModel
+from dsee_cli.core.precision import resolve_precision
+from dsee_cli.data.classification import TASKS, Encoded, TaskSpec
+from dsee_cli.data.generation import NLG_TASKS
+from dsee_cli.data.metrics import task_metrics
+from dsee_cli.errors import DSEEError, choice_error
+from dsee_cli.run.export import apply_adapter, load_merged, load_merged_tokenizer
+from dsee_cli.run.pipeline import pick_device
+from dsee_cli.run.task import load_pretrained, prepare_task
+from dsee_cli.run.train import ProgressSink, predict
 
 SOURCES = ("merged", "compressed", "adapter")
 

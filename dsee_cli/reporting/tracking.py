@@ -6,13 +6,36 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .train import ProgressSink
+from dsee_cli.errors import choice_error
+from dsee_cli.run.train import ProgressSink
+
+LOGGER_BACKENDS = ("wandb", "none")
+LOGGER_MODES = ("offline", "online", "disabled")
+
+
+@dataclass
+class LoggerConfig:
+    """The ``logger`` section: where a run's curves and summary go."""
+
+    backend: str = "wandb"  # wandb or none
+    mode: str = "offline"  # online needs WANDB_API_KEY (or `wandb login`)
+    project: str = "dsee-cli"  # W&B project
+    entity: str | None = None  # W&B entity (team or user)
+    group: str | None = None  # default: the run's name
+    tags: list[str] = field(default_factory=list)  # W&B tags
+
+    def check(self) -> None:
+        if self.backend not in LOGGER_BACKENDS:
+            raise choice_error("logger (logger=...)", self.backend, LOGGER_BACKENDS)
+        if self.mode not in LOGGER_MODES:
+            raise choice_error("W&B mode (logger.mode)", self.mode, LOGGER_MODES)
 
 log = logging.getLogger("dsee")
 console = Console(stderr=False)

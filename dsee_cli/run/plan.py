@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import RunConfig, pruning_settings
-from .pipeline import phase_of_round, phase_settings
-from .precision import Precision
-from .steps import StepStore, step_fingerprint
+from dsee_cli.config import RunConfig
+from dsee_cli.core.precision import Precision
+from dsee_cli.run.pipeline import phase_of_round, phase_settings
+from dsee_cli.run.steps import StepStore, step_fingerprint
 
 # Training-set sizes of the GLUE tasks (for step counts when no slice is set)
 GLUE_TRAIN = {"mnli": 392_702, "qqp": 363_846, "qnli": 104_743, "sst2": 67_349, "cola": 8_551, "stsb": 5_749,
@@ -41,7 +41,7 @@ def build_plan(cfg: RunConfig) -> list[Step]:
 
     def steps(phase: str) -> int:
         s = phase_settings(cfg, phase, precision)
-        return s.max_steps or max(1, math.ceil(s.epochs * math.ceil(n / s.batch_size)))
+        return cfg.trainer.max_steps or max(1, math.ceil(s.epochs * math.ceil(n / s.batch_size)))
 
     plan: list[Step] = []
     if cfg.adapter.method == "dsee" and cfg.adapter.omega_size > 0:
@@ -49,13 +49,13 @@ def build_plan(cfg: RunConfig) -> list[Step]:
                                   + (f" ({cfg.omega.preset})" if cfg.omega.method == "grebsmo" else "")))
     plan.append(Step("phase1", f"phase I: {cfg.adapter.method} tuning", steps("phase1"),
                      step_fingerprint(cfg, "phase1")))
-    rounds = pruning_settings(cfg).round_sparsities()
+    rounds = cfg.pruning.round_sparsities(cfg.sparsity)
     for r, target in enumerate(rounds, start=1):
         plan.append(Step(f"prune{r}", f"prune: {cfg.pruning.method}, {cfg.pruning.criterion}"
-                         + (f", {cfg.pruning.heads_to_remove} heads per layer" if cfg.pruning.method == "structured"
+                         + (f", {cfg.pruning.heads_to_remove} heads per layer" if cfg.pruning.pruner.removes_heads
                             else f", sparsity {target:.3g}")))
         phase = phase_of_round(r, len(rounds))
-        if cfg.pruning.method == "imp":
+        if cfg.pruning.pruner.rounds:
             plan.append(Step(f"round{r}", f"IMP round {r}: retrain", steps(phase), step_fingerprint(cfg, f"round{r}")))
         else:
             plan.append(Step("recovery", "recovery tuning", steps(phase)))

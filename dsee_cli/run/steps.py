@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text, fsync_dir, fsync_file
-from .config import RunConfig
-from .export import STATE_META, load_state_dir
-from .methods import SPARSE_TRAINING
+from dsee_cli.atomic import atomic_write_text, fsync_dir, fsync_file
+from dsee_cli.config import RunConfig
+from dsee_cli.run.export import STATE_META, load_state_dir
+from dsee_cli.tuning import SPARSE_TRAINING
 
 log = logging.getLogger("dsee")
 STEP_FORMAT = 1  # bump when what a step's state means changes: older entries are then recomputed
@@ -75,8 +75,8 @@ def step_fingerprint(cfg: RunConfig, step: str) -> str:
         d["task"].pop("recovery_epochs")
         if cfg.adapter.method not in SPARSE_TRAINING:
             d.pop("sparsity")
-            d.pop("schedule")
-        d["pruning"] = {"slimming_l1": cfg.pruning.slimming_l1} if cfg.pruning.method == "earlybert" else {}
+            d["adapter"].pop("sparse_training")
+        d["pruning"] = {"slimming_l1": cfg.pruning.slimming_l1} if cfg.pruning.pruner.slimming else {}
     elif step.startswith("round"):
         d["pruning"].pop("rounds")
     else:

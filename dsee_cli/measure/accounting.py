@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .adapters import DSEELinear, adapters_of
-from .arch import attention_units, block_linears, dims, task_head_params, weight_out_in
+from dsee_cli.core.arch import attention_units, block_linears, dims, task_head_params, weight_out_in
+from dsee_cli.tuning.adapters import DSEELinear, adapters_of
+from dsee_cli.tuning.sparse_training import SparseTrainLinear
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def scope_size(model: nn.Module) -> tuple[int, int]:
     for module in block_linears(model).values():
         w = weight_out_in(getattr(module, "base", module))
         total += w.numel()
-        if getattr(module, "dsee_wraps", False):  # sparse training: the weight is M ⊙ W
+        if isinstance(module, SparseTrainLinear):  # sparse training: the weight is M ⊙ W
             nonzero += int(module.mask.sum())
         elif isinstance(module, DSEELinear) and module.mask is not None and module.mask_delta:
             nonzero += int(module.mask.sum())

@@ -13,9 +13,21 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import DSEEError
+from dsee_cli.errors import DSEEError
 
 LinearLike = (nn.Linear, Conv1D)
+
+
+class WrappedLayer(nn.Module):
+    """A method's module that stands for the pretrained layer it wraps (``self.base``): to
+    pruning, accounting and export it is that layer (DSEELinear, SparseTrainLinear)."""
+
+    base: nn.Module
+
+
+class AddedModule(nn.Module):
+    """A module a method adds inside a block (Houlsby / MAM bottlenecks): trainable, and not a
+    pretrained weight, so outside the pruning scope."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +83,6 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
 
     A wrapper (DSEELinear, SparseTrainLinear) stands for the layer it wraps; layers that methods add (Houlsby and MAM
     bottlenecks, which live under the layer they modify) are not pretrained weights."""
-    from .adapters import DSEELinear  # local import: adapters depends on this module
-
     prefix = layer_prefix(model)
     found: dict[str, nn.Module] = {}
     added: list[str] = []
@@ -81,10 +91,10 @@ def block_linears(model: nn.Module) -> dict[str, nn.Module]:
             continue
         if any(name.startswith(a + ".") for a in added):
             continue
-        if isinstance(module, DSEELinear) or getattr(module, "dsee_wraps", False):
+        if isinstance(module, WrappedLayer):
             found[name] = module
             added.append(name)  # a wrapper stands for its base; A/B etc. are not separate layers
-        elif getattr(module, "dsee_added", False):
+        elif isinstance(module, AddedModule):
             added.append(name)
         elif isinstance(module, LinearLike):
             found[name] = module

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from .atomic import atomic_write_text
-from .errors import DSEEError
+from dsee_cli.atomic import atomic_write_text
+from dsee_cli.errors import DSEEError
 
 SEED = "seed"
 # The paper reports accuracy, Matthews correlation (CoLA) and Pearson (STS-B).
@@ -420,7 +420,7 @@ def expected_grid(sweep_dir: Path) -> dict[str, list[str]]:
 
 
 def load_paper_numbers() -> dict:
-    return yaml.safe_load(resources.files("dsee_cli").joinpath("paper_numbers.yaml").read_text())
+    return yaml.safe_load(resources.files("dsee_cli.reporting").joinpath("paper_numbers.yaml").read_text())
 
 
 def _score(metrics: dict, column: str, paper: dict, which: str = "best") -> float | None:

@@ -16,79 +16,81 @@ covers every linear layer of the transformer blocks; top-v is per layer or globa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .arch import block_linears, dims, weight_out_in
-from .errors import DSEEError, choice_error
-from .selection import smallest_k_mask
+from dsee_cli.core.arch import WrappedLayer, block_linears, dims, weight_out_in
+from dsee_cli.core.selection import smallest_k_mask
+from dsee_cli.errors import DSEEError, choice_error
 
 METHODS = ("pst", "map", "mvp")
 SCORE_TERMS = ("weight", "lowrank", "structured")  # |W₀ + βUV|, α₁AB, α₂(R + C)
 TOPK = ("layer", "global")
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """Cubic sparsity schedule (Zhu & Gupta 2018) with warm-up and cool-down fractions."""
+@dataclass
+class ScheduleConfig:
+    """Cubic sparsity schedule (Zhu & Gupta 2018) up to the run's ``sparsity`` (``final``)."""
 
-    final: float = 0.9
-    initial: float = 0.0
-    warmup: float = 0.1  # fraction of the steps held at `initial`
-    cooldown: float = 0.3  # fraction of the steps held at `final`
-    every: int = 10  # steps between mask updates while the sparsity ramps
+    initial: float = 0.0  # the sparsity the schedule starts from
+    warmup: float = 0.1  # fraction of phase I held at `initial`
+    cooldown: float = 0.3  # fraction held at the final sparsity
+    every: int = 10  # steps between mask updates during the ramp
 
-    def check(self) -> None:
-        if not 0.0 <= self.initial <= self.final < 1.0:
+    def check(self, final: float) -> None:
+        if not 0.0 <= self.initial <= final < 1.0:
             raise DSEEError(f"the sparsity schedule needs 0 <= initial ({self.initial}) <= final "
-                            f"(sparsity={self.final}) < 1.")
+                            f"(sparsity={final}) < 1.")
         if self.warmup < 0 or self.cooldown < 0 or self.warmup + self.cooldown >= 1.0:
-            raise DSEEError(f"schedule.warmup={self.warmup} and schedule.cooldown={self.cooldown} must be >= 0 "
-                            f"and leave part of training for the ramp (warmup + cooldown < 1).")
+            raise DSEEError(f"adapter.sparse_training.schedule.warmup={self.warmup} and .cooldown={self.cooldown} "
+                            f"must be >= 0 and leave part of training for the ramp (warmup + cooldown < 1).")
         if self.every < 1:
-            raise DSEEError(f"schedule.every={self.every} must be >= 1 step.")
+            raise DSEEError(f"adapter.sparse_training.schedule.every={self.every} must be >= 1 step.")
 
-    def at(self, step: int, total: int) -> float:
+    def at(self, step: int, total: int, final: float) -> float:
         """Sparsity at ``step`` of ``total``: s_f + (s_i − s_f)(1 − (t − t_w)/(T − t_w − t_c))³."""
         start = self.warmup * total
         ramp = total - start - self.cooldown * total
         if step < start:
             return self.initial
         if step >= start + ramp:
-            return self.final
+            return final
         t = math.floor((step - start) / self.every) * self.every  # the mask changes every `every` steps
-        return self.final + (self.initial - self.final) * (1.0 - t / ramp) ** 3
+        return final + (self.initial - final) * (1.0 - t / ramp) ** 3
 
 
-@dataclass(frozen=True)
-class SparseTrainingSettings:
-    method: str = "pst"
-    r1: int = 8  # rank of A·B (importance)
-    r2: int = 8  # rank of U·V (weight update)
-    beta: float = 1.0
-    alpha1: float = 1.0
-    alpha2: float = 1.0
-    score_terms: tuple[str, ...] = SCORE_TERMS
-    topk: str = "layer"  # layer-wise or global top-v
+@dataclass
+class SparseTrainingConfig:
+    """``adapter.sparse_training``: PST's parametrisation and importance, and the schedule (pst / map / mvp)."""
+
+    r1: int = 8  # pst: rank of the importance's A·B
+    r2: int = 8  # pst: rank of the weight update U·V
+    beta: float = 1.0  # pst: W = W₀ + β·U·V
+    alpha1: float = 1.0  # pst: weight of α₁·A·B in the importance
+    alpha2: float = 1.0  # pst: weight of α₂·(R + C)
+    score_terms: list[str] = field(default_factory=lambda: list(SCORE_TERMS))  # pst: the importance's terms
+    topk: str = "layer"  # top-v per layer or global
     score_lr: float = 1e-4  # mvp: the scores' learning rate (they start at |W₀|)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
-    def check(self) -> None:
-        if self.method not in METHODS:
-            raise choice_error("sparse training method", self.method, METHODS)
+    def check(self, method: str) -> None:
+        """The method's own settings (the schedule is checked against the run's sparsity by the config)."""
+        if method not in METHODS:
+            raise choice_error("sparse training method", method, METHODS)
         if self.topk not in TOPK:
-            raise choice_error("top-k granularity (adapter.topk)", self.topk, TOPK)
+            raise choice_error("top-k granularity (adapter.sparse_training.topk)", self.topk, TOPK)
         bad = [t for t in self.score_terms if t not in SCORE_TERMS]
         if bad or not self.score_terms:
-            raise DSEEError(f"adapter.score_terms={list(self.score_terms)} is invalid: choose one or more of "
-                            f"{', '.join(SCORE_TERMS)}.")
-        if self.method == "pst" and (self.r1 < 0 or self.r2 < 1):
-            raise DSEEError(f"PST needs adapter.r1 >= 0 and adapter.r2 >= 1, got r1={self.r1}, r2={self.r2}.")
+            raise DSEEError(f"adapter.sparse_training.score_terms={list(self.score_terms)} is invalid: choose one "
+                            f"or more of {', '.join(SCORE_TERMS)}.")
+        if method == "pst" and (self.r1 < 0 or self.r2 < 1):
+            raise DSEEError(f"PST needs adapter.sparse_training.r1 >= 0 and .r2 >= 1, got r1={self.r1}, r2={self.r2}.")
         if "lowrank" in self.score_terms and self.r1 < 1:
-            raise DSEEError("the lowrank importance term (α₁AB) needs adapter.r1 >= 1.")
+            raise DSEEError("the lowrank importance term (α₁AB) needs adapter.sparse_training.r1 >= 1.")
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -110,22 +112,20 @@ def top_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return smallest_k_mask(-flat[None], keep)[0].view(scores.shape)
 
 
-class SparseTrainLinear(nn.Module):
+class SparseTrainLinear(WrappedLayer):
     """A block linear trained sparse: W_eff = W ⊙ M, with W and the scores per the method."""
 
-    dsee_wraps = True  # stands for its base layer in the pruning scope and the accounting
-
-    def __init__(self, base: nn.Module, s: SparseTrainingSettings):
+    def __init__(self, base: nn.Module, s: SparseTrainingConfig, method: str):
         super().__init__()
         self.base = base
-        self.method = s.method
+        self.method = method
         self.is_conv1d = isinstance(base, Conv1D)
         self.out_features, self.in_features = dims(base)
         self.settings = s
         w = weight_out_in(base)
         dev, dt = w.device, w.dtype
         n, k = self.out_features, self.in_features
-        if s.method == "pst":
+        if method == "pst":
             base.weight.requires_grad_(False)
             self.U = nn.Parameter(torch.zeros(n, s.r2, device=dev, dtype=dt))  # U = 0: W starts at W₀
             self.V = nn.Parameter(torch.empty(s.r2, k, device=dev, dtype=dt))
@@ -139,7 +139,7 @@ class SparseTrainLinear(nn.Module):
                 self.C = nn.Parameter(torch.zeros(1, k, device=dev, dtype=dt))
         else:
             base.weight.requires_grad_(True)
-            if s.method == "mvp":
+            if method == "mvp":
                 self.scores = nn.Parameter(w.detach().abs().clone())
         self.register_buffer("mask", torch.ones(n, k, dtype=torch.bool, device=dev))
         self.sparsity = 0.0
@@ -190,12 +190,11 @@ def sparse_layers(model: nn.Module) -> dict[str, SparseTrainLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseTrainLinear)}
 
 
-def inject_sparse_training(model: nn.Module, s: SparseTrainingSettings) -> dict[str, SparseTrainLinear]:
+def inject_sparse_training(model: nn.Module, s: SparseTrainingConfig, method: str) -> dict[str, SparseTrainLinear]:
     """Wrap every linear of the transformer blocks. PST freezes W₀; MaP / MvP train it."""
-    s.check()
     layers = {}
     for name, module in block_linears(model).items():
-        wrapped = SparseTrainLinear(module, s)
+        wrapped = SparseTrainLinear(module, s, method)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, wrapped)
         layers[name] = wrapped

@@ -16,22 +16,37 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .arch import Target, dims, resolve_targets, task_head_params, weight_out_in
+from dsee_cli.core.arch import Target, WrappedLayer, dims, resolve_targets, task_head_params, weight_out_in
+from dsee_cli.errors import DSEEError, choice_error
+
+INITS = ("kaiming", "normal")
 
 
-@dataclass(frozen=True)
-class AdapterSettings:
-    rank: int = 16
-    alpha: float = 32.0
-    omega_size: int = 16  # card(Ω) per adapted slice; 0 = LoRA
-    dropout: float = 0.0
-    init: str = "kaiming"  # how A starts: kaiming (as LoRA/PEFT) or normal (N(0, 0.02), as the paper)
+@dataclass
+class LowRankConfig:
+    """What a ``DSEELinear`` adds: the first fields of the ``adapter`` section (methods.AdapterConfig)."""
+
+    rank: int = 16  # dsee / lora: the rank r of B·A
+    alpha: float = 32.0  # dsee / lora: B·A is scaled by alpha / r
+    omega_size: int = 16  # dsee: card(Ω) per adapted matrix; 0 is LoRA
+    dropout: float = 0.0  # dsee / lora: dropout on the adapter's input
+    init: str = "kaiming"  # dsee / lora: A's start, kaiming (LoRA, PEFT) or normal (N(0, 0.02), the paper)
+
+    def check(self) -> None:
+        if self.rank < 1:
+            raise DSEEError(f"adapter.rank={self.rank} is invalid: the rank must be >= 1.")
+        if self.omega_size < 0:
+            raise DSEEError(f"adapter.omega_size={self.omega_size} is invalid: card(Ω) must be >= 0 (0 is LoRA).")
+        if self.init not in INITS:
+            raise choice_error("A's initialisation (adapter.init)", self.init, INITS)
+        if not 0.0 <= self.dropout < 1.0:
+            raise DSEEError(f"adapter.dropout={self.dropout} must be in [0, 1).")
 
 
-class DSEELinear(nn.Module):
+class DSEELinear(WrappedLayer):
     """Wraps a frozen Linear/Conv1D and adds ΔW on some of its output-row slices."""
 
-    def __init__(self, base: nn.Module, slices: tuple[tuple[int, int], ...], settings: AdapterSettings):
+    def __init__(self, base: nn.Module, slices: tuple[tuple[int, int], ...], settings: LowRankConfig):
         super().__init__()
         self.base = base
         self.is_conv1d = isinstance(base, Conv1D)
@@ -178,7 +193,7 @@ def adapters_of(model: nn.Module) -> dict[str, DSEELinear]:
 
 
 def inject_adapters(
-    model: nn.Module, settings: AdapterSettings, targets: list[str] | tuple[str, ...] | None = None
+    model: nn.Module, settings: LowRankConfig, targets: list[str] | tuple[str, ...] | None = None
 ) -> dict[str, DSEELinear]:
     """Wrap the target modules in place; freeze all but adapters and the task head."""
     resolved: list[Target] = resolve_targets(model, targets)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,11 +22,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
-from .errors import DSEEError, choice_error
-from .selection import largest_k_indices
+from dsee_cli.atomic import atomic_path
+from dsee_cli.core.selection import largest_k_indices
+from dsee_cli.errors import DSEEError, choice_error
 
-METHODS = ("grebsmo", "magnitude", "random")
 log = logging.getLogger("dsee")
 
 
@@ -226,11 +226,32 @@ def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
     return largest_k_indices(flat, n)
 
 
+# -- the finders: a batch of same-shape matrices -> a score per entry (Ω: the n largest) ------
+Finder = Callable[[torch.Tensor, GreBsmoSettings], torch.Tensor]
+
+
+def _grebsmo_scores(batch: torch.Tensor, settings: GreBsmoSettings) -> torch.Tensor:
+    return grebsmo_parallel(batch, settings).abs()
+
+
+def _magnitude_scores(batch: torch.Tensor, settings: GreBsmoSettings) -> torch.Tensor:
+    return batch.abs()
+
+
+def _random_scores(batch: torch.Tensor, settings: GreBsmoSettings) -> torch.Tensor:
+    return torch.rand(batch.shape, generator=torch.Generator().manual_seed(settings.seed))
+
+
+# omega.method -> its finder; a new finder is one function and one entry here
+FINDERS: dict[str, Finder] = {"grebsmo": _grebsmo_scores, "magnitude": _magnitude_scores, "random": _random_scores}
+METHODS = tuple(FINDERS)
+
+
 def find_omega(
     weights: dict[str, torch.Tensor], n: int, method: str, settings: GreBsmoSettings
 ) -> dict[str, torch.Tensor]:
     """Ω (n flat indices) for each named out x in matrix. Matrices of one shape are batched."""
-    if method not in METHODS:
+    if method not in FINDERS:
         raise choice_error("Ω method (omega.method)", method, METHODS)
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for name, w in weights.items():
@@ -238,13 +259,7 @@ def find_omega(
     result = {}
     for shape, names in by_shape.items():
         batch = torch.stack([weights[k].detach().float() for k in names])
-        if method == "grebsmo":
-            scores = grebsmo_parallel(batch, settings).abs()
-        elif method == "magnitude":
-            scores = batch.abs()
-        else:
-            gen = torch.Generator().manual_seed(settings.seed)
-            scores = torch.rand(batch.shape, generator=gen)
+        scores = FINDERS[method](batch, settings)
         empty = [name for name, sc in zip(names, scores) if not bool(sc.any())]
         if empty:
             log.warning("Ω is arbitrary for %d matrices of shape %s: S' = 0 everywhere (the rank of UV reached "
@@ -316,3 +331,40 @@ def settings_for(preset: str, **overrides) -> GreBsmoSettings:
         raise choice_error("GreBsmo preset (omega.preset)", preset, PRESETS)
     clean = {k: v for k, v in overrides.items() if v is not None}
     return replace(PRESETS[preset], **clean)
+
+
+@dataclass
+class OmegaConfig:
+    """The ``omega`` section: which finder picks Ω, and GreBsmo's preset with any value overridden."""
+
+    method: str = "grebsmo"  # grebsmo, magnitude (largest |W|) or random
+    preset: str = "fast"  # grebsmo: fast (ours) or reference (the paper's code)
+    # Any of these overrides the preset's value.
+    rank: int | None = None
+    rank_start: int | None = None  # grebsmo: the rank of UV at the start
+    rank_step: int | None = None  # grebsmo: its growth per outer iteration
+    outer_iters: int | None = None  # grebsmo: outer iterations
+    inner_iters: int | None = None  # grebsmo: inner iterations per outer one
+    threshold: float | None = None  # grebsmo: |S| below this is 0 (without sparse_card)
+    soft: bool | None = None  # grebsmo: soft instead of hard thresholding
+    sparse_card: int | None = None  # 0: threshold instead of a card constraint
+    reset_sparse: bool | None = None  # grebsmo: S = 0 at each outer iteration (the reference code)
+    tol: float | None = None  # grebsmo: stop at this relative error (0: never)
+    seed: int = 0  # the random draws of grebsmo and of random Ω
+    cache: bool = True  # keep Ω on disk, computed once per weights and settings
+    cache_dir: str | None = None  # default: $DSEE_CACHE or ~/.cache/dsee-cli, then /omega
+
+    def check(self) -> None:
+        if self.method not in FINDERS:
+            raise choice_error("Ω method (omega.method)", self.method, METHODS)
+        if self.preset not in PRESETS:
+            raise choice_error("GreBsmo preset (omega.preset)", self.preset, PRESETS)
+
+    def grebsmo(self) -> GreBsmoSettings:
+        """The preset's parameters with this section's overrides (sparse_card 0: no card constraint)."""
+        overrides = {k: getattr(self, k) for k in ("rank", "rank_start", "rank_step", "outer_iters", "inner_iters",
+                                                  "threshold", "soft", "reset_sparse", "tol")}
+        settings = settings_for(self.preset, seed=self.seed, **overrides)
+        if self.sparse_card is not None:
+            settings = replace(settings, sparse_card=self.sparse_card or None)
+        return settings

@@ -13,7 +13,7 @@ import os
 import socket
 import string
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from .errors import DSEEError
+from dsee_cli.errors import DSEEError
 
 HUB_MODELS = {
     "bert-base": "bert-base-uncased",
@@ -65,12 +65,26 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class TinySize:
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    intermediate: int = 128
+    """``model.tiny``: the shape of tiny-bert / tiny-gpt2 (random weights, built in code)."""
+
+    hidden: int = 64  # hidden size
+    layers: int = 2  # blocks
+    heads: int = 4  # attention heads
+    intermediate: int = 128  # FFN size
+
+
+@dataclass
+class ModelConfig:
+    """The ``model`` section: which pretrained model a run starts from."""
+
+    # a preset (bert-base, roberta-large, gpt2-medium, tiny-bert, tiny-gpt2), "local" or a Hub id
+    name: str = "tiny-bert"
+    path: str | None = None  # a local Hugging Face model directory (overrides name)
+    # the pooler trains with the task head: true / false; null: if the checkpoint's was never trained
+    train_pooler: bool | None = None
+    tiny: TinySize = field(default_factory=TinySize)
 
 
 def tiny_config(name: str, vocab_size: int, num_labels: int, size: TinySize, pad_id: int):

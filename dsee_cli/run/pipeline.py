@@ -16,22 +16,26 @@ import random
 import shutil
 import time
 import traceback
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import omega as omega_lib
-from .accounting import inference_flops, scope_size, trainable_counts
-from .adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weight
-from .arch import attention_units
-from .atomic import atomic_write_text
-from .config import RunConfig, method_settings, pruning_settings, sparsity_schedule, task_hparams, validate
-from .costs import TimingSettings, measure_savings, semi_structured
-from .data import check_data_files, load_task
-from .errors import DSEEError
-from .export import (
+from dsee_cli.atomic import atomic_write_text
+from dsee_cli.config import RunConfig, task_hparams, validate
+from dsee_cli.core.arch import attention_units
+from dsee_cli.core.models import TINY_MODELS, hub_reachable, resolve_source
+from dsee_cli.core.precision import Precision, resolve_precision
+from dsee_cli.data.classification import check_data_files, load_task
+from dsee_cli.data.generation import NLG_TASKS, check_nlg_files, load_nlg
+from dsee_cli.data.hub import uses_mirror
+from dsee_cli.errors import DSEEError
+from dsee_cli.measure.accounting import inference_flops, scope_size, trainable_counts
+from dsee_cli.measure.costs import TimingSettings, measure_savings, semi_structured
+from dsee_cli.pruning import reapply_masks
+from dsee_cli.pruning.slimming import add_slimming, has_slimming, slimming_penalty
+from dsee_cli.run.export import (
     STATE_META,
     clean_state_dir,
     export_compressed,
@@ -43,32 +47,20 @@ from .export import (
     save_adapter,
     save_state_dir,
 )
-from .hub_data import uses_mirror
-from .methods import MERGEABLE, SPARSE_TRAINING, TUNING_METHODS, prepare_method
-from .models import TINY_MODELS, hub_reachable, resolve_source
-from .nlg import NLG_TASKS, check_nlg_files, load_nlg
-from .precision import Precision, resolve_precision
-from .pruning import (
-    PruningSettings,
-    apply_masks,
-    compute_masks,
-    head_scores,
-    lowest_heads,
-    prune_heads,
-    reapply_masks,
-)
-from .slimming import add_slimming, slim_and_prune, slimming_penalty
-from .sparse_training import sparse_layers, update_masks
-from .steps import StepLock, StepRecord, StepStore, cache_root, step_fingerprint
-from .tasks import data_settings, load_pretrained, nlg_settings, prepare_task
-from .train import (
-    PhaseSettings,
+from dsee_cli.run.steps import StepLock, StepRecord, StepStore, cache_root, step_fingerprint
+from dsee_cli.run.task import load_pretrained, prepare_task
+from dsee_cli.run.train import (
+    Phase,
     PhaseState,
     ProgressSink,
     StepHooks,
     summarize,
     train_phase,
 )
+from dsee_cli.tuning import MERGEABLE, SPARSE_TRAINING, TUNING_METHODS, prepare_method
+from dsee_cli.tuning import omega as omega_lib
+from dsee_cli.tuning.adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weight
+from dsee_cli.tuning.sparse_training import sparse_layers, update_masks
 
 
 def seed_everything(seed: int) -> None:
@@ -162,16 +154,6 @@ class Checkpoint:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def omega_settings(cfg: RunConfig) -> omega_lib.GreBsmoSettings:
-    o = cfg.omega
-    overrides = {k: getattr(o, k) for k in ("rank", "rank_start", "rank_step", "outer_iters", "inner_iters",
-                                            "threshold", "soft", "reset_sparse", "tol")}
-    settings = omega_lib.settings_for(o.preset, seed=o.seed, **overrides)
-    if o.sparse_card is not None:
-        settings = replace(settings, sparse_card=o.sparse_card or None)
-    return settings
-
-
 def omega_cache_dir(cfg: RunConfig) -> Path | None:
     if not cfg.omega.cache:
         return None
@@ -183,7 +165,7 @@ def omega_cache_dir(cfg: RunConfig) -> Path | None:
 def round_of(cfg: RunConfig, phase: str) -> int:
     """Which round a recovery phase trains: IMP's ``retrain<r>`` is round r, ``recovery`` the last."""
     if phase == "recovery":
-        return cfg.pruning.rounds if cfg.pruning.method == "imp" else 1
+        return cfg.pruning.rounds if cfg.pruning.pruner.rounds else 1
     return int(phase.removeprefix("retrain"))
 
 
@@ -205,7 +187,7 @@ def rename_rounds(meta: dict, rounds: int, to_store: bool) -> dict:
     return out
 
 
-def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> PhaseSettings:
+def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> Phase:
     """Phase I, or a recovery phase (``recovery``, and IMP's ``retrain<r>`` between rounds)."""
     t, task, per_model = cfg.trainer, cfg.task, task_hparams(cfg)
     p = t.phase1 if phase == "phase1" else t.recovery
@@ -213,11 +195,8 @@ def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> PhaseSet
         epochs, lr = p.epochs or task.epochs, p.lr or per_model.lr
     else:
         epochs, lr = p.epochs or task.recovery_epochs, p.lr or task.recovery_lr or per_model.lr
-    return PhaseSettings(
-        name=phase, epochs=epochs, lr=lr, batch_size=per_model.batch_size, eval_batch_size=t.eval_batch_size,
-        warmup_ratio=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
-        eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, max_steps=t.max_steps, precision=precision,
-        keep_best=t.keep_best,
+    return Phase(
+        name=phase, epochs=epochs, lr=lr, batch_size=per_model.batch_size, precision=precision,
         # round r trains from the same seed whether it is a run's last round or not, so that
         # IMP's rounds are one chain of steps (steps.py)
         seed=cfg.seed * 1000 + (0 if phase == "phase1" else round_of(cfg, phase)),
@@ -238,13 +217,13 @@ def preflight(cfg: RunConfig) -> None:
                          or cfg.task.train_file)
     if uses_hub_data and not uses_mirror() and not hub_reachable():  # offline: the hint, at once
         if cfg.task.name in NLG_TASKS:
-            load_nlg(nlg_settings(cfg))
+            load_nlg(cfg.task, cfg.seed)
         else:
-            load_task(data_settings(cfg))
+            load_task(cfg.task, cfg.seed)
     elif cfg.task.name in NLG_TASKS:
-        check_nlg_files(nlg_settings(cfg))
+        check_nlg_files(cfg.task)
     else:
-        check_data_files(data_settings(cfg))
+        check_data_files(cfg.task)
 
 
 def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda text: None) -> dict:
@@ -306,14 +285,14 @@ class Run:
         self.scope_total, _ = scope_size(self.model)
         self.model_total = sum(p.numel() for p in self.model.parameters())
         self.dense_flops = inference_flops(self.model, cfg.flops_seq_len)
-        self.method, self.pruning = method_settings(cfg), pruning_settings(cfg)
+        self.method, self.pruning = cfg.adapter, cfg.pruning
         prepare_method(self.model, self.method)
-        if self.pruning.method in ("structured", "earlybert"):
+        if self.pruning.pruner.removes_heads:
             heads = attention_units(self.model)[0].num_heads
             if not 0 <= self.pruning.heads_to_remove < heads:
                 raise DSEEError(f"pruning.heads_to_remove={self.pruning.heads_to_remove} is out of range: this model "
                                 f"has {heads} heads per layer, so it must be between 0 and {heads - 1}.")
-        self.rounds = self.pruning.round_sparsities()
+        self.rounds = self.pruning.round_sparsities(cfg.sparsity)
         self.phases = [phase_of_round(r, len(self.rounds)) for r in range(1, len(self.rounds) + 1)]
         self.pruning_info = {"method": self.pruning.method}
 
@@ -331,7 +310,7 @@ class Run:
                 saved = (found[0], {**found[1], "fingerprint": self.fingerprint})
                 self.say(f"Phase I: reused (step phase1-{self.fp_phase1}, computed in {found[2].source})")
         self.stage = saved[1]["stage"] if saved else None
-        if self.pruning.method == "earlybert" and self.stage in (None, "phase1"):
+        if self.pruning.pruner.slimming and self.stage in (None, "phase1"):
             add_slimming(model)  # its coefficients train in phase I; pruning folds them in
         # IMP with rewinding resets the trained tensors to where they started (also in a resumed run)
         self.start_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} \
@@ -354,7 +333,7 @@ class Run:
         self.say("Ω: sparse positions from the pretrained weights")
         adapters = adapters_of(self.model)
         weights = {k: slice_pretrained_weight(a, s) for k, (a, s) in omega_keys(adapters).items()}
-        result = omega_lib.cached_omega(weights, cfg.adapter.omega_size, cfg.omega.method, omega_settings(cfg),
+        result = omega_lib.cached_omega(weights, cfg.adapter.omega_size, cfg.omega.method, cfg.omega.grebsmo(),
                                         omega_cache_dir(cfg))
         set_omegas(adapters, result.indices)
         self.omega_info = {"method": cfg.omega.method, "seconds": round(result.seconds, 3),
@@ -371,16 +350,16 @@ class Run:
         model, method = self.model, self.method
         sparse: dict = {}
         if name == "phase1" and method.method in SPARSE_TRAINING:  # PST / MaP / MvP: masks follow the schedule
-            schedule, topk = sparsity_schedule(self.cfg), method.sparse.topk
+            settings, final = method.sparse_training, self.cfg.sparsity
+            schedule, topk = settings.schedule, settings.topk
             sparse = {
-                "before_step": lambda step, total: update_masks(model, schedule.at(step + 1, total), topk),
-                "best_eligible": lambda: all(abs(m.sparsity - schedule.final) < 1e-9
-                                             for m in sparse_layers(model).values()),
-                "lr_by_suffix": {".scores": method.sparse.score_lr} if method.method == "mvp" else {},
+                "before_step": lambda step, total: update_masks(model, schedule.at(step + 1, total, final), topk),
+                "best_eligible": lambda: all(abs(m.sparsity - final) < 1e-9 for m in sparse_layers(model).values()),
+                "lr_by_suffix": {".scores": settings.score_lr} if method.method == "mvp" else {},
             }
         l1 = self.pruning.slimming_l1
         return StepHooks(
-            regularizer=(lambda: l1 * slimming_penalty(model)) if hasattr_slimming(model) else None,
+            regularizer=(lambda: l1 * slimming_penalty(model)) if has_slimming(model) else None,
             after_step=(lambda: reapply_masks(model)) if getattr(model, "dsee_other_masks", None) else None,
             **sparse,
         )
@@ -391,7 +370,7 @@ class Run:
         task = self.task
         return train_phase(
             self.model, task.train, task.evals, task.ops, phase_settings(self.cfg, name, self.precision),
-            task.loaded.tokenizer.pad_token_id, self.device,
+            self.cfg.trainer, task.loaded.tokenizer.pad_token_id, self.device,
             save=lambda st, extra: self.ckpt.save(self.model, name, self.progress_meta(**{name: st}), extra),
             sink=self.sink, resume=resume, hooks=self.hooks(name),
         )
@@ -418,7 +397,7 @@ class Run:
     def prune_and_recover(self) -> None:
         """Phase II and III, once per round (IMP: prune a further fraction, retrain, repeat)."""
         done_round = self.meta.get("round", 0)
-        imp = self.pruning.method == "imp"
+        imp = self.pruning.pruner.rounds  # IMP: each round is a step other runs can reuse
         for r, (target, phase) in enumerate(zip(self.rounds, self.phases), start=1):
             if self.stage == "done" or r < done_round:
                 self.states[phase] = _state(self.meta, phase)
@@ -452,14 +431,23 @@ class Run:
 
     def prune(self, r: int, target: float) -> None:
         n = len(self.rounds)
-        self.say(f"Phase II: {self.pruning.method} pruning" + (f", round {r} of {n}" if n > 1 else ""))
+        self.say(f"Phase II: {self.pruning.pruner.title}" + (f", round {r} of {n}" if n > 1 else ""))
         started = time.perf_counter()
-        info = prune_step(self.model, replace(self.pruning, sparsity=target), self.start_state)
+        info = self.pruning.pruner.prune(self.model, self.pruning, target, self.cfg.seed, self.rewind)
         info["seconds"] = round(time.perf_counter() - started + self.meta.get("pruning", {}).get("seconds", 0.0), 3)
         self.pruning_info = self.meta["pruning"] = info
         self.meta["round"] = r
         self.ckpt.save(self.model, "pruned", self.progress_meta())
         self.stage = "pruned"
+
+    @torch.no_grad()
+    def rewind(self) -> None:
+        """IMP with pruning.rewind (BERT tickets): the trained tensors back to where they started."""
+        params = dict(self.model.named_parameters())
+        for name, value in self.start_state.items():
+            if value.shape != params[name].shape:  # S is sized when Ω is set, and starts at 0
+                value = torch.zeros_like(params[name])
+            params[name].copy_(value.to(params[name].device))
 
     # -- the result ------------------------------------------------------------------------
     def finish(self) -> dict:
@@ -479,7 +467,7 @@ class Run:
         if cfg.measure:
             self.say("Measuring what the result costs and saves (final model against the dense one)")
             started = time.perf_counter()
-            savings = measure_run(cfg, final_model, self.device, self.precision, export_info, self.pruning)
+            savings = measure_run(cfg, final_model, self.device, self.precision, export_info)
             self.seconds["measure"] = round(time.perf_counter() - started, 3)
         metrics = self.metrics(final_eval, generation, export_info, savings)
         atomic_write_text(self.dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
@@ -491,7 +479,7 @@ class Run:
         cfg, model, task = self.cfg, self.model, self.task
         _, scope_nonzero = scope_size(model)
         model_nonzero = self.model_total - (self.scope_total - scope_nonzero)
-        final_phase = self.states.get("recovery", PhaseState()) if self.pruning.method != "none" else self.phase1_state
+        final_phase = self.states.get("recovery", PhaseState()) if self.rounds else self.phase1_state
         phases = {"phase1": self.phase1_state, **self.states}
         total_seconds = round(time.perf_counter() - self.started, 3)
         return {
@@ -568,15 +556,15 @@ def export_run(cfg: RunConfig, model: torch.nn.Module, tokenizer, run_dir: Path,
 
 
 def measure_run(cfg: RunConfig, final: torch.nn.Module, device: torch.device, precision: Precision,
-                export_info: dict, pruning: PruningSettings) -> dict:
+                export_info: dict) -> dict:
     """The final model against the dense pretrained one, in this process, on this device."""
     dense = load_pretrained(cfg).model
     files = {name: Path(export_info[name]) / "model.safetensors" for name in ("merged", "compressed")
              if name in export_info and Path(str(export_info[name])).is_dir()}
     sizes = {f"export_{name}": path.stat().st_size for name, path in files.items()}
     savings = measure_savings(final, dense, device, precision, TimingSettings(seq_len=cfg.flops_seq_len), sizes)
-    if pruning.method == "nm":
-        savings["two_four"] = semi_structured(final, device, precision, pruning.n, pruning.m,
+    if cfg.pruning.method == "nm":
+        savings["two_four"] = semi_structured(final, device, precision, cfg.pruning.n, cfg.pruning.m,
                                               TimingSettings(seq_len=cfg.flops_seq_len))
     return savings
 
@@ -594,32 +582,6 @@ def training_cost(states: dict[str, PhaseState], device: torch.device) -> dict:
                              round(s.step / s.seconds, 3) if s.seconds else None,
                              "peak_memory_bytes": s.peak_memory_bytes} for name, s in states.items()},
     }
-
-
-def hasattr_slimming(model: torch.nn.Module) -> bool:
-    return any(hasattr(m, "dsee_slim") for m in model.modules())
-
-
-def prune_step(model: torch.nn.Module, pruning: PruningSettings, start_state: dict[str, torch.Tensor]) -> dict:
-    """One Phase II step; ``pruning.sparsity`` is this round's target. Returns what it did."""
-    if pruning.method == "structured":
-        removed = lowest_heads(head_scores(model, pruning.criterion, pruning.seed), pruning.heads_to_remove)
-        prune_heads(model, removed)
-        return {"method": "structured", "criterion": pruning.criterion,
-                "heads_removed": {str(k): v for k, v in removed.items()}}
-    if pruning.method == "earlybert":
-        return {"method": "earlybert", **slim_and_prune(model, pruning.heads_to_remove, pruning.ffn_fraction)}
-    masks = compute_masks(model, pruning)
-    if start_state:  # rewind (IMP / BERT tickets): the pruned network restarts from the start
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in start_state.items():
-                if value.shape != params[name].shape:  # S is sized when Ω is set, and starts at 0
-                    value = torch.zeros_like(params[name])
-                params[name].copy_(value.to(params[name].device))
-    apply_masks(model, masks, pruning.mask_delta)
-    return {"method": pruning.method, "sparsity": round(pruning.sparsity, 6), "criterion": pruning.criterion,
-            "granularity": pruning.granularity, "scope": pruning.scope}
 
 
 def _resume_step(meta: dict) -> int:

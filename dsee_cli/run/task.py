@@ -12,15 +12,13 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_write_text
-from .config import RunConfig, task_hparams
-from .data import DataSettings, encode, load_task, spec_for
-from .metrics import trivial_metrics
-from .models import LoadedModel, TinySize, load_model
-from .nlg import (
+from dsee_cli.atomic import atomic_write_text
+from dsee_cli.config import RunConfig, task_hparams
+from dsee_cli.core.models import LoadedModel, load_model
+from dsee_cli.core.precision import Precision
+from dsee_cli.data.classification import encode, load_task, spec_for
+from dsee_cli.data.generation import (
     NLG_TASKS,
-    DecodeSettings,
-    NLGSettings,
     collate_lm,
     decode,
     encode_eval,
@@ -29,9 +27,9 @@ from .nlg import (
     load_nlg,
     token_accuracy,
 )
-from .nlg_metrics import nlg_metrics
-from .precision import Precision
-from .train import ProgressSink, TaskOps, classification_ops
+from dsee_cli.data.metrics import trivial_metrics
+from dsee_cli.data.nlg_metrics import nlg_metrics
+from dsee_cli.run.train import ProgressSink, TaskOps, classification_ops
 
 
 @dataclass
@@ -48,31 +46,10 @@ class PreparedTask:
     trivial: dict[str, float] = field(default_factory=dict)  # the input-blind predictor's scores, as evaluate's
 
 
-def data_settings(cfg: RunConfig, split: str = "validation") -> DataSettings:
-    t = cfg.task
-    return DataSettings(
-        name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
-        text_fields=tuple(t.text_fields) if t.text_fields else None, label_field=t.label_field,
-        max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples, synthetic_train=t.synthetic_train,
-        synthetic_eval=t.synthetic_eval, synthetic_standin=t.synthetic_standin, seed=cfg.seed, split=split,
-        test_file=t.test_file, hub_repo=t.hub_repo, hub_revision=t.hub_revision, hub_config=t.hub_config,
-    )
-
-
-def nlg_settings(cfg: RunConfig) -> NLGSettings:
-    t = cfg.task
-    return NLGSettings(
-        name=t.name, data_dir=t.data_dir, train_file=t.train_file, validation_file=t.validation_file,
-        eval_split=t.eval_split, max_train_samples=t.max_train_samples, max_eval_samples=t.max_eval_samples,
-        synthetic_train=t.synthetic_train, synthetic_eval=t.synthetic_eval, synthetic=t.synthetic_standin,
-        seed=cfg.seed, hub_repo=t.hub_repo, hub_revision=t.hub_revision, hub_config=t.hub_config,
-    )
-
-
 def load_pretrained(cfg: RunConfig) -> LoadedModel:
     """The pretrained model a run starts from (seeded, so a tiny model and a fresh task head are
     the same in every process)."""
-    tiny = TinySize(cfg.model.tiny_hidden, cfg.model.tiny_layers, cfg.model.tiny_heads, cfg.model.tiny_intermediate)
+    tiny = cfg.model.tiny
     if cfg.task.name in NLG_TASKS:
         return load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True)
     return load_model(cfg.model.name, cfg.model.path, spec_for(cfg.task.name).num_labels, cfg.seed, tiny,
@@ -88,7 +65,7 @@ def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | 
     loaded = loaded or load_pretrained(cfg)
     if t.name in NLG_TASKS:
         return _generation_task(cfg, loaded, max_length, say, sink)
-    data = load_task(data_settings(cfg, split))
+    data = load_task(t, cfg.seed, split)
     regression = data.spec.num_labels == 1
     tok = loaded.tokenizer
     evals = {k: encode(v, tok, max_length, regression) for k, v in data.evals.items()}
@@ -102,7 +79,7 @@ def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | 
 def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, sink: ProgressSink) -> PreparedTask:
     """GPT-2 on a data-to-text task: causal LM on the targets, beam search, multi-reference metrics."""
     t = cfg.task
-    data = load_nlg(nlg_settings(cfg))
+    data = load_nlg(t, cfg.seed)
     tok = loaded.tokenizer
     eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     split, examples = next(iter(data.evals.items()))
@@ -115,8 +92,7 @@ def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, 
 
     def generate(model, device, precision, out_path: Path | None) -> dict[str, float]:
         enc = evals[split]
-        settings = DecodeSettings(t.num_beams, t.length_penalty, t.no_repeat_ngram_size, t.max_new_tokens,
-                                  t.decode_batch_size)
+        settings = t.decode
         say(f"Decoding {len(enc.prompts)} {split} inputs (beam {settings.num_beams})")
         sink.start(f"decode {split}", math.ceil(len(enc.prompts) / settings.batch_size), 0)
         hyps = decode(model, tok, enc.prompts, settings, device, eos_id, tok.pad_token_id,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import DSEEError, choice_error
-from .hub_data import HubSource, read_splits, require_columns, with_overrides
-from .models import SYNTHETIC_WORDS
+from dsee_cli.core.models import SYNTHETIC_WORDS
+from dsee_cli.data.hub import HubSource, read_splits, require_columns, with_overrides
+from dsee_cli.errors import DSEEError, choice_error
 
 log = logging.getLogger("dsee")
 SPLITS = ("validation", "test")
@@ -90,25 +90,28 @@ class TaskData:
     source: str = ""
 
 
-@dataclass(frozen=True)
-class DataSettings:
-    name: str = "synthetic"
-    data_dir: str | None = None  # a classic GLUE download (the folder holding CoLA/, SST-2/, ...)
-    train_file: str | None = None  # CSV / JSON / JSON lines
-    validation_file: str | None = None
-    text_fields: tuple[str, ...] | None = None  # for train_file/validation_file; default: the task's
-    label_field: str = "label"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    synthetic_train: int = 2000
-    synthetic_eval: int = 500
-    synthetic_standin: bool = False  # generate data of the task's shape (labels, fields) instead of loading it
-    seed: int = 0
-    split: str = "validation"  # the evaluation split: validation (dev), or test
-    test_file: str | None = None  # with train_file: the test split's CSV / JSON
-    hub_repo: str | None = None  # the Hub source: default nyu-mll/glue at main, config = the task
-    hub_revision: str | None = None
-    hub_config: str | None = None
+@dataclass
+class DataSource:
+    """Which task and where its data comes from: the first fields of the ``task`` section
+    (config.TaskConfig), read by the classification and the generation loaders alike."""
+
+    name: str = "synthetic"  # the task: a GLUE task, synthetic, or e2e / webnlg / dart (task=... picks its defaults)
+    data_dir: str | None = None  # a local copy: the classic GLUE download (CoLA/, SST-2/, ...) or an NLG folder
+    train_file: str | None = None  # CSV / JSON lines, with validation_file
+    validation_file: str | None = None  # the evaluation file that goes with train_file
+    test_file: str | None = None  # for `dsee eval --split test` with train_file / validation_file
+    # The Hub source, for a fork, a pinned commit or another config (null: the README's default per task)
+    hub_repo: str | None = None
+    hub_revision: str | None = None  # a branch, tag or commit of hub_repo
+    hub_config: str | None = None  # the dataset config (subset) on the Hub
+    text_fields: list[str] | None = None  # the columns holding the text (one, or two for pairs); null: the task's
+    label_field: str = "label"  # the column holding the label
+    max_train_samples: int | None = None  # use only this many training examples (the first ones); null: all
+    max_eval_samples: int | None = None  # evaluate on only this many examples; null: all
+    synthetic_train: int = 2000  # synthetic task / stand-ins: training examples
+    synthetic_eval: int = 500  # synthetic task / stand-ins: evaluation examples
+    synthetic_standin: bool = False  # smoke profile: synthetic data shaped like this task (labels, fields)
+    eval_split: str = "validation"  # generation tasks: the split decoded and scored, or test (the papers report test)
 
 
 def spec_for(name: str) -> TaskSpec:
@@ -238,18 +241,18 @@ def load_glue_dir(data_dir: Path, spec: TaskSpec, split: str = "validation"
     return read_glue_tsv(train, spec, training=True), evals
 
 
-def check_data_files(settings: DataSettings) -> None:
+def check_data_files(settings: DataSource, split: str = "validation") -> None:
     """Fail before any model is loaded when the named local data is not there."""
     if settings.synthetic_standin or settings.name == "synthetic":
         return
     if settings.train_file or settings.validation_file:
         for what, value in (("task.train_file", settings.train_file),
                             ("task.validation_file", settings.validation_file),
-                            ("task.test_file", settings.test_file if settings.split == "test" else "")):
+                            ("task.test_file", settings.test_file if split == "test" else "")):
             if value and not Path(value).is_file():
                 raise DSEEError(f"{what}={value!r} does not exist.")
     elif settings.data_dir:
-        glue_dir_files(Path(settings.data_dir), spec_for(settings.name), settings.split)
+        glue_dir_files(Path(settings.data_dir), spec_for(settings.name), split)
 
 
 # -- CSV / JSON files -----------------------------------------------------------------------------
@@ -287,16 +290,17 @@ def read_table(path: Path, fields: tuple[str, ...], label_field: str, spec: Task
 GLUE_HUB = HubSource("nyu-mll/glue", "main", "")  # Parquet in the repository itself; config = the task
 
 
-def glue_source(spec: TaskSpec, settings: DataSettings) -> HubSource:
+def glue_source(spec: TaskSpec, settings: DataSource) -> HubSource:
     return with_overrides(replace(GLUE_HUB, config=spec.name), settings.hub_repo, settings.hub_revision,
                           settings.hub_config)
 
 
-def load_hub(spec: TaskSpec, settings: DataSettings) -> tuple[list[Example], dict[str, list[Example]], str]:
+def load_hub(spec: TaskSpec, settings: DataSource, split: str
+             ) -> tuple[list[Example], dict[str, list[Example]], str]:
     source = glue_source(spec, settings)
     local = (f"task.data_dir=/path/to/glue_data (the classic GLUE download, holding {spec.glue_dir}/train.tsv), or "
              f"CSV/JSON files with task.train_file=... task.validation_file=...; task=synthetic needs no data.")
-    names = ["train", *spec.splits(settings.split)]
+    names = ["train", *spec.splits(split)]
     rows = read_splits(source, names, f"GLUE task {spec.name!r}", local)
     for name in names:
         require_columns(rows[name], (*spec.text_fields, "label"), f"GLUE task {spec.name!r}", source, name)
@@ -308,16 +312,16 @@ def load_hub(spec: TaskSpec, settings: DataSettings) -> tuple[list[Example], dic
     return convert(rows["train"]), {s: convert(rows[s]) for s in names[1:]}, f"hub:{source.repo}@{source.revision}"
 
 
-def load_task(settings: DataSettings) -> TaskData:
+def load_task(settings: DataSource, seed: int, split: str = "validation") -> TaskData:
+    """The task's training split and its evaluation split(s): ``validation`` (dev) or ``test``."""
     spec = spec_for(settings.name)
-    split = settings.split
     if split not in SPLITS:
         raise choice_error("evaluation split", split, SPLITS)
     if spec.name == "synthetic" or settings.synthetic_standin:
         shape = (spec.num_labels, len(spec.text_fields))
-        train = synthetic_examples(settings.synthetic_train, settings.seed, *shape)
+        train = synthetic_examples(settings.synthetic_train, seed, *shape)
         offset = 10_000 if split == "validation" else 20_000  # a labelled test split of its own
-        evals = {name: synthetic_examples(settings.synthetic_eval, settings.seed + offset + i, *shape)
+        evals = {name: synthetic_examples(settings.synthetic_eval, seed + offset + i, *shape)
                  for i, name in enumerate(spec.splits(split))}
         source = "synthetic" if spec.name == "synthetic" else f"synthetic stand-in for {spec.name}"
     elif settings.train_file or settings.validation_file:
@@ -334,7 +338,7 @@ def load_task(settings: DataSettings) -> TaskData:
         train, evals = load_glue_dir(Path(settings.data_dir), spec, split)
         source = str(Path(settings.data_dir) / spec.glue_dir)
     else:
-        train, evals, source = load_hub(spec, settings)
+        train, evals, source = load_hub(spec, settings, split)
     if settings.max_train_samples:
         train = train[: settings.max_train_samples]
     if settings.max_eval_samples:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import choice_error
+from dsee_cli.errors import choice_error
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
 _DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapters import DSEELinear
-from .arch import GPT2, attention_units, family_of, layer_prefix, transformer_layers, weight_out_in
-from .errors import DSEEError
-from .pruning import lowest_heads, prune_heads, shrink_inputs, shrink_outputs
+from dsee_cli.core.arch import GPT2, attention_units, family_of, layer_prefix, transformer_layers, weight_out_in
+from dsee_cli.errors import DSEEError
+from dsee_cli.pruning.heads import lowest_heads, prune_heads, shrink_inputs, shrink_outputs
+from dsee_cli.tuning.adapters import DSEELinear
 
 # The model attribute naming frozen parameters that pruning changed (the folded projections):
 # checkpoints and export/adapter must save them although they do not train.
@@ -88,6 +88,10 @@ def prune_ffn(model: nn.Module, removed: dict[int, list[int]]) -> None:
         shrink_outputs(model.get_submodule(expand), keep)
         shrink_inputs(model.get_submodule(contract), keep)
     model.config.dsee_pruned_ffn = {str(k): sorted(v) for k, v in removed.items() if v}
+
+
+def has_slimming(model: nn.Module) -> bool:
+    return any(hasattr(m, "dsee_slim") for m in model.modules())
 
 
 def slim_and_prune(model: nn.Module, heads_to_remove: int, ffn_fraction: float) -> dict:

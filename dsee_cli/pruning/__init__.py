@@ -1,0 +1,155 @@
+"""Phase II: prune the pretrained weights using ΔW (Algorithm 2), and its peers.
+
+A pruning method is declared once, in ``PRUNERS``: its name, what the terminal calls it, the
+function that prunes, and what the rest of the run needs to know of it (does it remove heads,
+prune in rounds, need ΔW, train slimming coefficients in phase I). Adding one is a function
+``prune(model, settings, sparsity, seed, rewind) -> what it did`` plus one ``register`` call.
+
+* ``masks``: unstructured (global or per layer, per pool) and N:M masks from |ΔW|.
+* ``heads``: attention heads scored by |ΔW| and removed for real.
+* ``slimming``: EarlyBERT's learned head and FFN-neuron coefficients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsee_cli.errors import DSEEError, choice_error
+from dsee_cli.pruning.heads import head_scores, lowest_heads, prune_heads
+from dsee_cli.pruning.masks import apply_masks, nm_masks, reapply_masks, score_pieces, unstructured_masks
+from dsee_cli.pruning.slimming import slim_and_prune
+
+SCOPES = ("blocks", "adapted")
+CRITERIA = ("delta", "delta_plus_weight", "weight", "random")
+GRANULARITIES = ("global", "layer")
+
+
+@dataclass
+class PruningConfig:
+    """The ``pruning`` section: Phase II (and IMP's rounds). The run's ``sparsity`` and ``seed``
+    are passed alongside: they are run-level settings other phases read too."""
+
+    method: str = "unstructured"  # unstructured, nm, structured (heads), imp, earlybert or none
+    criterion: str = "delta"  # the score: delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|, random
+    granularity: str = "global"  # global: one threshold per pool; layer: per matrix
+    n: int = 2  # nm: keep n of every m
+    m: int = 4  # nm: the group size
+    heads_to_remove: int = 3  # structured / earlybert: heads removed per layer
+    mask_delta: bool = True  # false: the reference behaviour, ΔW stays dense in recovery
+    scope: str = "blocks"  # blocks: every linear in the blocks; adapted: only the adapted matrices (Table 7)
+    rounds: int = 1  # imp: prune-retrain rounds
+    rate: float = 0.1  # imp: fraction of the remaining weights pruned per round
+    rewind: bool = False  # imp: reset the trained tensors to their start after each pruning
+    ffn_fraction: float = 0.4  # earlybert: fraction of each FFN's neurons removed
+    slimming_l1: float = 1e-4  # earlybert: L1 weight on the slimming coefficients
+
+    @property
+    def pruner(self) -> Pruner:
+        return PRUNERS[self.method]
+
+    def round_sparsities(self, sparsity: float) -> list[float]:
+        """The sparsity after each prune step: none → [], one-shot → [s], IMP → 1 − (1 − rate)^r."""
+        if self.pruner.prune is None:
+            return []
+        if self.pruner.rounds:
+            return [1.0 - (1.0 - self.rate) ** r for r in range(1, self.rounds + 1)]
+        return [sparsity]
+
+    def check(self, sparsity: float) -> None:
+        if self.method not in PRUNERS:
+            raise choice_error("pruning method (pruning.method)", self.method, tuple(PRUNERS))
+        if self.criterion not in CRITERIA:
+            raise choice_error("pruning criterion (pruning.criterion)", self.criterion, CRITERIA)
+        if self.granularity not in GRANULARITIES:
+            raise choice_error("pruning granularity (pruning.granularity)", self.granularity, GRANULARITIES)
+        if not 0.0 <= sparsity < 1.0:
+            raise DSEEError(f"sparsity={sparsity} is out of range: it must be in [0, 1).")
+        if self.method == "nm" and not 0 < self.n < self.m:
+            raise DSEEError(f"N:M pruning needs 0 < n < m, got pruning.n={self.n}, pruning.m={self.m}.")
+        if self.scope not in SCOPES:
+            raise choice_error("pruning scope (pruning.scope)", self.scope, SCOPES)
+        if self.rounds < 1:
+            raise DSEEError(f"pruning.rounds={self.rounds} is invalid: IMP needs at least one round.")
+        if not 0.0 < self.rate < 1.0:
+            raise DSEEError(f"pruning.rate={self.rate} is out of range: it must be in (0, 1).")
+        if not 0.0 <= self.ffn_fraction < 1.0:
+            raise DSEEError(f"pruning.ffn_fraction={self.ffn_fraction} is out of range: it must be in [0, 1).")
+        if self.slimming_l1 < 0:
+            raise DSEEError(f"pruning.slimming_l1={self.slimming_l1} must be >= 0.")
+        if self.heads_to_remove < 0:
+            raise DSEEError(f"pruning.heads_to_remove={self.heads_to_remove} must be >= 0.")
+
+
+# prune(model, settings, this round's sparsity, seed, rewind) -> what it did (metrics.json "pruning").
+# ``rewind()`` resets the trained tensors (IMP with pruning.rewind); mask pruners call it
+# between scoring the trained weights and applying the masks.
+PruneFn = Callable[[nn.Module, PruningConfig, float, int, Callable[[], None]], dict]
+
+
+@dataclass(frozen=True)
+class Pruner:
+    """A pruning method, declared once: the rest of the code reads these attributes."""
+
+    name: str
+    title: str  # what Phase II is called on the terminal
+    prune: PruneFn | None  # None: no pruning phase at all
+    removes_heads: bool = False  # attention heads go (so prompts, shaped by the head count, cannot be used)
+    needs_delta: bool = False  # scores by ΔW of the adapted attention projections (dsee / lora only)
+    rounds: bool = False  # prunes in rounds with retraining between them (pruning.rounds, pruning.rate)
+    slimming: bool = False  # slimming coefficients train in phase I under pruning.slimming_l1
+
+
+PRUNERS: dict[str, Pruner] = {}
+
+
+def register(pruner: Pruner) -> Pruner:
+    """Declare a pruning method (pruning.method): one call, in one place."""
+    PRUNERS[pruner.name] = pruner
+    return pruner
+
+
+def compute_masks(model: nn.Module, settings: PruningConfig, sparsity: float = 0.3, seed: int = 0
+                  ) -> dict[str, torch.Tensor]:
+    """Keep-masks of a mask pruner (unstructured, imp, nm) for every block linear."""
+    if settings.method == "nm":
+        return nm_masks(model, settings.criterion, settings.n, settings.m, seed)
+    return unstructured_masks(model, settings.criterion, settings.granularity, settings.scope, sparsity, seed)
+
+
+def _prune_by_masks(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
+    masks = compute_masks(model, s, sparsity, seed)
+    rewind()
+    apply_masks(model, masks, s.mask_delta)
+    return {"method": s.method, "sparsity": round(sparsity, 6), "criterion": s.criterion,
+            "granularity": s.granularity, "scope": s.scope}
+
+
+def _prune_heads(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
+    removed = lowest_heads(head_scores(model, s.criterion, seed), s.heads_to_remove)
+    prune_heads(model, removed)
+    return {"method": s.method, "criterion": s.criterion, "heads_removed": {str(k): v for k, v in removed.items()}}
+
+
+def _prune_slimmed(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
+    return {"method": s.method, **slim_and_prune(model, s.heads_to_remove, s.ffn_fraction)}
+
+
+for _pruner in (
+    Pruner("none", "no pruning", None),
+    Pruner("unstructured", "unstructured pruning", _prune_by_masks),
+    Pruner("nm", "N:M pruning", _prune_by_masks),
+    Pruner("structured", "structured pruning (attention heads)", _prune_heads, removes_heads=True, needs_delta=True),
+    Pruner("imp", "iterative magnitude pruning", _prune_by_masks, rounds=True),
+    Pruner("earlybert", "EarlyBERT pruning (heads and FFN neurons)", _prune_slimmed, removes_heads=True,
+           slimming=True),
+):
+    register(_pruner)
+
+METHODS = tuple(PRUNERS)
+
+__all__ = ["CRITERIA", "METHODS", "PRUNERS", "Pruner", "PruningConfig", "apply_masks", "compute_masks",
+           "head_scores", "lowest_heads", "prune_heads", "reapply_masks", "register", "score_pieces"]

@@ -1,0 +1,171 @@
+"""Unstructured and N:M pruning masks (Algorithm 2, Phase II).
+
+Adapted slices are scored by the criterion (|ΔW| by default), everything else in the
+transformer blocks by |W|; each pool (adapted, other) gets exactly the requested sparsity,
+globally or per layer. N:M keeps the N best of every M consecutive inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsee_cli.core.arch import block_linears, weight_out_in
+from dsee_cli.core.selection import smallest_k_mask
+from dsee_cli.errors import DSEEError
+from dsee_cli.tuning.adapters import DSEELinear
+
+
+@dataclass
+class Piece:
+    """A block of rows of one module's out x in weight, scored as one unit of a pool."""
+
+    module: str
+    rows: tuple[int, int]
+    pool: str  # "adapted" or "other"
+    layer: int
+    scores: torch.Tensor
+
+
+def criterion_scores(adapter: DSEELinear, k: int, criterion: str, gen: torch.Generator) -> torch.Tensor:
+    start, end = adapter.slices[k]
+    with torch.no_grad():
+        delta = adapter.slice_delta(k).float()
+        w = weight_out_in(adapter.base)[start:end].float()
+        if criterion == "delta":
+            return delta.abs()
+        if criterion == "delta_plus_weight":
+            return (w + delta).abs()
+        if criterion == "weight":
+            return w.abs()
+        return torch.rand(delta.shape, generator=gen).to(delta.device)
+
+
+def _layer_of(name: str) -> int:
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return -1
+
+
+def score_pieces(model: nn.Module, criterion: str, seed: int) -> list[Piece]:
+    gen = torch.Generator().manual_seed(seed)
+    pieces = []
+    for name, module in block_linears(model).items():
+        layer = _layer_of(name)
+        if isinstance(module, DSEELinear):
+            w = weight_out_in(module.base).detach()
+            cursor = 0
+            for k, (start, end) in enumerate(module.slices):
+                if start > cursor:
+                    pieces.append(Piece(name, (cursor, start), "other", layer, w[cursor:start].abs().float()))
+                scores = criterion_scores(module, k, criterion, gen)
+                pieces.append(Piece(name, (start, end), "adapted", layer, scores))
+                cursor = end
+            if cursor < module.out_features:
+                rest = w[cursor:].abs().float()
+                pieces.append(Piece(name, (cursor, module.out_features), "other", layer, rest))
+        else:
+            w = weight_out_in(module).detach()
+            pieces.append(Piece(name, (0, w.shape[0]), "other", layer, w.abs().float()))
+    # Entries an earlier round pruned (IMP) score below everything, so they stay pruned.
+    masks = {**getattr(model, "dsee_other_masks", {}),
+             **{n: m.mask for n, m in block_linears(model).items() if isinstance(m, DSEELinear) and m.mask is not None}}
+    for p in pieces:
+        if p.module in masks:
+            kept = masks[p.module][p.rows[0] : p.rows[1]].to(p.scores.device)
+            p.scores = torch.where(kept, p.scores, torch.full_like(p.scores, -1.0))
+    return pieces
+
+
+def _keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Exactly round(sparsity·numel) entries pruned: the lowest scores, ties to the lower index."""
+    flat = scores.flatten()
+    n_prune = round(sparsity * flat.numel())
+    return ~smallest_k_mask(flat[None], n_prune)[0].view(scores.shape)
+
+
+def unstructured_masks(model: nn.Module, criterion: str, granularity: str, scope: str, sparsity: float,
+                       seed: int = 0) -> dict[str, torch.Tensor]:
+    """Keep-masks (out x in, bool) for every linear in the blocks, ``sparsity`` of each pool pruned."""
+    pieces = score_pieces(model, criterion, seed)
+    if granularity == "global":
+        groups: dict[object, list[Piece]] = {}
+        for p in pieces:
+            groups.setdefault(p.pool, []).append(p)
+    else:
+        groups = {}
+        for p in pieces:
+            groups.setdefault((p.pool, p.layer), []).append(p)
+    keep_by_piece: dict[int, torch.Tensor] = {}
+    for members in groups.values():
+        # scope=adapted (Table 7) prunes the adapted matrices only; the other pool keeps all.
+        pool_sparsity = 0.0 if scope == "adapted" and members[0].pool == "other" else sparsity
+        keep = _keep_mask(torch.cat([p.scores.flatten() for p in members]), pool_sparsity)
+        offset = 0
+        for p in members:
+            n = p.scores.numel()
+            keep_by_piece[id(p)] = keep[offset : offset + n].view(p.scores.shape)
+            offset += n
+    return _assemble(model, pieces, keep_by_piece)
+
+
+def nm_masks(model: nn.Module, criterion: str, n: int, m: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """N:M keep-masks along the input dimension (what sparse tensor cores accelerate)."""
+    pieces = score_pieces(model, criterion, seed)
+    keep_by_piece = {}
+    for p in pieces:
+        rows, cols = p.scores.shape
+        if cols % m:
+            raise DSEEError(f"N:M pruning needs in_features divisible by m={m}; {p.module} has {cols}.")
+        groups = p.scores.reshape(rows, cols // m, m)
+        order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., : n]
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+        keep_by_piece[id(p)] = keep.view(rows, cols)
+    return _assemble(model, pieces, keep_by_piece)
+
+
+def _assemble(model, pieces, keep_by_piece) -> dict[str, torch.Tensor]:
+    linears = block_linears(model)
+    masks: dict[str, torch.Tensor] = {}
+    for p in pieces:
+        if p.module not in masks:
+            w = weight_out_in(linears[p.module].base if isinstance(linears[p.module], DSEELinear)
+                              else linears[p.module])
+            masks[p.module] = torch.ones(w.shape, dtype=torch.bool, device=w.device)
+        masks[p.module][p.rows[0] : p.rows[1]] = keep_by_piece[id(p)]
+    return masks
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], mask_delta: bool = True) -> None:
+    """Zero the pruned pretrained weights; adapters keep the mask for the recovery forward.
+
+    Masks of layers without an adapter are kept on ``model.dsee_other_masks`` for checkpoints
+    and export (those weights are frozen, so zeroing them once suffices for training).
+    """
+    linears = block_linears(model)
+    others = {}
+    for name, mask in masks.items():
+        module = linears[name]
+        if isinstance(module, DSEELinear):
+            weight_out_in(module.base).mul_(mask)
+            module.mask = mask
+            module.mask_delta = mask_delta
+        else:
+            weight_out_in(module).mul_(mask)
+            others[name] = mask
+    model.dsee_other_masks = others
+
+
+@torch.no_grad()
+def reapply_masks(model: nn.Module) -> None:
+    """Zero pruned entries of weights that train (full fine-tuning, FT-top): after each step."""
+    for name, mask in getattr(model, "dsee_other_masks", {}).items():
+        w = weight_out_in(model.get_submodule(name))
+        if w.requires_grad:
+            w.mul_(mask)
+
+
