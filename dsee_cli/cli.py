@@ -520,8 +520,9 @@ def run_config(args: list[str]) -> int:
         print(f"dsee config: {exc}", file=sys.stderr)
         return 2
     table = Table(title="settings (key=value on the dsee train command line)", title_justify="left")
-    for column in ("key", "value", "what it does"):
-        table.add_column(column, overflow="fold")
+    table.add_column("key", no_wrap=True)
+    table.add_column("value", overflow="fold", max_width=22)
+    table.add_column("what it does", overflow="fold", ratio=1)
     for key, value, help_text in describe(cfg):
         if section is None or key == section or key.startswith(section + "."):
             table.add_row(key, repr(value) if isinstance(value, str) else str(value), help_text)

@@ -1,7 +1,7 @@
 """The typed configuration of one run, assembled from the sections the library owns.
 
 Each section is the dataclass of the module that reads it (``pruning.PruningConfig``,
-``methods.AdapterConfig``, ``omega.OmegaConfig``, ``train.TrainerConfig``, ...), with its
+``tuning.AdapterConfig``, ``tuning.omega.OmegaConfig``, ``run.train.TrainerConfig``, ...), with its
 own ``check()``; ``RunConfig`` puts them together with the run-level settings, and is the
 schema Hydra validates overrides against (registered in the ConfigStore by ``cli.py``). The
 library never imports Hydra. ``validate`` runs every section's check and the checks that
@@ -21,7 +21,7 @@ from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.pruning import PruningConfig
 from dsee_cli.reporting.tracking import LoggerConfig
 from dsee_cli.run.train import TrainerConfig
-from dsee_cli.tuning import TUNING_METHODS, AdapterConfig
+from dsee_cli.tuning import AdapterConfig
 from dsee_cli.tuning.omega import OmegaConfig
 
 
@@ -92,7 +92,7 @@ def validate(cfg: RunConfig) -> None:
     for section in (cfg.adapter, cfg.omega, cfg.trainer, cfg.logger):
         section.check()
     cfg.pruning.check(cfg.sparsity)
-    method, pruner = TUNING_METHODS[cfg.adapter.method], cfg.pruning.pruner
+    method, pruner = cfg.adapter.tuning_method, cfg.pruning.pruner
     _require(cfg.adapter.method == "dsee" or cfg.adapter.omega_size == 0,
              f"adapter={cfg.adapter.method} has no sparse part, but adapter.omega_size={cfg.adapter.omega_size}; "
              f"use adapter=dsee, or adapter.omega_size=0.")

@@ -10,7 +10,7 @@ from dsee_cli.cli import _register, config_dir, dirname_for, sweep_group, with_d
 from dsee_cli.config import RunConfig, validate
 from dsee_cli.errors import DSEEError
 
-GROUPS = ["model", "task", "adapter", "omega", "pruning", "trainer", "logger", "experiment", "method", "modules",
+GROUPS = ["model", "task", "adapter", "omega", "pruning", "trainer", "logger", "experiment", "recipe", "modules",
           "importance", "profile"]
 
 
@@ -73,7 +73,7 @@ def test_a_sweep_command_gets_one_w_and_b_group():
 
 
 def test_smoke_profile_keeps_the_sweep_and_runs_one_seed():
-    cfg = _compose(["experiment=table6", "method=dsee-6heads", "profile=smoke"])
+    cfg = _compose(["experiment=table6", "recipe=dsee-6heads", "profile=smoke"])
     typed = OmegaConf.to_object(cfg)
     assert typed.name == "table6" and typed.model.name == "tiny-bert" and typed.model.tiny.heads == 12
     assert typed.task.synthetic_standin and typed.pruning.method == "structured"
@@ -81,11 +81,11 @@ def test_smoke_profile_keeps_the_sweep_and_runs_one_seed():
 
 
 def test_method_rows_and_sparse_training_pick_their_pruning():
-    bitfit = OmegaConf.to_object(_compose(["method=bitfit"]))
+    bitfit = OmegaConf.to_object(_compose(["recipe=bitfit"]))
     assert bitfit.adapter.method == "bitfit" and bitfit.pruning.method == "none" and bitfit.trainer.phase1.lr == 1e-3
     pst = OmegaConf.to_object(_compose(["adapter=pst", "sparsity=0.9"]))
     assert pst.pruning.method == "none" and pst.adapter.sparse_training.r1 == pst.adapter.sparse_training.r2 == 8
-    tickets = OmegaConf.to_object(_compose(["method=bert-tickets"]))
+    tickets = OmegaConf.to_object(_compose(["recipe=bert-tickets"]))
     assert tickets.pruning.method == "imp" and tickets.pruning.rounds == 7 and tickets.pruning.rewind
 
 
@@ -113,8 +113,8 @@ def test_a_single_run_keeps_the_tools_defaults_and_fig2_sweeps_both_finders():
 def test_sparse_training_runs_the_pst_papers_epochs_per_task():
     def epochs(*overrides):
         return OmegaConf.to_object(_compose(with_default_profile(list(overrides)))).trainer.phase1.epochs
-    assert epochs("method=pst", "task=sst2") == epochs("method=map", "task=rte") == 20
-    assert epochs("method=mvp", "task=mnli") == epochs("experiment=pst-table2", "method=pst", "task=qqp") == 10
+    assert epochs("recipe=pst", "task=sst2") == epochs("recipe=map", "task=rte") == 20
+    assert epochs("recipe=mvp", "task=mnli") == epochs("experiment=pst-table2", "recipe=pst", "task=qqp") == 10
 
 
 def test_per_task_settings_apply_to_their_task_and_the_command_line_wins():

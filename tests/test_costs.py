@@ -83,7 +83,7 @@ def test_latency_is_measured_for_each_model_and_batch():
 
 @pytest.mark.slow
 def test_the_report_shows_training_cost_against_full_fine_tuning_and_inference_against_dense(workdir):
-    out = run_dsee(["-m", *FAST, "name=costs", "method=finetune,dsee-50", "measure=true", "trainer.max_steps=2"],
+    out = run_dsee(["-m", *FAST, "name=costs", "recipe=finetune,dsee-50", "measure=true", "trainer.max_steps=2"],
                    workdir)
     assert out.returncode == 0, out.stderr[-2000:]
     report = build_report(workdir / "multirun" / "costs")

@@ -85,7 +85,7 @@ def _phase1_setup(*overrides):
 
 
 def test_fp16_mixed_scales_the_loss_keeps_fp32_state_and_resumes_exactly():
-    from dsee_cli.run.export import model_state, restore_state
+    from dsee_cli.run.checkpoint import model_state, restore_state
     from dsee_cli.run.train import PhaseState, ProgressSink, train_phase
 
     overrides = ("trainer.precision=16-mixed", "trainer.device=cpu", "adapter=lora", "adapter.dropout=0.1")

@@ -15,7 +15,7 @@ import torch
 from dsee_cli.data.classification import DataSource, load_task
 from dsee_cli.errors import DSEEError
 from dsee_cli.reporting.report import build_report
-from dsee_cli.run.export import clean_state_dir, load_state_dir, save_state_dir
+from dsee_cli.run.checkpoint import clean_state_dir, load_state_dir, save_state_dir
 from dsee_cli.run.pipeline import clean_leftovers, write_failure
 
 from .conftest import FAST, run_dsee
@@ -82,7 +82,7 @@ def test_a_rerun_with_another_config_starts_over_and_the_same_config_is_reused(t
 
 
 def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path):
-    from dsee_cli.run.pipeline import Checkpoint
+    from dsee_cli.run.checkpoint import Checkpoint
 
     run = tmp_path / "run"
     first = run_in_process(run, "sparsity=0.3")

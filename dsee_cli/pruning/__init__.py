@@ -149,7 +149,5 @@ for _pruner in (
 ):
     register(_pruner)
 
-METHODS = tuple(PRUNERS)
-
-__all__ = ["CRITERIA", "METHODS", "PRUNERS", "Pruner", "PruningConfig", "apply_masks", "compute_masks",
+__all__ = ["CRITERIA", "PRUNERS", "Pruner", "PruningConfig", "apply_masks", "compute_masks",
            "head_scores", "lowest_heads", "prune_heads", "reapply_masks", "register", "score_pieces"]

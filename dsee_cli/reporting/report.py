@@ -343,7 +343,7 @@ def claims_markdown(checks: list[ClaimCheck]) -> str:
     return "\n".join(lines) + "\n"
 
 
-FULL_FINE_TUNING = {"method": "finetune", "adapter": "full"}  # the row training costs are relative to
+FULL_FINE_TUNING = {"recipe": "finetune", "adapter": "full"}  # the row training costs are relative to
 
 
 def cost_table(report: Report):

@@ -13,100 +13,22 @@ import copy
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from dsee_cli.atomic import atomic_write_text, fsync_dir, fsync_file
+from dsee_cli.atomic import fsync_dir, fsync_file
 from dsee_cli.core.arch import block_linears, weight_out_in
-from dsee_cli.pruning import apply_masks, prune_heads
-from dsee_cli.pruning.slimming import FROZEN_CHANGED, prune_ffn
+from dsee_cli.pruning import prune_heads
+from dsee_cli.pruning.slimming import prune_ffn
+from dsee_cli.run.checkpoint import load_state_dir, model_state, pack_mask, restore_state, save_state_dir, unpack_mask
 from dsee_cli.tuning import AdapterConfig, prepare_method
-from dsee_cli.tuning.adapters import adapters_of, set_omegas, unwrap_adapters
-from dsee_cli.tuning.sparse_training import finalize_sparse_training, sparse_layers
-
-MASK_PREFIX = "mask::"
-SPARSE_MASK_PREFIX = "sparsemask::"
-
-
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask.cpu().numpy().ravel()))
-
-
-def unpack_mask(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    n = int(np.prod(shape))
-    return torch.from_numpy(np.unpackbits(packed.numpy())[:n].astype(bool)).view(*shape)
-
-
-def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
-    """Everything that differs from the pretrained model: trainable tensors, frozen ones that
-    pruning changed (EarlyBERT folds its coefficients into them), Ω, masks, removed units."""
-    params = dict(model.named_parameters())
-    frozen_changed = sorted(n for n in getattr(model, FROZEN_CHANGED, ()) if not params[n].requires_grad)
-    tensors = {n: p.detach() for n, p in params.items() if p.requires_grad or n in frozen_changed}
-    adapters = adapters_of(model)
-    for name, a in adapters.items():
-        for k in range(len(a.slices)):
-            tensors[f"{name}.omega_{k}"] = a.omega(k)
-    masks = {n: a.mask for n, a in adapters.items() if a.mask is not None}
-    mask_delta = all(a.mask_delta for a in adapters.values())
-    extra_masks = getattr(model, "dsee_other_masks", {})
-    shapes = {}
-    for name, mask in {**extra_masks, **masks}.items():
-        tensors[MASK_PREFIX + name] = pack_mask(mask)
-        shapes[name] = list(mask.shape)
-    sparse = {}
-    for name, layer in sparse_layers(model).items():  # sparse training: the current top-v masks
-        tensors[SPARSE_MASK_PREFIX + name] = pack_mask(layer.mask)
-        sparse[name] = {"shape": list(layer.mask.shape), "sparsity": layer.sparsity}
-    meta = {
-        "pruned_heads": getattr(model.config, "dsee_pruned_heads", None) or {},
-        "pruned_ffn": getattr(model.config, "dsee_pruned_ffn", None) or {},
-        "mask_shapes": shapes,
-        "mask_delta": mask_delta,
-        "sparse_masks": sparse,
-        "frozen_changed": frozen_changed,
-    }
-    return tensors, meta
-
-
-def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Rebuild the state ``model_state`` described, onto the model as the method prepared it."""
-    if meta.get("pruned_heads"):
-        prune_heads(model, {int(k): v for k, v in meta["pruned_heads"].items()})
-    if meta.get("pruned_ffn"):
-        prune_ffn(model, {int(k): v for k, v in meta["pruned_ffn"].items()})
-    adapters = adapters_of(model)
-    set_omegas(adapters, {
-        k.rsplit(".omega_", 1)[0] + "#" + k.rsplit(".omega_", 1)[1]: v
-        for k, v in tensors.items() if ".omega_" in k and not k.startswith(MASK_PREFIX)
-    })
-    masks = {name: unpack_mask(tensors[MASK_PREFIX + name], shape) for name, shape in meta["mask_shapes"].items()}
-    if masks:
-        device = next(model.parameters()).device
-        apply_masks(model, {k: v.to(device) for k, v in masks.items()}, meta.get("mask_delta", True))
-    layers = sparse_layers(model)
-    for name, info in meta.get("sparse_masks", {}).items():
-        layers[name].mask.copy_(unpack_mask(tensors[SPARSE_MASK_PREFIX + name], info["shape"]))
-        layers[name].sparsity = info["sparsity"]
-    params = dict(model.named_parameters())
-    frozen = set(meta.get("frozen_changed", ()))
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if "::" in name or ".omega_" in name:  # masks, and the trainer's optim::/rng:: entries
-                continue
-            if name not in params:
-                raise KeyError(f"checkpoint tensor {name!r} has no place in this model")
-            params[name].copy_(value)
-            params[name].requires_grad_(name not in frozen)
-    if frozen:
-        setattr(model, FROZEN_CHANGED, frozen)
+from dsee_cli.tuning.adapters import unwrap_adapters
+from dsee_cli.tuning.sparse_training import finalize_sparse_training
 
 
 def _atomic_dir(target: Path):
@@ -129,40 +51,6 @@ def _commit_dir(tmp: Path, target: Path) -> None:
     os.replace(tmp, target)
     fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
-
-
-STATE_META = "meta.json"
-
-
-def save_state_dir(target: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Tensors + meta.json, crash-safe: the tensors go to a new file, then meta.json (which names
-    it) is replaced in one rename. A kill at any moment leaves the old state or the new one."""
-    target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    name = f"state-{time.time_ns()}.safetensors"
-    tmp = target / f".{name}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    fsync_file(tmp)
-    os.replace(tmp, target / name)
-    atomic_write_text(target / STATE_META, json.dumps({**meta, "state_file": name}, indent=2, sort_keys=True))
-    clean_state_dir(target)
-
-
-def clean_state_dir(target: Path) -> None:
-    """Remove what a commit superseded or a killed write left behind: every file but meta.json
-    and the state file it names."""
-    target = Path(target)
-    meta = target / STATE_META
-    current = json.loads(meta.read_text()).get("state_file") if meta.is_file() else None
-    for f in target.iterdir():
-        if f.name not in (STATE_META, current) and (f.name.startswith((".", "state")) or f.suffix == ".tmp"):
-            shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
-
-
-def load_state_dir(target: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    target = Path(target)
-    meta = json.loads((target / STATE_META).read_text())
-    return load_file(str(target / meta.get("state_file", "state.safetensors"))), meta
 
 
 def save_adapter(model: nn.Module, target: Path, method: AdapterConfig, base_model: str) -> None:

@@ -10,7 +10,6 @@ metrics as an uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -35,18 +34,15 @@ from dsee_cli.measure.accounting import inference_flops, scope_size, trainable_c
 from dsee_cli.measure.costs import TimingSettings, measure_savings, semi_structured
 from dsee_cli.pruning import reapply_masks
 from dsee_cli.pruning.slimming import add_slimming, has_slimming, slimming_penalty
-from dsee_cli.run.export import (
+from dsee_cli.run.checkpoint import (
     STATE_META,
-    clean_state_dir,
-    export_compressed,
-    export_merged,
-    load_state_dir,
-    merged_copy,
-    model_state,
+    Checkpoint,
+    clean_leftovers,
+    config_fingerprint,
+    finished_metrics,
     restore_state,
-    save_adapter,
-    save_state_dir,
 )
+from dsee_cli.run.export import export_compressed, export_merged, merged_copy, save_adapter
 from dsee_cli.run.steps import StepLock, StepRecord, StepStore, cache_root, step_fingerprint
 from dsee_cli.run.task import load_pretrained, prepare_task
 from dsee_cli.run.train import (
@@ -57,8 +53,8 @@ from dsee_cli.run.train import (
     summarize,
     train_phase,
 )
-from dsee_cli.tuning import MERGEABLE, SPARSE_TRAINING, TUNING_METHODS, prepare_method
 from dsee_cli.tuning import omega as omega_lib
+from dsee_cli.tuning import prepare_method
 from dsee_cli.tuning.adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weight
 from dsee_cli.tuning.sparse_training import sparse_layers, update_masks
 
@@ -77,45 +73,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def config_fingerprint(cfg: RunConfig) -> str:
-    """What must match for a run directory's checkpoint or metrics.json to be this run's: every
-    setting that changes its numbers (not logging, where it runs, how often it saves or prints)."""
-    d = asdict(cfg)
-    # measuring is redone on a finished run that lacks it; per_task is applied and empty here
-    for key in ("logger", "resume", "measure", "reuse", "per_task"):
-        d.pop(key)
-    for key in ("checkpoint_every", "device", "threads", "log_every_seconds"):
-        d["trainer"].pop(key)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def finished_metrics(run_dir: Path, fingerprint: str, say, measured: bool = False) -> dict | None:
-    """The run directory's metrics.json if it is this configuration's (and, if ``measured``, holds
-    the measured savings; else the finished run is evaluated and measured again from its last
-    checkpoint); another configuration's is removed."""
-    path = Path(run_dir) / "metrics.json"
-    if not path.is_file():
-        return None
-    metrics = json.loads(path.read_text())
-    if metrics.get("fingerprint") == fingerprint:
-        return metrics if metrics.get("savings") or not measured else None
-    say(f"metrics.json here is from a different configuration (fingerprint {metrics.get('fingerprint')}, "
-        f"this run {fingerprint}): starting over")
-    path.unlink()
-    return None
-
-
-def clean_leftovers(run_dir: Path) -> None:
-    """Temporary files and directories a killed run left (a half-written checkpoint or export)."""
-    for parent in (run_dir, run_dir / "export"):
-        if parent.is_dir():
-            for f in parent.glob(".*"):
-                if ".tmp" in f.name or ".old-" in f.name:
-                    shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
-    if (run_dir / "checkpoint").is_dir():
-        clean_state_dir(run_dir / "checkpoint")
-
-
 def write_failure(run_dir: Path, exc: BaseException, stage: str, sweep_run: str | None = None) -> Path:
     """failed.json: what stopped this run, so that a sweep can go on and be reported honestly.
     Call it from the ``except`` block (the traceback is the one being handled)."""
@@ -124,34 +81,6 @@ def write_failure(run_dir: Path, exc: BaseException, stage: str, sweep_run: str 
     path = Path(run_dir) / "failed.json"
     atomic_write_text(path, json.dumps(record, indent=2))
     return path
-
-
-class Checkpoint:
-    """run_dir/checkpoint: the model's state (export.model_state), optimizer, RNG and progress."""
-
-    def __init__(self, run_dir: Path, fingerprint: str):
-        self.dir = Path(run_dir) / "checkpoint"
-        self.fingerprint = fingerprint
-
-    def load(self, say=lambda text: None) -> tuple[dict, dict] | None:
-        """This configuration's checkpoint; another configuration's is removed (the run starts over)."""
-        if not (self.dir / "meta.json").is_file():
-            return None
-        tensors, meta = load_state_dir(self.dir)
-        if meta.get("fingerprint") != self.fingerprint:
-            say(f"the checkpoint here is from a different configuration (fingerprint {meta.get('fingerprint')}, "
-                f"this run {self.fingerprint}): starting over")
-            self.clear()
-            return None
-        return tensors, meta
-
-    def save(self, model, stage: str, progress: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
-        tensors, model_meta = model_state(model)
-        meta = {"fingerprint": self.fingerprint, "stage": stage, "model": model_meta, **progress}
-        save_state_dir(self.dir, {**tensors, **(extra or {})}, meta)
-
-    def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def omega_cache_dir(cfg: RunConfig) -> Path | None:
@@ -349,7 +278,7 @@ class Run:
     def hooks(self, name: str) -> StepHooks:
         model, method = self.model, self.method
         sparse: dict = {}
-        if name == "phase1" and method.method in SPARSE_TRAINING:  # PST / MaP / MvP: masks follow the schedule
+        if name == "phase1" and method.tuning_method.sparse_training:  # PST / MaP / MvP: masks follow the schedule
             settings, final = method.sparse_training, self.cfg.sparsity
             schedule, topk = settings.schedule, settings.topk
             sparse = {
@@ -386,7 +315,7 @@ class Run:
         """Phase I: tuning (sparse + low-rank for DSEE; whatever the method trains otherwise)."""
         self.phase1_state = _state(self.meta, "phase1")
         if self.stage in (None, "phase1"):
-            self.say(f"Phase I: {TUNING_METHODS[self.method.method].title}")
+            self.say(f"Phase I: {self.method.tuning_method.title}")
             self.phase1_state = self.run_phase("phase1")
             self.meta.update(self.progress_meta(phase1=self.phase1_state))
             if "phase1" not in self.steps:
@@ -536,7 +465,7 @@ def export_run(cfg: RunConfig, model: torch.nn.Module, tokenizer, run_dir: Path,
     export/compressed (bit-packed masks + non-zero values) where pruning left zeros in them.
     Returns what was written and the final model as a user would ship it."""
     export_info: dict = {}
-    mergeable = method.method in MERGEABLE
+    mergeable = method.tuning_method.merges
     if not cfg.export:  # the merged copy is only needed to measure it
         return export_info, merged_copy(model) if mergeable and cfg.measure else model
     final = merged_copy(model) if mergeable else model

@@ -32,8 +32,7 @@ import torch
 
 from dsee_cli.atomic import atomic_write_text, fsync_dir, fsync_file
 from dsee_cli.config import RunConfig
-from dsee_cli.run.export import STATE_META, load_state_dir
-from dsee_cli.tuning import SPARSE_TRAINING
+from dsee_cli.run.checkpoint import STATE_META, load_state_dir
 
 log = logging.getLogger("dsee")
 STEP_FORMAT = 1  # bump when what a step's state means changes: older entries are then recomputed
@@ -73,7 +72,7 @@ def step_fingerprint(cfg: RunConfig, step: str) -> str:
         d["trainer"].pop("recovery")
         d["task"].pop("recovery_lr")
         d["task"].pop("recovery_epochs")
-        if cfg.adapter.method not in SPARSE_TRAINING:
+        if not cfg.adapter.tuning_method.sparse_training:
             d.pop("sparsity")
             d["adapter"].pop("sparse_training")
         d["pruning"] = {"slimming_l1": cfg.pruning.slimming_l1} if cfg.pruning.pruner.slimming else {}

@@ -24,7 +24,7 @@ INITS = ("kaiming", "normal")
 
 @dataclass
 class LowRankConfig:
-    """What a ``DSEELinear`` adds: the first fields of the ``adapter`` section (methods.AdapterConfig)."""
+    """What a ``DSEELinear`` adds: the first fields of the ``adapter`` section (tuning.AdapterConfig)."""
 
     rank: int = 16  # dsee / lora: the rank r of B·A
     alpha: float = 32.0  # dsee / lora: B·A is scaled by alpha / r

@@ -244,7 +244,6 @@ def _random_scores(batch: torch.Tensor, settings: GreBsmoSettings) -> torch.Tens
 
 # omega.method -> its finder; a new finder is one function and one entry here
 FINDERS: dict[str, Finder] = {"grebsmo": _grebsmo_scores, "magnitude": _magnitude_scores, "random": _random_scores}
-METHODS = tuple(FINDERS)
 
 
 def find_omega(
@@ -252,7 +251,7 @@ def find_omega(
 ) -> dict[str, torch.Tensor]:
     """Ω (n flat indices) for each named out x in matrix. Matrices of one shape are batched."""
     if method not in FINDERS:
-        raise choice_error("Ω method (omega.method)", method, METHODS)
+        raise choice_error("Ω method (omega.method)", method, tuple(FINDERS))
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for name, w in weights.items():
         by_shape.setdefault(tuple(w.shape), []).append(name)
@@ -356,7 +355,7 @@ class OmegaConfig:
 
     def check(self) -> None:
         if self.method not in FINDERS:
-            raise choice_error("Ω method (omega.method)", self.method, METHODS)
+            raise choice_error("Ω method (omega.method)", self.method, tuple(FINDERS))
         if self.preset not in PRESETS:
             raise choice_error("GreBsmo preset (omega.preset)", self.preset, PRESETS)
 

@@ -27,7 +27,6 @@ from dsee_cli.core.arch import WrappedLayer, block_linears, dims, weight_out_in
 from dsee_cli.core.selection import smallest_k_mask
 from dsee_cli.errors import DSEEError, choice_error
 
-METHODS = ("pst", "map", "mvp")
 SCORE_TERMS = ("weight", "lowrank", "structured")  # |W₀ + βUV|, α₁AB, α₂(R + C)
 TOPK = ("layer", "global")
 
@@ -79,8 +78,6 @@ class SparseTrainingConfig:
 
     def check(self, method: str) -> None:
         """The method's own settings (the schedule is checked against the run's sparsity by the config)."""
-        if method not in METHODS:
-            raise choice_error("sparse training method", method, METHODS)
         if self.topk not in TOPK:
             raise choice_error("top-k granularity (adapter.sparse_training.topk)", self.topk, TOPK)
         bad = [t for t in self.score_terms if t not in SCORE_TERMS]
