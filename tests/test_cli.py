@@ -91,7 +91,7 @@ def test_resume_after_kill_9_gives_the_same_metrics(workdir, extra, kill_at):
     while time.time() < deadline:  # kill once recovery has started and checkpointed
         if meta.is_file():
             try:
-                stage = json.loads(meta.read_text())["stage"]
+                stage = json.loads(meta.read_text())["in_progress"]
             except (json.JSONDecodeError, KeyError):
                 stage = None
             if stage == kill_at:

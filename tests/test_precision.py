@@ -71,7 +71,8 @@ def test_every_method_and_pruning_mode_runs_under_bf16_mixed(name, tmp_path):
 
 
 def _phase1_setup(*overrides):
-    from dsee_cli.run.pipeline import phase_settings, seed_everything
+    from dsee_cli.run.pipeline import seed_everything
+    from dsee_cli.run.plan import phase_settings
     from dsee_cli.run.task import prepare_task
     from dsee_cli.run.train import ProgressSink
     from dsee_cli.tuning import prepare_method

@@ -179,8 +179,13 @@ def clean_leftovers(run_dir: Path) -> None:
         clean_state_dir(run_dir / "checkpoint")
 
 
+CHECKPOINT_FORMAT = 2  # 2: progress is the number of plan steps done (1 named a stage)
+
+
 class Checkpoint:
-    """run_dir/checkpoint: the model's state (model_state), optimizer, RNG and progress."""
+    """run_dir/checkpoint: the model's state (model_state), and the run's progress: how many
+    steps of its plan are done, the training step in progress (its optimizer and RNG state in
+    the tensors), each phase's state, what pruning did."""
 
     def __init__(self, run_dir: Path, fingerprint: str):
         self.dir = Path(run_dir) / "checkpoint"
@@ -191,6 +196,11 @@ class Checkpoint:
         if not (self.dir / "meta.json").is_file():
             return None
         tensors, meta = load_state_dir(self.dir)
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            say(f"the checkpoint here was written by another dsee-cli version (format {meta.get('format', 1)}, "
+                f"this one reads {CHECKPOINT_FORMAT}): starting over")
+            self.clear()
+            return None
         if meta.get("fingerprint") != self.fingerprint:
             say(f"the checkpoint here is from a different configuration (fingerprint {meta.get('fingerprint')}, "
                 f"this run {self.fingerprint}): starting over")
@@ -198,9 +208,10 @@ class Checkpoint:
             return None
         return tensors, meta
 
-    def save(self, model, stage: str, progress: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
+    def save(self, model, progress: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """``progress``: ``done`` (plan steps finished), ``in_progress`` (the phase training, or None), ..."""
         tensors, model_meta = model_state(model)
-        meta = {"fingerprint": self.fingerprint, "stage": stage, "model": model_meta, **progress}
+        meta = {"format": CHECKPOINT_FORMAT, "fingerprint": self.fingerprint, "model": model_meta, **progress}
         save_state_dir(self.dir, {**tensors, **(extra or {})}, meta)
 
     def clear(self) -> None:

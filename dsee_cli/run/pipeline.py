@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dsee_cli.atomic import atomic_write_text
-from dsee_cli.config import RunConfig, task_hparams, validate
+from dsee_cli.config import RunConfig, validate
 from dsee_cli.core.arch import attention_units
 from dsee_cli.core.models import TINY_MODELS, hub_reachable, resolve_source
 from dsee_cli.core.precision import Precision, resolve_precision
@@ -43,10 +43,10 @@ from dsee_cli.run.checkpoint import (
     restore_state,
 )
 from dsee_cli.run.export import export_compressed, export_merged, merged_copy, save_adapter
-from dsee_cli.run.steps import StepLock, StepRecord, StepStore, cache_root, step_fingerprint
+from dsee_cli.run.plan import CHANGES_MODEL, Step, build_plan, phase_of_round, phase_settings
+from dsee_cli.run.steps import StepLock, StepRecord, StepStore, cache_root
 from dsee_cli.run.task import load_pretrained, prepare_task
 from dsee_cli.run.train import (
-    Phase,
     PhaseState,
     ProgressSink,
     StepHooks,
@@ -91,49 +91,20 @@ def omega_cache_dir(cfg: RunConfig) -> Path | None:
     return cache_root() / "omega"
 
 
-def round_of(cfg: RunConfig, phase: str) -> int:
-    """Which round a recovery phase trains: IMP's ``retrain<r>`` is round r, ``recovery`` the last."""
-    if phase == "recovery":
-        return cfg.pruning.rounds if cfg.pruning.pruner.rounds else 1
-    return int(phase.removeprefix("retrain"))
-
-
-def phase_of_round(r: int, rounds: int) -> str:
-    return "recovery" if r == rounds else f"retrain{r}"
-
-
 def rename_rounds(meta: dict, rounds: int, to_store: bool) -> dict:
     """A checkpoint's phase names made independent of the run's number of rounds (``round<r>``,
     to store a step) or back to this run's (``retrain<r>`` / ``recovery``, to use one)."""
-    def rename(name: str) -> str:
+    def rename(name: str | None) -> str | None:
+        if name is None:
+            return None
         if to_store:
             if name == "recovery":
                 return f"round{rounds}"
             return f"round{name[7:]}" if name.startswith("retrain") else name
         return phase_of_round(int(name[5:]), rounds) if name.startswith("round") and name[5:].isdigit() else name
     out = {rename(k): v for k, v in meta.items()}
-    out["stage"] = rename(meta.get("stage", ""))
+    out["in_progress"] = rename(meta.get("in_progress"))
     return out
-
-
-def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> Phase:
-    """Phase I, or a recovery phase (``recovery``, and IMP's ``retrain<r>`` between rounds)."""
-    t, task, per_model = cfg.trainer, cfg.task, task_hparams(cfg)
-    p = t.phase1 if phase == "phase1" else t.recovery
-    if phase == "phase1":
-        epochs, lr = p.epochs or task.epochs, p.lr or per_model.lr
-    else:
-        epochs, lr = p.epochs or task.recovery_epochs, p.lr or task.recovery_lr or per_model.lr
-    return Phase(
-        name=phase, epochs=epochs, lr=lr, batch_size=per_model.batch_size, precision=precision,
-        # round r trains from the same seed whether it is a run's last round or not, so that
-        # IMP's rounds are one chain of steps (steps.py)
-        seed=cfg.seed * 1000 + (0 if phase == "phase1" else round_of(cfg, phase)),
-    )
-
-
-def _state(meta: dict, phase: str) -> PhaseState:
-    return PhaseState(**meta[phase]) if phase in meta else PhaseState()
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -156,8 +127,9 @@ def preflight(cfg: RunConfig) -> None:
 
 
 def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda text: None) -> dict:
-    """Run (or resume) one experiment in run_dir; returns what it writes to metrics.json.
-    The plan (plan.build_plan): Ω, phase I, per round prune + train, evaluate, export, measure."""
+    """Run (or resume) one experiment in run_dir: execute its plan (plan.build_plan: Ω, phase I,
+    per round prune + train, evaluate, export, measure) from the first step not yet done, with
+    a checkpoint after each step that changes the model. Returns what it writes to metrics.json."""
     validate(cfg)
     run = Run(cfg, Path(run_dir), sink, say)
     clean_leftovers(run.dir)
@@ -167,17 +139,22 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     try:
         run.setup()
         run.start()
-        run.phase1()
-        run.prune_and_recover()
-        return run.finish()
+        for i, step in enumerate(run.plan):
+            if i < run.done:
+                continue
+            run.execute(step)
+            run.done = max(run.done, i + 1)
+            if step.kind in CHANGES_MODEL:
+                run.save()
+        return run.write_metrics()
     finally:
         release(run.locks)
 
 
 class Run:
-    """The state the steps of one run share: model and data, the checkpoint's progress (``meta``,
-    ``tensors``, ``stage``: the last saved phase, or ``<phase>-done`` in memory), what each
-    step took (``seconds``) and where shared steps came from (``steps``)."""
+    """What the steps of one run share: the plan and how many of its steps are ``done``, the
+    model and data, each phase's state, what pruning did, what each step took (``seconds``)
+    and where shared steps came from (``steps``)."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, sink: ProgressSink, say):
         self.cfg, self.dir, self.sink, self.say = cfg, run_dir, sink, say
@@ -185,15 +162,16 @@ class Run:
         self.ckpt = Checkpoint(run_dir, self.fingerprint)
         self.store = StepStore()
         self.locks: list[StepLock] = []  # steps this run computes for others to reuse (steps.py)
+        self.plan: list[Step] = build_plan(cfg)
+        self.done = 0  # plan steps finished
+        self.tensors: dict[str, torch.Tensor] = {}  # the checkpoint's, while a phase in progress resumes from it
+        self.in_progress: str | None = None  # the phase the checkpoint stopped inside
+        self.states: dict[str, PhaseState] = {}  # phase1, retrain<r>, recovery
         self.steps: dict[str, StepRecord] = {}
-        self.meta: dict = {}
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.stage: str | None = None
         self.omega_info: dict = {}
+        self.pruning_info: dict = {"method": cfg.pruning.method}
         self.seconds: dict[str, float] = {}
-        self.phase1_state = PhaseState()
-        self.states: dict[str, PhaseState] = {}  # the recovery phases, by name
-        self.pruning_info: dict = {}
+        self.result: dict = {"eval": {}, "generation": None, "export": {}, "final_model": None, "savings": {}}
         self.started = time.perf_counter()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -221,41 +199,72 @@ class Run:
             if not 0 <= self.pruning.heads_to_remove < heads:
                 raise DSEEError(f"pruning.heads_to_remove={self.pruning.heads_to_remove} is out of range: this model "
                                 f"has {heads} heads per layer, so it must be between 0 and {heads - 1}.")
-        self.rounds = self.pruning.round_sparsities(cfg.sparsity)
-        self.phases = [phase_of_round(r, len(self.rounds)) for r in range(1, len(self.rounds) + 1)]
-        self.pruning_info = {"method": self.pruning.method}
+        self.rounds = sum(step.kind == "prune" for step in self.plan)
 
     def start(self) -> None:
-        """Where this run starts: its own checkpoint, a phase I another run computed, or Ω."""
+        """Where this run starts: its own checkpoint, a phase I another run computed, or step 0."""
         cfg, model = self.cfg, self.model
         if not cfg.resume:
             self.ckpt.clear()
         saved = self.ckpt.load(self.say)
-        self.fp_phase1 = step_fingerprint(cfg, "phase1")
+        own = saved is not None
+        phase1 = next(step for step in self.plan if step.name == "phase1")
         if saved is None and cfg.reuse:  # phase I as another run computed it (or wait while one does)
-            found = reused_step(self.store, "phase1", self.fp_phase1, self.locks, self.say)
+            found = reused_step(self.store, "phase1", phase1.fingerprint, self.locks, self.say)
             if found is not None:
                 self.steps["phase1"] = found[2]
-                saved = (found[0], {**found[1], "fingerprint": self.fingerprint})
-                self.say(f"Phase I: reused (step phase1-{self.fp_phase1}, computed in {found[2].source})")
-        self.stage = saved[1]["stage"] if saved else None
-        if self.pruning.pruner.slimming and self.stage in (None, "phase1"):
+                saved = found[:2]
+                self.say(f"Phase I: reused (step phase1-{phase1.fingerprint}, computed in {found[2].source})")
+        done = saved[1]["done"] if saved else 0
+        if self.pruning.pruner.slimming and not any(step.kind == "prune" for step in self.plan[:done]):
             add_slimming(model)  # its coefficients train in phase I; pruning folds them in
         # IMP with rewinding resets the trained tensors to where they started (also in a resumed run)
         self.start_state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} \
             if self.pruning.rewind else {}
         if saved is not None:
-            self.tensors, self.meta = saved
-            restore_state(model, self.tensors, self.meta["model"])
-            self.omega_info = self.meta.get("omega", {})
-            self.pruning_info = self.meta.get("pruning", self.pruning_info)
-            if "phase1" not in self.steps:  # this run's own checkpoint: what it computed and reused so far
-                self.steps.update({k: StepRecord(**v) for k, v in self.meta.get("steps", {}).items()})
-                self.say(f"Resuming from the checkpoint after stage {self.stage!r} (step {_resume_step(self.meta)})")
-        elif self.method.method == "dsee" and cfg.adapter.omega_size > 0:
-            self.find_omega()
-        self.seconds["omega"] = self.omega_info.get("seconds", 0.0)
+            self.restore(*saved)
+            if own:  # this run's own checkpoint: what it computed and reused so far
+                self.steps.update({k: StepRecord(**v) for k, v in saved[1].get("steps", {}).items()})
+                where = self.plan[self.done].name if self.done < len(self.plan) else "the end"
+                step = self.states[self.in_progress].step if self.in_progress in self.states else 0
+                self.say(f"Resuming from the checkpoint: {self.done} of {len(self.plan)} steps done, at {where}"
+                         + (f" (optimizer step {step})" if self.in_progress else ""))
         model.to(self.device)
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """The model and the progress a checkpoint (this run's, or a stored step's) holds."""
+        restore_state(self.model, tensors, meta["model"])
+        self.tensors, self.done, self.in_progress = tensors, meta["done"], meta.get("in_progress")
+        self.states = {s.phase: PhaseState(**meta[s.phase]) for s in self.plan if s.kind == "train" and s.phase in meta}
+        self.omega_info = meta.get("omega", self.omega_info)
+        self.pruning_info = meta.get("pruning", self.pruning_info)
+
+    def progress(self, in_progress: str | None = None, **states: PhaseState) -> dict:
+        """What the checkpoint records besides tensors."""
+        return {"done": self.done, "in_progress": in_progress,
+                **{name: st.as_meta() for name, st in {**self.states, **states}.items()},
+                "pruning": self.pruning_info, "omega": self.omega_info,
+                "steps": {k: r.as_dict() for k, r in self.steps.items()}}
+
+    def save(self) -> None:
+        self.ckpt.save(self.model, self.progress())
+
+    # -- the steps -------------------------------------------------------------------------
+    def execute(self, step: Step) -> None:
+        if step.kind == "omega":
+            self.find_omega()
+        elif step.kind == "train":
+            self.train(step)
+        elif step.kind == "prune":
+            self.prune(step)
+        elif step.kind == "evaluate":
+            self.evaluate()
+        elif step.kind == "export":
+            self.export()
+        elif step.kind == "measure":
+            self.measure()
+        else:
+            raise ValueError(f"unknown step kind {step.kind!r}")
 
     def find_omega(self) -> None:
         cfg = self.cfg
@@ -267,13 +276,6 @@ class Run:
         set_omegas(adapters, result.indices)
         self.omega_info = {"method": cfg.omega.method, "seconds": round(result.seconds, 3),
                            "from_cache": result.from_cache, "cache_path": str(result.cache_path or "")}
-
-    # -- training --------------------------------------------------------------------------
-    def progress_meta(self, **states: PhaseState) -> dict:
-        """What the checkpoint records besides tensors: every finished phase, pruning, round."""
-        keep = {k: v for k, v in self.meta.items() if k in ("phase1", "pruning", "round", *self.phases)}
-        keep.update({k: s.as_meta() for k, s in states.items()})
-        return {**keep, "omega": self.omega_info, "steps": {k: r.as_dict() for k, r in self.steps.items()}}
 
     def hooks(self, name: str) -> StepHooks:
         model, method = self.model, self.method
@@ -293,81 +295,51 @@ class Run:
             **sparse,
         )
 
-    def run_phase(self, name: str) -> PhaseState:
-        """Train one phase, from its checkpoint when the run stopped inside it."""
-        resume = (_state(self.meta, name), self.tensors) if self.stage == name else None
-        task = self.task
-        return train_phase(
+    def train(self, step: Step) -> None:
+        """A training phase, from inside it where the checkpoint stopped; then offered to the
+        runs that share it (phase I, IMP rounds) unless it came from the store."""
+        name, task = step.phase, self.task
+        if name == "phase1":
+            self.say(f"Phase I: {self.method.tuning_method.title}")
+        else:
+            self.say(f"Phase III: recovery tuning{f' (round {step.round})' if self.rounds > 1 else ''}")
+        resume = (self.states[name], self.tensors) if self.in_progress == name and name in self.states else None
+        self.states[name] = train_phase(
             self.model, task.train, task.evals, task.ops, phase_settings(self.cfg, name, self.precision),
             self.cfg.trainer, task.loaded.tokenizer.pad_token_id, self.device,
-            save=lambda st, extra: self.ckpt.save(self.model, name, self.progress_meta(**{name: st}), extra),
+            save=lambda st, extra: self.ckpt.save(self.model, self.progress(name, **{name: st}), extra),
             sink=self.sink, resume=resume, hooks=self.hooks(name),
         )
+        self.tensors, self.in_progress = {}, None
+        if step.fingerprint and step.name not in self.steps:
+            self.share(step)
 
-    def share(self, step: str, fingerprint: str, to_store=lambda meta: meta) -> None:
-        """This run computed ``step``: offer its checkpoint to the runs that share it."""
-        self.steps[step] = StepRecord(fingerprint, False, str(self.dir))
-        meta = to_store(json.loads((self.ckpt.dir / STATE_META).read_text()))
-        self.store.publish(step, fingerprint, self.ckpt.dir, meta, self.dir)
+    def share(self, step: Step) -> None:
+        """This run computed ``step``: offer its checkpoint (the phase's last save) to the runs that share it."""
+        self.steps[step.name] = StepRecord(step.fingerprint, False, str(self.dir))
+        meta = json.loads((self.ckpt.dir / STATE_META).read_text())
+        if step.name != "phase1":
+            meta = rename_rounds(meta, self.rounds, to_store=True)
+        self.store.publish(step.name, step.fingerprint, self.ckpt.dir, meta, self.dir)
         release(self.locks)
 
-    def phase1(self) -> None:
-        """Phase I: tuning (sparse + low-rank for DSEE; whatever the method trains otherwise)."""
-        self.phase1_state = _state(self.meta, "phase1")
-        if self.stage in (None, "phase1"):
-            self.say(f"Phase I: {self.method.tuning_method.title}")
-            self.phase1_state = self.run_phase("phase1")
-            self.meta.update(self.progress_meta(phase1=self.phase1_state))
-            if "phase1" not in self.steps:
-                self.share("phase1", self.fp_phase1)
-            self.stage = "phase1-done"
-        self.seconds["phase1"] = self.phase1_state.seconds
-
-    def prune_and_recover(self) -> None:
-        """Phase II and III, once per round (IMP: prune a further fraction, retrain, repeat)."""
-        done_round = self.meta.get("round", 0)
-        imp = self.pruning.pruner.rounds  # IMP: each round is a step other runs can reuse
-        for r, (target, phase) in enumerate(zip(self.rounds, self.phases), start=1):
-            if self.stage == "done" or r < done_round:
-                self.states[phase] = _state(self.meta, phase)
-                continue
-            fp_round = step_fingerprint(self.cfg, f"round{r}") if imp else ""
-            if r > done_round and imp and self.cfg.reuse and self.reuse_round(r, phase, fp_round):
-                done_round = r
-            if r > done_round:
-                self.prune(r, target)
-            self.say(f"Phase III: recovery tuning{f' (round {r})' if len(self.rounds) > 1 else ''}")
-            self.states[phase] = self.run_phase(phase)
-            self.meta.update(self.progress_meta(**{phase: self.states[phase]}))
-            if imp and f"round{r}" not in self.steps:
-                self.share(f"round{r}", fp_round, lambda m: rename_rounds(m, len(self.rounds), to_store=True))
-            self.stage = f"{phase}-done"
-        self.seconds["pruning"] = self.pruning_info.get("seconds", 0.0)
-        if self.rounds:
-            self.seconds["recovery"] = sum(st.seconds for st in self.states.values())
-
-    def reuse_round(self, r: int, phase: str, fingerprint: str) -> bool:
-        """IMP round r as a run with as many rounds or more computed it, if one did."""
-        found = reused_step(self.store, f"round{r}", fingerprint, self.locks, self.say)
-        if found is None:
-            return False
-        self.tensors, self.meta = found[0], rename_rounds(found[1], len(self.rounds), to_store=False)
-        restore_state(self.model, self.tensors, self.meta["model"])
-        self.steps[f"round{r}"], self.stage = found[2], phase
-        self.pruning_info = self.meta.get("pruning", self.pruning_info)
-        self.say(f"IMP round {r}: reused (step round{r}-{fingerprint}, computed in {found[2].source})")
-        return True
-
-    def prune(self, r: int, target: float) -> None:
-        n = len(self.rounds)
-        self.say(f"Phase II: {self.pruning.pruner.title}" + (f", round {r} of {n}" if n > 1 else ""))
+    def prune(self, step: Step) -> None:
+        """Phase II: one pruning round (IMP's round as a run with as many rounds or more stored it, if one did)."""
+        shared = next((s for s in self.plan if s.kind == "train" and s.round == step.round and s.fingerprint), None)
+        if shared is not None and self.cfg.reuse:
+            found = reused_step(self.store, shared.name, shared.fingerprint, self.locks, self.say)
+            if found is not None:
+                self.restore(found[0], rename_rounds(found[1], self.rounds, to_store=False))
+                self.steps[shared.name] = found[2]
+                self.say(f"IMP round {step.round}: reused (step {shared.name}-{shared.fingerprint}, computed in "
+                         f"{found[2].source})")
+                return
+        self.say(f"Phase II: {self.pruning.pruner.title}"
+                 + (f", round {step.round} of {self.rounds}" if self.rounds > 1 else ""))
         started = time.perf_counter()
-        info = self.pruning.pruner.prune(self.model, self.pruning, target, self.cfg.seed, self.rewind)
-        info["seconds"] = round(time.perf_counter() - started + self.meta.get("pruning", {}).get("seconds", 0.0), 3)
-        self.pruning_info = self.meta["pruning"] = info
-        self.meta["round"] = r
-        self.ckpt.save(self.model, "pruned", self.progress_meta())
-        self.stage = "pruned"
+        info = self.pruning.pruner.prune(self.model, self.pruning, step.target, self.cfg.seed, self.rewind)
+        info["seconds"] = round(time.perf_counter() - started + self.pruning_info.get("seconds", 0.0), 3)
+        self.pruning_info = info
 
     @torch.no_grad()
     def rewind(self) -> None:
@@ -378,46 +350,54 @@ class Run:
                 value = torch.zeros_like(params[name])
             params[name].copy_(value.to(params[name].device))
 
-    # -- the result ------------------------------------------------------------------------
-    def finish(self) -> dict:
-        """Evaluate, export, measure; write metrics.json."""
+    def evaluate(self) -> None:
         cfg, model, task = self.cfg, self.model, self.task
         self.say("Evaluation and export")
-        pad_id = task.loaded.tokenizer.pad_token_id
-        final_eval = task.ops.evaluate(model, task.evals, pad_id, self.device, cfg.trainer.eval_batch_size,
-                                       self.precision)
-        generation = task.generate(model, self.device, self.precision,
-                                   self.dir / f"generations-{cfg.task.eval_split}.jsonl") if task.generate else None
+        self.result["eval"] = task.ops.evaluate(model, task.evals, task.loaded.tokenizer.pad_token_id, self.device,
+                                                cfg.trainer.eval_batch_size, self.precision)
+        if task.generate:
+            self.result["generation"] = task.generate(model, self.device, self.precision,
+                                                      self.dir / f"generations-{cfg.task.eval_split}.jsonl")
+
+    def export(self) -> None:
         started = time.perf_counter()
-        export_info, final_model = export_run(cfg, model, task.loaded.tokenizer, self.dir, self.method,
-                                              task.loaded.source)
+        self.result["export"], self.result["final_model"] = export_run(
+            self.cfg, self.model, self.task.loaded.tokenizer, self.dir, self.method, self.task.loaded.source)
         self.seconds["export"] = round(time.perf_counter() - started, 3)
-        savings = {}
-        if cfg.measure:
-            self.say("Measuring what the result costs and saves (final model against the dense one)")
-            started = time.perf_counter()
-            savings = measure_run(cfg, final_model, self.device, self.precision, export_info)
-            self.seconds["measure"] = round(time.perf_counter() - started, 3)
-        metrics = self.metrics(final_eval, generation, export_info, savings)
+
+    def measure(self) -> None:
+        self.say("Measuring what the result costs and saves (final model against the dense one)")
+        started = time.perf_counter()
+        final = self.result["final_model"] or export_run(self.cfg, self.model, None, self.dir, self.method, "")[1]
+        self.result["savings"] = measure_run(self.cfg, final, self.device, self.precision, self.result["export"])
+        self.seconds["measure"] = round(time.perf_counter() - started, 3)
+
+    # -- the result ------------------------------------------------------------------------
+    def write_metrics(self) -> dict:
+        metrics = self.metrics()
         atomic_write_text(self.dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
-        self.ckpt.save(model, "done", self.progress_meta(phase1=self.phase1_state, **self.states))
         return metrics
 
-    def metrics(self, final_eval: dict, generation: dict | None, export_info: dict, savings: dict) -> dict:
+    def metrics(self) -> dict:
         """metrics.json: scores, counts, FLOPs, times, costs and savings, and the config."""
-        cfg, model, task = self.cfg, self.model, self.task
+        cfg, model, task, result = self.cfg, self.model, self.task, self.result
         _, scope_nonzero = scope_size(model)
         model_nonzero = self.model_total - (self.scope_total - scope_nonzero)
-        final_phase = self.states.get("recovery", PhaseState()) if self.rounds else self.phase1_state
-        phases = {"phase1": self.phase1_state, **self.states}
-        total_seconds = round(time.perf_counter() - self.started, 3)
+        phases = {s.phase: self.states.get(s.phase, PhaseState()) for s in self.plan if s.kind == "train"}
+        final_phase = phases["recovery"] if self.rounds else phases["phase1"]
+        generation = {"generation": result["generation"]} if result["generation"] else {}
+        seconds = {"omega": self.omega_info.get("seconds", 0.0), "phase1": phases["phase1"].seconds,
+                   "pruning": self.pruning_info.get("seconds", 0.0),
+                   **({"recovery": sum(st.seconds for n, st in phases.items() if n != "phase1")}
+                      if self.rounds else {}),
+                   **self.seconds, "total": time.perf_counter() - self.started}
         return {
             "task": cfg.task.name,
             "data_source": task.data_source,
             "model": task.loaded.source,
             "main_metric": task.ops.main,
             "trivial": task.trivial,  # majority class (regression: the mean) on the same evaluation
-            "final": summarize(final_phase) | {"eval": final_eval} | ({"generation": generation} if generation else {}),
+            "final": summarize(final_phase) | {"eval": result["eval"]} | generation,
             "phases": {name: summarize(st) for name, st in phases.items()},
             "trainable_params": trainable_counts(model).as_dict(),
             "total_params_pct": round(100 * scope_nonzero / self.scope_total, 4),
@@ -427,10 +407,10 @@ class Run:
             "flops_ratio_unmerged": round(inference_flops(model, cfg.flops_seq_len, True) / self.dense_flops, 4),
             "pruning": self.pruning_info,
             "omega": self.omega_info,
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()} | {"total": total_seconds},
-            "export": export_info,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "export": result["export"],
             "cost": training_cost(phases, self.device),
-            "savings": savings,
+            "savings": result["savings"],
             "config": asdict(cfg),
             "fingerprint": self.fingerprint,
             "steps": {name: record.as_dict() for name, record in self.steps.items()},  # computed here or reused
@@ -511,8 +491,3 @@ def training_cost(states: dict[str, PhaseState], device: torch.device) -> dict:
                              round(s.step / s.seconds, 3) if s.seconds else None,
                              "peak_memory_bytes": s.peak_memory_bytes} for name, s in states.items()},
     }
-
-
-def _resume_step(meta: dict) -> int:
-    stage = meta["stage"]
-    return meta.get(stage, {}).get("step", 0) if stage in meta else 0

@@ -1,10 +1,10 @@
-"""What a run will do, step by step, before it does it (`dsee train ... --plan`).
+"""What a run does, step by step: the plan it executes, and prints before (`dsee train ... --plan`).
 
 The plan is a pure function of the config: Ω (DSEE), phase I, then per pruning round a prune and
 a training (IMP: ``round<r>``; one-shot pruning: ``recovery``), then evaluation, export and
-measurement. Phase I and IMP rounds carry the fingerprint under which the step store
-(steps.py) shares them, so a sweep's plan shows which steps its jobs will compute and which they
-will reuse.
+measurement. ``run.pipeline`` executes it in order and its checkpoint records how many steps are
+done. Phase I and IMP rounds carry the fingerprint under which the step store (steps.py) shares
+them, so a sweep's plan shows which steps its jobs will compute and which they will reuse.
 """
 
 from __future__ import annotations
@@ -12,22 +12,55 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dsee_cli.config import RunConfig
+from dsee_cli.config import RunConfig, task_hparams
 from dsee_cli.core.precision import Precision
-from dsee_cli.run.pipeline import phase_of_round, phase_settings
 from dsee_cli.run.steps import StepStore, step_fingerprint
+from dsee_cli.run.train import Phase
 
 # Training-set sizes of the GLUE tasks (for step counts when no slice is set)
 GLUE_TRAIN = {"mnli": 392_702, "qqp": 363_846, "qnli": 104_743, "sst2": 67_349, "cola": 8_551, "stsb": 5_749,
               "mrpc": 3_668, "rte": 2_490}
+CHANGES_MODEL = ("omega", "train", "prune")  # the steps after which the run checkpoints
 
 
 @dataclass(frozen=True)
 class Step:
     name: str  # omega, phase1, prune<r>, round<r> / recovery, evaluate, export, measure
+    kind: str  # omega, train, prune, evaluate, export, measure
     what: str  # one line for people
-    optimizer_steps: int = 0  # for a training: epochs x examples / batch (or trainer.max_steps)
-    fingerprint: str = ""  # for a step the store shares (phase I, IMP rounds)
+    phase: str = ""  # train: the phase it trains (phase1, IMP's retrain<r>, recovery)
+    round: int = 0  # prune / train after phase I: which pruning round (1, ...)
+    target: float = 0.0  # prune: the sparsity after this round
+    optimizer_steps: int = 0  # train: epochs x examples / batch (or trainer.max_steps)
+    fingerprint: str = ""  # a step the store shares (phase I, IMP rounds)
+
+
+def phase_of_round(r: int, rounds: int) -> str:
+    """The phase that trains after pruning round r: IMP's ``retrain<r>``, and ``recovery`` last."""
+    return "recovery" if r == rounds else f"retrain{r}"
+
+
+def round_of(cfg: RunConfig, phase: str) -> int:
+    """Which round a recovery phase trains: IMP's ``retrain<r>`` is round r, ``recovery`` the last."""
+    if phase == "recovery":
+        return cfg.pruning.rounds if cfg.pruning.pruner.rounds else 1
+    return int(phase.removeprefix("retrain"))
+
+
+def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> Phase:
+    """Phase I, or a recovery phase (``recovery``, and IMP's ``retrain<r>`` between rounds)."""
+    t, task, per_model = cfg.trainer, cfg.task, task_hparams(cfg)
+    p = t.phase1 if phase == "phase1" else t.recovery
+    if phase == "phase1":
+        epochs, lr = p.epochs or task.epochs, p.lr or per_model.lr
+    else:
+        epochs, lr = p.epochs or task.recovery_epochs, p.lr or task.recovery_lr or per_model.lr
+    return Phase(
+        name=phase, epochs=epochs, lr=lr, batch_size=per_model.batch_size, precision=precision,
+        # round r trains from the same seed whether it is a run's last round or not, so that
+        # IMP's rounds are one chain of steps (steps.py)
+        seed=cfg.seed * 1000 + (0 if phase == "phase1" else round_of(cfg, phase)),
+    )
 
 
 def train_size(cfg: RunConfig) -> int:
@@ -45,25 +78,28 @@ def build_plan(cfg: RunConfig) -> list[Step]:
 
     plan: list[Step] = []
     if cfg.adapter.method == "dsee" and cfg.adapter.omega_size > 0:
-        plan.append(Step("omega", f"Ω: {cfg.adapter.omega_size} per matrix, {cfg.omega.method}"
-                                  + (f" ({cfg.omega.preset})" if cfg.omega.method == "grebsmo" else "")))
-    plan.append(Step("phase1", f"phase I: {cfg.adapter.method} tuning", steps("phase1"),
-                     step_fingerprint(cfg, "phase1")))
+        plan.append(Step("omega", "omega", f"Ω: {cfg.adapter.omega_size} per matrix, {cfg.omega.method}"
+                         + (f" ({cfg.omega.preset})" if cfg.omega.method == "grebsmo" else "")))
+    plan.append(Step("phase1", "train", f"phase I: {cfg.adapter.tuning_method.title}", phase="phase1",
+                     optimizer_steps=steps("phase1"), fingerprint=step_fingerprint(cfg, "phase1")))
+    pruner = cfg.pruning.pruner
     rounds = cfg.pruning.round_sparsities(cfg.sparsity)
     for r, target in enumerate(rounds, start=1):
-        plan.append(Step(f"prune{r}", f"prune: {cfg.pruning.method}, {cfg.pruning.criterion}"
-                         + (f", {cfg.pruning.heads_to_remove} heads per layer" if cfg.pruning.pruner.removes_heads
-                            else f", sparsity {target:.3g}")))
+        plan.append(Step(f"prune{r}", "prune", f"prune: {pruner.title}, {cfg.pruning.criterion}"
+                         + (f", {cfg.pruning.heads_to_remove} heads per layer" if pruner.removes_heads
+                            else f", sparsity {target:.3g}"), round=r, target=target))
         phase = phase_of_round(r, len(rounds))
-        if cfg.pruning.pruner.rounds:
-            plan.append(Step(f"round{r}", f"IMP round {r}: retrain", steps(phase), step_fingerprint(cfg, f"round{r}")))
+        if pruner.rounds:
+            plan.append(Step(f"round{r}", "train", f"IMP round {r}: retrain", phase=phase, round=r,
+                             optimizer_steps=steps(phase), fingerprint=step_fingerprint(cfg, f"round{r}")))
         else:
-            plan.append(Step("recovery", "recovery tuning", steps(phase)))
-    plan.append(Step("evaluate", f"evaluate on {cfg.task.name}"))
+            plan.append(Step("recovery", "train", "recovery tuning", phase=phase, round=r,
+                             optimizer_steps=steps(phase)))
+    plan.append(Step("evaluate", "evaluate", f"evaluate on {cfg.task.name}"))
     if cfg.export:
-        plan.append(Step("export", "export: adapter, merged, compressed"))
+        plan.append(Step("export", "export", "export: adapter, merged, compressed"))
     if cfg.measure:
-        plan.append(Step("measure", "latency, memory, size vs dense"))
+        plan.append(Step("measure", "measure", "latency, memory, size vs dense"))
     return plan
 
 

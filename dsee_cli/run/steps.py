@@ -35,7 +35,7 @@ from dsee_cli.config import RunConfig
 from dsee_cli.run.checkpoint import STATE_META, load_state_dir
 
 log = logging.getLogger("dsee")
-STEP_FORMAT = 1  # bump when what a step's state means changes: older entries are then recomputed
+STEP_FORMAT = 2  # bump when what a step's state means changes: older entries are then recomputed
 ENTRY = "entry.json"
 
 
