@@ -95,6 +95,20 @@ def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path):
     assert Checkpoint(run, first["fingerprint"]).load() is None  # it was replaced by this run's
 
 
+def test_a_checkpoint_of_another_format_is_not_resumed(tmp_path):
+    from dsee_cli.run.checkpoint import STATE_META, Checkpoint
+
+    run = tmp_path / "run"
+    first = run_in_process(run)
+    meta_path = run / "checkpoint" / STATE_META
+    meta = json.loads(meta_path.read_text())
+    assert meta["format"] == 2 and meta["done"] == 4 and meta["in_progress"] is None  # Ω, phase I, prune, recovery
+    meta_path.write_text(json.dumps({**meta, "format": 1}))
+    said: list[str] = []
+    assert Checkpoint(run, first["fingerprint"]).load(said.append) is None
+    assert "another dsee-cli version (format 1" in said[0] and not meta_path.exists()
+
+
 def test_the_checkpoint_commit_leaves_the_old_or_the_new_state(tmp_path):
     target = tmp_path / "checkpoint"
     save_state_dir(target, {"x": torch.zeros(3)}, {"stage": "old"})
