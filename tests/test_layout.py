@@ -82,3 +82,18 @@ def test_no_function_is_longer_than_80_lines():
                 if length > 80:
                     long.append(f"{_name(path)}.{node.name}: {length} lines")
     assert not long, long
+
+
+def test_every_dotted_path_in_the_configs_resolves():
+    """Hydra and logging import these by name at run time (`_target_`, `()`): a moved module breaks
+    them only there, so they are checked here."""
+    import importlib
+    import re
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    pattern = re.compile(r"(?:_target_|\(\)):\s*(dsee_cli[\w.]+)")
+    paths = {m for f in conf.rglob("*.yaml") for m in pattern.findall(f.read_text())}
+    assert len(paths) >= 2
+    for path in paths:
+        module, _, attr = path.rpartition(".")
+        assert hasattr(importlib.import_module(module), attr), path

@@ -142,10 +142,9 @@ for _pruner in (
     Pruner("none", "no pruning", None),
     Pruner("unstructured", "unstructured pruning", _prune_by_masks),
     Pruner("nm", "N:M pruning", _prune_by_masks),
-    Pruner("structured", "structured pruning (attention heads)", _prune_heads, removes_heads=True, needs_delta=True),
-    Pruner("imp", "iterative magnitude pruning", _prune_by_masks, rounds=True),
-    Pruner("earlybert", "EarlyBERT pruning (heads and FFN neurons)", _prune_slimmed, removes_heads=True,
-           slimming=True),
+    Pruner("structured", "head pruning", _prune_heads, removes_heads=True, needs_delta=True),
+    Pruner("imp", "IMP pruning", _prune_by_masks, rounds=True),
+    Pruner("earlybert", "EarlyBERT pruning", _prune_slimmed, removes_heads=True, slimming=True),
 ):
     register(_pruner)
 

@@ -85,9 +85,9 @@ def build_plan(cfg: RunConfig) -> list[Step]:
     pruner = cfg.pruning.pruner
     rounds = cfg.pruning.round_sparsities(cfg.sparsity)
     for r, target in enumerate(rounds, start=1):
-        plan.append(Step(f"prune{r}", "prune", f"prune: {pruner.title}, {cfg.pruning.criterion}"
-                         + (f", {cfg.pruning.heads_to_remove} heads per layer" if pruner.removes_heads
-                            else f", sparsity {target:.3g}"), round=r, target=target))
+        amount = f"{cfg.pruning.heads_to_remove} heads per layer" if pruner.removes_heads else f"sparsity {target:.3g}"
+        plan.append(Step(f"prune{r}", "prune", f"{pruner.title}: {amount}, by {cfg.pruning.criterion}",
+                         round=r, target=target))
         phase = phase_of_round(r, len(rounds))
         if pruner.rounds:
             plan.append(Step(f"round{r}", "train", f"IMP round {r}: retrain", phase=phase, round=r,
