@@ -43,9 +43,10 @@ def logits(model, enc):
 
 
 # In-process runs: the config composed by Hydra exactly as `dsee train` does, then the library.
+# Measuring (timed forward passes, ~2 s a run) only where a test asks for it: measure=true.
 QUICK = ["logger=none", "trainer=smoke", "task.synthetic_train=64", "task.synthetic_eval=32", "trainer.max_steps=3",
          "trainer.eval_every=3", "model.tiny.hidden=32", "model.tiny.heads=4", "model.tiny.intermediate=64",
-         "trainer.threads=1", "trainer.checkpoint_every=0"]
+         "trainer.threads=1", "trainer.checkpoint_every=0", "measure=false"]
 
 
 def compose(*overrides: str):
