@@ -362,13 +362,13 @@ class Run:
     def export(self) -> None:
         started = time.perf_counter()
         self.result["export"], self.result["final_model"] = export_run(
-            self.cfg, self.model, self.task.loaded.tokenizer, self.dir, self.method, self.task.loaded.source)
+            self.model, self.task.loaded.tokenizer, self.dir, self.method, self.task.loaded.source)
         self.seconds["export"] = round(time.perf_counter() - started, 3)
 
     def measure(self) -> None:
         self.say("Measuring what the result costs and saves (final model against the dense one)")
         started = time.perf_counter()
-        final = self.result["final_model"] or export_run(self.cfg, self.model, None, self.dir, self.method, "")[1]
+        final = self.result["final_model"] or shipped_model(self.model, self.method)
         self.result["savings"] = measure_run(self.cfg, final, self.device, self.precision, self.result["export"])
         self.seconds["measure"] = round(time.perf_counter() - started, 3)
 
@@ -439,16 +439,19 @@ def release(locks: list[StepLock]) -> None:
         locks.pop().release()
 
 
-def export_run(cfg: RunConfig, model: torch.nn.Module, tokenizer, run_dir: Path, method, base_model: str
+def shipped_model(model: torch.nn.Module, method) -> torch.nn.Module:
+    """The final model as a user would ship it: a merged plain copy where the method merges."""
+    return merged_copy(model) if method.tuning_method.merges else model
+
+
+def export_run(model: torch.nn.Module, tokenizer, run_dir: Path, method, base_model: str
                ) -> tuple[dict, torch.nn.Module]:
     """export/adapter always; export/merged for methods that merge into the weights, and
     export/compressed (bit-packed masks + non-zero values) where pruning left zeros in them.
     Returns what was written and the final model as a user would ship it."""
     export_info: dict = {}
     mergeable = method.tuning_method.merges
-    if not cfg.export:  # the merged copy is only needed to measure it
-        return export_info, merged_copy(model) if mergeable and cfg.measure else model
-    final = merged_copy(model) if mergeable else model
+    final = shipped_model(model, method)
     save_adapter(model, run_dir / "export" / "adapter", method, base_model)
     export_info["adapter"] = str(run_dir / "export" / "adapter")
     if not mergeable:

@@ -5,6 +5,7 @@ same result (data order, every RNG, optimizer, loss scale)."""
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -231,10 +232,16 @@ def _optimizer(named: dict[str, nn.Parameter], phase: Phase, trainer: TrainerCon
                              lr=phase.lr, weight_decay=trainer.weight_decay)
 
 
+@functools.lru_cache(maxsize=2)
+def _epoch_order(n_train: int, seed: int) -> torch.Tensor:
+    """One epoch's seeded permutation, drawn once per epoch rather than at every step."""
+    return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
+
+
 def _batch_indices(step: int, n_train: int, per_epoch: int, phase: Phase) -> list[int]:
     """The examples of ``step``: a fresh seeded permutation per epoch, so a resumed run sees the same."""
     epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(phase.seed * 7919 + epoch))
+    order = _epoch_order(n_train, phase.seed * 7919 + epoch)
     return order[position * phase.batch_size : (position + 1) * phase.batch_size].tolist()
 
 
@@ -302,6 +309,7 @@ def train_phase(
     ``checkpoint_every`` steps and at the end; ``resume`` continues from such a save."""
     hooks = hooks or StepHooks()
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(named.values())
     names = {id(p): n for n, p in named.items()}
     optimizer = _optimizer(named, phase, trainer, hooks)
     n_train = len(train.input_ids)
@@ -336,15 +344,15 @@ def train_phase(
         batch = {k: v.to(device) for k, v in
                  ops.collate(train, _batch_indices(state.step, n_train, per_epoch, phase), pad_id).items()}
         factor = linear_schedule(state.step, total, warmup)
+        lr = phase.lr * factor
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
         if hooks.before_step is not None:
             hooks.before_step(state.step, total)
-        loss = _update(model, batch, ops, list(named.values()), optimizer, scaler, phase, trainer, hooks, state.step,
-                       phase.lr * factor)
+        loss = _update(model, batch, ops, params, optimizer, scaler, phase, trainer, hooks, state.step, lr)
         state.step += 1
-        sink.advance(loss, phase.lr * factor)
-        sink.log({f"{phase.name}/loss": loss, f"{phase.name}/lr": phase.lr * factor}, state.step)
+        sink.advance(loss, lr)
+        sink.log({f"{phase.name}/loss": loss, f"{phase.name}/lr": lr}, state.step)
         if (state.step % eval_every == 0 or state.step == total) and \
                 _evaluate(model, evals, ops, pad_id, device, phase, trainer, hooks, state, sink) and trainer.keep_best:
             best_weights = {n: p.detach().clone() for n, p in named.items()}

@@ -325,13 +325,6 @@ def cached_omega(
     return OmegaResult(indices, path, False, time.perf_counter() - start)
 
 
-def settings_for(preset: str, **overrides) -> GreBsmoSettings:
-    if preset not in PRESETS:
-        raise choice_error("GreBsmo preset (omega.preset)", preset, PRESETS)
-    clean = {k: v for k, v in overrides.items() if v is not None}
-    return replace(PRESETS[preset], **clean)
-
-
 @dataclass
 class OmegaConfig:
     """The ``omega`` section: which finder picks Ω, and GreBsmo's preset with any value overridden."""
@@ -361,9 +354,11 @@ class OmegaConfig:
 
     def grebsmo(self) -> GreBsmoSettings:
         """The preset's parameters with this section's overrides (sparse_card 0: no card constraint)."""
-        overrides = {k: getattr(self, k) for k in ("rank", "rank_start", "rank_step", "outer_iters", "inner_iters",
-                                                  "threshold", "soft", "reset_sparse", "tol")}
-        settings = settings_for(self.preset, seed=self.seed, **overrides)
+        self.check()
+        names = ("rank", "rank_start", "rank_step", "outer_iters", "inner_iters", "threshold", "soft", "reset_sparse",
+                 "tol")
+        overrides = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        settings = replace(PRESETS[self.preset], seed=self.seed, **overrides)
         if self.sparse_card is not None:
             settings = replace(settings, sparse_card=self.sparse_card or None)
         return settings
