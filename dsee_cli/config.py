@@ -35,6 +35,15 @@ class ModelTaskHparams:
 
 
 @dataclass
+class MethodTaskHparams:
+    """A task's own values for one tuning method, where the method's usual ones do not fit the task
+    (the synthetic task's tiny random-init model is not a pretrained one). null: the method's."""
+
+    lr: float | None = None  # both phases
+    epochs: float | None = None  # phase I
+
+
+@dataclass
 class TaskConfig(DataSource):
     """The ``task`` section: the task and its data (data.DataSource's fields), its lengths and
     decoding, and its per-task defaults (paper Table 11 and the reference scripts)."""
@@ -48,6 +57,7 @@ class TaskConfig(DataSource):
     recovery_epochs: float = 5.0  # recovery epochs, per round (trainer.recovery.epochs overrides)
     sparse_training_epochs: float = 20.0  # pst / map / mvp: the PST paper's (the low end of its search)
     per_model: dict[str, ModelTaskHparams] = field(default_factory=dict)  # keyed by model.name
+    per_method: dict[str, MethodTaskHparams] = field(default_factory=dict)  # keyed by adapter.method
     label_smoothing: float = 0.0  # generation tasks: label smoothing of the LM loss
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 

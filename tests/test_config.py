@@ -81,8 +81,11 @@ def test_smoke_profile_keeps_the_sweep_and_runs_one_seed():
 
 
 def test_method_rows_and_sparse_training_pick_their_pruning():
-    bitfit = OmegaConf.to_object(_compose(["recipe=bitfit"]))
-    assert bitfit.adapter.method == "bitfit" and bitfit.pruning.method == "none" and bitfit.trainer.phase1.lr == 1e-3
+    from dsee_cli.run.plan import phase_lr
+
+    bitfit = OmegaConf.to_object(_compose(["recipe=bitfit", "task=rte"]))
+    assert bitfit.adapter.method == "bitfit" and bitfit.pruning.method == "none"
+    assert phase_lr(bitfit, "phase1") == (1e-3, "adapter=bitfit's usual rate")
     pst = OmegaConf.to_object(_compose(["adapter=pst", "sparsity=0.9"]))
     assert pst.pruning.method == "none" and pst.adapter.sparse_training.r1 == pst.adapter.sparse_training.r2 == 8
     tickets = OmegaConf.to_object(_compose(["recipe=bert-tickets"]))
@@ -111,10 +114,31 @@ def test_a_single_run_keeps_the_tools_defaults_and_fig2_sweeps_both_finders():
 
 
 def test_sparse_training_runs_the_pst_papers_epochs_per_task():
+    from dsee_cli.run.plan import phase_epochs
+
     def epochs(*overrides):
-        return OmegaConf.to_object(_compose(with_default_profile(list(overrides)))).trainer.phase1.epochs
-    assert epochs("recipe=pst", "task=sst2") == epochs("recipe=map", "task=rte") == 20
+        return phase_epochs(OmegaConf.to_object(_compose(with_default_profile(list(overrides)))), "phase1")
+    assert epochs("recipe=pst", "task=sst2") == epochs("adapter=map", "task=rte") == 20
     assert epochs("recipe=mvp", "task=mnli") == epochs("experiment=pst-table2", "recipe=pst", "task=qqp") == 10
+    assert epochs("adapter=dsee", "task=rte") == 5 and epochs("adapter=pst", "trainer.phase1.epochs=3") == 3
+
+
+@pytest.mark.parametrize("overrides,lr,source", [
+    (["task=rte"], 6e-4, "task rte (Table 11)"),  # LoRA / DSEE: the paper's Table 11
+    (["task=rte", "adapter=full"], 2e-5, "adapter=full's usual rate"),
+    (["task=rte", "recipe=finetune"], 2e-5, "adapter=full's usual rate"),
+    (["task=rte", "adapter=full", "trainer.phase1.lr=1e-4"], 1e-4, "trainer.phase1.lr"),
+    (["task=rte", "adapter=lora", "model=roberta-large"], 4e-4, "task rte with model roberta-large (Table 11)"),
+])
+def test_each_phase_names_its_learning_rate_and_where_it_came_from(overrides, lr, source):
+    from dsee_cli.config import MethodTaskHparams
+    from dsee_cli.run.plan import phase_lr
+
+    cfg = OmegaConf.to_object(_compose(overrides))
+    assert phase_lr(cfg, "phase1") == (lr, source)
+    cfg.task.per_method[cfg.adapter.method] = MethodTaskHparams(lr=0.5)  # a task's own rate for the method
+    expected = (lr, source) if cfg.trainer.phase1.lr else (0.5, f"task rte's rate for adapter={cfg.adapter.method}")
+    assert phase_lr(cfg, "phase1") == expected
 
 
 def test_per_task_settings_apply_to_their_task_and_the_command_line_wins():

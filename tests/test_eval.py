@@ -86,7 +86,7 @@ def test_dsee_eval_command_prints_the_table_and_writes_glue_predictions(workdir)
 def test_keep_best_exports_the_model_that_was_reported(tmp_path):
     # full fine-tuning at a rate too high for the tiny model: its best evaluation is not its last
     overrides = ["trainer.keep_best=true", "trainer.max_steps=24", "trainer.eval_every=3", "pruning=none",
-                 "adapter=full", "trainer.phase1.lr=1e-2", "task.synthetic_train=256", "task.synthetic_eval=64"]
+                 "adapter=full", "trainer.phase1.lr=3e-2", "task.synthetic_train=256", "task.synthetic_eval=64"]
     run = tmp_path / "run"
     metrics = run_in_process(run, *overrides, messages=[])
     final = metrics["final"]

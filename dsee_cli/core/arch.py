@@ -51,6 +51,15 @@ def family_of(model: nn.Module) -> Family:
     return FAMILIES[model_type]
 
 
+def takes_segments(model: nn.Module) -> bool:
+    """Whether the model embeds segment ids (BERT: sentence A / B of a pair). RoBERTa has one
+    segment embedding and GPT-2 none, so their inputs carry no token_type_ids."""
+    import inspect
+
+    return getattr(model.config, "type_vocab_size", 0) > 1 and \
+        "token_type_ids" in inspect.signature(model.forward).parameters
+
+
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
     base = model.base_model
     if hasattr(base, "encoder"):

@@ -354,18 +354,22 @@ class Encoded:
     input_ids: list[list[int]]
     labels: torch.Tensor
     keys: list[str] | None = None  # each example's index in its file
+    token_type_ids: list[list[int]] | None = None  # segment ids (BERT's sentence A / B), where the model takes them
 
     @property
     def labelled(self) -> bool:
         return bool(len(self.labels)) and bool((self.labels != UNLABELLED).all())
 
 
-def encode(examples: list[Example], tokenizer, max_length: int, regression: bool) -> Encoded:
+def encode(examples: list[Example], tokenizer, max_length: int, regression: bool, segments: bool = True) -> Encoded:
+    """Token ids, and segment ids wherever the tokenizer makes them and ``segments`` (the model
+    has more than one segment embedding): BERT tells a pair's two sentences apart by them."""
     columns = list(zip(*[e.texts for e in examples]))
     enc = tokenizer(*columns, truncation=True, max_length=max_length)
     dtype = torch.float32 if regression else torch.long
+    types = enc.get("token_type_ids") if segments else None
     return Encoded(enc["input_ids"], torch.tensor([e.label for e in examples], dtype=dtype),
-                   [e.key or str(i) for i, e in enumerate(examples)])
+                   [e.key or str(i) for i, e in enumerate(examples)], types)
 
 
 def pad(seqs: list[list[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,4 +387,7 @@ def pad(seqs: list[list[int]], value: int, left: bool = False) -> tuple[torch.Te
 def collate(data: Encoded, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Dynamic padding: pad to the longest sequence of this batch only."""
     ids, mask = pad([data.input_ids[i] for i in indices], pad_id)
-    return {"input_ids": ids, "attention_mask": mask, "labels": data.labels[indices]}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": data.labels[indices]}
+    if data.token_type_ids is not None:
+        batch["token_type_ids"] = pad([data.token_type_ids[i] for i in indices], 0)[0]
+    return batch

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dsee_cli.core.arch import block_linears
+from dsee_cli.core.arch import block_linears, takes_segments
 from dsee_cli.core.precision import FP32, Precision
 
 
@@ -101,7 +101,10 @@ def _inputs(model: nn.Module, batch: int, seq_len: int, device: torch.device) ->
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(5, max(6, vocab - 1), (batch, seq_len), generator=gen)
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+    if takes_segments(model):  # a sentence pair, as the pair tasks feed it: the second half is segment B
+        inputs["token_type_ids"] = (torch.arange(seq_len) >= seq_len // 2).long().expand(batch, -1).to(device)
+    return inputs
 
 
 @torch.inference_mode()

@@ -299,13 +299,15 @@ class Run:
         """A training phase, from inside it where the checkpoint stopped; then offered to the
         runs that share it (phase I, IMP rounds) unless it came from the store."""
         name, task = step.phase, self.task
+        phase = phase_settings(self.cfg, name, self.precision)
+        lr = f"lr {phase.lr:g}: {phase.lr_from}"
         if name == "phase1":
-            self.say(f"Phase I: {self.method.tuning_method.title}")
+            self.say(f"Phase I: {self.method.tuning_method.title} ({lr})")
         else:
-            self.say(f"Phase III: recovery tuning{f' (round {step.round})' if self.rounds > 1 else ''}")
+            self.say(f"Phase III: recovery tuning{f' (round {step.round})' if self.rounds > 1 else ''} ({lr})")
         resume = (self.states[name], self.tensors) if self.in_progress == name and name in self.states else None
         self.states[name] = train_phase(
-            self.model, task.train, task.evals, task.ops, phase_settings(self.cfg, name, self.precision),
+            self.model, task.train, task.evals, task.ops, phase,
             self.cfg.trainer, task.loaded.tokenizer.pad_token_id, self.device,
             save=lambda st, extra: self.ckpt.save(self.model, self.progress(name, **{name: st}), extra),
             sink=self.sink, resume=resume, hooks=self.hooks(name),

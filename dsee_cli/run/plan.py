@@ -47,16 +47,44 @@ def round_of(cfg: RunConfig, phase: str) -> int:
     return int(phase.removeprefix("retrain"))
 
 
+def phase_lr(cfg: RunConfig, phase: str) -> tuple[float, str]:
+    """A phase's peak learning rate and where it came from. First found wins: trainer.<phase>.lr
+    (the command line, a recipe or a profile), the task's rate for this method (task.per_method),
+    the method's usual rate (its registry entry), then the task's (Table 11, tuned for LoRA / DSEE;
+    recovery: task.recovery_lr first)."""
+    t, task, method = cfg.trainer, cfg.task, cfg.adapter.method
+    key = "phase1" if phase == "phase1" else "recovery"
+    own = task.per_method.get(method)
+    per_model = task.per_model.get(cfg.model.name)
+    for lr, where in (
+        (getattr(t, key).lr, f"trainer.{key}.lr"),
+        (own.lr if own else None, f"task {task.name}'s rate for adapter={method}"),
+        (cfg.adapter.tuning_method.lr, f"adapter={method}'s usual rate"),
+        (task.recovery_lr if key == "recovery" else None, f"task {task.name}'s recovery_lr"),
+        (per_model.lr if per_model else None, f"task {task.name} with model {cfg.model.name} (Table 11)"),
+    ):
+        if lr is not None:
+            return lr, where
+    return task.lr, f"task {task.name} (Table 11)" if task.name in GLUE_TRAIN else f"task {task.name}"
+
+
+def phase_epochs(cfg: RunConfig, phase: str) -> float:
+    """trainer.<phase>.epochs, else the task's for this method, else the task's (sparse-training
+    methods: task.sparse_training_epochs, the PST paper's)."""
+    t, task = cfg.trainer, cfg.task
+    if phase != "phase1":
+        return t.recovery.epochs or task.recovery_epochs
+    own = task.per_method.get(cfg.adapter.method)
+    default = task.sparse_training_epochs if cfg.adapter.tuning_method.sparse_training else task.epochs
+    return t.phase1.epochs or (own.epochs if own else None) or default
+
+
 def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> Phase:
     """Phase I, or a recovery phase (``recovery``, and IMP's ``retrain<r>`` between rounds)."""
-    t, task, per_model = cfg.trainer, cfg.task, task_hparams(cfg)
-    p = t.phase1 if phase == "phase1" else t.recovery
-    if phase == "phase1":
-        epochs, lr = p.epochs or task.epochs, p.lr or per_model.lr
-    else:
-        epochs, lr = p.epochs or task.recovery_epochs, p.lr or task.recovery_lr or per_model.lr
+    lr, lr_from = phase_lr(cfg, phase)
     return Phase(
-        name=phase, epochs=epochs, lr=lr, batch_size=per_model.batch_size, precision=precision,
+        name=phase, epochs=phase_epochs(cfg, phase), lr=lr, lr_from=lr_from,
+        batch_size=task_hparams(cfg).batch_size, precision=precision,
         # round r trains from the same seed whether it is a run's last round or not, so that
         # IMP's rounds are one chain of steps (steps.py)
         seed=cfg.seed * 1000 + (0 if phase == "phase1" else round_of(cfg, phase)),
@@ -76,11 +104,15 @@ def build_plan(cfg: RunConfig) -> list[Step]:
         s = phase_settings(cfg, phase, precision)
         return cfg.trainer.max_steps or max(1, math.ceil(s.epochs * math.ceil(n / s.batch_size)))
 
+    def lr(phase: str) -> str:
+        s = phase_settings(cfg, phase, precision)
+        return f"; lr {s.lr:g} ({s.lr_from})"
+
     plan: list[Step] = []
     if cfg.adapter.method == "dsee" and cfg.adapter.omega_size > 0:
         plan.append(Step("omega", "omega", f"Ω: {cfg.adapter.omega_size} per matrix, {cfg.omega.method}"
                          + (f" ({cfg.omega.preset})" if cfg.omega.method == "grebsmo" else "")))
-    plan.append(Step("phase1", "train", f"phase I: {cfg.adapter.tuning_method.title}", phase="phase1",
+    plan.append(Step("phase1", "train", f"phase I: {cfg.adapter.tuning_method.title}{lr('phase1')}", phase="phase1",
                      optimizer_steps=steps("phase1"), fingerprint=step_fingerprint(cfg, "phase1")))
     pruner = cfg.pruning.pruner
     rounds = cfg.pruning.round_sparsities(cfg.sparsity)
@@ -90,10 +122,10 @@ def build_plan(cfg: RunConfig) -> list[Step]:
                          round=r, target=target))
         phase = phase_of_round(r, len(rounds))
         if pruner.rounds:
-            plan.append(Step(f"round{r}", "train", f"IMP round {r}: retrain", phase=phase, round=r,
+            plan.append(Step(f"round{r}", "train", f"IMP round {r}: retrain{lr(phase)}", phase=phase, round=r,
                              optimizer_steps=steps(phase), fingerprint=step_fingerprint(cfg, f"round{r}")))
         else:
-            plan.append(Step("recovery", "train", "recovery tuning", phase=phase, round=r,
+            plan.append(Step("recovery", "train", f"recovery tuning{lr(phase)}", phase=phase, round=r,
                              optimizer_steps=steps(phase)))
     plan.append(Step("evaluate", "evaluate", f"evaluate on {cfg.task.name}"))
     if cfg.export:

@@ -16,6 +16,7 @@ from dsee_cli.atomic import atomic_write_text
 from dsee_cli.config import RunConfig, task_hparams
 from dsee_cli.core.models import LoadedModel, load_model
 from dsee_cli.core.precision import Precision
+from dsee_cli.core.arch import takes_segments
 from dsee_cli.data.classification import encode, load_task, spec_for
 from dsee_cli.data.generation import (
     NLG_TASKS,
@@ -68,8 +69,9 @@ def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | 
     data = load_task(t, cfg.seed, split)
     regression = data.spec.num_labels == 1
     tok = loaded.tokenizer
-    evals = {k: encode(v, tok, max_length, regression) for k, v in data.evals.items()}
-    train = encode(data.train, tok, max_length, regression)
+    segments = takes_segments(loaded.model)
+    evals = {k: encode(v, tok, max_length, regression, segments) for k, v in data.evals.items()}
+    train = encode(data.train, tok, max_length, regression, segments)
     trivial = {f"{split}/{name}": value for split, enc in evals.items() if enc.labelled
                for name, value in trivial_metrics(t.name, train.labels.numpy(), enc.labels.numpy()).items()}
     return PreparedTask(loaded, train, evals, classification_ops(data.spec, next(iter(evals))), data.source,

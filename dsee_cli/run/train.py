@@ -71,6 +71,7 @@ class Phase:
     name: str  # phase1, recovery, or IMP's retrain<r>
     epochs: float
     lr: float
+    lr_from: str = ""  # where the learning rate came from, for people (plan.phase_settings)
     batch_size: int = 32
     seed: int = 1  # data order and every generator of the phase
     precision: Precision = FP32

@@ -131,6 +131,10 @@ class TuningMethod:
     prompts: bool = False  # adds virtual tokens to every layer (no head pruning)
     sparse_training: bool = False  # prunes while it trains, on the cubic schedule (no pruning phase)
     lowrank: bool = False  # adds ΔW through DSEELinear on the targets (Ω, |ΔW| pruning criteria, head scores)
+    # The method's usual peak learning rate (both phases), used unless the command line, a recipe or a
+    # profile sets trainer.<phase>.lr, or the task names one for this method (task.per_method).
+    # None: the task's own rate (Table 11), which the paper tuned for LoRA / DSEE.
+    lr: float | None = None
 
 
 TUNING_METHODS: dict[str, TuningMethod] = {}
@@ -142,22 +146,29 @@ def register(method: TuningMethod) -> TuningMethod:
     return method
 
 
+# Usual rates, as the methods' papers ran BERT-sized models: full fine-tuning 2e-5 (BERT, RoBERTa),
+# BitFit 1e-3 (Ben Zaken et al.), FT-top and prefix tuning 1e-4 (LoRA's GPT-2 baselines; Li & Liang),
+# P-tuning v2 5e-3 (Liu et al.), Houlsby 3e-4 (LoRA's RoBERTa adapters), MAM 1e-4 (He et al.),
+# PST 5e-4 (PST's search grid), MaP / MvP 3e-5 (full fine-tuning with a mask; Sanh et al.).
 for _method in (
     TuningMethod("dsee", "sparse + low-rank tuning", _attach_lowrank, merges=True, lowrank=True),
     TuningMethod("lora", "low-rank tuning", _attach_lowrank, merges=True, lowrank=True),
-    TuningMethod("full", "full fine-tuning", lambda model, s: _freeze_all_but(model, True), merges=True),
-    TuningMethod("bitfit", "BitFit: biases only", _attach_bitfit, merges=True),
-    TuningMethod("ft-top", "fine-tuning the top blocks", _attach_ft_top, merges=True),
-    TuningMethod("houlsby", "bottleneck adapters", _attach_houlsby, merges=False),
-    TuningMethod("prefix", "prefix tuning", _attach_prefix, merges=False, prompts=True),
-    TuningMethod("ptuning-v2", "P-tuning v2", _attach_prefix, merges=False, prompts=True),
-    TuningMethod("mam", "MAM adapter", _attach_mam, merges=False, prompts=True),
+    TuningMethod("full", "full fine-tuning", lambda model, s: _freeze_all_but(model, True), merges=True, lr=2e-5),
+    TuningMethod("bitfit", "BitFit: biases only", _attach_bitfit, merges=True, lr=1e-3),
+    TuningMethod("ft-top", "fine-tuning the top blocks", _attach_ft_top, merges=True, lr=1e-4),
+    TuningMethod("houlsby", "bottleneck adapters", _attach_houlsby, merges=False, lr=3e-4),
+    TuningMethod("prefix", "prefix tuning", _attach_prefix, merges=False, prompts=True, lr=1e-4),
+    TuningMethod("ptuning-v2", "P-tuning v2", _attach_prefix, merges=False, prompts=True, lr=5e-3),
+    TuningMethod("mam", "MAM adapter", _attach_mam, merges=False, prompts=True, lr=1e-4),
     TuningMethod("pst", "PST sparse training on the cubic schedule", _attach_sparse, merges=True,
-                 sparse_training=True),
-    TuningMethod("map", "fine-tuning with magnitude pruning", _attach_sparse, merges=True, sparse_training=True),
-    TuningMethod("mvp", "fine-tuning with movement pruning", _attach_sparse, merges=True, sparse_training=True),
+                 sparse_training=True, lr=5e-4),
+    TuningMethod("map", "fine-tuning with magnitude pruning", _attach_sparse, merges=True, sparse_training=True,
+                 lr=3e-5),
+    TuningMethod("mvp", "fine-tuning with movement pruning", _attach_sparse, merges=True, sparse_training=True,
+                 lr=3e-5),
 ):
     register(_method)
+
 
 def prepare_method(model: nn.Module, s: AdapterConfig) -> None:
     """Set up the model for training with method ``s.method`` (in place)."""
