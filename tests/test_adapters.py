@@ -180,3 +180,40 @@ def test_a_pooler_the_checkpoint_never_trained_trains_with_the_head(tmp_path, tr
     base.save_pretrained(tmp_path)
     loaded = load_model("local", str(tmp_path), 2, seed=0, train_pooler=setting).model
     assert ("bert.pooler.dense.weight" in loaded.dsee_fresh_params) is trains
+
+
+@pytest.mark.parametrize("scale", ["none", "lowrank"])
+def test_the_sparse_term_is_scaled_as_configured_in_the_forward_and_the_merged_weight(scale):
+    """ΔW = (α/r)·B·A + c·P_Ω(S) with c = 1 (none) or α/r (lowrank: the reference code). Checked
+    against ΔW written out by hand, and the forward against F.linear with W + ΔW (fp32: 1e-5)."""
+    model, tok = tiny("tiny-bert")
+    inject_adapters(model, LowRankConfig(rank=4, alpha=32, omega_size=3, sparse_scale=scale))
+    adapters = adapters_of(model)
+    gen = torch.Generator().manual_seed(0)
+    set_omegas(adapters, {key: torch.tensor([0, 7, 40]) for key in omega_keys(adapters)})
+    with torch.no_grad():
+        for a in adapters.values():
+            for p in a.adapter_parameters():  # ΔW of the size of W, so fp32 sums stay within 1e-5
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    c = 8.0 if scale == "lowrank" else 1.0  # α/r = 32/4
+    x = torch.randn(2, 5, 32, generator=gen)
+    for a in adapters.values():
+        by_hand = (a.lora_B[0] @ a.lora_A[0]) * 8.0
+        by_hand.view(-1)[torch.tensor([0, 7, 40])] += c * a.sparse_values[0]
+        assert torch.allclose(a.delta_weight(), by_hand, atol=1e-5)
+        expected = torch.nn.functional.linear(x, a.base.weight + by_hand, a.base.bias)
+        assert torch.allclose(a(x), expected, atol=1e-5)
+    enc = batch(tok)
+    unmerged = logits(model, enc)
+    for a in adapters.values():
+        a.merge()
+    assert torch.allclose(logits(model, enc), unmerged, atol=1e-5)
+
+
+def test_the_paper_profile_scales_the_sparse_term_as_the_reference_code():
+    from .helpers import compose
+
+    assert compose("profile=paper").adapter.sparse_scale == "lowrank"
+    assert compose().adapter.sparse_scale == "none"
+    with pytest.raises(DSEEError, match="adapter.sparse_scale"):
+        LowRankConfig(sparse_scale="alpha").check()

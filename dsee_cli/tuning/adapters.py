@@ -20,6 +20,7 @@ from dsee_cli.core.arch import Target, WrappedLayer, dims, resolve_targets, task
 from dsee_cli.errors import DSEEError, choice_error
 
 INITS = ("kaiming", "normal")
+SPARSE_SCALES = ("none", "lowrank")  # P_Ω(S) as is, or times α/r as the reference code's modeling_bert.py
 
 
 @dataclass
@@ -31,6 +32,8 @@ class LowRankConfig:
     omega_size: int = 16  # dsee: card(Ω) per adapted matrix; 0 is LoRA
     dropout: float = 0.0  # dsee / lora: dropout on the adapter's input
     init: str = "kaiming"  # dsee / lora: A's start, kaiming (LoRA, PEFT) or normal (N(0, 0.02), the paper)
+    # dsee: P_Ω(S) unscaled (none), or scaled by alpha / r as B·A is (lowrank: the reference code)
+    sparse_scale: str = "none"
 
     def check(self) -> None:
         if self.rank < 1:
@@ -39,6 +42,8 @@ class LowRankConfig:
             raise DSEEError(f"adapter.omega_size={self.omega_size} is invalid: card(Ω) must be >= 0 (0 is LoRA).")
         if self.init not in INITS:
             raise choice_error("A's initialisation (adapter.init)", self.init, INITS)
+        if self.sparse_scale not in SPARSE_SCALES:
+            raise choice_error("the sparse term's scale (adapter.sparse_scale)", self.sparse_scale, SPARSE_SCALES)
         if not 0.0 <= self.dropout < 1.0:
             raise DSEEError(f"adapter.dropout={self.dropout} must be in [0, 1).")
 
@@ -53,6 +58,7 @@ class DSEELinear(WrappedLayer):
         self.out_features, self.in_features = dims(base)
         self.rank = settings.rank
         self.scaling = settings.alpha / settings.rank
+        self.sparse_scaling = self.scaling if settings.sparse_scale == "lowrank" else 1.0
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
         self.slices = [tuple(s) for s in slices]
         dev, dt = base.weight.device, base.weight.dtype
@@ -100,7 +106,7 @@ class DSEELinear(WrappedLayer):
         idx = self.omega(k)
         if idx.numel():  # under autocast the low-rank product is bf16/fp16 while S stays fp32
             values = self.sparse_values[k].to(delta.dtype)
-            delta = delta.flatten().index_add(0, idx, values).view(end - start, -1)
+            delta = delta.flatten().index_add(0, idx, values, alpha=self.sparse_scaling).view(end - start, -1)
         return delta
 
     def delta_weight(self) -> torch.Tensor:
@@ -138,7 +144,7 @@ class DSEELinear(WrappedLayer):
             idx = self.omega(k)
             if idx.numel():
                 rows, cols = idx // self.in_features, idx % self.in_features
-                d = d.index_add(-1, rows, (xd[..., cols] * self.sparse_values[k]).to(d.dtype))
+                d = d.index_add(-1, rows, (xd[..., cols] * self.sparse_values[k]).to(d.dtype), alpha=self.sparse_scaling)
             pieces.append(d)
         if len(self.slices) == 1 and self.slices[0] == (0, self.out_features):
             return out + pieces[0]
@@ -180,7 +186,8 @@ class DSEELinear(WrappedLayer):
 
     def extra_repr(self) -> str:
         n = sum(v.numel() for v in self.sparse_values)
-        return f"slices={self.slices}, rank={self.rank}, scaling={self.scaling:g}, card(Ω)={n}"
+        return f"slices={self.slices}, rank={self.rank}, scaling={self.scaling:g}, card(Ω)={n}, " \
+               f"sparse scaling={self.sparse_scaling:g}"
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
