@@ -1,6 +1,8 @@
 """PST, MaP and MvP: the cubic schedule, exact mask sparsity at every update, gradients through
 the straight-through estimator, the paper's trainable counts, and the sparse export."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
@@ -63,15 +65,42 @@ def test_mask_sparsity_equals_the_schedule_at_every_update(method, topk):
     assert updates >= 3 and schedule.at(total, total, 0.8) == 0.8
 
 
-def test_mask_is_not_recomputed_while_the_sparsity_holds():
+def test_on_change_keeps_the_mask_while_the_sparsity_holds():
     model, _ = _pst()
     update_masks(model, 0.5)
     layer = next(iter(sparse_layers(model).values()))
     before = layer.mask.clone()
     with torch.no_grad():
         layer.R.add_(torch.randn_like(layer.R) * 10)  # the scores move...
-    assert not update_masks(model, 0.5)  # ...but the top-v selection waits for the schedule
+    assert not update_masks(model, 0.5)  # ...but on_change waits for the schedule
     assert torch.equal(layer.mask, before)
+
+
+@pytest.mark.parametrize("refresh,changes", [("every", True), ("on_change", False)])
+def test_a_score_change_during_the_cool_down_changes_the_mask(refresh, changes):
+    """The training loop's hook (run.pipeline): in the cool-down the sparsity holds at its final
+    value; with refresh=every the top-v of the moved scores is taken again every `every` steps."""
+    from dsee_cli.run.pipeline import Run
+    from dsee_cli.run.train import ProgressSink
+
+    from .helpers import compose
+
+    cfg = compose("adapter=pst", "sparsity=0.5", f"adapter.sparse_training.schedule.refresh={refresh}",
+                  "adapter.sparse_training.schedule.every=2")
+    run = Run(cfg, Path("unused"), ProgressSink(), lambda text: None)
+    run.model, run.method, run.pruning = tiny()[0], cfg.adapter, cfg.pruning
+    prepare_method(run.model, cfg.adapter)
+    before_step = run.hooks("phase1").before_step
+    total = 100
+    before_step(80, total)  # step 81 of 100: in the cool-down (the last 30 %)
+    layer = next(iter(sparse_layers(run.model).values()))
+    assert layer.sparsity == 0.5
+    before = layer.mask.clone()
+    with torch.no_grad():
+        layer.R.add_(torch.randn(layer.R.shape, generator=torch.Generator().manual_seed(0)) * 10)
+    before_step(82, total)
+    assert layer.sparsity == 0.5 and int((~layer.mask).sum()) == int((~before).sum())  # still 50 %
+    assert (not torch.equal(layer.mask, before)) == changes
 
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])

@@ -284,7 +284,8 @@ class Run:
             settings, final = method.sparse_training, self.cfg.sparsity
             schedule, topk = settings.schedule, settings.topk
             sparse = {
-                "before_step": lambda step, total: update_masks(model, schedule.at(step + 1, total, final), topk),
+                "before_step": lambda step, total: update_masks(model, schedule.at(step + 1, total, final), topk,
+                                                                schedule.refreshes(step)),
                 "best_eligible": lambda: all(abs(m.sparsity - final) < 1e-9 for m in sparse_layers(model).values()),
                 "lr_by_suffix": {".scores": settings.score_lr} if method.method == "mvp" else {},
             }

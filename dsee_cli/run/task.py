@@ -14,9 +14,9 @@ import torch
 
 from dsee_cli.atomic import atomic_write_text
 from dsee_cli.config import RunConfig, task_hparams
+from dsee_cli.core.arch import takes_segments
 from dsee_cli.core.models import LoadedModel, load_model
 from dsee_cli.core.precision import Precision
-from dsee_cli.core.arch import takes_segments
 from dsee_cli.data.classification import encode, load_task, spec_for
 from dsee_cli.data.generation import (
     NLG_TASKS,

@@ -144,7 +144,8 @@ class DSEELinear(WrappedLayer):
             idx = self.omega(k)
             if idx.numel():
                 rows, cols = idx // self.in_features, idx % self.in_features
-                d = d.index_add(-1, rows, (xd[..., cols] * self.sparse_values[k]).to(d.dtype), alpha=self.sparse_scaling)
+                sparse = (xd[..., cols] * self.sparse_values[k]).to(d.dtype)
+                d = d.index_add(-1, rows, sparse, alpha=self.sparse_scaling)
             pieces.append(d)
         if len(self.slices) == 1 and self.slices[0] == (0, self.out_features):
             return out + pieces[0]

@@ -8,9 +8,12 @@ movement pruning (MvP), all driven by the cubic sparsity schedule of Zhu & Gupta
   as the PST paper did), with their own learning rate; the mask keeps the highest scores.
 
 The mask is a straight-through estimator: its value is the cached binary top-v mask, its
-gradient goes to the scores unchanged (mask + S − stop_grad(S)). The top-v selection is
-recomputed only when the scheduled sparsity changes, not on every forward pass. The mask
-covers every linear layer of the transformer blocks; top-v is per layer or global.
+gradient goes to the scores unchanged (mask + S − stop_grad(S)). The top-v selection of the
+current scores is recomputed every ``schedule.every`` steps for the whole phase, at the final
+sparsity too (the PST paper's Eq. 7 and movement pruning take it on every forward; so the
+straight-through scores keep choosing the mask during the cool-down); ``schedule.refresh=on_change``
+recomputes it only when the scheduled sparsity changes. The mask covers every linear layer of
+the transformer blocks; top-v is per layer or global.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dsee_cli.errors import DSEEError, choice_error
 
 SCORE_TERMS = ("weight", "lowrank", "structured")  # |W₀ + βUV|, α₁AB, α₂(R + C)
 TOPK = ("layer", "global")
+REFRESH = ("every", "on_change")  # when the top-v mask is recomputed
 
 
 @dataclass
@@ -38,7 +42,10 @@ class ScheduleConfig:
     initial: float = 0.0  # the sparsity the schedule starts from
     warmup: float = 0.1  # fraction of phase I held at `initial`
     cooldown: float = 0.3  # fraction held at the final sparsity
-    every: int = 10  # steps between mask updates during the ramp
+    every: int = 10  # steps between mask updates (and between the ramp's sparsity steps)
+    # every: the top-v of the current scores every `every` steps, cool-down included (PST, MvP);
+    # on_change: only when the scheduled sparsity changes (the mask then freezes in the cool-down)
+    refresh: str = "every"
 
     def check(self, final: float) -> None:
         if not 0.0 <= self.initial <= final < 1.0:
@@ -49,6 +56,13 @@ class ScheduleConfig:
                             f"must be >= 0 and leave part of training for the ramp (warmup + cooldown < 1).")
         if self.every < 1:
             raise DSEEError(f"adapter.sparse_training.schedule.every={self.every} must be >= 1 step.")
+        if self.refresh not in REFRESH:
+            raise choice_error("when the mask is recomputed (adapter.sparse_training.schedule.refresh)",
+                               self.refresh, REFRESH)
+
+    def refreshes(self, step: int) -> bool:
+        """Whether the top-v mask is recomputed before ``step`` (0-based) even if the sparsity holds."""
+        return self.refresh == "every" and step % self.every == 0
 
     def at(self, step: int, total: int, final: float) -> float:
         """Sparsity at ``step`` of ``total``: s_f + (s_i − s_f)(1 − (t − t_w)/(T − t_w − t_c))³."""
@@ -199,10 +213,11 @@ def inject_sparse_training(model: nn.Module, s: SparseTrainingConfig, method: st
 
 
 @torch.no_grad()
-def update_masks(model: nn.Module, sparsity: float, topk: str = "layer") -> bool:
-    """Recompute the top-v masks for ``sparsity`` if it changed; returns whether it did."""
+def update_masks(model: nn.Module, sparsity: float, topk: str = "layer", refresh: bool = False) -> bool:
+    """Recompute the top-v masks for ``sparsity`` if it changed, or from the current scores
+    anyway with ``refresh``; returns whether it did."""
     layers = sparse_layers(model)
-    if not layers or all(abs(m.sparsity - sparsity) < 1e-12 for m in layers.values()):
+    if not layers or (not refresh and all(abs(m.sparsity - sparsity) < 1e-12 for m in layers.values())):
         return False
     scores = {n: m.importance().detach().float() for n, m in layers.items()}
     if topk == "global":
