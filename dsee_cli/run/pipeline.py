@@ -271,10 +271,11 @@ class Run:
         self.say("Ω: sparse positions from the pretrained weights")
         adapters = adapters_of(self.model)
         weights = {k: slice_pretrained_weight(a, s) for k, (a, s) in omega_keys(adapters).items()}
-        result = omega_lib.cached_omega(weights, cfg.adapter.omega_size, cfg.omega.method, cfg.omega.grebsmo(),
-                                        omega_cache_dir(cfg))
+        settings = cfg.omega.grebsmo(cfg.seed)
+        result = omega_lib.cached_omega(weights, cfg.adapter.omega_size, cfg.omega.method, settings,
+                                        omega_cache_dir(cfg), cfg.omega.preset)
         set_omegas(adapters, result.indices)
-        self.omega_info = {"method": cfg.omega.method, "seconds": round(result.seconds, 3),
+        self.omega_info = {"method": cfg.omega.method, "seed": settings.seed, "seconds": round(result.seconds, 3),
                            "from_cache": result.from_cache, "cache_path": str(result.cache_path or "")}
 
     def hooks(self, name: str) -> StepHooks:

@@ -246,24 +246,49 @@ def _random_scores(batch: torch.Tensor, settings: GreBsmoSettings) -> torch.Tens
 FINDERS: dict[str, Finder] = {"grebsmo": _grebsmo_scores, "magnitude": _magnitude_scores, "random": _random_scores}
 
 
+def final_rank(settings: GreBsmoSettings) -> int:
+    """The rank UV reaches: rank_start grown by rank_step at each outer iteration but the last."""
+    return min(settings.rank, settings.rank_start + settings.rank_step * max(0, settings.outer_iters - 1))
+
+
+def _full_rank_error(name: str, shape: tuple[int, ...], settings: GreBsmoSettings, preset: str) -> DSEEError:
+    """Ω would be positions 0..N-1 (S' = 0): say why, and how to get a real Ω."""
+    rank = final_rank(settings)
+    why = (f"the rank of UV grows to {rank} >= min(m, n) = {min(shape)}, so UV reproduces the matrix"
+           if rank >= min(shape) else
+           f"at rank {rank} every entry of X - UV is below the threshold {settings.threshold}")
+    return DSEEError(
+        f"Ω cannot be found for {name} (shape {tuple(shape)}) with GreBsmo preset {preset!r}: {why}, so S' is all "
+        f"zeros and Ω would be positions 0..N-1, not a property of the weights. (The reference preset grows the "
+        f"rank to 496, below BERT-base's 768.) Cap the rank (omega.rank={max(1, min(shape) // 2)}, for instance), "
+        f"or use the fast preset (omega=grebsmo), magnitude or random.")
+
+
 def find_omega(
-    weights: dict[str, torch.Tensor], n: int, method: str, settings: GreBsmoSettings
+    weights: dict[str, torch.Tensor], n: int, method: str, settings: GreBsmoSettings, preset: str = "custom"
 ) -> dict[str, torch.Tensor]:
-    """Ω (n flat indices) for each named out x in matrix. Matrices of one shape are batched."""
+    """Ω (n flat indices) for each named out x in matrix. Matrices of one shape are batched.
+    Never arbitrary: a GreBsmo whose rank reaches a matrix's full rank, or any finder whose
+    scores are all zero on a matrix, is an error naming the matrix, its shape and the preset."""
     if method not in FINDERS:
         raise choice_error("Ω method (omega.method)", method, tuple(FINDERS))
     by_shape: dict[tuple[int, ...], list[str]] = {}
     for name, w in weights.items():
         by_shape.setdefault(tuple(w.shape), []).append(name)
+    if method == "grebsmo":  # before any work: the check needs only the shapes
+        for shape, names in by_shape.items():
+            if final_rank(settings) >= min(shape):
+                raise _full_rank_error(names[0], shape, settings, preset)
     result = {}
     for shape, names in by_shape.items():
         batch = torch.stack([weights[k].detach().float() for k in names])
         scores = FINDERS[method](batch, settings)
         empty = [name for name, sc in zip(names, scores) if not bool(sc.any())]
         if empty:
-            log.warning("Ω is arbitrary for %d matrices of shape %s: S' = 0 everywhere (the rank of UV reached "
-                        "min(m, n), as the reference preset does below 496 dims); positions 0..%d were taken",
-                        len(empty), shape, n - 1)
+            if method == "grebsmo":
+                raise _full_rank_error(empty[0], shape, settings, preset)
+            raise DSEEError(f"Ω cannot be found for {empty[0]} (shape {shape}) by {method}: every score is zero "
+                            f"(an all-zero weight matrix?), so Ω would be positions 0..N-1.")
         for name, idx in zip(names, top_n(scores.cpu(), n)):
             result[name] = idx.clone()
     return result
@@ -308,18 +333,19 @@ def cached_omega(
     method: str,
     settings: GreBsmoSettings,
     cache_dir: Path | None,
+    preset: str = "custom",
 ) -> OmegaResult:
     """Compute Ω once per (weights, method, settings); concurrent jobs wait on a file lock."""
     start = time.perf_counter()
     if cache_dir is None:
-        return OmegaResult(find_omega(weights, n, method, settings), None, False, time.perf_counter() - start)
+        return OmegaResult(find_omega(weights, n, method, settings, preset), None, False, time.perf_counter() - start)
     key = cache_key(weights, n, method, settings)
     path = Path(cache_dir) / f"omega-{method}-{key}.safetensors"
     with _file_lock(path.with_suffix(".lock")):
         if path.exists():
             loaded = load_file(path)
             return OmegaResult(loaded, path, True, time.perf_counter() - start)
-        indices = find_omega(weights, n, method, settings)
+        indices = find_omega(weights, n, method, settings, preset)
         with atomic_path(path) as tmp:
             save_file(indices, str(tmp), metadata={"method": method, "n": str(n)})
     return OmegaResult(indices, path, False, time.perf_counter() - start)
@@ -342,7 +368,9 @@ class OmegaConfig:
     sparse_card: int | None = None  # 0: threshold instead of a card constraint
     reset_sparse: bool | None = None  # grebsmo: S = 0 at each outer iteration (the reference code)
     tol: float | None = None  # grebsmo: stop at this relative error (0: never)
-    seed: int = 0  # the random draws of grebsmo and of random Ω
+    # the random draws: random Ω's positions (null: the run's seed, so seeds draw different Ω) and
+    # GreBsmo's sketch (null: 0, so Ω stays a property of the pretrained weights, shared by seeds)
+    seed: int | None = None
     cache: bool = True  # keep Ω on disk, computed once per weights and settings
     cache_dir: str | None = None  # default: $DSEE_CACHE or ~/.cache/dsee-cli, then /omega
 
@@ -352,13 +380,19 @@ class OmegaConfig:
         if self.preset not in PRESETS:
             raise choice_error("GreBsmo preset (omega.preset)", self.preset, PRESETS)
 
-    def grebsmo(self) -> GreBsmoSettings:
-        """The preset's parameters with this section's overrides (sparse_card 0: no card constraint)."""
+    def finder_seed(self, run_seed: int) -> int:
+        if self.seed is not None:
+            return self.seed
+        return run_seed if self.method == "random" else 0
+
+    def grebsmo(self, run_seed: int = 0) -> GreBsmoSettings:
+        """The preset's parameters with this section's overrides (sparse_card 0: no card constraint),
+        and the finder's seed for a run of seed ``run_seed``."""
         self.check()
         names = ("rank", "rank_start", "rank_step", "outer_iters", "inner_iters", "threshold", "soft", "reset_sparse",
                  "tol")
         overrides = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
-        settings = replace(PRESETS[self.preset], seed=self.seed, **overrides)
+        settings = replace(PRESETS[self.preset], seed=self.finder_seed(run_seed), **overrides)
         if self.sparse_card is not None:
             settings = replace(settings, sparse_card=self.sparse_card or None)
         return settings
