@@ -169,7 +169,8 @@ def test_grebsmo_that_would_reach_full_rank_is_an_error_naming_the_matrix(shape)
     import time
 
     started = time.perf_counter()
-    with pytest.raises(DSEEError, match=rf"layer.0.query \(shape \({shape[0]}, {shape[1]}\)\).*'reference'.*omega.rank="):
+    named = rf"layer.0.query \(shape \({shape[0]}, {shape[1]}\)\).*'reference'.*omega.rank="
+    with pytest.raises(DSEEError, match=named):
         find_omega({"layer.0.query": torch.randn(*shape)}, 4, "grebsmo", PRESETS["reference"], "reference")
     assert time.perf_counter() - started < 1.0
 
