@@ -463,21 +463,27 @@ def run_cache(args: list[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from dsee_cli import results_version
     from dsee_cli.run.steps import StepStore, steps_dir
+    from dsee_cli.tuning.omega import omega_file_version
 
     parser = argparse.ArgumentParser(prog="dsee cache", description="The steps runs share, and the Ω cache.")
     parser.add_argument("action", choices=("ls", "size", "prune"))
     parser.add_argument("--older-than", type=float, default=None, metavar="DAYS",
                         help="prune: only entries older than this many days (default: all)")
+    parser.add_argument("--stale", action="store_true",
+                        help="prune: only entries another version of dsee-cli computed (never reused)")
     opts = parser.parse_args(args)
     store = StepStore()
     omega_dir = steps_dir().parent / "omega"
     omega_files = sorted(omega_dir.glob("omega-*.safetensors")) if omega_dir.is_dir() else []
     console = Console(width=100 if not sys.stdout.isatty() else None)
+    current = results_version()
     if opts.action == "prune":
-        removed = store.prune(opts.older_than)
+        removed = store.prune(opts.older_than, stale_only=opts.stale)
         cutoff = time.time() - 86400 * (opts.older_than or 0)
-        stale = [f for f in omega_files if opts.older_than is None or f.stat().st_mtime < cutoff]
+        stale = [f for f in omega_files if (opts.older_than is None or f.stat().st_mtime < cutoff)
+                 and not (opts.stale and omega_file_version(f) == current)]
         for f in stale:
             f.unlink(missing_ok=True)
         freed = sum(e["bytes"] for e in removed)
@@ -490,13 +496,19 @@ def run_cache(args: list[str]) -> int:
         console.print(f"{len(entries)} steps and {len(omega_files)} Ω files, {total / 2**20:,.1f} MiB in "
                       f"{store.root.parent}", highlight=False)
         return 0
-    table = Table(title=f"steps in {store.root}", title_justify="left")
-    for column, justify in (("step", "left"), ("MiB", "right"), ("created", "left"), ("computed in", "left")):
+    table = Table(title=f"steps in {store.root} (this is dsee-cli {current})", title_justify="left")
+    for column, justify in (("step", "left"), ("MiB", "right"), ("version", "left"), ("created", "left"),
+                            ("computed in", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for e in entries:
-        table.add_row(e["name"], f"{e['bytes'] / 2**20:,.1f}", e["created"], e["source"])
+        version = e["version"] if e["current"] else f"{e['version']} (stale: never reused)"
+        table.add_row(e["name"], f"{e['bytes'] / 2**20:,.1f}", version, e["created"], e["source"])
     console.print(table)
-    console.print(f"{len(entries)} steps and {len(omega_files)} Ω files, {total / 2**20:,.1f} MiB", highlight=False)
+    stale_omega = sum(omega_file_version(f) != current for f in omega_files)
+    stale_steps = sum(not e["current"] for e in entries)
+    console.print(f"{len(entries)} steps and {len(omega_files)} Ω files, {total / 2**20:,.1f} MiB"
+                  + (f"; {stale_steps} steps and {stale_omega} Ω files of other versions (dsee cache prune --stale)"
+                     if stale_steps or stale_omega else ""), highlight=False)
     return 0
 
 

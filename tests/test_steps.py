@@ -140,3 +140,29 @@ def test_the_plan_names_the_steps_a_run_records_and_a_sweep_plan_runs_nothing(tm
     out = capsys.readouterr().out
     assert "job 12 of 12" in out and "reused" in out and "12 job(s)" in out and "nothing was run" in out
     assert not (tmp_path / "multirun").exists()
+
+
+def test_a_new_results_version_recomputes_and_prune_stale_removes_the_old(tmp_path, monkeypatch, capsys):
+    """A fix that changes what a step computes bumps dsee_cli.RESULTS: neither the step store nor
+    the Ω cache then answers from what the older code computed."""
+    import dsee_cli
+    from dsee_cli.cli import main
+
+    monkeypatch.setenv("DSEE_CACHE", str(tmp_path / "cache"))
+    first = run_in_process(tmp_path / "a", "reuse=true")  # dsee: Ω, then phase I stored
+    again = run_in_process(tmp_path / "b", "reuse=true", "sparsity=0.5")
+    assert again["steps"]["phase1"]["reused"] is True
+    omega_cache = tmp_path / "omega-cache"
+    assert len(list(omega_cache.glob("*.safetensors"))) == 1
+    monkeypatch.setattr(dsee_cli, "RESULTS", dsee_cli.RESULTS + 1)
+    bumped = run_in_process(tmp_path / "c", "reuse=true", "sparsity=0.5")
+    assert bumped["steps"]["phase1"]["reused"] is False and bumped["omega"]["from_cache"] is False
+    assert bumped["steps"]["phase1"]["fingerprint"] != first["steps"]["phase1"]["fingerprint"]
+    assert len(list(omega_cache.glob("*.safetensors"))) == 2
+    store = StepStore()
+    assert sorted(e["current"] for e in store.entries()) == [False, True]
+    assert main(["cache", "ls"]) == 0
+    listing = capsys.readouterr().out
+    assert "(stale: never" in listing and "1 steps and 0 Ω files of other versions" in listing
+    removed = store.prune(stale_only=True)
+    assert len(removed) == 1 and all(e["current"] for e in store.entries()) and store.entries()

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import dsee_cli
 from dsee_cli.atomic import atomic_write_text, fsync_dir, fsync_file
 from dsee_cli.config import RunConfig
 from dsee_cli.run.checkpoint import STATE_META, load_state_dir
@@ -80,7 +81,8 @@ def step_fingerprint(cfg: RunConfig, step: str) -> str:
         d["pruning"].pop("rounds")
     else:
         raise ValueError(f"unknown step {step!r}")
-    payload = json.dumps({"format": STEP_FORMAT, "step": step, "config": d}, sort_keys=True, default=str)
+    payload = json.dumps({"format": STEP_FORMAT, "results": dsee_cli.results_version(), "step": step, "config": d},
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
@@ -124,6 +126,8 @@ class StepStore:
             entry = json.loads((path / ENTRY).read_text())
             if entry.get("format") != STEP_FORMAT:
                 raise ValueError(f"format {entry.get('format')}, this version reads {STEP_FORMAT}")
+            if entry.get("version") != dsee_cli.results_version():
+                raise ValueError(f"computed by dsee-cli {entry.get('version')}, this is {dsee_cli.results_version()}")
             state = path / json.loads((path / STATE_META).read_text())["state_file"]
             if _sha256(state) != entry["sha256"]:
                 raise ValueError("its checksum does not match")
@@ -149,7 +153,8 @@ class StepStore:
             fsync_file(tmp / state_name)
             atomic_write_text(tmp / STATE_META, json.dumps(meta, indent=2, sort_keys=True))
             atomic_write_text(tmp / ENTRY, json.dumps({
-                "format": STEP_FORMAT, "step": step, "fingerprint": fingerprint, "sha256": _sha256(tmp / state_name),
+                "format": STEP_FORMAT, "version": dsee_cli.results_version(), "step": step, "fingerprint": fingerprint,
+                "sha256": _sha256(tmp / state_name),
                 "source": str(source), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2))
             os.rename(tmp, target)
             fsync_dir(self.root)
@@ -160,8 +165,8 @@ class StepStore:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def entries(self) -> list[dict]:
-        """Every stored step: its name, size, age and where it was computed."""
-        out = []
+        """Every stored step: its name, size, age, the version that computed it and where."""
+        out, current = [], dsee_cli.results_version()
         for path in sorted(self.root.glob("*-*")) if self.root.is_dir() else []:
             if not path.is_dir() or path.name.startswith("."):
                 continue
@@ -171,13 +176,16 @@ class StepStore:
                 entry = {}
             size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
             out.append({"name": path.name, "step": entry.get("step", "?"), "bytes": size,
+                        "version": entry.get("version", "older"), "current": entry.get("version") == current,
                         "created": entry.get("created", "?"), "source": entry.get("source", "?"),
                         "age_days": (time.time() - path.stat().st_mtime) / 86400, "path": path})
         return out
 
-    def prune(self, older_than_days: float | None = None) -> list[dict]:
-        """Remove entries (all, or those older than ``older_than_days``) and leftovers of killed writes."""
-        removed = [e for e in self.entries() if older_than_days is None or e["age_days"] > older_than_days]
+    def prune(self, older_than_days: float | None = None, stale_only: bool = False) -> list[dict]:
+        """Remove entries (all; those older than ``older_than_days``; or with ``stale_only`` those another
+        version of the code computed, which are never reused) and leftovers of killed writes."""
+        removed = [e for e in self.entries() if (older_than_days is None or e["age_days"] > older_than_days)
+                   and not (stale_only and e["current"])]
         for e in removed:
             shutil.rmtree(e["path"], ignore_errors=True)
         for leftover in self.root.glob(".tmp-*") if self.root.is_dir() else []:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+import dsee_cli
 from dsee_cli.atomic import atomic_path
 from dsee_cli.core.selection import largest_k_indices
 from dsee_cli.errors import DSEEError, choice_error
@@ -296,10 +297,12 @@ def find_omega(
 
 # -- the disk cache ---------------------------------------------------------------------------
 def cache_key(weights: dict[str, torch.Tensor], n: int, method: str, settings: GreBsmoSettings) -> str:
-    """Content hash: the weights themselves identify the model, whatever it was called."""
+    """Content hash: the weights themselves identify the model, whatever it was called; and the
+    code's results version, so that a fix to a finder is never answered from an older Ω."""
     h = hashlib.sha256()
     relevant = asdict(settings) if method == "grebsmo" else {"seed": settings.seed} if method == "random" else {}
-    h.update(json.dumps({"n": n, "method": method, "settings": relevant}, sort_keys=True).encode())
+    h.update(json.dumps({"n": n, "method": method, "settings": relevant, "results": dsee_cli.results_version()},
+                        sort_keys=True).encode())
     for name in sorted(weights):
         w = weights[name].detach().to("cpu", torch.float32).contiguous()
         h.update(name.encode())
@@ -347,7 +350,8 @@ def cached_omega(
             return OmegaResult(loaded, path, True, time.perf_counter() - start)
         indices = find_omega(weights, n, method, settings, preset)
         with atomic_path(path) as tmp:
-            save_file(indices, str(tmp), metadata={"method": method, "n": str(n)})
+            meta = {"method": method, "n": str(n), "version": dsee_cli.results_version()}
+            save_file(indices, str(tmp), metadata=meta)
     return OmegaResult(indices, path, False, time.perf_counter() - start)
 
 
@@ -396,3 +400,14 @@ class OmegaConfig:
         if self.sparse_card is not None:
             settings = replace(settings, sparse_card=self.sparse_card or None)
         return settings
+
+
+def omega_file_version(path: Path) -> str:
+    """The results version an Ω cache file was computed with ("older" before versions were recorded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return (fh.metadata() or {}).get("version", "older")
+    except Exception:
+        return "unreadable"
