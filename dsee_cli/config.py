@@ -120,8 +120,13 @@ def validate(cfg: RunConfig) -> None:
              f"importance).")
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
     if cfg.task.name in NLG_TASKS:
-        _require(cfg.task.eval_split in ("validation", "test"),
-                 f"task.eval_split={cfg.task.eval_split!r} is invalid; valid choices: validation, test.")
+        for key in ("eval_split", "select_split"):
+            _require(getattr(cfg.task, key) in ("validation", "test"),
+                     f"task.{key}={getattr(cfg.task, key)!r} is invalid; valid choices: validation, test.")
+        _require(cfg.task.select_split != cfg.task.eval_split,
+                 f"task.select_split and task.eval_split are both {cfg.task.eval_split!r}: the split that picks the "
+                 f"model (periodic evaluation, trainer.keep_best) would be the split it reports. Select on one split "
+                 f"and report the other (the papers: task.select_split=validation task.eval_split=test).")
         _require(0.0 <= cfg.task.label_smoothing < 1.0, f"task.label_smoothing={cfg.task.label_smoothing} must "
                  f"be in [0, 1).")
         cfg.task.decode.check()

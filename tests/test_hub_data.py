@@ -190,6 +190,7 @@ def test_connection_errors_are_told_apart_from_data_errors():
 def test_a_generation_run_trains_on_hub_data(tmp_path, monkeypatch):
     monkeypatch.setenv("DSEE_HUB_MIRROR", str(_nlg_mirror(tmp_path / "mirror", "webnlg")))
     metrics = run_in_process(tmp_path / "run", "task=webnlg", "model=tiny-gpt2", "task.eval_split=validation",
+                             "task.select_split=test",
                              "task.decode.num_beams=1", "task.decode.max_new_tokens=4", "trainer.max_steps=2",
                              "pruning=none", "model.tiny.hidden=32", "model.tiny.heads=4", messages=[])
     assert metrics["data_source"] == "hub:GEM/web_nlg@refs/convert/parquet/en"

@@ -125,3 +125,31 @@ def test_gpt2_medium_lm_counts(rank, expected):
     inject_adapters(model, LowRankConfig(rank=rank, alpha=2 * rank, omega_size=0))
     counts = trainable_counts(model)
     assert counts.adapter_low_rank == expected and counts.task_head == 0 and counts.other == 0  # 0.39M / 0.20M
+
+
+def test_generation_selects_on_validation_and_reports_the_test_split_once(tmp_path):
+    """The best weights are chosen on the validation split's token accuracy; the test split is
+    decoded once, at the end, with those weights; a run that would select on what it reports is
+    refused before any work."""
+    from dsee_cli.config import validate
+
+    from .helpers import GPT2_E2E, compose, run_in_process
+
+    metrics = run_in_process(tmp_path / "run", *GPT2_E2E, "trainer.keep_best=true", "pruning=none", messages=[])
+    assert metrics["main_metric"] == "validation/token_accuracy"
+    assert {k.split("/")[0] for k in metrics["final"]["eval"]} == {"validation"}
+    assert metrics["final"]["generation"] and {k.split("/")[0] for k in metrics["final"]["generation"]} == {"test"}
+    assert (tmp_path / "run" / "generations-test.jsonl").is_file()
+    with pytest.raises(DSEEError, match="task.select_split and task.eval_split are both 'test'"):
+        validate(compose(*GPT2_E2E, "task.select_split=test"))
+
+
+def test_local_generation_files_give_each_split_its_own_file(tmp_path):
+    from dsee_cli.data.classification import DataSource
+    from dsee_cli.data.generation import load_nlg
+
+    for split, mr in (("train", "name : a"), ("valid", "name : b"), ("test", "name : c")):
+        (tmp_path / f"{split}.txt").write_text(f"{mr} || the {split} reference\n")
+    data = load_nlg(DataSource(name="e2e", data_dir=str(tmp_path), eval_split="test", select_split="validation"), 1)
+    assert [e.source for e in data.evals["validation"]] == ["name : b"]
+    assert [e.source for e in data.evals["test"]] == ["name : c"]

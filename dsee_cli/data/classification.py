@@ -112,6 +112,8 @@ class DataSource:
     synthetic_eval: int = 500  # synthetic task / stand-ins: evaluation examples
     synthetic_standin: bool = False  # smoke profile: synthetic data shaped like this task (labels, fields)
     eval_split: str = "validation"  # generation tasks: the split decoded and scored, or test (the papers report test)
+    # generation tasks: the split that periodic evaluation and keep_best select on; never eval_split
+    select_split: str = "validation"
 
 
 def spec_for(name: str) -> TaskSpec:

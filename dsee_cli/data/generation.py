@@ -118,7 +118,8 @@ def check_nlg_files(s: DataSource) -> None:
         if not Path(s.data_dir).is_dir():
             raise DSEEError(f"task.data_dir={s.data_dir!r} does not exist: it should be a folder with train and "
                             f"valid / test files (E2E CSV, LoRA-style .txt, or JSON lines).")
-        _dir_files(Path(s.data_dir), s.eval_split)
+        for split in dict.fromkeys((s.select_split, s.eval_split)):
+            _dir_files(Path(s.data_dir), split)
 
 
 def _dir_files(data_dir: Path, split: str) -> tuple[Path, Path]:
@@ -131,10 +132,12 @@ def _dir_files(data_dir: Path, split: str) -> tuple[Path, Path]:
     return train, evaluation
 
 
-def load_dir(data_dir: Path, split: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
-    """train + the evaluation split from a folder (LoRA's data/e2e layout or the E2E CSVs)."""
-    train, evaluation = _dir_files(data_dir, split)
-    return read_pairs(train), read_pairs(evaluation), f"{train}, {evaluation}"
+def load_dir(data_dir: Path, splits: tuple[str, ...]) -> tuple[list[tuple[str, str]], dict[str, list], str]:
+    """train + the evaluation splits from a folder (LoRA's data/e2e layout or the E2E CSVs)."""
+    files = {split: _dir_files(data_dir, split) for split in splits}
+    train = next(iter(files.values()))[0]
+    return read_pairs(train), {split: read_pairs(f[1]) for split, f in files.items()}, \
+        ", ".join(str(p) for p in (train, *(f[1] for f in files.values())))
 
 
 def linearize(value) -> str:
@@ -150,14 +153,14 @@ def hub_source(s: DataSource) -> HubSource:
     return with_overrides(NLG_TASKS[s.name]["hub"], s.hub_repo, s.hub_revision, s.hub_config)
 
 
-def load_hub(s: DataSource) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
-    """Training pairs (input, target) and the evaluation split's (input, reference) pairs, all references."""
+def load_hub(s: DataSource, splits: tuple[str, ...]) -> tuple[list[tuple[str, str]], dict[str, list], str]:
+    """Training pairs (input, target) and each evaluation split's (input, reference) pairs, all references."""
     source, field = hub_source(s), NLG_TASKS[s.name]["input"]
     local = (f"task.data_dir=/path/to/{s.name} holding train and valid / test files (E2E CSV mr,ref; LoRA-style "
              f"'input || reference' .txt; or JSON lines), or task.train_file=... task.validation_file=...; "
              f"profile=smoke needs no data at all.")
-    rows = read_splits(source, ["train", s.eval_split], f"{s.name!r}", local)
-    for split in ("train", s.eval_split):
+    rows = read_splits(source, ["train", *splits], f"{s.name!r}", local)
+    for split in ("train", *splits):
         require_columns(rows[split], (field, "target"), repr(s.name), source, split)
 
     def pairs(split: str) -> list[tuple[str, str]]:
@@ -167,7 +170,8 @@ def load_hub(s: DataSource) -> tuple[list[tuple[str, str]], list[tuple[str, str]
             out += [(linearize(row[field]), r) for r in refs]
         return out
 
-    return pairs("train"), pairs(s.eval_split), f"hub:{source.repo}@{source.revision}/{source.config}"
+    return pairs("train"), {split: pairs(split) for split in splits}, \
+        f"hub:{source.repo}@{source.revision}/{source.config}"
 
 
 # -- a learnable stand-in (smoke profile, tests) --------------------------------------------------
@@ -188,29 +192,36 @@ def synthetic_pairs(n_inputs: int, seed: int, refs_per_input: int = 2) -> list[t
 
 
 def load_nlg(s: DataSource, seed: int) -> NLGData:
-    if s.eval_split not in EVAL_SPLITS:
-        raise DSEEError(f"task.eval_split={s.eval_split!r} is invalid; valid choices: {', '.join(EVAL_SPLITS)}.")
+    """The training pairs, and the selection split (task.select_split: periodic evaluation, the best
+    weights) and the reported split (task.eval_split: decoded once at the end), each loaded apart."""
+    for key, value in (("eval_split", s.eval_split), ("select_split", s.select_split)):
+        if value not in EVAL_SPLITS:
+            raise DSEEError(f"task.{key}={value!r} is invalid; valid choices: {', '.join(EVAL_SPLITS)}.")
+    splits = tuple(dict.fromkeys((s.select_split, s.eval_split)))
     if s.synthetic_standin:
         train = synthetic_pairs(s.synthetic_train, seed)
-        evaluation = synthetic_pairs(s.synthetic_eval, seed + 10_000)
+        evaluation = {split: synthetic_pairs(s.synthetic_eval, seed + (10_000 if split == "validation" else 20_000))
+                      for split in splits}
         source = f"synthetic stand-in for {s.name}"
     elif s.train_file or s.validation_file:
         if not (s.train_file and s.validation_file):
             raise DSEEError("task.train_file and task.validation_file go together: give both.")
-        train, evaluation = read_pairs(Path(s.train_file)), read_pairs(Path(s.validation_file))
-        source = f"{s.train_file}, {s.validation_file}"
+        if "test" in splits and not s.test_file:
+            raise DSEEError(f"task {s.name!r} reports (or selects on) the test split: give task.test_file=... beside "
+                            f"task.validation_file, or task.eval_split=validation task.select_split=test.")
+        files = {"validation": s.validation_file, "test": s.test_file}
+        train, evaluation = read_pairs(Path(s.train_file)), {split: read_pairs(Path(files[split])) for split in splits}
+        source = ", ".join([s.train_file, *(files[split] for split in splits)])
     elif s.data_dir:
-        train, evaluation, source = load_dir(Path(s.data_dir), s.eval_split)
+        train, evaluation, source = load_dir(Path(s.data_dir), splits)
     else:
-        train, evaluation, source = load_hub(s)
+        train, evaluation, source = load_hub(s, splits)
     if s.max_train_samples:
         train = train[: s.max_train_samples]
-    grouped = group(evaluation)
-    if s.max_eval_samples:
-        grouped = grouped[: s.max_eval_samples]
-    if not train or not grouped:
+    grouped = {split: group(pairs)[: s.max_eval_samples or None] for split, pairs in evaluation.items()}
+    if not train or not all(grouped.values()):
         raise DSEEError(f"task {s.name!r} from {source} has an empty training or evaluation split.")
-    return NLGData(s.name, train, {s.eval_split: grouped}, source)
+    return NLGData(s.name, train, grouped, source)
 
 
 # -- encoding: the prompt is masked out of the loss ---------------------------------------------------

@@ -91,8 +91,8 @@ def evaluate_export(cfg: RunConfig, run_dir: Path, source: str, export_dir: Path
     sink = sink or ProgressSink()
     generation = cfg.task.name in NLG_TASKS
     split = split or (cfg.task.eval_split if generation else "validation")
-    if generation:
-        cfg.task.eval_split = split
+    if generation and split != cfg.task.eval_split:  # another split than the run reported: only that one
+        cfg.task.eval_split = cfg.task.select_split = split
     device = pick_device(cfg.trainer.device)
     precision = resolve_precision(cfg.trainer.precision, device)
     say(f"Loading export/{source} ({device}, precision {precision.name})")

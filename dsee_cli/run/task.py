@@ -84,8 +84,10 @@ def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, 
     data = load_nlg(t, cfg.seed)
     tok = loaded.tokenizer
     eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-    split, examples = next(iter(data.evals.items()))
-    evals = {split: encode_eval(examples, tok, max_length, eos_id)}
+    # periodic evaluation (and keep_best) on the selection split; the reported split is decoded once
+    select, split = t.select_split, t.eval_split
+    evals = {select: encode_eval(data.evals[select], tok, max_length, eos_id)}
+    reported, examples = encode_eval(data.evals[split], tok, max_length, eos_id), data.evals[split]
     smoothing = t.label_smoothing
 
     def evaluate_lm(model, evals, pad_id, device, batch_size, precision) -> dict[str, float]:
@@ -93,7 +95,7 @@ def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, 
                 for k, v in token_accuracy(model, enc, pad_id, device, batch_size, precision).items()}
 
     def generate(model, device, precision, out_path: Path | None) -> dict[str, float]:
-        enc = evals[split]
+        enc = reported
         settings = t.decode
         say(f"Decoding {len(enc.prompts)} {split} inputs (beam {settings.num_beams})")
         sink.start(f"decode {split}", math.ceil(len(enc.prompts) / settings.batch_size), 0)
@@ -107,6 +109,6 @@ def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, 
         scores = nlg_metrics(hyps, enc.references, NLG_TASKS[t.name]["metrics"])
         return {f"{split}/{k}": v for k, v in scores.items()}
 
-    ops = TaskOps(collate=collate_lm, evaluate=evaluate_lm, main=f"{split}/token_accuracy",
+    ops = TaskOps(collate=collate_lm, evaluate=evaluate_lm, main=f"{select}/token_accuracy",
                   loss=lambda model, batch: lm_loss(model, batch, smoothing))
     return PreparedTask(loaded, encode_lm(data.train, tok, max_length, eos_id), evals, ops, data.source, generate)
