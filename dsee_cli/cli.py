@@ -361,6 +361,8 @@ def run_report(args: list[str]) -> int:
         console.print(table)
     if report.note:
         console.print(f"paper: {report.note}", highlight=False)
+    if report.protocol:
+        console.print(report.protocol_line(), highlight=False)
     if report.trivial:
         console.print(f"{TRIVIAL_LABEL}: {TRIVIAL_MEANING}", highlight=False)
     if figure is not None:

@@ -50,6 +50,9 @@ class TaskConfig(DataSource):
 
     max_length: int = 128  # tokens per example (longer ones are truncated)
     smoke_model: str = "tiny-bert"  # the model the smoke profile uses (tiny-gpt2 for generation tasks)
+    # classification: the metric that picks the best evaluation (null: the task's main one, e.g. MRPC's F1);
+    # DSEE's tables report MRPC / QQP accuracy, the PST paper's F1: select by what the table reports
+    select_metric: str | None = None
     # Per-task defaults; trainer.* overrides them.
     lr: float = 5e-4  # the learning rate of phase I (and of recovery, without recovery_lr)
     epochs: float = 5.0  # phase I epochs (trainer.phase1.epochs overrides)

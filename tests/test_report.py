@@ -118,10 +118,18 @@ def test_a_figure_with_nothing_to_draw_is_not_written_and_the_report_says_why(wo
     assert max(len(line) for line in report.stdout.splitlines() if str(sweep) not in line) <= 100
 
 
-def test_claims_hold_fail_or_stay_unresolved():
+def test_claims_are_paired_over_seeds_on_the_best_and_the_last_evaluation():
+    """Per-seed differences, mean and 90 % t-interval: a constant gap holds, a reversed one fails,
+    a gap inside its interval and one seed stay unresolved, and a best-of-evaluations gap that the
+    last evaluation reverses is unresolved, naming both verdicts."""
     values = {"dsee": [70.0, 71.0, 72.0], "lora": [65.0, 66.0, 67.0], "bad": [60.0, 61.0, 59.0],
-              "close": [70.5, 71.5, 69.5], "one": [90.0]}
-    cells = {((k,), "rte"): Cell(values=v) for k, v in values.items()}
+              "close": [70.5, 71.5, 69.5], "one": [90.0], "lucky": [75.0, 76.0, 77.0]}
+    last = {**values, "lucky": [60.0, 61.0, 62.0]}  # its best evaluations were high, its last ones low
+
+    def cell(name):
+        return Cell(values=values[name], by_seed={str(i): v for i, v in enumerate(values[name], 1)},
+                    last_by_seed={str(i): v for i, v in enumerate(last[name], 1)}, evaluations=[5])
+    cells = {((k,), "rte"): cell(k) for k in values}
     cells[(("dsee",), "rte")].paper, cells[(("lora",), "rte")].paper = 70.04, 68.95
     report = Report("t", ["method"], "task", [(k,) for k in values], ["rte"], cells)
     checks = check_claims(report, [
@@ -130,10 +138,14 @@ def test_claims_hold_fail_or_stay_unresolved():
         {"text": "within noise", "better": {"method": "close"}, "worse": {"method": "dsee"}},
         {"text": "within a margin", "better": {"method": "lora"}, "worse": {"method": "dsee"}, "margin": 8.0},
         {"text": "one seed", "better": {"method": "one"}, "worse": {"method": "dsee"}},
+        {"text": "best of many", "better": {"method": "lucky"}, "worse": {"method": "dsee"}},
     ])
-    assert [c.verdict for c in checks] == ["holds", "fails", "unresolved: in spread", "holds",
-                                           "unresolved: < 2 seeds"]
-    assert checks[0].ours == 5.0 and checks[0].paper == pytest.approx(1.09) and checks[0].seeds == 3
+    assert [c.verdict for c in checks] == ["holds", "fails", "unresolved: in interval", "holds",
+                                           "unresolved: < 2 seeds", "unresolved: best holds, last fails"]
+    assert checks[0].ours == 5.0 and checks[0].spread == 0.0 and checks[0].paper == pytest.approx(1.09)
+    assert checks[0].seeds == 3 and checks[0].evaluations == "5/5"
+    # close − dsee = 0.5, 0.5, −2.5: mean −0.5, 90 % half-width t(0.95, 2)·1.732/√3 = 2.92
+    assert checks[2].ours == pytest.approx(-0.5) and checks[2].spread == pytest.approx(2.92, abs=0.01)
     missing = check_claims(report, [{"text": "x", "better": {"method": "nope"}, "worse": {"method": "dsee"}}])
     assert [c.verdict for c in missing] == ["not in this sweep"]  # a sweep of part of the table still reports
 
@@ -151,14 +163,14 @@ def _hand_made_run(sweep, overrides: dict, best: float, task: str = "sst2") -> N
     metric = "validation/accuracy"
     (job / "metrics.json").write_text(json.dumps({
         "task": task, "main_metric": metric, "trivial": {metric: 50.92},
-        "final": {"best": {metric: best}, "last": {metric: best - 1}},
+        "final": {"best": {metric: best}, "last": {metric: best - 1}, "evaluations": 4},
         "trainable_params": {"total": 1000}, "total_params_pct": 70.0, "flops_ratio_unmerged": 1.0}))
 
 
 def test_claims_and_the_trivial_baseline_from_hand_made_run_directories(tmp_path):
     """Table 7's claims on three seeds of made-up runs: |ΔW| clearly above random (holds), |W + ΔW|
-    within a point of |ΔW| (holds), random above |W + ΔW| (fails), structured |ΔW| vs |W + ΔW|
-    within the seeds' spread (unresolved); the report shows what a score must beat."""
+    within 3 points of |ΔW| (holds), random above |W + ΔW| (fails), structured |ΔW| vs |W + ΔW|
+    within the paired interval (unresolved); the report shows what a score must beat."""
     import yaml
 
     sweep = tmp_path / "table7"
@@ -186,10 +198,12 @@ def test_claims_and_the_trivial_baseline_from_hand_made_run_directories(tmp_path
          "worse": {"pruning": "structured", "pruning.criterion": "delta_plus_weight"}},
     ])}
     assert verdicts == {"delta beats random": "holds", "close": "holds", "random beats |W + ΔW|": "fails",
-                        "structured": "unresolved: in spread"}
+                        "structured": "unresolved: in interval"}
     console = Console(width=100, record=True)
     for table in terminal_tables(report, 100)[1]:
         console.print(table)
     text = console.export_text()
     assert "trivial" in text and "50.92" in text and "claims" in text.lower()
+    assert "protocol: selected by validation/accuracy, reported validation/accuracy at that evaluation" in \
+        report.markdown()
     assert "| trivial |" in report.markdown() and "trivial,,sst2,50.92," in report.csv().replace("\r", "")

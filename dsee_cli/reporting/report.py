@@ -38,6 +38,9 @@ def paper_metric(task: str, overrides: dict[str, str] | None = None) -> str:
 @dataclass
 class Cell:
     values: list[float] = field(default_factory=list)
+    by_seed: dict[str, float] = field(default_factory=dict)  # seed -> the best evaluation's score
+    last_by_seed: dict[str, float] = field(default_factory=dict)  # seed -> the last evaluation's
+    evaluations: list[int] = field(default_factory=list)  # periodic evaluations each run chose its best among
     failed: int = 0
     missing: int = 0
     paper: float | None = None
@@ -110,6 +113,16 @@ class Report:
     note: str = ""  # the paper's note on this table
     claims: list[dict] = field(default_factory=list)  # the paper's qualitative claims (paper_numbers.yaml)
     trivial: dict[str, float] = field(default_factory=dict)  # column -> the input-blind predictor's score
+    protocol: dict[str, str] = field(default_factory=dict)  # column -> which split and metric selected, which reported
+
+    def protocol_line(self) -> str:
+        """Which split (and metric) chose each run's best evaluation, and which one the cells report."""
+        if not self.protocol:
+            return ""
+        kinds = sorted(set(self.protocol.values()))
+        if len(kinds) == 1:
+            return f"protocol: {kinds[0]}"
+        return "protocol: " + "; ".join(f"{c}: {p}" for c, p in self.protocol.items())
 
     def trivial_row(self, digits_of) -> tuple[str, ...] | None:
         """The row that says what a score must beat to mean anything (None if no run recorded it)."""
@@ -143,6 +156,8 @@ class Report:
             info = self.row_info(row)
             cells = [self.cells[(row, c)].text() for c in self.columns]
             out.append("| " + " | ".join([*row, *(info[k] for k in info_keys), *cells]) + " |")
+        if self.protocol:
+            out[1:1] = [self.protocol_line(), ""]
         trivial = self.trivial_row(lambda c: _digits(self, c))
         if trivial:
             label = [TRIVIAL_LABEL, *[""] * (len(self.row_keys) - 1), "", "", ""]
@@ -271,12 +286,41 @@ class ClaimCheck:
 
     claim: str
     column: str
-    ours: float | None  # median(better) − median(worse)
-    spread: float | None  # the two cells' standard deviations, combined
+    ours: float | None  # mean of the paired per-seed differences better − worse (best evaluations)
+    spread: float | None  # half-width of its 90 % t-interval
     paper: float | None  # the same difference in the paper's numbers
-    seeds: int
+    seeds: int  # seeds both rows ran (the pairs)
     margin: float
-    verdict: str
+    verdict: str  # the best evaluations' and the last evaluations' verdicts, "unresolved" where they differ
+    best: str = ""  # the verdict on the best evaluations
+    last: str = ""  # the verdict on the last evaluations
+    evaluations: str = ""  # how many evaluations each side's best was chosen among (better / worse)
+
+
+def paired_interval(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, int] | None:
+    """Mean and 90 % t half-width of the per-seed differences a − b over the seeds both ran."""
+    from scipy.stats import t
+
+    diffs = [a[s] - b[s] for s in a if s in b]
+    if not diffs:
+        return None
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan"), 1
+    return mean, float(t.ppf(0.95, len(diffs) - 1)) * statistics.stdev(diffs) / math.sqrt(len(diffs)), len(diffs)
+
+
+def _verdict(interval: tuple[float, float, int] | None, margin: float) -> str:
+    if interval is None:
+        return "no runs"
+    mean, half, n = interval
+    if n < 2:
+        return "unresolved: < 2 seeds"
+    if mean + margin - half > 0:
+        return "holds"
+    if mean + margin + half < 0:
+        return "fails"
+    return "unresolved: in interval"
 
 
 def _matching_rows(report: Report, match: dict) -> list[tuple[str, ...]]:
@@ -285,9 +329,11 @@ def _matching_rows(report: Report, match: dict) -> list[tuple[str, ...]]:
 
 
 def check_claims(report: Report, claims: list[dict]) -> list[ClaimCheck]:
-    """Each claim says ``better`` ≥ ``worse`` − ``margin``. On a column it holds when our difference
-    clears the margin by more than the seeds' spread, fails when it misses by more, and is not
-    resolved ("unresolved") otherwise or with fewer than 2 seeds on either side."""
+    """Each claim says ``better`` ≥ ``worse`` − ``margin``. Runs of one sweep share their seeds, so
+    the test is paired: the per-seed differences' mean and 90 % t-interval, on the best evaluation
+    (the paper's protocol) and on the last one. A verdict holds when the interval clears −margin,
+    fails when it lies below it, and is unresolved otherwise, with fewer than 2 paired seeds, or
+    when the best and the last evaluations disagree (best-of-N favours rows evaluated more often)."""
     out = []
     for claim in claims:
         sides = _matching_rows(report, claim["better"]), _matching_rows(report, claim["worse"])
@@ -300,46 +346,51 @@ def check_claims(report: Report, claims: list[dict]) -> list[ClaimCheck]:
         for column in claim.get("columns") or report.columns:
             a, b = report.cells[(better, column)], report.cells[(worse, column)]
             paper = a.paper - b.paper if a.paper is not None and b.paper is not None else None
-            seeds = min(len(a.values), len(b.values))
-            if not seeds:
+            best = paired_interval(a.by_seed, b.by_seed)
+            if best is None:
                 out.append(ClaimCheck(claim["text"], column, None, None, paper, 0, margin, "no runs"))
                 continue
-            ours = a.median - b.median
-            spread = math.hypot(a.std or 0.0, b.std or 0.0)
-            slack = ours + margin
-            if seeds < 2:
-                verdict = "unresolved: < 2 seeds"
-            elif slack > spread:
-                verdict = "holds"
-            elif slack < -spread:
-                verdict = "fails"
-            else:
-                verdict = "unresolved: in spread"
-            out.append(ClaimCheck(claim["text"], column, ours, spread, paper, seeds, margin, verdict))
+            on_best = _verdict(best, margin)
+            on_last = _verdict(paired_interval(a.last_by_seed, b.last_by_seed), margin)
+            verdict = on_best if on_best == on_last or on_last == "no runs" else \
+                f"unresolved: best {on_best}, last {on_last}"
+            counts = "/".join(str(statistics.median(c.evaluations)) if c.evaluations else "?" for c in (a, b))
+            out.append(ClaimCheck(claim["text"], column, best[0], best[1], paper, best[2], margin, verdict,
+                                  on_best, on_last, counts))
     return out
+
+
+def _ours(c: ClaimCheck) -> str:
+    if c.ours is None:
+        return "—"
+    return f"{c.ours:+.2f}" if math.isnan(c.spread) else f"{c.ours:+.2f} ± {c.spread:.2f}"
 
 
 def claims_table(checks: list[ClaimCheck], column_label: str = "task"):
     from rich.table import Table
 
-    table = Table(title="claims: ours (better − worse, median) against the paper's", title_justify="left")
-    table.add_column("claim", max_width=26, overflow="fold")
-    for label, justify in ((column_label, "left"), ("paper", "right"), ("ours ± spread", "right"),
-                           ("seeds", "right"), ("verdict", "left")):
+    table = Table(title="claims: ours (better − worse, paired over seeds, 90 % t) against the paper's",
+                  title_justify="left")
+    table.add_column("claim", max_width=24, overflow="fold")
+    for label, justify in ((column_label, "left"), ("paper", "right"), ("ours (best)", "right"),
+                           ("seeds", "right"), ("evals", "right")):
         table.add_column(label, justify=justify, no_wrap=True)
+    table.add_column("verdict: best / last", overflow="fold")
     for c in checks:
-        ours = "—" if c.ours is None else f"{c.ours:+.2f} ± {c.spread:.2f}"
-        table.add_row(c.claim, c.column, _number(c.paper, 2, signed=True), ours, str(c.seeds), c.verdict)
+        both = c.verdict if c.best == c.last or not c.last else f"{c.best} / {c.last}"
+        table.add_row(c.claim, c.column, _number(c.paper, 2, signed=True), _ours(c), str(c.seeds), c.evaluations,
+                      both if c.best else c.verdict)
     return table
 
 
 def claims_markdown(checks: list[ClaimCheck]) -> str:
-    lines = ["", "## Claims", "", "| claim | task | paper | ours ± spread | seeds | verdict |",
-             "|---|---|---|---|---|---|"]
+    lines = ["", "## Claims", "", "Paired per-seed differences (better − worse), mean ± 90 % t half-width, on the "
+             "best evaluation; the verdict is unresolved where the best and the last evaluations disagree.", "",
+             "| claim | task | paper | ours (best) | seeds | evaluations | best | last | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for c in checks:
-        ours = "—" if c.ours is None else f"{c.ours:+.2f} ± {c.spread:.2f}"
-        lines.append(f"| {c.claim} | {c.column} | {_number(c.paper, 2, signed=True)} | {ours} | {c.seeds} | "
-                     f"{c.verdict} |")
+        lines.append(f"| {c.claim} | {c.column} | {_number(c.paper, 2, signed=True)} | {_ours(c)} | {c.seeds} | "
+                     f"{c.evaluations} | {c.best} | {c.last} | {c.verdict} |")
     return "\n".join(lines) + "\n"
 
 
@@ -438,6 +489,16 @@ def _score(metrics: dict, column: str, paper: dict, which: str = "best") -> floa
     return scores.get(paper_metric(metrics["task"], paper.get("metrics")), scores.get(metrics["main_metric"]))
 
 
+def _protocol(metrics: dict, column: str, paper: dict) -> str:
+    """'selected by <split/metric>, reported <split/metric>' for one run of a column."""
+    if ":" in column:  # a generation metric: the reported split was decoded once with the selected weights
+        split = (metrics.get("config") or {}).get("task", {}).get("eval_split", "test")
+        reported = f"{split}/{column.split(':', 1)[1]} (decoded once)"
+    else:
+        reported = paper_metric(metrics["task"], paper.get("metrics")) + " at that evaluation"
+    return f"selected by {metrics['main_metric']}, reported {reported}"
+
+
 def build_report(sweep_dir: Path, table: str | None = None) -> Report:
     sweep_dir = Path(sweep_dir)
     grid = expected_grid(sweep_dir)
@@ -469,6 +530,7 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
     cells = {(row, col): Cell() for row in rows for col in columns}
     points: list[Point] = []
     report_trivial: dict[str, float] = {}
+    report_protocol: dict[str, str] = {}
     for combo in itertools.product(*grid.values()):
         point = dict(zip(grid, combo))
         row = tuple(point[k] for k in row_keys)
@@ -486,12 +548,18 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     continue
                 metrics = job[1]
                 cell.values.append(float(value))
+                cell.by_seed[point.get(SEED, "1")] = float(value)
+                evaluations = (metrics["final"].get("evaluations"))
+                if evaluations:
+                    cell.evaluations.append(int(evaluations))
+                report_protocol.setdefault(col, _protocol(metrics, col, paper))
                 trivial = _score(metrics, col, paper, "trivial")
                 if trivial is not None:
                     report_trivial.setdefault(col, float(trivial))
                 last = _score(job[1], col, paper, "last")
                 if last is not None:
                     cell.last.append(float(last))
+                    cell.last_by_seed[point.get(SEED, "1")] = float(last)
                 cell.trainable.append(int(metrics["trainable_params"]["total"]))
                 cell.total_pct.append(float(metrics["total_params_pct"]))
                 cell.flops.append(float(metrics["flops_ratio_unmerged"]))
@@ -517,7 +585,7 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     if (row, str(col)) in cells:
                         cells[(row, str(col))].paper = float(value)
     return Report(table, row_keys, column_key, rows, columns, cells, paper_row_info, grid, points,
-                  paper.get("note", ""), paper.get("claims", []), report_trivial)
+                  paper.get("note", ""), paper.get("claims", []), report_trivial, report_protocol)
 
 
 def write_report(report: Report, sweep_dir: Path) -> list[Path]:

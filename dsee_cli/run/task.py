@@ -30,6 +30,7 @@ from dsee_cli.data.generation import (
 )
 from dsee_cli.data.metrics import trivial_metrics
 from dsee_cli.data.nlg_metrics import nlg_metrics
+from dsee_cli.errors import DSEEError
 from dsee_cli.run.train import ProgressSink, TaskOps, classification_ops
 
 
@@ -74,8 +75,13 @@ def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | 
     train = encode(data.train, tok, max_length, regression, segments)
     trivial = {f"{split}/{name}": value for split, enc in evals.items() if enc.labelled
                for name, value in trivial_metrics(t.name, train.labels.numpy(), enc.labels.numpy()).items()}
-    return PreparedTask(loaded, train, evals, classification_ops(data.spec, next(iter(evals))), data.source,
-                        trivial=trivial)
+    first = next(iter(evals))
+    ops = classification_ops(data.spec, first, t.select_metric)
+    if trivial and ops.main not in trivial:  # trivial holds every metric of the task
+        names = sorted(k.split("/", 1)[1] for k in trivial if k.startswith(first + "/"))
+        raise DSEEError(f"task.select_metric={t.select_metric!r} is not a metric of task {t.name!r}; valid "
+                        f"choices: {', '.join(names)}.")
+    return PreparedTask(loaded, train, evals, ops, data.source, trivial=trivial)
 
 
 def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, sink: ProgressSink) -> PreparedTask:

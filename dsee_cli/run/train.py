@@ -119,12 +119,12 @@ class TaskOps:
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = lambda model, batch: model(**batch).loss
 
 
-def classification_ops(spec: TaskSpec, first_split: str) -> TaskOps:
+def classification_ops(spec: TaskSpec, first_split: str, select_metric: str | None = None) -> TaskOps:
     return TaskOps(
         collate=collate,
         evaluate=lambda model, evals, pad_id, device, bs, precision: evaluate(model, evals, spec, pad_id, device, bs,
                                                                               precision),
-        main=main_metric(spec, first_split),
+        main=f"{first_split}/{select_metric}" if select_metric else main_metric(spec, first_split),
     )
 
 
@@ -376,7 +376,8 @@ def train_phase(
 def summarize(state: PhaseState) -> dict:
     """best and last evaluations of a phase, and what it cost, for metrics.json."""
     last = state.history[-1] if state.history else {}
-    return {"best": state.best, "last": last, "steps": state.step, "seconds": round(state.seconds, 3),
+    return {"best": state.best, "last": last, "evaluations": len(state.history), "steps": state.step,
+            "seconds": round(state.seconds, 3),
             "steps_per_second": round(state.step / state.seconds, 3) if state.seconds else None,
             "weights": state.weights, "peak_memory_bytes": state.peak_memory_bytes,
             "optimizer_bytes": state.optimizer_bytes}
