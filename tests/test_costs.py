@@ -95,3 +95,17 @@ def test_the_report_shows_training_cost_against_full_fine_tuning_and_inference_a
     finetune = [list(c._cells) for c in table.columns]
     assert finetune[1][0] == "1.00x"  # full fine-tuning is the training reference
     assert "inference_speedup_b32" in report.csv().splitlines()[0]
+
+
+def test_a_semi_structured_model_that_computes_something_else_is_not_used():
+    """The GPU path's decision, on numbers: faster but beyond the dtype's tolerance is refused."""
+    from dsee_cli.measure.costs import two_four_verdict
+
+    fast = {"batch1": 1.2, "batch32": 1.3}
+    ok = two_four_verdict(0.01, 5.0, "bf16-mixed", fast)
+    assert ok["used"] and ok["tolerance"] == pytest.approx(5 * 8 * 2**-8)
+    off = two_four_verdict(0.5, 5.0, "bf16-mixed", fast)
+    assert not off["used"] and "differ from the dense masked model's by 0.5" in off["why"]
+    assert not two_four_verdict(float("nan"), 5.0, "16-mixed", fast)["used"]
+    slow = two_four_verdict(0.0, 5.0, "16-mixed", {"batch1": 0.9, "batch32": 1.1})
+    assert not slow["used"] and "no faster" in slow["why"]

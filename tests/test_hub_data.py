@@ -195,3 +195,17 @@ def test_a_generation_run_trains_on_hub_data(tmp_path, monkeypatch):
                              "pruning=none", "model.tiny.hidden=32", "model.tiny.heads=4", messages=[])
     assert metrics["data_source"] == "hub:GEM/web_nlg@refs/convert/parquet/en"
     assert "validation/bleu" in metrics["final"]["generation"]
+
+
+def test_max_train_samples_takes_a_seeded_random_subset_the_same_for_every_run():
+    from dsee_cli.data.classification import DataSource, load_task
+
+    full = load_task(DataSource(name="synthetic", synthetic_train=200), seed=1).train
+    picked = [load_task(DataSource(name="synthetic", synthetic_train=200, max_train_samples=20), seed=1).train
+              for _ in range(2)]
+    first = load_task(DataSource(name="synthetic", synthetic_train=200, max_train_samples=20,
+                                 train_subset="first"), seed=1).train
+    assert picked[0] == picked[1] and len(picked[0]) == 20  # the same subset every time
+    assert first == full[:20] and picked[0] != first  # not the file's first rows
+    positions = [full.index(e) for e in picked[0]]
+    assert positions == sorted(positions) and positions[-1] > 100  # kept in file order, drawn from all of it

@@ -57,6 +57,18 @@ def test_nm_masks_are_exactly_n_of_m():
         assert torch.all(groups == 2)
 
 
+def test_nm_with_scope_adapted_prunes_only_the_adapted_matrices():
+    model, _ = tiny("tiny-bert")
+    adapters = with_random_adapters(model)  # query, value
+    masks = compute_masks(model, PruningConfig(method="nm", n=2, m=4, scope="adapted"))
+    for name, mask in masks.items():
+        if name in adapters:
+            assert torch.all(mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2), name
+        else:
+            assert bool(mask.all()), name  # key, attention output, FFN: every weight kept
+    assert set(adapters) < set(masks)
+
+
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
 def test_recovery_forward_and_merged_export_are_really_sparse(name, tmp_path):
     model, tok = tiny(name)

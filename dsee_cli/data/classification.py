@@ -106,7 +106,9 @@ class DataSource:
     hub_config: str | None = None  # the dataset config (subset) on the Hub
     text_fields: list[str] | None = None  # the columns holding the text (one, or two for pairs); null: the task's
     label_field: str = "label"  # the column holding the label
-    max_train_samples: int | None = None  # use only this many training examples (the first ones); null: all
+    max_train_samples: int | None = None  # use only this many training examples (see train_subset); null: all
+    # which ones: random (a seeded subset, the same in every run and method of a sweep) or first (file order)
+    train_subset: str = "random"
     max_eval_samples: int | None = None  # evaluate on only this many examples; null: all
     synthetic_train: int = 2000  # synthetic task / stand-ins: training examples
     synthetic_eval: int = 500  # synthetic task / stand-ins: evaluation examples
@@ -114,6 +116,21 @@ class DataSource:
     eval_split: str = "validation"  # generation tasks: the split decoded and scored, or test (the papers report test)
     # generation tasks: the split that periodic evaluation and keep_best select on; never eval_split
     select_split: str = "validation"
+
+
+TRAIN_SUBSETS = ("random", "first")
+
+
+def train_slice(examples: list, n: int | None, how: str) -> list:
+    """``n`` training examples: a random subset drawn with a fixed seed, kept in file order (the
+    same examples for every seed and method, so a sweep compares like with like), or the first n."""
+    if how not in TRAIN_SUBSETS:
+        raise choice_error("training subset (task.train_subset)", how, TRAIN_SUBSETS)
+    if not n or n >= len(examples):
+        return examples
+    if how == "first":
+        return examples[:n]
+    return [examples[i] for i in sorted(random.Random(0).sample(range(len(examples)), n))]
 
 
 def spec_for(name: str) -> TaskSpec:
@@ -341,8 +358,7 @@ def load_task(settings: DataSource, seed: int, split: str = "validation") -> Tas
         source = str(Path(settings.data_dir) / spec.glue_dir)
     else:
         train, evals, source = load_hub(spec, settings, split)
-    if settings.max_train_samples:
-        train = train[: settings.max_train_samples]
+    train = train_slice(train, settings.max_train_samples, settings.train_subset)
     if settings.max_eval_samples:
         evals = {k: v[: settings.max_eval_samples] for k, v in evals.items()}
     if not train or not all(evals.values()):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsee_cli.core.precision import FP32, Precision
-from dsee_cli.data.classification import DataSource, pad
+from dsee_cli.data.classification import DataSource, pad, train_slice
 from dsee_cli.data.hub import PARQUET_EXPORT, HubSource, read_splits, require_columns, with_overrides
 from dsee_cli.errors import DSEEError
 
@@ -216,8 +216,7 @@ def load_nlg(s: DataSource, seed: int) -> NLGData:
         train, evaluation, source = load_dir(Path(s.data_dir), splits)
     else:
         train, evaluation, source = load_hub(s, splits)
-    if s.max_train_samples:
-        train = train[: s.max_train_samples]
+    train = train_slice(train, s.max_train_samples, s.train_subset)
     grouped = {split: group(pairs)[: s.max_eval_samples or None] for split, pairs in evaluation.items()}
     if not train or not all(grouped.values()):
         raise DSEEError(f"task {s.name!r} from {source} has an empty training or evaluation split.")

@@ -116,7 +116,7 @@ def compute_masks(model: nn.Module, settings: PruningConfig, sparsity: float = 0
                   ) -> dict[str, torch.Tensor]:
     """Keep-masks of a mask pruner (unstructured, imp, nm) for every block linear."""
     if settings.method == "nm":
-        return nm_masks(model, settings.criterion, settings.n, settings.m, seed)
+        return nm_masks(model, settings.criterion, settings.n, settings.m, seed, settings.scope)
     return unstructured_masks(model, settings.criterion, settings.granularity, settings.scope, sparsity, seed)
 
 

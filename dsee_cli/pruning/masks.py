@@ -112,11 +112,16 @@ def unstructured_masks(model: nn.Module, criterion: str, granularity: str, scope
     return _assemble(model, pieces, keep_by_piece)
 
 
-def nm_masks(model: nn.Module, criterion: str, n: int, m: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """N:M keep-masks along the input dimension (what sparse tensor cores accelerate)."""
+def nm_masks(model: nn.Module, criterion: str, n: int, m: int, seed: int = 0, scope: str = "blocks"
+             ) -> dict[str, torch.Tensor]:
+    """N:M keep-masks along the input dimension (what sparse tensor cores accelerate); with
+    scope=adapted only the adapted rows take the pattern and every other weight is kept."""
     pieces = score_pieces(model, criterion, seed)
     keep_by_piece = {}
     for p in pieces:
+        if scope == "adapted" and p.pool == "other":
+            keep_by_piece[id(p)] = torch.ones_like(p.scores, dtype=torch.bool)
+            continue
         rows, cols = p.scores.shape
         if cols % m:
             raise DSEEError(f"N:M pruning needs in_features divisible by m={m}; {p.module} has {cols}.")
