@@ -166,3 +166,21 @@ def test_a_new_results_version_recomputes_and_prune_stale_removes_the_old(tmp_pa
     assert "(stale: never" in listing and "1 steps and 0 Ω files of other versions" in listing
     removed = store.prune(stale_only=True)
     assert len(removed) == 1 and all(e["current"] for e in store.entries()) and store.entries()
+
+
+def test_a_run_that_reused_phase1_labels_its_time_and_cost_apart(tmp_path):
+    from rich.console import Console
+
+    from dsee_cli.reporting.tracking import results_table
+
+    root = tmp_path
+    run_in_process(root / "a", "reuse=true")
+    reused = run_in_process(root / "b", "reuse=true", "sparsity=0.5")
+    cost = reused["cost"]
+    assert cost["reused_phases"] == ["phase1"]
+    assert cost["this_job_train_seconds"] == pytest.approx(reused["phases"]["recovery"]["seconds"], abs=1e-3)
+    assert cost["this_job_train_seconds"] < cost["train_seconds"]
+    console = Console(width=100, record=True)
+    console.print(results_table(reused))
+    text = console.export_text()
+    assert "time phase1 (reused, not spent here)" in text and "reused steps computed in" in text

@@ -205,8 +205,15 @@ def results_table(metrics: dict) -> Table:
     table.add_row("non-zero params (whole model)", f"{metrics['model_nonzero_pct']:.2f} %")
     table.add_row(f"FLOPs ratio (L={metrics['flops_seq_len']}, merged / unmerged)",
                   f"{metrics['flops_ratio']:.3f}x / {metrics['flops_ratio_unmerged']:.3f}x")
+    reused = set((metrics.get("cost") or {}).get("reused_phases") or [])
+    sources = {r.get("source", "") for r in (metrics.get("steps") or {}).values() if r.get("reused")}
     for phase, seconds in metrics["seconds"].items():
-        table.add_row(f"time {phase}", f"{seconds:.1f} s")
+        if phase in reused or (phase == "recovery" and reused - {"phase1"}):
+            table.add_row(f"time {phase} (reused, not spent here)", f"{seconds:.1f} s")
+        else:
+            table.add_row(f"time {phase}", f"{seconds:.1f} s")
+    if reused:
+        table.add_row("reused steps computed in", ", ".join(sorted(sources)) or "?")
     cost = metrics.get("cost") or {}
     if cost:
         table.add_row("training peak memory / optimizer state",

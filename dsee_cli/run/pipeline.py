@@ -377,6 +377,9 @@ class Run:
         self.seconds["measure"] = round(time.perf_counter() - started, 3)
 
     # -- the result ------------------------------------------------------------------------
+    def reused_phases(self) -> set[str]:
+        return _reused_phases_of(self.plan, self.steps)
+
     def write_metrics(self) -> dict:
         metrics = self.metrics()
         atomic_write_text(self.dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
@@ -413,7 +416,7 @@ class Run:
             "omega": self.omega_info,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "export": result["export"],
-            "cost": training_cost(phases, self.device),
+            "cost": training_cost(phases, self.device, self.reused_phases()),
             "savings": result["savings"],
             "config": asdict(cfg),
             "fingerprint": self.fingerprint,
@@ -421,6 +424,13 @@ class Run:
             "precision": self.precision.name,
             "device": str(self.device),
         }
+
+
+def _reused_phases_of(plan: list[Step], steps: dict[str, StepRecord]) -> set[str]:
+    """The training phases this job took from the step store (their time was spent by another run)."""
+    reused = [i for i, s in enumerate(plan) if s.kind == "train" and s.name in steps and steps[s.name].reused]
+    last = max(reused, default=-1)  # a reused round carries every phase before it
+    return {s.phase for s in plan[: last + 1] if s.kind == "train"}
 
 
 def reused_step(store: StepStore, step: str, fingerprint: str, locks: list[StepLock], say
@@ -485,12 +495,16 @@ def measure_run(cfg: RunConfig, final: torch.nn.Module, device: torch.device, pr
     return savings
 
 
-def training_cost(states: dict[str, PhaseState], device: torch.device) -> dict:
-    """What training took: time, speed and peak memory per phase, the optimizer's state."""
+def training_cost(states: dict[str, PhaseState], device: torch.device, reused: set[str] = frozenset()) -> dict:
+    """What training took: time, speed and peak memory per phase, the optimizer's state. The result
+    cost ``train_seconds``; this job spent ``this_job_train_seconds`` (phases reused from the step
+    store were trained, and timed, by the run that computed them)."""
     seconds = sum(s.seconds for s in states.values())
     return {
         "device": str(device),
         "train_seconds": round(seconds, 3),
+        "this_job_train_seconds": round(sum(s.seconds for n, s in states.items() if n not in reused), 3),
+        "reused_phases": sorted(reused),
         "steps": sum(s.step for s in states.values()),
         "peak_memory_bytes": max((s.peak_memory_bytes for s in states.values()), default=0),
         "optimizer_bytes": max((s.optimizer_bytes for s in states.values()), default=0),
