@@ -217,3 +217,21 @@ def test_the_paper_profile_scales_the_sparse_term_as_the_reference_code():
     assert compose().adapter.sparse_scale == "none"
     with pytest.raises(DSEEError, match="adapter.sparse_scale"):
         LowRankConfig(sparse_scale="alpha").check()
+
+
+def test_a_target_that_does_not_exist_fails_before_any_weights_load(tmp_path):
+    """preflight builds the architecture on the meta device: seconds, whatever the model's size."""
+    import time
+
+    from dsee_cli.run.pipeline import preflight
+
+    from .helpers import compose
+
+    model, tok = tiny("tiny-bert")
+    model.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors").unlink()  # no weights at all: only the architecture is read
+    for extra in ([], [f"model.path={tmp_path / 'model'}"]):
+        started = time.perf_counter()
+        with pytest.raises(DSEEError, match="no_such_module.*matches no linear layer"):
+            preflight(compose("adapter.targets=[no_such_module]", *extra))
+        assert time.perf_counter() - started < 5.0

@@ -113,6 +113,8 @@ def preflight(cfg: RunConfig) -> None:
     validate(cfg)
     if cfg.model.name not in TINY_MODELS or cfg.model.path:
         resolve_source(cfg.model.name, cfg.model.path)
+    if cfg.adapter.tuning_method.lowrank and cfg.adapter.targets:
+        check_targets(cfg)
     uses_hub_data = not (cfg.task.name == "synthetic" or cfg.task.synthetic_standin or cfg.task.data_dir
                          or cfg.task.train_file)
     if uses_hub_data and not uses_mirror() and not hub_reachable():  # offline: the hint, at once
@@ -124,6 +126,26 @@ def preflight(cfg: RunConfig) -> None:
         check_nlg_files(cfg.task)
     else:
         check_data_files(cfg.task)
+
+
+def check_targets(cfg: RunConfig) -> None:
+    """adapter.targets against the model's architecture, on a model with no weights (meta device):
+    a wrong name fails in seconds, not after the weights load."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from dsee_cli.core.arch import resolve_targets
+    from dsee_cli.core.models import tiny_config, tiny_tokenizer
+
+    if cfg.model.name in TINY_MODELS and not cfg.model.path:
+        tok = tiny_tokenizer()
+        config = tiny_config(cfg.model.name, len(tok), 2, cfg.model.tiny, tok.pad_token_id)
+    else:
+        source, local_only = resolve_source(cfg.model.name, cfg.model.path)
+        config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+    auto = AutoModelForCausalLM if cfg.task.name in NLG_TASKS else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        model = auto.from_config(config)
+    resolve_targets(model, list(cfg.adapter.targets))
 
 
 def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda text: None) -> dict:
