@@ -489,6 +489,31 @@ def _score(metrics: dict, column: str, paper: dict, which: str = "best") -> floa
     return scores.get(paper_metric(metrics["task"], paper.get("metrics")), scores.get(metrics["main_metric"]))
 
 
+def _add_run(cell: Cell, metrics: dict, column: str, paper: dict, seed: str, value: float) -> float | None:
+    """One finished run's numbers into its cell (its score ``value`` at ``seed``); returns its speed-up."""
+    cell.values.append(value)
+    cell.by_seed[seed] = value
+    if metrics["final"].get("evaluations"):
+        cell.evaluations.append(int(metrics["final"]["evaluations"]))
+    last = _score(metrics, column, paper, "last")
+    if last is not None:
+        cell.last.append(float(last))
+        cell.last_by_seed[seed] = float(last)
+    cell.trainable.append(int(metrics["trainable_params"]["total"]))
+    cell.total_pct.append(float(metrics["total_params_pct"]))
+    cell.flops.append(float(metrics["flops_ratio_unmerged"]))
+    cost, savings = metrics.get("cost") or {}, metrics.get("savings") or {}
+    if cost:
+        cell.train_seconds.append(float(cost["train_seconds"]))
+        cell.train_memory.append(float(cost["peak_memory_bytes"]))
+    speedup = (savings.get("speedup") or {}).get("batch32")
+    if speedup:
+        cell.speedup.append(float(speedup))
+    if savings.get("memory_ratio"):
+        cell.memory_ratio.append(float(savings["memory_ratio"]))
+    return float(speedup) if speedup else None
+
+
 def _protocol(metrics: dict, column: str, paper: dict) -> str:
     """'selected by <split/metric>, reported <split/metric>' for one run of a column."""
     if ":" in column:  # a generation metric: the reported split was decoded once with the selected weights
@@ -547,34 +572,13 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     cell.failed += 1
                     continue
                 metrics = job[1]
-                cell.values.append(float(value))
-                cell.by_seed[point.get(SEED, "1")] = float(value)
-                evaluations = (metrics["final"].get("evaluations"))
-                if evaluations:
-                    cell.evaluations.append(int(evaluations))
+                speedup = _add_run(cell, metrics, col, paper, point.get(SEED, "1"), float(value))
                 report_protocol.setdefault(col, _protocol(metrics, col, paper))
                 trivial = _score(metrics, col, paper, "trivial")
                 if trivial is not None:
                     report_trivial.setdefault(col, float(trivial))
-                last = _score(job[1], col, paper, "last")
-                if last is not None:
-                    cell.last.append(float(last))
-                    cell.last_by_seed[point.get(SEED, "1")] = float(last)
-                cell.trainable.append(int(metrics["trainable_params"]["total"]))
-                cell.total_pct.append(float(metrics["total_params_pct"]))
-                cell.flops.append(float(metrics["flops_ratio_unmerged"]))
-                cost, savings = metrics.get("cost") or {}, metrics.get("savings") or {}
-                if cost:
-                    cell.train_seconds.append(float(cost["train_seconds"]))
-                    cell.train_memory.append(float(cost["peak_memory_bytes"]))
-                speedup = (savings.get("speedup") or {}).get("batch32")
-                if speedup:
-                    cell.speedup.append(float(speedup))
-                if savings.get("memory_ratio"):
-                    cell.memory_ratio.append(float(savings["memory_ratio"]))
                 panel = col if column_key == "task" else metrics["task"]
-                points.append(Point(point, col, panel, float(value), cell.total_pct[-1], cell.flops[-1],
-                                    float(speedup) if speedup else None))
+                points.append(Point(point, col, panel, float(value), cell.total_pct[-1], cell.flops[-1], speedup))
     paper_row_info = {}
     for entry in paper.get("rows", []):
         match = {k: str(v) for k, v in entry["match"].items()}
