@@ -132,10 +132,12 @@ def test_sparse_training_runs_the_pst_papers_epochs_per_task():
 ])
 def test_each_phase_names_its_learning_rate_and_where_it_came_from(overrides, lr, source):
     from dsee_cli.config import MethodTaskHparams
-    from dsee_cli.run.plan import phase_lr
+    from dsee_cli.run.plan import build_plan, phase_lr
 
     cfg = OmegaConf.to_object(_compose(overrides))
     assert phase_lr(cfg, "phase1") == (lr, source)
+    phase1 = next(step for step in build_plan(cfg) if step.name == "phase1")
+    assert f"lr {lr:g} ({source})" in phase1.what  # --plan says it too
     cfg.task.per_method[cfg.adapter.method] = MethodTaskHparams(lr=0.5)  # a task's own rate for the method
     expected = (lr, source) if cfg.trainer.phase1.lr else (0.5, f"task rte's rate for adapter={cfg.adapter.method}")
     assert phase_lr(cfg, "phase1") == expected
