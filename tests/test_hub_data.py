@@ -209,3 +209,34 @@ def test_max_train_samples_takes_a_seeded_random_subset_the_same_for_every_run()
     assert first == full[:20] and picked[0] != first  # not the file's first rows
     positions = [full.index(e) for e in picked[0]]
     assert positions == sorted(positions) and positions[-1] > 100  # kept in file order, drawn from all of it
+
+
+def test_sentence_pairs_reach_bert_with_their_segment_ids():
+    """BERT tells a pair's sentences apart by token_type_ids (HF run_glue and the DSEE reference
+    code pass them): the encoded data, every batch and therefore training, evaluation, dsee eval
+    and predictions (all batch through collate) carry them; GPT-2 takes none."""
+    import torch
+
+    from dsee_cli.core.arch import takes_segments
+    from dsee_cli.data.classification import collate
+    from dsee_cli.run.task import prepare_task
+    from dsee_cli.run.train import ProgressSink
+
+    from .helpers import compose, tiny
+
+    task = prepare_task(compose("task=mrpc", "profile=smoke", "model.tiny.hidden=32", "model.tiny.heads=4"),
+                        lambda text: None, ProgressSink())
+    train = task.train
+    assert train.token_type_ids is not None and len(train.token_type_ids) == len(train.input_ids)
+    sep = task.loaded.tokenizer.sep_token_id
+    for ids, types in zip(train.input_ids[:20], train.token_type_ids[:20]):
+        first_sep = ids.index(sep)  # segment A is [CLS] sentence1 [SEP]; B the rest
+        assert types == [0] * (first_sep + 1) + [1] * (len(ids) - first_sep - 1)
+    batch = collate(train, [0, 1, 2], task.loaded.tokenizer.pad_token_id)
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape and bool(batch["token_type_ids"].any())
+    model = task.loaded.model.eval()
+    with torch.no_grad():  # and they change what the model computes
+        without = model(**{k: v for k, v in batch.items() if k not in ("labels", "token_type_ids")}).logits
+        with_ids = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert not torch.allclose(without, with_ids)
+    assert not takes_segments(tiny("tiny-gpt2")[0]) and takes_segments(tiny("tiny-bert")[0])
