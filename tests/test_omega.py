@@ -33,33 +33,45 @@ def test_grebsmo_recovers_planted_spikes(seed, fool):
     assert len(found & spikes) / len(spikes) >= 0.9
 
 
-def reference_loop(x: torch.Tensor, n: int, seed: int = 0) -> set[int]:
+def reference_loop(x: torch.Tensor, n: int, outer_iters: int = 100, seed: int = 0) -> set[int]:
     """Algorithm 1 as the reference code runs it, written plainly and independently of ours: the
-    rank starts at 1 and grows by 5 each outer step (new rows of V random), 100 outer x 2 inner
-    iterations, S reset at each outer step, U = Q of QR((X - S) Vᵀ), V = Uᵀ (X - S), S = X - UV
+    rank starts at 1 and grows by 5 each outer step (new rows of V random), 2 inner iterations, S
+    reset at each outer step, U = Q of QR((X - S) Vᵀ) (Householder), V = Uᵀ (X - S), S = X - UV
     hard-thresholded at 0.01; Ω: the n largest |S|. The random rows are drawn as ours draws them
-    (one generator of `seed`), so the two can be compared entry for entry."""
+    (one generator of `seed`), so the two can be compared position for position."""
     gen = torch.Generator().manual_seed(seed)
     m, k = x.shape
     v = torch.randn(1, k, generator=gen)
-    for outer in range(100):
+    for outer in range(outer_iters):
         s = torch.zeros_like(x)
         for _ in range(2):
             u, _ = torch.linalg.qr((x - s) @ v.t())
             v = u.t() @ (x - s)
             residual = x - u @ v
             s = residual * (residual.abs() > 0.01)
-        if outer < 99:
+        if outer + 1 < outer_iters:
             v = torch.cat([v, torch.randn(5, k, generator=gen)])
     return set(s.abs().flatten().topk(n).indices.tolist())
 
 
-@pytest.mark.slow  # the reference preset at BERT-base's shape: ~11 s, twice
-def test_reference_preset_finds_what_the_reference_algorithm_finds():
-    x, _ = planted(m=768, n=768, rank=8)
-    x = x + 0.05 * torch.randn(768, 768, generator=torch.Generator().manual_seed(1))  # residual left at rank 496
-    ours = set(find_omega({"w": x}, 16, "grebsmo", PRESETS["reference"], "reference")["w"].tolist())
-    assert ours == reference_loop(x, 16)
+@pytest.mark.parametrize("outer,spikes_found", [(2, [16, 16, 16]), (3, [14, 13, 14]), (4, [8, 6, 11])])
+def test_reference_preset_finds_what_the_reference_algorithm_finds(outer, spikes_found):
+    """The reference preset (its constants, for `outer` outer steps: rank 6, 11, 16) equals the
+    plain loop on planted matrices (256², rank 4 + 16 spikes, seeds 0-2), and, as the README says,
+    loses planted spikes as its rank grows past the low-rank part. Not compared at the preset's full
+    100 steps: the rank then reaches 496, every spike is inside UV on any matrix a test can afford,
+    and Ω is a set of noise-level residuals just above the threshold, which floating-point order
+    decides (measured at 768², noise 0.05: 12 of 16 positions shared, S′ within 0.02)."""
+    from dataclasses import replace
+
+    settings = replace(PRESETS["reference"], outer_iters=outer)
+    found = []
+    for seed in range(3):
+        x, spikes = planted(seed=seed)
+        ours = set(find_omega({"w": x}, 16, "grebsmo", settings, "reference")["w"].tolist())
+        assert ours == reference_loop(x, 16, outer), seed
+        found.append(len(ours & spikes))
+    assert found == spikes_found
 
 
 @pytest.mark.parametrize("rank,least,most", [(2, 13, 16), (4, 16, 16), (6, 0, 10), (8, 8, 16)])
