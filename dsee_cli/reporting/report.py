@@ -157,7 +157,7 @@ class Report:
             cells = [self.cells[(row, c)].text() for c in self.columns]
             out.append("| " + " | ".join([*row, *(info[k] for k in info_keys), *cells]) + " |")
         if self.protocol:
-            out[1:1] = [self.protocol_line(), ""]
+            out[1:1] = ["", self.protocol_line()]
         trivial = self.trivial_row(lambda c: _digits(self, c))
         if trivial:
             label = [TRIVIAL_LABEL, *[""] * (len(self.row_keys) - 1), "", "", ""]
@@ -354,7 +354,7 @@ def check_claims(report: Report, claims: list[dict]) -> list[ClaimCheck]:
             on_last = _verdict(paired_interval(a.last_by_seed, b.last_by_seed), margin)
             verdict = on_best if on_best == on_last or on_last == "no runs" else \
                 f"unresolved: best {on_best}, last {on_last}"
-            counts = "/".join(str(statistics.median(c.evaluations)) if c.evaluations else "?" for c in (a, b))
+            counts = "/".join(f"{statistics.median(c.evaluations):g}" if c.evaluations else "?" for c in (a, b))
             out.append(ClaimCheck(claim["text"], column, best[0], best[1], paper, best[2], margin, verdict,
                                   on_best, on_last, counts))
     return out
