@@ -371,11 +371,11 @@ def claims_table(checks: list[ClaimCheck], column_label: str = "task"):
 
     table = Table(title="claims: ours (better − worse, paired over seeds, 90 % t) against the paper's",
                   title_justify="left")
-    table.add_column("claim", max_width=24, overflow="fold")
-    for label, justify in ((column_label, "left"), ("paper", "right"), ("ours (best)", "right"),
-                           ("seeds", "right"), ("evals", "right")):
-        table.add_column(label, justify=justify, no_wrap=True)
-    table.add_column("verdict: best / last", overflow="fold")
+    table.add_column("claim", max_width=20, overflow="fold")  # with the verdict folded: fits 100 columns
+    table.add_column(column_label, max_width=12, overflow="fold")
+    for label in ("paper", "ours", "seeds", "evals"):
+        table.add_column(label, justify="right", no_wrap=True)
+    table.add_column("verdict: best / last", max_width=20, overflow="fold")
     for c in checks:
         both = c.verdict if c.best == c.last or not c.last else f"{c.best} / {c.last}"
         table.add_row(c.claim, c.column, _number(c.paper, 2, signed=True), _ours(c), str(c.seeds), c.evaluations,
