@@ -87,6 +87,11 @@ def _keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     return ~smallest_k_mask(flat[None], n_prune)[0].view(scores.shape)
 
 
+def _in_scope(piece: Piece, scope: str) -> bool:
+    """scope=adapted (Table 7) prunes the adapted matrices only; the other pool keeps every weight."""
+    return not (scope == "adapted" and piece.pool == "other")
+
+
 def unstructured_masks(model: nn.Module, criterion: str, granularity: str, scope: str, sparsity: float,
                        seed: int = 0) -> dict[str, torch.Tensor]:
     """Keep-masks (out x in, bool) for every linear in the blocks, ``sparsity`` of each pool pruned."""
@@ -101,8 +106,7 @@ def unstructured_masks(model: nn.Module, criterion: str, granularity: str, scope
             groups.setdefault((p.pool, p.layer), []).append(p)
     keep_by_piece: dict[int, torch.Tensor] = {}
     for members in groups.values():
-        # scope=adapted (Table 7) prunes the adapted matrices only; the other pool keeps all.
-        pool_sparsity = 0.0 if scope == "adapted" and members[0].pool == "other" else sparsity
+        pool_sparsity = sparsity if _in_scope(members[0], scope) else 0.0
         keep = _keep_mask(torch.cat([p.scores.flatten() for p in members]), pool_sparsity)
         offset = 0
         for p in members:
@@ -119,7 +123,7 @@ def nm_masks(model: nn.Module, criterion: str, n: int, m: int, seed: int = 0, sc
     pieces = score_pieces(model, criterion, seed)
     keep_by_piece = {}
     for p in pieces:
-        if scope == "adapted" and p.pool == "other":
+        if not _in_scope(p, scope):
             keep_by_piece[id(p)] = torch.ones_like(p.scores, dtype=torch.bool)
             continue
         rows, cols = p.scores.shape

@@ -377,9 +377,9 @@ def claims_table(checks: list[ClaimCheck], column_label: str = "task"):
         table.add_column(label, justify="right", no_wrap=True)
     table.add_column("verdict: best / last", max_width=20, overflow="fold")
     for c in checks:
-        both = c.verdict if c.best == c.last or not c.last else f"{c.best} / {c.last}"
+        verdict = f"{c.best} / {c.last}" if c.best and c.last and c.best != c.last else c.verdict
         table.add_row(c.claim, c.column, _number(c.paper, 2, signed=True), _ours(c), str(c.seeds), c.evaluations,
-                      both if c.best else c.verdict)
+                      verdict)
     return table
 
 
