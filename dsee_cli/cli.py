@@ -112,41 +112,52 @@ def train_job(cfg) -> float | None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
+    from dsee_cli.core.devices import threads_per_job
+    from dsee_cli.core.dist import world_from_env
     from dsee_cli.errors import DSEEError
     from dsee_cli.reporting.tracking import RichSink, Tracker, banner, console, results_table
     from dsee_cli.run.pipeline import preflight, run_experiment, write_failure
+    from dsee_cli.run.train import ProgressSink
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     in_sweep = hc.mode == RunMode.MULTIRUN
     cfg = apply_per_task(cfg, list(hc.overrides.task))
     typed = OmegaConf.to_object(cfg)
+    world = world_from_env()
+    side_by_side = parallel_jobs(hc) if in_sweep else 1
+    if typed.trainer.devices > 1 and world.size == 1:
+        return launch_job(typed, hc, run_dir, in_sweep, side_by_side)
+    if in_sweep and not typed.trainer.threads:  # jobs side by side share the cores (oversubscribed, each is many
+        typed.trainer.threads = threads_per_job(side_by_side)  # times slower)
     tracker = None
     stage = ["preflight"]
 
     def say(text: str) -> None:
         stage[0] = text
-        banner(text)
+        if world.main:
+            banner(text)
 
     log = logging.getLogger("dsee")
     try:
         preflight(typed)
         tracker = Tracker(
-            typed.logger.backend, typed.logger.mode, typed.logger.project, typed.logger.entity,
-            typed.logger.group or _default_group(typed.name), run_dir.name, list(typed.logger.tags),
-            OmegaConf.to_container(cfg, resolve=True), run_dir,
+            typed.logger.backend if world.main else "none", typed.logger.mode, typed.logger.project,
+            typed.logger.entity, typed.logger.group or _default_group(typed.name), run_dir.name,
+            list(typed.logger.tags), OmegaConf.to_container(cfg, resolve=True), run_dir,
         )
-        metrics = run_experiment(typed, run_dir, RichSink(tracker, typed.trainer.log_every_seconds), say=say)
+        sink = RichSink(tracker, typed.trainer.log_every_seconds) if world.main else ProgressSink()
+        metrics = run_experiment(typed, run_dir, sink, say=say)
     except Exception as exc:
         user_error = isinstance(exc, DSEEError)
-        path = write_failure(run_dir, exc, stage[0], os.environ.get("DSEE_SWEEP_RUN"))
+        path = write_failure(run_dir, exc, stage[0], os.environ.get("DSEE_SWEEP_RUN"), world.rank, world.size > 1)
         if tracker is not None:
             tracker.finish(exit_code=2 if user_error else 1)
         if user_error:
             console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             log.error("%s", exc, extra={"file_only": True})
         else:
-            log.exception("the run failed during %r", stage[0])
+            log.exception("the run failed during %r%s", stage[0], f" on rank {world.rank}" if world.size > 1 else "")
         if in_sweep:
             console.print(f"[bold red]job failed[/] ({path}); the sweep goes on", highlight=False)
             return None
@@ -157,6 +168,9 @@ def train_job(cfg) -> float | None:
         if tracker is not None:
             tracker.finish(exit_code=1)
         raise
+    if not world.main:  # rank 0 reports
+        tracker.finish()
+        return None
     tracker.summary({"metrics": metrics["final"], "trainable_params": metrics["trainable_params"],
                      "total_params_pct": metrics["total_params_pct"], "flops_ratio": metrics["flops_ratio"],
                      "cost": metrics["cost"], "savings": metrics["savings"]})
@@ -165,6 +179,67 @@ def train_job(cfg) -> float | None:
     console.print(f"metrics: {run_dir / 'metrics.json'}")
     best = metrics["final"].get("best") or {}
     return best.get(metrics["main_metric"])
+
+
+def parallel_jobs(hc) -> int:
+    """How many jobs of this sweep run side by side on this machine: joblib's n_jobs (negative:
+    cores + 1 + n_jobs, as joblib counts), submitit_local's array_parallelism; a cluster's 1."""
+    from dsee_cli.core.devices import available_cores
+
+    launcher = hc.launcher
+    target = str(launcher.get("_target_", ""))
+    if "Joblib" in target:
+        n = int(launcher.get("n_jobs") or -1)
+        return max(1, available_cores() + 1 + n if n < 0 else n)
+    if "LocalLauncher" in target and "submitit" in target:
+        return max(1, min(int(launcher.get("array_parallelism") or 1), available_cores()))
+    return 1
+
+
+def launch_job(typed, hc, run_dir: Path, in_sweep: bool, side_by_side: int) -> float | None:
+    """``trainer.devices=K`` in a plain process: lease K GPUs (where there are any), start the K
+    ranks (run.launch), and report as a single run would."""
+    import json
+    import os
+
+    from dsee_cli.core.devices import GpuLease, cuda_count, threads_per_job
+    from dsee_cli.errors import DSEEError
+    from dsee_cli.reporting.tracking import banner, console
+    from dsee_cli.run.launch import launch_ranks, record_rank_failure
+    from dsee_cli.run.pipeline import preflight
+    from dsee_cli.run.steps import cache_root
+
+    k, lease = typed.trainer.devices, None
+    try:
+        preflight(typed)
+        visible = cuda_count() if typed.trainer.device != "cpu" else 0
+        if visible:
+            lease = GpuLease(cache_root() / "devices").acquire(
+                visible, k, typed.trainer.jobs_per_gpu,
+                on_wait=lambda: banner(f"waiting for {k} free GPUs (of {visible})"))
+        threads = typed.trainer.threads or threads_per_job(side_by_side * k)
+        banner(f"One run on {k} processes ({'GPUs ' + ','.join(map(str, lease.gpus)) if lease else 'CPU, gloo'})")
+        overrides = [*(o for o in hc.overrides.task if not o.startswith("trainer.threads=")),
+                     f"trainer.threads={threads}"]
+        result = launch_ranks(overrides, run_dir, k, lease.gpus if lease else None, typed.trainer.dist_timeout,
+                              threads)
+    except DSEEError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        if in_sweep:
+            return None
+        raise SystemExit(2) from None
+    finally:
+        if lease is not None:
+            lease.release()
+    if result.failed_rank is not None:
+        path = record_rank_failure(run_dir, result, os.environ.get("DSEE_SWEEP_RUN"))
+        console.print(f"[bold red]error:[/] {json.loads(path.read_text())['error']} ({path})", highlight=False,
+                      soft_wrap=True)
+        if in_sweep:
+            return None
+        raise SystemExit(1)
+    metrics = json.loads((run_dir / "metrics.json").read_text())  # rank 0 printed its results table
+    return (metrics["final"].get("best") or {}).get(metrics["main_metric"])
 
 
 class SweepOutcome:
@@ -229,6 +304,13 @@ def run_train(args: list[str]) -> int:
 
     _register()
     args = with_default_profile(args)
+    from dsee_cli.core.dist import world_from_env
+
+    if world_from_env().size > 1 and {"-m", "--multirun"} & set(args):
+        print("error: torchrun (or SLURM tasks) run one run on several processes, not a sweep (-m). For a sweep "
+              "whose jobs each use several GPUs, give the sweep trainer.devices=K: each job then starts its K "
+              "processes.", file=sys.stderr)
+        return 2
     if "--plan" in args:
         return print_plan([a for a in args if a != "--plan"])
     group = sweep_group(args)

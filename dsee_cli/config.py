@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsee_cli.core.models import HUB_MODELS, TINY_MODELS, ModelConfig
+from dsee_cli.core.models import DTYPES, HUB_MODELS, TINY_MODELS, ModelConfig
 from dsee_cli.data.classification import TASKS, DataSource
 from dsee_cli.data.generation import NLG_TASKS, DecodeConfig
 from dsee_cli.errors import DSEEError, choice_error
@@ -102,6 +102,11 @@ def validate(cfg: RunConfig) -> None:
         raise choice_error("model (model=...)", cfg.model.name, (*known_models, "<hub org/name>"))
     if cfg.task.name not in (*TASKS, *NLG_TASKS):
         raise choice_error("task (task=...)", cfg.task.name, (*TASKS, *NLG_TASKS))
+    if cfg.model.dtype not in DTYPES:
+        raise choice_error("model dtype (model.dtype)", cfg.model.dtype, tuple(DTYPES))
+    _require(cfg.model.dtype == "float32" or cfg.trainer.precision != "32-true",
+             f"model.dtype={cfg.model.dtype} keeps the frozen base in half precision, which needs a mixed "
+             f"precision: trainer.precision=auto, bf16-mixed or 16-mixed, not 32-true.")
     for section in (cfg.adapter, cfg.omega, cfg.trainer, cfg.logger):
         section.check()
     cfg.pruning.check(cfg.sparsity)

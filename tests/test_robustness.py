@@ -143,17 +143,21 @@ def test_every_rng_is_saved_and_restored(monkeypatch):
     train.restore_rng(cpu)
     assert torch.equal(torch.rand(3), a)
 
-    # The CUDA branch on a machine without one: each visible device's state is saved and put back.
-    states = {0: torch.tensor([1], dtype=torch.uint8), 1: torch.tensor([2], dtype=torch.uint8)}
+    # The CUDA branch on a machine without one: the job's own GPU's state is saved and put back into it
+    # (cuda:3, say, where the job leased GPU 3), never the other GPUs' (that would start a context on each).
+    state = torch.tensor([7], dtype=torch.uint8)
     restored = {}
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[0], states[1]])
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.__setitem__(device, state))
-    saved = train.rng_tensors()
-    assert set(saved) == {"rng::torch", "rng::cuda::0", "rng::cuda::1"}
-    train.restore_rng(saved)
-    assert restored == states
+    gpu3 = torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: state if device == gpu3 else None)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: restored.__setitem__(str(device), s))
+    saved = train.rng_tensors(torch.device("cuda", 3))
+    assert set(saved) == {"rng::torch", "rng::cuda"}
+    assert train.restore_rng(saved, torch.device("cuda", 3))
+    assert restored == {"cuda:3": state}
+    # rank 1's generators live under rng::r1::; a checkpoint written by one rank has none for it
+    assert not train.restore_rng(saved, torch.device("cpu"), rank=1)
+    assert train.restore_rng({"rng::r1::torch": cpu["rng::torch"]}, torch.device("cpu"), rank=1)
+    assert torch.equal(torch.rand(3), a)
 
 
 @pytest.mark.slow

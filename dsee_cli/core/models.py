@@ -80,6 +80,7 @@ class TinySize:
     # on q, v; Houlsby after attention) learned at all, while full, BitFit, prefix, P-tuning v2, MAM
     # stayed at the majority class. At 0.1 every method learns at its usual rate.
     init_std: float = 0.1
+    dropout: float = 0.1  # hidden and attention dropout (BERT's and GPT-2's); 0 makes runs exactly comparable
 
 
 @dataclass
@@ -92,6 +93,8 @@ class ModelConfig:
     # the pooler trains with the task head: true / false; null: if the checkpoint's was never trained
     train_pooler: bool | None = None
     tiny: TinySize = field(default_factory=TinySize)
+    # the frozen base's dtype: float32, bfloat16 or float16 (trained parameters and the optimizer stay fp32)
+    dtype: str = "float32"
 
 
 def tiny_config(name: str, vocab_size: int, num_labels: int, size: TinySize, pad_id: int):
@@ -100,12 +103,13 @@ def tiny_config(name: str, vocab_size: int, num_labels: int, size: TinySize, pad
             vocab_size=vocab_size, hidden_size=size.hidden, num_hidden_layers=size.layers,
             num_attention_heads=size.heads, intermediate_size=size.intermediate,
             max_position_embeddings=512, num_labels=num_labels, pad_token_id=pad_id,
-            initializer_range=size.init_std,
+            initializer_range=size.init_std, hidden_dropout_prob=size.dropout,
+            attention_probs_dropout_prob=size.dropout,
         )
     return GPT2Config(
         vocab_size=vocab_size, n_embd=size.hidden, n_layer=size.layers, n_head=size.heads,
         n_inner=size.intermediate, n_positions=512, num_labels=num_labels, pad_token_id=pad_id,
-        initializer_range=size.init_std,
+        initializer_range=size.init_std, resid_pdrop=size.dropout, embd_pdrop=size.dropout, attn_pdrop=size.dropout,
     )
 
 
@@ -184,9 +188,32 @@ def untrained_pooler(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if ".pooler." in f".{n}"]
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def trainable_in_fp32(model: nn.Module) -> int:
+    """Trained parameters in fp32 over a half-precision base (their updates are too small for
+    bf16's 8 bits of mantissa); returns how many were cast."""
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """The HF model's own activation recomputation (non-reentrant: works with frozen inputs and adapters)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise DSEEError(f"trainer.gradient_checkpointing=true, but {type(model).__name__} does not support it.")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(model.config, "use_cache", None):
+        model.config.use_cache = False  # caching and recomputation do not mix in training
+
+
 def load_model(
     name: str, path: str | None, num_labels: int, seed: int, tiny: TinySize | None = None, causal_lm: bool = False,
-    train_pooler: bool | None = None,
+    train_pooler: bool | None = None, dtype: str = "float32",
 ) -> LoadedModel:
     """A sequence-classification model (or, with ``causal_lm``, a language model for generation)
     with its tokenizer. Tiny models are seeded random inits. ``train_pooler``: whether a
@@ -202,13 +229,14 @@ def load_model(
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = auto.from_config(config)
-        return LoadedModel(model.eval(), tokenizer, name)
+        return LoadedModel(model.to(DTYPES[dtype]).eval(), tokenizer, name)
     source, local_only = resolve_source(name, path)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     extra = {} if causal_lm else {"num_labels": num_labels}
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the freshly initialised task head depends on the seed only
-        model, info = auto.from_pretrained(source, local_files_only=local_only, output_loading_info=True, **extra)
+        model, info = auto.from_pretrained(source, local_files_only=local_only, output_loading_info=True,
+                                           dtype=DTYPES[dtype], **extra)
     # Weights the checkpoint lacks are random (e.g. the pooler of a sentence-transformers
     # model): they train with the task head rather than stay frozen at random values.
     fresh = set(info["missing_keys"])

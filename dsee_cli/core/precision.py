@@ -45,9 +45,13 @@ class Precision:
 FP32 = Precision("32-true", "cpu")
 
 
-def resolve_precision(name: str, device: torch.device) -> Precision:
+def resolve_precision(name: str, device: torch.device, base_dtype: str = "float32") -> Precision:
+    """``auto`` as the module doc says; over a half-precision base (``model.dtype``) it is that
+    dtype's mixed mode, on the CPU too (fp32 activations cannot meet bf16 weights unmixed)."""
     if name not in PRECISIONS:
         raise choice_error("precision (trainer.precision)", name, PRECISIONS)
+    if name == "auto" and base_dtype != "float32":
+        name = "bf16-mixed" if base_dtype == "bfloat16" else "16-mixed"
     if name == "auto":
         if device.type != "cuda":
             name = "32-true"

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsee_cli.core import dist
 from dsee_cli.core.precision import FP32, Precision
 from dsee_cli.data.classification import DataSource, pad, train_slice
 from dsee_cli.data.hub import PARQUET_EXPORT, HubSource, read_splits, require_columns, with_overrides
@@ -273,20 +274,25 @@ def token_accuracy(model: nn.Module, data: LMEncoded, pad_id: int, device, batch
                    precision: Precision = FP32) -> dict[str, float]:
     """Teacher-forced next-token accuracy and loss on the targets: cheap, for evaluation while training."""
     model.eval()
-    right = total = 0
-    loss_sum = 0.0
-    for start in range(0, len(data.input_ids), batch_size):
-        batch = {k: v.to(device) for k, v in collate_lm(data, list(range(start, min(start + batch_size,
-                                                                                    len(data.input_ids)))),
-                                                          pad_id).items()}
+    counts = {}
+    for i, start, end in dist.my_batches(len(data.input_ids), batch_size):  # each rank its share of the batches
+        batch = {k: v.to(device) for k, v in collate_lm(data, list(range(start, end)), pad_id).items()}
         with precision.autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
         keep = targets != -100
-        right += int((logits.argmax(-1)[keep] == targets[keep]).sum())
-        total += int(keep.sum())
-        loss_sum += float(F.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+        counts[i] = (int((logits.argmax(-1)[keep] == targets[keep]).sum()), int(keep.sum()),
+                     float(F.cross_entropy(logits[keep], targets[keep], reduction="sum")))
+    right = total = 0
+    loss_sum = 0.0
+    for r, t, loss in dist.gather_in_order(counts):  # summed in batch order: one process's numbers exactly
+        right, total, loss_sum = right + r, total + t, loss_sum + loss
     return {"token_accuracy": 100.0 * right / max(1, total), "loss": loss_sum / max(1, total)}
+
+
+def target_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """The terms lm_loss averages: target tokens after the shift."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 @dataclass
@@ -310,9 +316,9 @@ def decode(model: nn.Module, tokenizer, prompts: list[list[int]], settings: Deco
            eos_id: int, pad_id: int, progress=lambda done, total: None, precision: Precision = FP32) -> list[str]:
     """Batched beam search; prompts are left-padded so every row continues from its last token."""
     model.eval()
-    outputs: list[str] = []
-    for start in range(0, len(prompts), settings.batch_size):
-        ids, mask = pad(prompts[start : start + settings.batch_size], pad_id, left=True)
+    outputs: dict[int, list[str]] = {}
+    for i, start, end in dist.my_batches(len(prompts), settings.batch_size):  # each rank its share
+        ids, mask = pad(prompts[start:end], pad_id, left=True)
         width = ids.shape[1]
         with precision.autocast():
             generated = model.generate(
@@ -321,9 +327,10 @@ def decode(model: nn.Module, tokenizer, prompts: list[list[int]], settings: Deco
                 max_new_tokens=settings.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False,
                 early_stopping=True,
             )
+        outputs[i] = []
         for row in generated[:, width:].tolist():
             if eos_id in row:
                 row = row[: row.index(eos_id)]
-            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-        progress(min(start + settings.batch_size, len(prompts)), len(prompts))
-    return outputs
+            outputs[i].append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        progress(end, len(prompts))
+    return [text for batch in dist.gather_in_order(outputs) for text in batch]

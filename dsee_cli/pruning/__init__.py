@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dsee_cli.core import dist
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.pruning.heads import head_scores, lowest_heads, prune_heads
 from dsee_cli.pruning.masks import apply_masks, nm_masks, reapply_masks, score_pieces, unstructured_masks
@@ -121,7 +122,7 @@ def compute_masks(model: nn.Module, settings: PruningConfig, sparsity: float = 0
 
 
 def _prune_by_masks(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
-    masks = compute_masks(model, s, sparsity, seed)
+    masks = dist.on_main(lambda: compute_masks(model, s, sparsity, seed))  # decided once, the same on every rank
     rewind()
     apply_masks(model, masks, s.mask_delta)
     return {"method": s.method, "sparsity": round(sparsity, 6), "criterion": s.criterion,
@@ -129,7 +130,7 @@ def _prune_by_masks(model: nn.Module, s: PruningConfig, sparsity: float, seed: i
 
 
 def _prune_heads(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
-    removed = lowest_heads(head_scores(model, s.criterion, seed), s.heads_to_remove)
+    removed = dist.on_main(lambda: lowest_heads(head_scores(model, s.criterion, seed), s.heads_to_remove))
     prune_heads(model, removed)
     return {"method": s.method, "criterion": s.criterion, "heads_removed": {str(k): v for k, v in removed.items()}}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsee_cli.core import dist
 from dsee_cli.core.arch import GPT2, attention_units, family_of, layer_prefix, transformer_layers, weight_out_in
 from dsee_cli.errors import DSEEError
 from dsee_cli.pruning.heads import lowest_heads, prune_heads, shrink_inputs, shrink_outputs
@@ -103,8 +104,8 @@ def slim_and_prune(model: nn.Module, heads_to_remove: int, ffn_fraction: float) 
             {f"{names[id(m)]}.weight" for m in consumers})
     coeffs = [_fold_and_remove(m) for m in consumers]
     head_scores, ffn_scores = torch.stack(coeffs[:n_layers]), coeffs[n_layers:]
-    heads = lowest_heads(head_scores, heads_to_remove)
-    ffn = {layer: lowest_units(s, ffn_fraction) for layer, s in enumerate(ffn_scores)}
+    heads, ffn = dist.on_main(lambda: (lowest_heads(head_scores, heads_to_remove),  # decided once, on rank 0
+                                       {layer: lowest_units(s, ffn_fraction) for layer, s in enumerate(ffn_scores)}))
     if heads:
         prune_heads(model, heads)
     prune_ffn(model, ffn)

@@ -140,6 +140,11 @@ def load_state_dir(target: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(target / meta.get("state_file", "state.safetensors"))), meta
 
 
+# trainer settings that change where and how a step is computed, not what: the processes sharing
+# the batch, its micro-batches, recomputed activations (results agree up to floating-point order)
+HOW_IT_RUNS = ("devices", "grad_accum", "jobs_per_gpu", "dist_timeout", "gradient_checkpointing")
+
+
 def config_fingerprint(cfg: RunConfig) -> str:
     """What must match for a run directory's checkpoint or metrics.json to be this run's: every
     setting that changes its numbers (not logging, where it runs, how often it saves or prints)."""
@@ -147,7 +152,8 @@ def config_fingerprint(cfg: RunConfig) -> str:
     # measuring is redone on a finished run that lacks it; per_task is applied and empty here
     for key in ("logger", "resume", "measure", "reuse", "per_task"):
         d.pop(key)
-    for key in ("checkpoint_every", "device", "threads", "log_every_seconds"):
+    # nor how many processes share the batch: a run resumed on another number of GPUs is the same run
+    for key in ("checkpoint_every", "device", "threads", "log_every_seconds", *HOW_IT_RUNS):
         d["trainer"].pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -17,6 +17,7 @@ import torch
 
 from dsee_cli.atomic import atomic_write_text
 from dsee_cli.config import RunConfig
+from dsee_cli.core.devices import pick_device
 from dsee_cli.core.models import LoadedModel
 from dsee_cli.core.precision import resolve_precision
 from dsee_cli.data.classification import TASKS, Encoded, TaskSpec
@@ -24,7 +25,7 @@ from dsee_cli.data.generation import NLG_TASKS
 from dsee_cli.data.metrics import task_metrics
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.run.export import apply_adapter, load_merged, load_merged_tokenizer
-from dsee_cli.run.pipeline import pick_device
+from dsee_cli.run.steps import cache_root
 from dsee_cli.run.task import load_pretrained, prepare_task
 from dsee_cli.run.train import ProgressSink, predict
 
@@ -93,8 +94,9 @@ def evaluate_export(cfg: RunConfig, run_dir: Path, source: str, export_dir: Path
     split = split or (cfg.task.eval_split if generation else "validation")
     if generation and split != cfg.task.eval_split:  # another split than the run reported: only that one
         cfg.task.eval_split = cfg.task.select_split = split
-    device = pick_device(cfg.trainer.device)
-    precision = resolve_precision(cfg.trainer.precision, device)
+    # a free GPU, held until this process ends (dsee eval is one command; an error ends it too)
+    device, _ = pick_device(cfg.trainer.device, cache_root() / "devices", cfg.trainer.jobs_per_gpu, say=say)
+    precision = resolve_precision(cfg.trainer.precision, device, cfg.model.dtype)
     say(f"Loading export/{source} ({device}, precision {precision.name})")
     loaded = load_export(cfg, export_dir, source)
     task = prepare_task(cfg, say, sink, loaded=loaded, split=split)

@@ -11,6 +11,7 @@ metrics as an uninterrupted run.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -23,8 +24,16 @@ import torch
 
 from dsee_cli.atomic import atomic_write_text
 from dsee_cli.config import RunConfig, validate
+from dsee_cli.core import dist
 from dsee_cli.core.arch import attention_units
-from dsee_cli.core.models import TINY_MODELS, hub_reachable, resolve_source
+from dsee_cli.core.devices import GpuLease, pick_device, threads_per_job
+from dsee_cli.core.models import (
+    TINY_MODELS,
+    enable_gradient_checkpointing,
+    hub_reachable,
+    resolve_source,
+    trainable_in_fp32,
+)
 from dsee_cli.core.precision import Precision, resolve_precision
 from dsee_cli.data.classification import check_data_files, load_task
 from dsee_cli.data.generation import NLG_TASKS, check_nlg_files, load_nlg
@@ -40,6 +49,7 @@ from dsee_cli.run.checkpoint import (
     clean_leftovers,
     config_fingerprint,
     finished_metrics,
+    model_state,
     restore_state,
 )
 from dsee_cli.run.export import export_compressed, export_merged, merged_copy, save_adapter
@@ -65,20 +75,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DSEEError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu or auto.")
-    return torch.device(name)
-
-
-def write_failure(run_dir: Path, exc: BaseException, stage: str, sweep_run: str | None = None) -> Path:
+def write_failure(run_dir: Path, exc: BaseException, stage: str, sweep_run: str | None = None, rank: int = 0,
+                  first_only: bool = False) -> Path:
     """failed.json: what stopped this run, so that a sweep can go on and be reported honestly.
-    Call it from the ``except`` block (the traceback is the one being handled)."""
-    record = {"error": str(exc), "type": type(exc).__name__, "stage": stage, "sweep_run": sweep_run,
-              "traceback": None if isinstance(exc, DSEEError) else traceback.format_exc()}
+    Call it from the ``except`` block (the traceback is the one being handled). ``first_only``:
+    a rank of a distributed run leaves the first failure's record (the cause) in place."""
     path = Path(run_dir) / "failed.json"
+    if first_only and path.is_file():
+        return path
+    record = {"error": str(exc), "type": type(exc).__name__, "stage": stage, "sweep_run": sweep_run, "rank": rank,
+              "traceback": None if isinstance(exc, DSEEError) else traceback.format_exc()}
     atomic_write_text(path, json.dumps(record, indent=2))
     return path
 
@@ -154,23 +160,30 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
     a checkpoint after each step that changes the model. Returns what it writes to metrics.json."""
     validate(cfg)
     run = Run(cfg, Path(run_dir), sink, say)
-    clean_leftovers(run.dir)
-    if cfg.resume and (done := finished_metrics(run.dir, run.fingerprint, say, cfg.measure)) is not None:
-        say("already complete: metrics.json exists (resume=false starts over)")
-        return done
     try:
+        run.connect()
+        done = dist.on_main(run.finished)  # rank 0 looks; every rank learns the answer
+        if done is not None:
+            say("already complete: metrics.json exists (resume=false starts over)")
+            return done
         run.setup()
         run.start()
         for i, step in enumerate(run.plan):
-            if i < run.done:
+            if i < run.done or not (run.world.main or step.kind in EVERY_RANK):
                 continue
             run.execute(step)
             run.done = max(run.done, i + 1)
             if step.kind in CHANGES_MODEL:
                 run.save()
-        return run.write_metrics()
+        return run.write_metrics() if run.world.main else {}
     finally:
         release(run.locks)
+        if run.lease is not None:
+            run.lease.release()
+        dist.shutdown()
+
+
+EVERY_RANK = ("omega", "train", "prune", "evaluate")  # the others (export, measure) are rank 0's alone
 
 
 class Run:
@@ -184,6 +197,8 @@ class Run:
         self.ckpt = Checkpoint(run_dir, self.fingerprint)
         self.store = StepStore()
         self.locks: list[StepLock] = []  # steps this run computes for others to reuse (steps.py)
+        self.world = dist.world_from_env()
+        self.lease: GpuLease | None = None
         self.plan: list[Step] = build_plan(cfg)
         self.done = 0  # plan steps finished
         self.tensors: dict[str, torch.Tensor] = {}  # the checkpoint's, while a phase in progress resumes from it
@@ -197,16 +212,38 @@ class Run:
         self.started = time.perf_counter()
 
     # -- set-up ----------------------------------------------------------------------------
+    def connect(self) -> None:
+        """This process's device (a leased GPU in a sweep), its threads, and in a distributed run
+        the process group (every rank then knows every rank's device)."""
+        cfg, w = self.cfg, self.world
+        local = w.local_rank if w.size > 1 else None
+        self.device, self.lease = pick_device(cfg.trainer.device, cache_root() / "devices", cfg.trainer.jobs_per_gpu,
+                                              local, self.say)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        threads = cfg.trainer.threads or (threads_per_job(int(os.environ.get("LOCAL_WORLD_SIZE", w.size)))
+                                          if w.size > 1 and self.device.type == "cpu" else 0)
+        if threads:
+            torch.set_num_threads(threads)
+        dist.init(w, self.device, cfg.trainer.dist_timeout)
+        self.devices = dist.all_gather_object(str(self.device))
+
+    def finished(self) -> dict | None:
+        """This configuration's metrics.json if it is complete (rank 0 looks)."""
+        clean_leftovers(self.dir)
+        if self.cfg.resume:
+            return finished_metrics(self.dir, self.fingerprint, self.say, self.cfg.measure)
+        return None
+
     def setup(self) -> None:
-        """Device, data, the model with the method attached; checks that need the model."""
+        """Data, the model with the method attached; checks that need the model."""
         cfg = self.cfg
-        (self.dir / "metrics.json").unlink(missing_ok=True)
-        (self.dir / "failed.json").unlink(missing_ok=True)  # an earlier attempt's; this one is under way
-        shutil.rmtree(self.dir / "export", ignore_errors=True)
-        self.device = pick_device(cfg.trainer.device)
-        self.precision = resolve_precision(cfg.trainer.precision, self.device)
-        if cfg.trainer.threads:
-            torch.set_num_threads(cfg.trainer.threads)
+        if self.world.main:
+            (self.dir / "metrics.json").unlink(missing_ok=True)
+            (self.dir / "failed.json").unlink(missing_ok=True)  # an earlier attempt's; this one is under way
+            shutil.rmtree(self.dir / "export", ignore_errors=True)
+        dist.barrier()
+        self.precision = resolve_precision(cfg.trainer.precision, self.device, cfg.model.dtype)
         seed_everything(cfg.seed)
         self.say(f"Model and data (on {self.device}, precision {self.precision.name})")
         self.task = prepare_task(cfg, self.say, self.sink)
@@ -216,6 +253,10 @@ class Run:
         self.dense_flops = inference_flops(self.model, cfg.flops_seq_len)
         self.method, self.pruning = cfg.adapter, cfg.pruning
         prepare_method(self.model, self.method)
+        trainable_in_fp32(self.model)
+        if cfg.trainer.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        dist.check_same("the model as loaded", {n: p for n, p in self.model.named_parameters() if p.requires_grad})
         if self.pruning.pruner.removes_heads:
             heads = attention_units(self.model)[0].num_heads
             if not 0 <= self.pruning.heads_to_remove < heads:
@@ -226,17 +267,21 @@ class Run:
     def start(self) -> None:
         """Where this run starts: its own checkpoint, a phase I another run computed, or step 0."""
         cfg, model = self.cfg, self.model
-        if not cfg.resume:
+        if not cfg.resume and self.world.main:
             self.ckpt.clear()
-        saved = self.ckpt.load(self.say)
-        own = saved is not None
+        own = dist.on_main(lambda: self.ckpt.load(self.say) is not None)  # rank 0 checks (and clears a stale one)
+        saved = self.ckpt.load() if own else None
         phase1 = next(step for step in self.plan if step.name == "phase1")
         if saved is None and cfg.reuse:  # phase I as another run computed it (or wait while one does)
-            found = reused_step(self.store, "phase1", phase1.fingerprint, self.locks, self.say)
+            found = self.reused("phase1", phase1.fingerprint)
             if found is not None:
                 self.steps["phase1"] = found[2]
                 saved = found[:2]
                 self.say(f"Phase I: reused (step phase1-{phase1.fingerprint}, computed in {found[2].source})")
+        if saved is not None and saved[1].get("world_size", 1) != self.world.size:
+            self.say(f"resumed on {self.world.size} process(es); the checkpoint was written by "
+                     f"{saved[1].get('world_size', 1)}: the data order is the same, the dropout streams of the "
+                     "ranks differ from here on")
         done = saved[1]["done"] if saved else 0
         if self.pruning.pruner.slimming and not any(step.kind == "prune" for step in self.plan[:done]):
             add_slimming(model)  # its coefficients train in phase I; pruning folds them in
@@ -261,15 +306,32 @@ class Run:
         self.omega_info = meta.get("omega", self.omega_info)
         self.pruning_info = meta.get("pruning", self.pruning_info)
 
+    def reused(self, step: str, fingerprint: str) -> tuple[dict, dict, StepRecord] | None:
+        """A stored step: rank 0 looks it up (or takes its lock to compute it); the other ranks
+        read the entry it found."""
+        record = dist.on_main(lambda: self._reused_on_main(step, fingerprint))
+        if record is None:
+            return None
+        if self.world.main:
+            return self._found
+        tensors, meta, _ = self.store.load(step, fingerprint)
+        return tensors, meta, StepRecord(**record)
+
+    def _reused_on_main(self, step: str, fingerprint: str) -> dict | None:
+        self._found = reused_step(self.store, step, fingerprint, self.locks, self.say)
+        return None if self._found is None else self._found[2].as_dict()
+
     def progress(self, in_progress: str | None = None, **states: PhaseState) -> dict:
         """What the checkpoint records besides tensors."""
-        return {"done": self.done, "in_progress": in_progress,
+        return {"done": self.done, "in_progress": in_progress, "world_size": self.world.size,
                 **{name: st.as_meta() for name, st in {**self.states, **states}.items()},
                 "pruning": self.pruning_info, "omega": self.omega_info,
                 "steps": {k: r.as_dict() for k, r in self.steps.items()}}
 
     def save(self) -> None:
-        self.ckpt.save(self.model, self.progress())
+        if self.world.main:  # rank 0 writes; the others wait, so that none runs ahead of the checkpoint
+            self.ckpt.save(self.model, self.progress())
+        dist.barrier()
 
     # -- the steps -------------------------------------------------------------------------
     def execute(self, step: Step) -> None:
@@ -294,11 +356,15 @@ class Run:
         adapters = adapters_of(self.model)
         weights = {k: slice_pretrained_weight(a, s) for k, (a, s) in omega_keys(adapters).items()}
         settings = cfg.omega.grebsmo(cfg.seed)
-        result = omega_lib.cached_omega(weights, cfg.adapter.omega_size, cfg.omega.method, settings,
-                                        omega_cache_dir(cfg), cfg.omega.preset)
-        set_omegas(adapters, result.indices)
-        self.omega_info = {"method": cfg.omega.method, "seed": settings.seed, "seconds": round(result.seconds, 3),
-                           "from_cache": result.from_cache, "cache_path": str(result.cache_path or "")}
+
+        def compute() -> tuple[dict, dict[str, torch.Tensor]]:  # rank 0 (or the cache); broadcast to the others
+            result = omega_lib.cached_omega(weights, cfg.adapter.omega_size, cfg.omega.method, settings,
+                                            omega_cache_dir(cfg), cfg.omega.preset)
+            return {"method": cfg.omega.method, "seed": settings.seed, "seconds": round(result.seconds, 3),
+                    "from_cache": result.from_cache, "cache_path": str(result.cache_path or "")}, result.indices
+
+        self.omega_info, indices = dist.on_main(compute)
+        set_omegas(adapters, indices)
 
     def hooks(self, name: str) -> StepHooks:
         model, method = self.model, self.method
@@ -346,14 +412,15 @@ class Run:
         meta = json.loads((self.ckpt.dir / STATE_META).read_text())
         if step.name != "phase1":
             meta = rename_rounds(meta, self.rounds, to_store=True)
-        self.store.publish(step.name, step.fingerprint, self.ckpt.dir, meta, self.dir)
+        if self.world.main:
+            self.store.publish(step.name, step.fingerprint, self.ckpt.dir, meta, self.dir)
         release(self.locks)
 
     def prune(self, step: Step) -> None:
         """Phase II: one pruning round (IMP's round as a run with as many rounds or more stored it, if one did)."""
         shared = next((s for s in self.plan if s.kind == "train" and s.round == step.round and s.fingerprint), None)
         if shared is not None and self.cfg.reuse:
-            found = reused_step(self.store, shared.name, shared.fingerprint, self.locks, self.say)
+            found = self.reused(shared.name, shared.fingerprint)
             if found is not None:
                 self.restore(found[0], rename_rounds(found[1], self.rounds, to_store=False))
                 self.steps[shared.name] = found[2]
@@ -366,6 +433,7 @@ class Run:
         info = self.pruning.pruner.prune(self.model, self.pruning, step.target, self.cfg.seed, self.rewind)
         info["seconds"] = round(time.perf_counter() - started + self.pruning_info.get("seconds", 0.0), 3)
         self.pruning_info = info
+        dist.check_same(f"the model after pruning (round {step.round})", model_state(self.model)[0])
 
     @torch.no_grad()
     def rewind(self) -> None:
@@ -382,8 +450,8 @@ class Run:
         self.result["eval"] = task.ops.evaluate(model, task.evals, task.loaded.tokenizer.pad_token_id, self.device,
                                                 cfg.trainer.eval_batch_size, self.precision)
         if task.generate:
-            self.result["generation"] = task.generate(model, self.device, self.precision,
-                                                      self.dir / f"generations-{cfg.task.eval_split}.jsonl")
+            out = self.dir / f"generations-{cfg.task.eval_split}.jsonl" if self.world.main else None
+            self.result["generation"] = task.generate(model, self.device, self.precision, out)
 
     def export(self) -> None:
         started = time.perf_counter()
@@ -445,6 +513,10 @@ class Run:
             "steps": {name: record.as_dict() for name, record in self.steps.items()},  # computed here or reused
             "precision": self.precision.name,
             "device": str(self.device),
+            "world_size": self.world.size,  # processes of a torch.distributed run
+            "devices": self.devices,  # every rank's device
+            "device_lease": self.lease.describe() if self.lease is not None else None,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         }
 
 

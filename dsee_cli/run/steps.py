@@ -33,7 +33,7 @@ import torch
 import dsee_cli
 from dsee_cli.atomic import atomic_write_text, fsync_dir, fsync_file
 from dsee_cli.config import RunConfig
-from dsee_cli.run.checkpoint import STATE_META, load_state_dir
+from dsee_cli.run.checkpoint import HOW_IT_RUNS, STATE_META, load_state_dir
 
 log = logging.getLogger("dsee")
 STEP_FORMAT = 2  # bump when what a step's state means changes: older entries are then recomputed
@@ -54,7 +54,7 @@ def _outcome_independent(d: dict) -> dict:
     writes afterwards, what it is called)."""
     for key in ("logger", "resume", "measure", "export", "name", "flops_seq_len", "per_task", "reuse"):
         d.pop(key, None)
-    for key in ("checkpoint_every", "device", "threads", "log_every_seconds"):
+    for key in ("checkpoint_every", "device", "threads", "log_every_seconds", *HOW_IT_RUNS):
         d["trainer"].pop(key, None)
     for key in ("cache", "cache_dir"):
         d["omega"].pop(key, None)

@@ -26,6 +26,7 @@ from dsee_cli.data.generation import (
     encode_lm,
     lm_loss,
     load_nlg,
+    target_tokens,
     token_accuracy,
 )
 from dsee_cli.data.metrics import trivial_metrics
@@ -53,9 +54,9 @@ def load_pretrained(cfg: RunConfig) -> LoadedModel:
     the same in every process)."""
     tiny = cfg.model.tiny
     if cfg.task.name in NLG_TASKS:
-        return load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True)
+        return load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True, dtype=cfg.model.dtype)
     return load_model(cfg.model.name, cfg.model.path, spec_for(cfg.task.name).num_labels, cfg.seed, tiny,
-                      train_pooler=cfg.model.train_pooler)
+                      train_pooler=cfg.model.train_pooler, dtype=cfg.model.dtype)
 
 
 def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | None = None,
@@ -116,5 +117,5 @@ def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, 
         return {f"{split}/{k}": v for k, v in scores.items()}
 
     ops = TaskOps(collate=collate_lm, evaluate=evaluate_lm, main=f"{select}/token_accuracy",
-                  loss=lambda model, batch: lm_loss(model, batch, smoothing))
+                  loss=lambda model, batch: lm_loss(model, batch, smoothing), loss_terms=target_tokens)
     return PreparedTask(loaded, encode_lm(data.train, tok, max_length, eos_id), evals, ops, data.source, generate)

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dsee_cli.core import dist
+from dsee_cli.core.devices import check_device_name
 from dsee_cli.core.precision import FP32, PRECISIONS, Precision
 from dsee_cli.data.classification import Encoded, TaskSpec, collate
 from dsee_cli.data.metrics import task_metrics
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.measure.costs import optimizer_bytes, peak_memory_bytes, reset_peak_memory
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -42,20 +42,29 @@ class TrainerConfig:
     checkpoint_every: int = 200  # steps; 0: only at the end of a phase
     max_steps: int = 0  # per phase; 0: from epochs
     precision: str = "auto"  # 32-true, bf16-mixed, 16-mixed; auto: bf16-mixed (or 16-mixed) on GPU, 32-true on CPU
-    device: str = "auto"  # auto (a GPU if there is one), cpu or cuda
-    threads: int = 0  # torch CPU threads; 0: torch's default
+    device: str = "auto"  # auto (a free GPU if there is one), cpu, cuda (a free GPU) or cuda:K (GPU K)
+    devices: int = 1  # processes for one run (torch.distributed data parallel), one GPU each where there are GPUs
+    grad_accum: int = 1  # micro-batches per optimizer step (batch_size stays the global batch)
+    jobs_per_gpu: int = 1  # parallel sweep jobs that may share one GPU
+    dist_timeout: float = 300.0  # seconds a rank waits for the others before the run fails (a dead rank)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30 % slower)
+    threads: int = 0  # torch CPU threads; 0: the cores shared out among the jobs running side by side
     log_every_seconds: float = 30.0  # a plain progress line this often when stdout is not a terminal
     keep_best: bool = False  # each phase ends with its best evaluation's weights (the paper profile's protocol)
     phase1: PhaseConfig = field(default_factory=PhaseConfig)
     recovery: PhaseConfig = field(default_factory=PhaseConfig)
 
     def check(self) -> None:
-        if self.device not in DEVICES:
-            raise choice_error("device (trainer.device)", self.device, DEVICES)
+        check_device_name(self.device)
         if self.precision not in PRECISIONS:
             raise choice_error("precision (trainer.precision)", self.precision, PRECISIONS)
         if self.batch_size < 1:
             raise DSEEError(f"trainer.batch_size={self.batch_size} must be >= 1.")
+        for key in ("devices", "grad_accum", "jobs_per_gpu"):
+            if getattr(self, key) < 1:
+                raise DSEEError(f"trainer.{key}={getattr(self, key)} must be >= 1.")
+        if self.dist_timeout <= 0:
+            raise DSEEError(f"trainer.dist_timeout={self.dist_timeout} must be > 0 (seconds).")
         for name in ("phase1", "recovery"):
             p = getattr(self, name)
             if p.lr is not None and p.lr <= 0:
@@ -117,6 +126,9 @@ class TaskOps:
     evaluate: Callable[..., dict[str, float]]  # (model, evals, pad_id, device, batch_size, precision)
     main: str  # the metric that picks the best evaluation (higher is better)
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = lambda model, batch: model(**batch).loss
+    # how many terms the batch's mean loss averages (examples; target tokens for a causal LM), so that
+    # micro-batches and ranks weigh theirs to the global batch's mean exactly
+    loss_terms: Callable[[dict[str, torch.Tensor]], int] = lambda batch: int(batch["labels"].shape[0])
 
 
 def classification_ops(spec: TaskSpec, first_split: str, select_metric: str | None = None) -> TaskOps:
@@ -133,14 +145,13 @@ def predict(model: nn.Module, data: Encoded, spec: TaskSpec, pad_id: int, device
             precision: Precision = FP32) -> torch.Tensor:
     """One prediction per example: the class index, or the score for regression (STS-B)."""
     model.eval()
-    preds = []
-    for start in range(0, len(data.input_ids), batch_size):
-        idx = list(range(start, min(start + batch_size, len(data.input_ids))))
-        batch = {k: v.to(device) for k, v in collate(data, idx, pad_id).items() if k != "labels"}
+    preds = {}
+    for i, start, end in dist.my_batches(len(data.input_ids), batch_size):  # each rank its share of the batches
+        batch = {k: v.to(device) for k, v in collate(data, list(range(start, end)), pad_id).items() if k != "labels"}
         with precision.autocast():
             logits = model(**batch).logits.float()
-        preds.append(logits.squeeze(-1) if spec.num_labels == 1 else logits.argmax(-1))
-    return torch.cat(preds).cpu()
+        preds[i] = (logits.squeeze(-1) if spec.num_labels == 1 else logits.argmax(-1)).cpu()
+    return torch.cat(dist.gather_in_order(preds))
 
 
 def evaluate(model: nn.Module, evals: dict[str, Encoded], spec: TaskSpec, pad_id: int, device: torch.device,
@@ -175,21 +186,35 @@ def load_optimizer_tensors(optimizer, params: dict[str, nn.Parameter], tensors: 
         optimizer.state[params[name]][slot] = value.to(params[name].device) if slot != "step" else value
 
 
-def rng_tensors() -> dict[str, torch.Tensor]:
-    """Every generator the training step draws from (dropout): the CPU one and each GPU's."""
+RANK_SEED_STRIDE = 1_000_003  # rank r of a distributed run draws its dropout from seed + r * stride
+
+
+def rng_tensors(device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Every generator the training step draws from (dropout): the CPU one and this process's GPU's."""
     out = {"rng::torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng::cuda::{i}"] = state
+    if device is not None and device.type == "cuda":
+        out["rng::cuda"] = torch.cuda.get_rng_state(device)
     return out
 
 
-def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["rng::torch"])
-    cuda = sorted((int(k.rsplit("::", 1)[1]), v) for k, v in tensors.items() if k.startswith("rng::cuda::"))
-    if cuda and torch.cuda.is_available():  # the run computes on the first GPU; restore what is there
-        for i, state in cuda[: torch.cuda.device_count()]:
-            torch.cuda.set_rng_state(state, i)
+def all_ranks_rng(device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's generators, rank 0's under ``rng::``, rank r's under ``rng::r<r>::``."""
+    out = {}
+    for rank, states in enumerate(dist.all_gather_object(rng_tensors(device))):
+        out.update({k if rank == 0 else k.replace("rng::", f"rng::r{rank}::", 1): v for k, v in states.items()})
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], device: torch.device | None = None, rank: int = 0) -> bool:
+    """This rank's generators as saved; False if the checkpoint has none for this rank (it was
+    written by fewer ranks)."""
+    prefix = "rng::" if rank == 0 else f"rng::r{rank}::"
+    if prefix + "torch" not in tensors:
+        return False
+    torch.set_rng_state(tensors[prefix + "torch"])
+    if device is not None and device.type == "cuda" and prefix + "cuda" in tensors:
+        torch.cuda.set_rng_state(tensors[prefix + "cuda"], device)
+    return True
 
 
 def scaler_tensors(scaler: torch.amp.GradScaler | None) -> dict[str, torch.Tensor]:
@@ -246,25 +271,63 @@ def _batch_indices(step: int, n_train: int, per_epoch: int, phase: Phase) -> lis
     return order[position * phase.batch_size : (position + 1) * phase.batch_size].tolist()
 
 
-def _update(model: nn.Module, batch: dict, ops: TaskOps, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler | None, phase: Phase, trainer: TrainerConfig, hooks: StepHooks,
-            step: int, lr: float) -> float:
-    """Forward, backward (scaled for fp16), clip, step: one optimizer update. Returns the loss."""
-    with phase.precision.autocast():
-        loss = ops.loss(model, batch)
-        if hooks.regularizer is not None:
-            loss = loss + hooks.regularizer()
-    if not torch.isfinite(loss):
+def micro_batches(indices: list[int], world: int, accum: int, rank: int) -> list[list[int]]:
+    """This rank's micro-batches of one global batch: the batch cut into world x accum contiguous,
+    near-equal pieces; rank r takes pieces r*accum .. (r+1)*accum - 1 (some empty at an epoch's tail)."""
+    pieces = world * accum
+    bounds = [len(indices) * i // pieces for i in range(pieces + 1)]
+    return [indices[bounds[i] : bounds[i + 1]] for i in range(rank * accum, (rank + 1) * accum)]
+
+
+def sync_gradients(params: list[nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) the trainable parameters' gradients and the loss over the ranks, in one
+    flat buffer. A gradient no rank has stays None (AdamW then skips that parameter, as one
+    process would). Returns the summed loss."""
+    if not dist.active():
+        return loss
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=loss.device)
+    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
+    flat = dist.all_reduce_sum_(torch.cat([*parts, present, loss.reshape(1).float()]))
+    offset = 0
+    for p, part in zip(params, parts):
+        p.grad = flat[offset : offset + part.numel()].view_as(p).to(p.dtype).clone()
+        offset += part.numel()
+    for p, seen in zip(params, flat[offset : offset + len(params)].tolist()):
+        if not seen:
+            p.grad = None
+    return flat[-1]
+
+
+def _update(model: nn.Module, micro: list[dict], ops: TaskOps, params: list[nn.Parameter],
+            optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, phase: Phase,
+            trainer: TrainerConfig, hooks: StepHooks, step: int, lr: float) -> float:
+    """Forward and backward of each micro-batch, weighted to the global batch's mean loss;
+    gradients summed over the ranks; clip; step: one optimizer update. Returns the loss."""
+    counts = [ops.loss_terms(b) if b else 0 for b in micro]
+    terms = sum(counts)
+    if dist.active():  # the global batch's loss terms, so each piece weighs its share
+        terms = float(dist.all_reduce_sum_(torch.tensor([float(terms)], device=params[0].device))[0])
+    pieces = trainer.grad_accum * dist.world().size
+    total = torch.zeros((), device=params[0].device)
+    for batch, count in zip(micro, counts):
+        with phase.precision.autocast():
+            loss = ops.loss(model, batch) * (count / terms) if count else None
+            if hooks.regularizer is not None:  # once per optimizer step, spread over the pieces
+                loss = (0.0 if loss is None else loss) + hooks.regularizer() / pieces
+        if loss is None:
+            continue
+        (loss if scaler is None else scaler.scale(loss)).backward()  # fp16: scaled against underflow
+        total = total + loss.detach().float()
+    total = sync_gradients(params, total)
+    if not torch.isfinite(total):
+        optimizer.zero_grad(set_to_none=True)
         raise DSEEError(
-            f"The loss became {loss.item()} at step {step + 1} of phase {phase.name!r} "
+            f"The loss became {total.item()} at step {step + 1} of phase {phase.name!r} "
             f"(learning rate {lr:.3g}). The run stopped; lower the learning rate "
             f"(trainer.{phase.name}.lr) or enable clipping (trainer.max_grad_norm)."
         )
-    if scaler is None:
-        loss.backward()
-    else:  # fp16: scale the loss so small gradients do not underflow; unscale before clipping
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # before clipping
     if trainer.max_grad_norm > 0:
         nn.utils.clip_grad_norm_(params, trainer.max_grad_norm)
     if scaler is None:
@@ -275,7 +338,7 @@ def _update(model: nn.Module, batch: dict, ops: TaskOps, params: list[nn.Paramet
     optimizer.zero_grad(set_to_none=True)
     if hooks.after_step is not None:
         hooks.after_step()
-    return loss.item()
+    return total.item()
 
 
 def _evaluate(model: nn.Module, evals: dict[str, Encoded], ops: TaskOps, pad_id: int, device: torch.device,
@@ -290,6 +353,20 @@ def _evaluate(model: nn.Module, evals: dict[str, Encoded], ops: TaskOps, pad_id:
         state.best = state.history[-1]
         return True
     return False
+
+
+def _resume(resume: tuple[PhaseState, dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+            named: dict[str, nn.Parameter], scaler: torch.amp.GradScaler | None, phase: Phase, device: torch.device
+            ) -> tuple[PhaseState, dict[str, torch.Tensor]]:
+    """A saved phase back: optimizer, loss scale, this rank's generators; returns the state and
+    keep_best's weights."""
+    state, tensors = resume
+    load_optimizer_tensors(optimizer, named, tensors)
+    load_scaler_tensors(scaler, tensors)
+    rank = dist.world().rank
+    if not restore_rng(tensors, device, rank):  # a checkpoint of fewer ranks: a fresh stream for this one
+        torch.manual_seed(phase.seed + RANK_SEED_STRIDE * rank + state.step)
+    return state, {k.split("::", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith("best::")}
 
 
 def train_phase(
@@ -321,13 +398,10 @@ def train_phase(
     scaler = phase.precision.grad_scaler()
     state = PhaseState()
     best_weights: dict[str, torch.Tensor] = {}  # keep_best: the trained tensors at the best evaluation
-    torch.manual_seed(phase.seed)  # seeds every device's generator
+    world = dist.world()
+    torch.manual_seed(phase.seed + RANK_SEED_STRIDE * world.rank)  # seeds every device's generator
     if resume is not None:
-        state, tensors = resume
-        load_optimizer_tensors(optimizer, named, tensors)
-        load_scaler_tensors(scaler, tensors)
-        restore_rng(tensors)
-        best_weights = {k.split("::", 1)[1]: v.to(device) for k, v in tensors.items() if k.startswith("best::")}
+        state, best_weights = _resume(resume, optimizer, named, scaler, phase, device)
     if state.finished:
         return state
 
@@ -335,22 +409,26 @@ def train_phase(
         state.peak_memory_bytes = max(state.peak_memory_bytes, peak_memory_bytes(device))
         state.optimizer_bytes = max(state.optimizer_bytes, optimizer_bytes(optimizer))
         best = {f"best::{n}": t for n, t in best_weights.items()}
-        save(state, optimizer_tensors(optimizer, names) | scaler_tensors(scaler) | rng_tensors() | best)
+        rng = all_ranks_rng(device)  # collective: every rank gets here at the same step
+        if world.main:
+            save(state, optimizer_tensors(optimizer, names) | scaler_tensors(scaler) | rng | best)
+        dist.barrier()
 
     reset_peak_memory(device)
     sink.start(phase.name, total, state.step, per_epoch)
     started = time.perf_counter() - state.seconds
     model.train()
     while state.step < total:
-        batch = {k: v.to(device) for k, v in
-                 ops.collate(train, _batch_indices(state.step, n_train, per_epoch, phase), pad_id).items()}
+        indices = _batch_indices(state.step, n_train, per_epoch, phase)
+        micro = [{k: v.to(device) for k, v in ops.collate(train, piece, pad_id).items()} if piece else {}
+                 for piece in micro_batches(indices, world.size, trainer.grad_accum, world.rank)]
         factor = linear_schedule(state.step, total, warmup)
         lr = phase.lr * factor
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * factor
         if hooks.before_step is not None:
             hooks.before_step(state.step, total)
-        loss = _update(model, batch, ops, params, optimizer, scaler, phase, trainer, hooks, state.step, lr)
+        loss = _update(model, micro, ops, params, optimizer, scaler, phase, trainer, hooks, state.step, lr)
         state.step += 1
         sink.advance(loss, lr)
         sink.log({f"{phase.name}/loss": loss, f"{phase.name}/lr": lr}, state.step)
