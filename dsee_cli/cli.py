@@ -128,8 +128,9 @@ def train_job(cfg) -> float | None:
     side_by_side = parallel_jobs(hc) if in_sweep else 1
     if typed.trainer.devices > 1 and world.size == 1:
         return launch_job(typed, hc, run_dir, in_sweep, side_by_side)
-    if in_sweep and not typed.trainer.threads:  # jobs side by side share the cores (oversubscribed, each is many
-        typed.trainer.threads = threads_per_job(side_by_side)  # times slower)
+    if not typed.trainer.threads and (in_sweep or world.size > 1):  # jobs and ranks side by side share the
+        typed.trainer.threads = threads_per_job(side_by_side * world.local_size)  # cores: oversubscribed, each
+        # is many times slower
     tracker = None
     stage = ["preflight"]
 
@@ -183,7 +184,8 @@ def train_job(cfg) -> float | None:
 
 def parallel_jobs(hc) -> int:
     """How many jobs of this sweep run side by side on this machine: joblib's n_jobs (negative:
-    cores + 1 + n_jobs, as joblib counts), submitit_local's array_parallelism; a cluster's 1."""
+    cores + 1 + n_jobs, as joblib counts); submitit_local runs them all (at most one per core counts);
+    a cluster's job has its node to itself."""
     from dsee_cli.core.devices import available_cores
 
     launcher = hc.launcher
@@ -191,8 +193,8 @@ def parallel_jobs(hc) -> int:
     if "Joblib" in target:
         n = int(launcher.get("n_jobs") or -1)
         return max(1, available_cores() + 1 + n if n < 0 else n)
-    if "LocalLauncher" in target and "submitit" in target:
-        return max(1, min(int(launcher.get("array_parallelism") or 1), available_cores()))
+    if "LocalLauncher" in target and "submitit" in target:  # submitit runs a local sweep's jobs all at once
+        return available_cores()
     return 1
 
 

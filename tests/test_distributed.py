@@ -99,16 +99,19 @@ def test_side_by_side_jobs_split_the_cores():
     assert parallel_jobs(hc) == 4
     hc.launcher.n_jobs = -1  # joblib's "every core"
     assert parallel_jobs(hc) == len(os.sched_getaffinity(0))
+    submitit = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
+                                                          "LocalLauncher"}})
+    assert parallel_jobs(submitit) == len(os.sched_getaffinity(0))
 
 
 def test_launchers_name_the_ranks():
     torchrun = {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": "1234",
-                "SLURM_PROCID": "3", "SLURM_NTASKS": "8"}  # torchrun inside a SLURM allocation: torchrun's
-    assert dist.world_from_env(torchrun) == dist.World(1, 4, 1, "n1", 1234, "torchrun")
+                "LOCAL_WORLD_SIZE": "2", "SLURM_PROCID": "3", "SLURM_NTASKS": "8"}  # torchrun in SLURM: torchrun's
+    assert dist.world_from_env(torchrun) == dist.World(1, 4, 1, "n1", 1234, "torchrun", local_size=2)
     slurm = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[03-05,07]",
-             "SLURM_JOB_ID": "4242"}
+             "SLURM_JOB_ID": "4242", "SLURM_NTASKS_PER_NODE": "2(x4)"}
     w = dist.world_from_env(slurm)
-    assert (w.rank, w.size, w.local_rank, w.master_addr, w.source) == (5, 8, 1, "gpu03", "slurm")
+    assert (w.rank, w.size, w.local_rank, w.master_addr, w.source, w.local_size) == (5, 8, 1, "gpu03", "slurm", 2)
     assert dist.world_from_env({**slurm, "SLURM_PROCID": "0"}).master_port == w.master_port  # every task agrees
     assert 20000 <= w.master_port < 40000
     local = {"SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_LOCALID": "1",
@@ -313,3 +316,16 @@ def test_slurm_tasks_form_one_run(workdir):
     m = _metrics(workdir / "slurm")
     assert m["world_size"] == 2 and m["devices"] == ["cpu", "cpu"]
     assert "dsee-cli results" in outs[0][0] and "dsee-cli results" not in outs[1][0]  # rank 0 reports
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_a_sweep_job_on_two_tasks(workdir):
+    """hydra/launcher=submitit_local with 2 tasks per job, as SLURM would run trainer.devices=2:
+    each job's tasks are the ranks of one run; the jobs and their ranks share the cores."""
+    args = [a for a in TWO if not a.startswith("trainer.threads")]
+    out = run_dsee(["-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", *args, "seed=1,2"],
+                   workdir, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    found = [json.loads(p.read_text()) for p in (workdir / "multirun").rglob("metrics.json")]
+    assert len(found) == 2 and all(m["world_size"] == 2 for m in found)
+    assert all(m["config"]["trainer"]["threads"] == 1 for m in found)

@@ -35,6 +35,7 @@ class World:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     source: str = "single process"  # which environment named the ranks (torchrun, slurm, submitit)
+    local_size: int = 1  # ranks on this machine (they share its cores)
 
     @property
     def main(self) -> bool:
@@ -60,15 +61,17 @@ def world_from_env(env: dict[str, str] | None = None) -> World:
     env = dict(os.environ if env is None else env)
     if "WORLD_SIZE" in env and "RANK" in env:
         return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                     env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+                     env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun",
+                     int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"])))
     if "SUBMITIT_LOCAL_NTASKS" in env and "SUBMITIT_LOCAL_GLOBALID" in env:
         return World(int(env["SUBMITIT_LOCAL_GLOBALID"]), int(env["SUBMITIT_LOCAL_NTASKS"]),
                      int(env.get("SUBMITIT_LOCAL_LOCALID", 0)), "127.0.0.1",
-                     _port_of(env.get("SUBMITIT_LOCAL_JOB_ID", "local")), "submitit")
+                     _port_of(env.get("SUBMITIT_LOCAL_JOB_ID", "local")), "submitit", int(env["SUBMITIT_LOCAL_NTASKS"]))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         return World(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                      env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-                     int(env.get("MASTER_PORT") or _port_of(env.get("SLURM_JOB_ID", "0"))), "slurm")
+                     int(env.get("MASTER_PORT") or _port_of(env.get("SLURM_JOB_ID", "0"))), "slurm",
+                     int(re.match(r"\d+", env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"])).group()))
     return World()
 
 

@@ -221,8 +221,7 @@ class Run:
                                               local, self.say)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        threads = cfg.trainer.threads or (threads_per_job(int(os.environ.get("LOCAL_WORLD_SIZE", w.size)))
-                                          if w.size > 1 and self.device.type == "cpu" else 0)
+        threads = cfg.trainer.threads or (threads_per_job(w.local_size) if w.size > 1 else 0)
         if threads:
             torch.set_num_threads(threads)
         dist.init(w, self.device, cfg.trainer.dist_timeout)
