@@ -7,7 +7,7 @@ DSEE ?= dsee
 EXPERIMENTS := table1 table2 table4 table3 table5 table6 table7 table9 table12 table13 table14 fig2 pst-table2 pst-table4 pst-table5
 REPRODUCE := $(addprefix reproduce-,$(EXPERIMENTS))
 
-.PHONY: install demo test test-all lint bench $(REPRODUCE)
+.PHONY: install demo test test-all test-gpu lint bench bench-scale wheelhouse $(REPRODUCE)
 
 install:
 	$(PY) -m pip install torch==2.13.0 || $(PY) -m pip install torch
@@ -22,8 +22,23 @@ test:  # the everyday fast tier: unit tests and in-process runs on tiny models
 test-all:  # everything, the subprocess end-to-end runs and every experiment's smoke sweep too (CI)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q
 
+test-gpu:  # the GPU tier (mixed precision of every method, 2:4, CUDA RNG resume, DDP, the lease): skipped without CUDA
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m gpu -p no:cacheprovider
+
+# Every dependency as a wheel in wheelhouse/, for compute nodes without internet:
+#   pip install --no-index --find-links wheelhouse/ -e .
+# TORCH_INDEX picks the torch build (e.g. https://download.pytorch.org/whl/cu128 for CUDA 12.8).
+TORCH_INDEX ?=
+wheelhouse:
+	$(PY) -m pip download --dest wheelhouse $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) torch ".[test,slurm]"
+	$(PY) -m pip wheel --no-deps --wheel-dir wheelhouse .
+
 lint:
 	ruff check dsee_cli tests scripts
+
+bench-scale:  # gradient checkpointing and a bf16 base at RoBERTa-large size; the run loop against a plain PEFT loop
+	$(PY) scripts/bench_memory.py
+	$(PY) scripts/bench_loop.py
 
 bench:
 	$(PY) scripts/bench_omega.py
@@ -37,8 +52,13 @@ bench:
 # sweep's. A static pattern rule, because make skips pattern rules for .PHONY targets.
 LAUNCHER ?=
 ARGS ?=
+# joblib on a GPU node: one job per GPU (each leases its own); on CPU, joblib's default (one per core).
+GPUS := $(shell if [ -n "$$CUDA_VISIBLE_DEVICES" ]; then echo "$$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .; \
+          else nvidia-smi -L 2>/dev/null | grep -c '^GPU'; fi)
+N_JOBS ?= $(if $(filter-out 0,$(GPUS)),$(GPUS))
 $(REPRODUCE): reproduce-%:
-	$(DSEE) train -m experiment=$* profile=$(PROFILE) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) $(ARGS); \
+	$(DSEE) train -m experiment=$* profile=$(PROFILE) $(if $(LAUNCHER),hydra/launcher=$(LAUNCHER)) \
+	  $(if $(and $(filter joblib,$(LAUNCHER)),$(N_JOBS)),hydra.launcher.n_jobs=$(N_JOBS)) $(ARGS); \
 	status=$$?; $(DSEE) report multirun/$* || status=$$?; exit $$status
 
 reproduce-%:

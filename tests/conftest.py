@@ -23,6 +23,18 @@ def run_dsee(args, cwd: Path, env_extra=None, timeout=300) -> subprocess.Complet
                           text=True, timeout=timeout)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu run where CUDA is; elsewhere they are reported skipped, with the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make test-gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     """Each test its own $DSEE_CACHE (Ω and the step store), so tests never reuse each other's work."""
