@@ -13,9 +13,12 @@ What the ranks share is decided on rank 0 and broadcast (``on_main``); tensors t
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -91,7 +94,7 @@ def init(w: World, device: torch.device, timeout_s: float) -> None:
     """Join the process group: NCCL between GPUs, gloo on CPU. A collective that waits more
     than ``timeout_s`` (a dead peer) raises instead of hanging."""
     global _WORLD
-    _WORLD = w
+    _WORLD, _TIMEOUT[0] = w, timeout_s
     if w.size == 1 or td.is_initialized():
         return
     os.environ.setdefault("MASTER_ADDR", w.master_addr)
@@ -144,12 +147,26 @@ def broadcast_tensors(tensors: dict[str, torch.Tensor] | None) -> dict[str, torc
     return out
 
 
+_calls = [0]  # on_main calls so far: the same sequence on every rank, which names each call's store keys
+
+
 def on_main(compute: Callable[[], T]) -> T:
     """``compute()`` on rank 0 only, its result on every rank: a dict of tensors travels as
-    tensors, anything else pickled; (info, tensors) pairs are split that way too."""
+    tensors, anything else pickled; (info, tensors) pairs are split that way too.
+
+    The others wait for as long as rank 0 computes (Ω on a large model, writing a checkpoint, a
+    step another job is computing): rank 0 beats a counter in the store every second meanwhile,
+    and a rank fails only when the beat stops for ``dist_timeout`` seconds (rank 0 is gone)."""
     if not active():
         return compute()
-    result = compute() if _WORLD.main else None
+    _calls[0] += 1
+    key = f"dsee/on_main/{_calls[0]}"
+    if _WORLD.main:
+        with _heartbeat(key):
+            result = compute()
+    else:
+        _wait_for(key)
+        result = None
     kind = broadcast_object(None if result is None else _kind(result))
     if kind == "tensors":
         return broadcast_tensors(result)
@@ -157,6 +174,40 @@ def on_main(compute: Callable[[], T]) -> T:
         info = broadcast_object(result[0] if _WORLD.main else None)
         return info, broadcast_tensors(result[1] if _WORLD.main else None)
     return broadcast_object(result)
+
+
+_TIMEOUT = [300.0]
+
+
+@contextlib.contextmanager
+def _heartbeat(key: str):
+    store, stop = td.distributed_c10d._get_default_store(), threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(1.0):
+            store.add(key + "/beat", 1)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        store.set(key + "/done", "1")
+
+
+def _wait_for(key: str) -> None:
+    store = td.distributed_c10d._get_default_store()
+    last, since = -1, time.monotonic()
+    while not store.check([key + "/done"]):
+        beat = store.add(key + "/beat", 0)
+        if beat != last:
+            last, since = beat, time.monotonic()
+        elif time.monotonic() - since > _TIMEOUT[0]:
+            raise RuntimeError(f"rank 0 stopped answering for {_TIMEOUT[0]:.0f} s (trainer.dist_timeout) while "
+                               "the other ranks waited for it")
+        time.sleep(0.2)
 
 
 def _kind(value) -> str:

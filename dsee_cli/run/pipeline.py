@@ -327,10 +327,8 @@ class Run:
                 "pruning": self.pruning_info, "omega": self.omega_info,
                 "steps": {k: r.as_dict() for k, r in self.steps.items()}}
 
-    def save(self) -> None:
-        if self.world.main:  # rank 0 writes; the others wait, so that none runs ahead of the checkpoint
-            self.ckpt.save(self.model, self.progress())
-        dist.barrier()
+    def save(self) -> None:  # rank 0 writes; the others wait, so that none runs ahead of the checkpoint
+        dist.on_main(lambda: self.ckpt.save(self.model, self.progress()))
 
     # -- the steps -------------------------------------------------------------------------
     def execute(self, step: Step) -> None:
@@ -446,11 +444,21 @@ class Run:
     def evaluate(self) -> None:
         cfg, model, task = self.cfg, self.model, self.task
         self.say("Evaluation and export")
-        self.result["eval"] = task.ops.evaluate(model, task.evals, task.loaded.tokenizer.pad_token_id, self.device,
-                                                cfg.trainer.eval_batch_size, self.precision)
+        last = self.last_evaluation()
+        self.result["eval"] = last if last is not None else task.ops.evaluate(
+            model, task.evals, task.loaded.tokenizer.pad_token_id, self.device, cfg.trainer.eval_batch_size,
+            self.precision)
         if task.generate:
             out = self.dir / f"generations-{cfg.task.eval_split}.jsonl" if self.world.main else None
             self.result["generation"] = task.generate(model, self.device, self.precision, out)
+
+    def last_evaluation(self) -> dict | None:
+        """The final phase's evaluation at its last step, when the model still has those weights
+        (not keep_best's: a sparse-training method's masks may have moved since its best step)."""
+        final = self.states.get("recovery" if self.rounds else "phase1")
+        if final is None or not final.history or final.weights != "last" or final.history[-1]["step"] != final.step:
+            return None
+        return {k: v for k, v in final.history[-1].items() if k != "step"}
 
     def export(self) -> None:
         started = time.perf_counter()

@@ -410,9 +410,7 @@ def train_phase(
         state.optimizer_bytes = max(state.optimizer_bytes, optimizer_bytes(optimizer))
         best = {f"best::{n}": t for n, t in best_weights.items()}
         rng = all_ranks_rng(device)  # collective: every rank gets here at the same step
-        if world.main:
-            save(state, optimizer_tensors(optimizer, names) | scaler_tensors(scaler) | rng | best)
-        dist.barrier()
+        dist.on_main(lambda: save(state, optimizer_tensors(optimizer, names) | scaler_tensors(scaler) | rng | best))
 
     reset_peak_memory(device)
     sink.start(phase.name, total, state.step, per_epoch)
