@@ -196,6 +196,50 @@ def test_a_failed_rank_is_named_in_failed_json(tmp_path):
     assert record["error"].startswith("rank 0 of 2 failed (exit status 1): CUDA out of memory")
 
 
+PATIENT_SCRIPT = """
+import os, sys, time
+import torch
+from dsee_cli.core import dist
+w = dist.world_from_env()
+dist.init(w, torch.device("cpu"), timeout_s=2.0)
+def compute():
+    if sys.argv[1] == "die":
+        os._exit(3)
+    time.sleep(5)  # longer than the timeout: rank 0 is busy, not gone
+    return {"omega": torch.arange(4)}, {"w": torch.ones(2, dtype=torch.bool)}
+started = time.time()
+try:
+    info, tensors = dist.on_main(compute)
+    print("got", info["omega"].tolist(), tensors["w"].tolist(), flush=True)
+except RuntimeError as exc:
+    print("failed after", round(time.time() - started), "s:", exc, flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["slow", "die"])
+def test_ranks_wait_for_rank_0_as_long_as_it_lives(tmp_path, case):
+    """Rank 0's own work (Ω, a checkpoint) may take longer than trainer.dist_timeout; a rank 0
+    that dies is noticed within about that timeout (here at once: it hosted the store)."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", PATIENT_SCRIPT, case], env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=60)[0] for p in procs]
+    if case == "slow":
+        assert outs == ["got [0, 1, 2, 3] [True, True]\n"] * 2
+    else:
+        assert procs[0].returncode == 3
+        # rank 1 fails at once where rank 0 hosted the store (the connection drops), else when its beat stops
+        assert outs[1].startswith("failed after"), outs[1]
+        assert int(outs[1].split()[2]) <= 6
+
+
+def _free_port() -> int:
+    from dsee_cli.run.launch import free_port
+
+    return free_port()
+
+
 # -- two processes for real: gloo on CPU (the slow tier) ---------------------------------------------------
 
 TWO = [*FAST, "model.tiny.dropout=0", "measure=false", "reuse=false", "trainer.max_steps=12", "trainer.eval_every=6",
