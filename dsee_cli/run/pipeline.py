@@ -280,7 +280,8 @@ class Run:
         if saved is not None and saved[1].get("world_size", 1) != self.world.size:
             self.say(f"resumed on {self.world.size} process(es); the checkpoint was written by "
                      f"{saved[1].get('world_size', 1)}: the data order is the same, the ranks' dropout draws differ "
-                     "from here on (the metrics move by up to what another seed moves them; without dropout, not at all)")
+                     "from here on (the metrics move by up to what another seed moves them; without dropout, "
+                     "not at all)")
         done = saved[1]["done"] if saved else 0
         if self.pruning.pruner.slimming and not any(step.kind == "prune" for step in self.plan[:done]):
             add_slimming(model)  # its coefficients train in phase I; pruning folds them in
