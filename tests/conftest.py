@@ -35,6 +35,28 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def start_dsee(args, cwd: Path) -> subprocess.Popen:
+    """`dsee train *args` started in the background (to be killed), as run_dsee runs it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DSEE_CACHE": str(cwd / ".cache")}
+    return subprocess.Popen([sys.executable, "-m", "dsee_cli", "train", *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_in_phase(run_dir: Path, phase: str, timeout: float = 200) -> None:
+    """Until the run's checkpoint says it is inside ``phase`` (so a kill lands mid-phase)."""
+    import json
+    import time
+
+    meta, deadline = run_dir / "checkpoint" / "meta.json", time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if json.loads(meta.read_text()).get("in_progress") == phase:
+                return
+        except (OSError, ValueError):  # not written yet, or being replaced
+            pass
+        time.sleep(0.05)
+
+
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     """Each test its own $DSEE_CACHE (Ω and the step store), so tests never reuse each other's work."""

@@ -11,7 +11,7 @@ import torch
 
 from dsee_cli.run.export import load_merged, load_merged_tokenizer
 
-from .conftest import FAST, run_dsee
+from .conftest import FAST, run_dsee, start_dsee, wait_in_phase
 
 pytestmark = pytest.mark.slow  # every test here runs `dsee` in a subprocess
 
@@ -83,20 +83,8 @@ def test_resume_after_kill_9_gives_the_same_metrics(workdir, extra, kill_at):
             *extra]
     reference = run_dsee([*args, "hydra.run.dir=ref"], workdir)
     assert reference.returncode == 0, reference.stderr
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DSEE_CACHE": str(workdir / ".cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "dsee_cli", "train", *args, "hydra.run.dir=crash"], cwd=workdir,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = workdir / "crash" / "checkpoint" / "meta.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once recovery has started and checkpointed
-        if meta.is_file():
-            try:
-                stage = json.loads(meta.read_text())["in_progress"]
-            except (json.JSONDecodeError, KeyError):
-                stage = None
-            if stage == kill_at:
-                break
-        time.sleep(0.05)
+    proc = start_dsee([*args, "hydra.run.dir=crash"], workdir)
+    wait_in_phase(workdir / "crash", kill_at, timeout=120)  # kill once that phase has started and checkpointed
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (workdir / "crash" / "metrics.json").exists()

@@ -20,7 +20,7 @@ from dsee_cli.core import dist
 from dsee_cli.core.devices import GpuLease, pick_device, threads_per_job
 from dsee_cli.errors import DSEEError
 from dsee_cli.run.train import micro_batches
-from tests.conftest import FAST, run_dsee
+from tests.conftest import FAST, run_dsee, start_dsee, wait_in_phase
 from tests.helpers import run_in_process
 
 LEASE_SCRIPT = """
@@ -297,18 +297,8 @@ def _rank_pid(parent: int, rank: int) -> int | None:
 
 
 def _kill_rank_1_in_recovery(args: list[str], workdir: Path, run: str) -> tuple[subprocess.Popen, float]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DSEE_CACHE": str(workdir / ".cache")}
-    parent = subprocess.Popen([sys.executable, "-m", "dsee_cli", "train", *args, f"hydra.run.dir={run}"], cwd=workdir,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = workdir / run / "checkpoint" / "meta.json"
-    deadline = time.time() + 200
-    while time.time() < deadline:  # once recovery has started and checkpointed
-        try:
-            if json.loads(meta.read_text()).get("in_progress") == "recovery":
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+    parent = start_dsee([*args, f"hydra.run.dir={run}"], workdir)
+    wait_in_phase(workdir / run, "recovery")  # once recovery has started and checkpointed
     victim = _rank_pid(parent.pid, 1)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)

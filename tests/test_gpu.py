@@ -5,16 +5,12 @@ faked device counts and gloo."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 
-from tests.conftest import FAST, run_dsee
+from tests.conftest import FAST, run_dsee, start_dsee, wait_in_phase
 from tests.helpers import METHOD_OVERRIDES, run_in_process
 
 pytestmark = pytest.mark.gpu
@@ -51,18 +47,8 @@ def test_resume_after_kill_9_on_the_gpu_is_exact(workdir):
             "trainer.eval_every=20", "export=false", "reuse=false"]
     ref = run_dsee([*args, "hydra.run.dir=ref"], workdir)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "DSEE_CACHE": str(workdir / ".cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "dsee_cli", "train", *args, "hydra.run.dir=crash"], cwd=workdir,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    meta = workdir / "crash" / "checkpoint" / "meta.json"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if json.loads(meta.read_text()).get("in_progress") == "recovery":
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+    proc = start_dsee([*args, "hydra.run.dir=crash"], workdir)
+    wait_in_phase(workdir / "crash", "recovery")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = run_dsee([*args, "hydra.run.dir=crash"], workdir)

@@ -47,7 +47,7 @@ class TrainerConfig:
     grad_accum: int = 1  # micro-batches per optimizer step (batch_size stays the global batch)
     jobs_per_gpu: int = 1  # parallel sweep jobs that may share one GPU
     dist_timeout: float = 300.0  # seconds a rank waits for the others before the run fails (a dead rank)
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30 % slower)
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, one more forward
     threads: int = 0  # torch CPU threads; 0: the cores shared out among the jobs running side by side
     log_every_seconds: float = 30.0  # a plain progress line this often when stdout is not a terminal
     keep_best: bool = False  # each phase ends with its best evaluation's weights (the paper profile's protocol)
