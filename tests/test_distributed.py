@@ -76,6 +76,7 @@ def test_device_names_and_pinning(tmp_path):
     assert pick_device("auto", tmp_path, visible=0) == (torch.device("cpu"), None)
     assert pick_device("cuda:1", tmp_path, visible=2) == (torch.device("cuda", 1), None)
     assert pick_device("auto", tmp_path, local_rank=3, visible=2) == (torch.device("cuda", 1), None)
+    assert pick_device("cuda:1", tmp_path, local_rank=0, visible=2)[0] == torch.device("cuda", 0)  # ranks: their own
     device, lease = pick_device("cuda", tmp_path, visible=2)
     assert device == torch.device("cuda", 0) and lease.gpus == [0]
     assert pick_device("auto", tmp_path, visible=2)[0] == torch.device("cuda", 1)  # GPU 0 is leased

@@ -102,14 +102,14 @@ def pick_device(name: str, lease_root: Path, jobs_per_gpu: int = 1, local_rank: 
         return torch.device("cpu"), None
     if visible == 0:
         raise DSEEError(f"trainer.device={name} but no CUDA GPU is visible; use trainer.device=cpu or auto.")
+    if local_rank is not None:  # a rank of a distributed run: its local rank's GPU, whatever one job would pin
+        return torch.device("cuda", local_rank % visible), None
     if name.startswith("cuda:"):
         index = int(name.split(":")[1])
         if index >= visible:
             raise DSEEError(f"trainer.device={name} but only {visible} GPU(s) are visible "
                             f"(cuda:0 .. cuda:{visible - 1}).")
         return torch.device(name), None
-    if local_rank is not None:
-        return torch.device("cuda", local_rank % visible), None
     waiting = (f"waiting for a free GPU: all {visible} x {jobs_per_gpu} slots are taken by other jobs "
                "(trainer.jobs_per_gpu packs more)")
     lease = GpuLease(lease_root).acquire(visible, 1, jobs_per_gpu, on_wait=lambda: say(waiting))
