@@ -223,8 +223,7 @@ def launch_job(typed, hc, run_dir: Path, in_sweep: bool, side_by_side: int) -> f
         banner(f"One run on {k} processes ({'GPUs ' + ','.join(map(str, lease.gpus)) if lease else 'CPU, gloo'})")
         overrides = [*(o for o in hc.overrides.task if not o.startswith("trainer.threads=")),
                      f"trainer.threads={threads}"]
-        result = launch_ranks(overrides, run_dir, k, lease.gpus if lease else None, typed.trainer.dist_timeout,
-                              threads)
+        result = launch_ranks(overrides, run_dir, k, lease.gpus if lease else None, typed.trainer.dist_timeout)
     except DSEEError as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         if in_sweep:

@@ -189,11 +189,11 @@ def test_trainer_settings_are_checked(tmp_path):
 def test_a_failed_rank_is_named_in_failed_json(tmp_path):
     from dsee_cli.run.launch import LaunchResult, record_rank_failure
 
-    path = record_rank_failure(tmp_path, LaunchResult([-9, -9], 1, 3.0), "sweep1")
+    path = record_rank_failure(tmp_path, LaunchResult([-9, -9], 1), "sweep1")
     record = json.loads(path.read_text())
     assert record["rank"] == 1 and "rank 1 of 2 failed (killed by signal SIGKILL)" in record["error"]
     (tmp_path / "failed.json").write_text(json.dumps({"error": "CUDA out of memory", "rank": 0, "type": "OOM"}))
-    record = json.loads(record_rank_failure(tmp_path, LaunchResult([1, -9], 0, 3.0), None).read_text())
+    record = json.loads(record_rank_failure(tmp_path, LaunchResult([1, -9], 0), None).read_text())
     assert record["error"].startswith("rank 0 of 2 failed (exit status 1): CUDA out of memory")
 
 

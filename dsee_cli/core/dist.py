@@ -151,8 +151,8 @@ _calls = [0]  # on_main calls so far: the same sequence on every rank, which nam
 
 
 def on_main(compute: Callable[[], T]) -> T:
-    """``compute()`` on rank 0 only, its result on every rank: a dict of tensors travels as
-    tensors, anything else pickled; (info, tensors) pairs are split that way too.
+    """``compute()`` on rank 0 only, its result on every rank: a dict of tensors (masks) travels
+    as tensors, anything else pickled.
 
     The others wait for as long as rank 0 computes (Ω on a large model, writing a checkpoint, a
     step another job is computing): rank 0 beats a counter in the store every second meanwhile,
@@ -167,13 +167,8 @@ def on_main(compute: Callable[[], T]) -> T:
     else:
         _wait_for(key)
         result = None
-    kind = broadcast_object(None if result is None else _kind(result))
-    if kind == "tensors":
-        return broadcast_tensors(result)
-    if kind == "pair":
-        info = broadcast_object(result[0] if _WORLD.main else None)
-        return info, broadcast_tensors(result[1] if _WORLD.main else None)
-    return broadcast_object(result)
+    as_tensors = broadcast_object(_all_tensors(result) if _WORLD.main else None)
+    return broadcast_tensors(result) if as_tensors else broadcast_object(result)
 
 
 _TIMEOUT = [300.0]
@@ -210,14 +205,8 @@ def _wait_for(key: str) -> None:
         time.sleep(0.2)
 
 
-def _kind(value) -> str:
-    def tensors(d) -> bool:
-        return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
-    if tensors(value):
-        return "tensors"
-    if isinstance(value, tuple) and len(value) == 2 and tensors(value[1]):
-        return "pair"
-    return "object"
+def _all_tensors(value) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
 
 
 def all_reduce_sum_(flat: torch.Tensor) -> torch.Tensor:
@@ -259,11 +248,12 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def check_same(what: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Every rank holds the same ``tensors`` (the model after load, after pruning), or a clear error."""
+def check_same(what: str, tensors: Callable[[], dict[str, torch.Tensor]]) -> None:
+    """Every rank holds the same ``tensors()`` (the model after load, after pruning), or a clear
+    error; in one process nothing is computed."""
     if not active():
         return
-    digests = all_gather_object(digest(tensors))
+    digests = all_gather_object(digest(tensors()))
     if len(set(digests)) > 1:
         differ = [r for r, d in enumerate(digests) if d != digests[0]]
         raise RuntimeError(f"{what}: ranks {differ} hold a different model than rank 0 (digests {digests}).")

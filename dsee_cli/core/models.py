@@ -191,15 +191,12 @@ def untrained_pooler(model: nn.Module) -> list[str]:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def trainable_in_fp32(model: nn.Module) -> int:
+def trainable_in_fp32(model: nn.Module) -> None:
     """Trained parameters in fp32 over a half-precision base (their updates are too small for
-    bf16's 8 bits of mantissa); returns how many were cast."""
-    cast = 0
+    bf16's 8 bits of mantissa)."""
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-            cast += 1
-    return cast
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

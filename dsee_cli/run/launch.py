@@ -42,27 +42,23 @@ def _exit_text(code: int) -> str:
 class LaunchResult:
     codes: list[int]
     failed_rank: int | None  # the first rank that failed, None when all succeeded
-    seconds: float
 
 
-def rank_env(rank: int, world: int, port: int, gpus: list[int] | None, threads: int) -> dict[str, str]:
+def rank_env(rank: int, world: int, port: int, gpus: list[int] | None) -> dict[str, str]:
     env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
            "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "PYTHONUNBUFFERED": "1"}
     if gpus is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
 def launch_ranks(overrides: list[str], run_dir: Path, world: int, gpus: list[int] | None, timeout_s: float,
-                 threads: int = 0, grace_s: float = 10.0, poll_s: float = 0.2) -> LaunchResult:
+                 grace_s: float = 10.0, poll_s: float = 0.2) -> LaunchResult:
     """Start the K ranks and wait for them; on the first failure, stop the rest (see the module doc)."""
     port = free_port()
     command = [sys.executable, "-m", "dsee_cli", "train", *overrides, f"hydra.run.dir={run_dir}"]
-    started = time.perf_counter()
-    procs = [subprocess.Popen(command, env=rank_env(r, world, port, gpus, threads),
+    procs = [subprocess.Popen(command, env=rank_env(r, world, port, gpus),
                               stdout=None if r == 0 else subprocess.DEVNULL, start_new_session=True)
              for r in range(world)]
     failed, failed_at = None, None
@@ -80,7 +76,7 @@ def launch_ranks(overrides: list[str], run_dir: Path, world: int, gpus: list[int
     codes = [p.returncode for p in procs]
     if failed is None:
         failed = next((r for r, c in enumerate(codes) if c != 0), None)
-    return LaunchResult(codes, failed, time.perf_counter() - started)
+    return LaunchResult(codes, failed)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:

@@ -26,7 +26,7 @@ from dsee_cli.atomic import atomic_write_text
 from dsee_cli.config import RunConfig, validate
 from dsee_cli.core import dist
 from dsee_cli.core.arch import attention_units
-from dsee_cli.core.devices import GpuLease, pick_device, threads_per_job
+from dsee_cli.core.devices import GpuLease, pick_device
 from dsee_cli.core.models import (
     TINY_MODELS,
     enable_gradient_checkpointing,
@@ -221,9 +221,8 @@ class Run:
                                               local, self.say)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        threads = cfg.trainer.threads or (threads_per_job(w.local_size) if w.size > 1 else 0)
-        if threads:
-            torch.set_num_threads(threads)
+        if cfg.trainer.threads:  # the command line shares the cores out among jobs and ranks
+            torch.set_num_threads(cfg.trainer.threads)
         dist.init(w, self.device, cfg.trainer.dist_timeout)
         self.devices = dist.all_gather_object(str(self.device))
 
@@ -255,7 +254,8 @@ class Run:
         trainable_in_fp32(self.model)
         if cfg.trainer.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
-        dist.check_same("the model as loaded", {n: p for n, p in self.model.named_parameters() if p.requires_grad})
+        dist.check_same("the model as loaded",
+                        lambda: {n: p for n, p in self.model.named_parameters() if p.requires_grad})
         if self.pruning.pruner.removes_heads:
             heads = attention_units(self.model)[0].num_heads
             if not 0 <= self.pruning.heads_to_remove < heads:
@@ -355,7 +355,7 @@ class Run:
         weights = {k: slice_pretrained_weight(a, s) for k, (a, s) in omega_keys(adapters).items()}
         settings = cfg.omega.grebsmo(cfg.seed)
 
-        def compute() -> tuple[dict, dict[str, torch.Tensor]]:  # rank 0 (or the cache); broadcast to the others
+        def compute() -> tuple[dict, dict[str, torch.Tensor]]:  # rank 0 (or the cache); the indices are small
             result = omega_lib.cached_omega(weights, cfg.adapter.omega_size, cfg.omega.method, settings,
                                             omega_cache_dir(cfg), cfg.omega.preset)
             return {"method": cfg.omega.method, "seed": settings.seed, "seconds": round(result.seconds, 3),
@@ -431,7 +431,7 @@ class Run:
         info = self.pruning.pruner.prune(self.model, self.pruning, step.target, self.cfg.seed, self.rewind)
         info["seconds"] = round(time.perf_counter() - started + self.pruning_info.get("seconds", 0.0), 3)
         self.pruning_info = info
-        dist.check_same(f"the model after pruning (round {step.round})", model_state(self.model)[0])
+        dist.check_same(f"the model after pruning (round {step.round})", lambda: model_state(self.model)[0])
 
     @torch.no_grad()
     def rewind(self) -> None:
