@@ -8,9 +8,9 @@ from dsee_cli.measure.accounting import inference_flops, scope_size
 from dsee_cli.pruning import (
     PruningConfig,
     apply_masks,
+    choose_heads,
     compute_masks,
     head_scores,
-    lowest_heads,
     prune_heads,
     score_pieces,
 )
@@ -110,7 +110,7 @@ def test_head_pruned_model_equals_dense_model_with_heads_zeroed(name, tmp_path):
     model, tok = tiny(name)
     enc = batch(tok)
     with_random_adapters(model, omega=40)
-    heads = lowest_heads(head_scores(model), 2)
+    heads = choose_heads(head_scores(model), "heads", 2)
     assert all(len(v) == 2 for v in heads.values())
     dense = __import__("copy").deepcopy(model)
     _zero_heads_dense(dense, heads)
@@ -132,7 +132,7 @@ def test_adapter_checkpoint_reapplies_onto_the_pretrained_model(structured, tmp_
     enc = batch(tok)
     with_random_adapters(model)
     if structured:
-        prune_heads(model, lowest_heads(head_scores(model), 1))
+        prune_heads(model, choose_heads(head_scores(model), "heads", 1))
     else:
         apply_masks(model, compute_masks(model, PruningConfig(), 0.4))
     from dsee_cli.tuning import AdapterConfig
@@ -150,7 +150,7 @@ def test_heads_to_remove_out_of_range_is_a_clear_error():
     model, _ = tiny("tiny-bert")
     with_random_adapters(model)
     with pytest.raises(DSEEError, match="between 0 and 3"):
-        lowest_heads(head_scores(model), 4)
+        choose_heads(head_scores(model), "heads", 4)
 
 
 @pytest.mark.parametrize("removed,paper", [(0, 1.01), (3, 0.92), (6, 0.84), (9, 0.75)])

@@ -1,13 +1,24 @@
 """What dsee-cli needs to know about each supported architecture, in one place.
 
-BERT and RoBERTa have separate ``query/key/value`` ``nn.Linear`` layers (stored out x in);
-GPT-2 has a fused ``c_attn`` ``Conv1D`` (stored in x out) holding q, k and v side by side.
+A family is one ``Family`` description: where its blocks are, its attention (the q, k, v and
+output projections, how many query and key/value heads, how to set a shrunk head count), its
+MLP (the expanding projections, one or SwiGLU's gate and up, and the contracting one), the
+short names of its projections, and its task head. Adapters, pruning, accounting, costs and
+export read these descriptions; nothing outside this module asks which family a model is.
+
+* BERT and RoBERTa: separate ``query/key/value`` ``nn.Linear`` layers (stored out x in).
+* GPT-2: a fused ``c_attn`` ``Conv1D`` (stored in x out) holding q, k and v side by side.
+* Decoder LLMs (Llama, Mistral, Qwen2, Qwen3 and any model built like them, recognised by
+  ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` in its blocks): grouped-query
+  attention (several query heads share one key/value head) and a SwiGLU MLP.
 """
 
 from __future__ import annotations
 
+import copy
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,25 +41,135 @@ class AddedModule(nn.Module):
     pretrained weight, so outside the pruning scope."""
 
 
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as out x in, whatever the layer stores (a view, no copy)."""
+    w = module.weight
+    return w.t() if isinstance(module, Conv1D) else w
+
+
+def dims(module: nn.Module) -> tuple[int, int]:
+    w = weight_out_in(getattr(module, "base", module))
+    return int(w.shape[0]), int(w.shape[1])
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Where a block's attention is, relative to the block."""
+
+    module: str  # the attention module (holds the head-count attributes)
+    q: str
+    k: str
+    v: str  # the same module three times where q, k, v are fused (GPT-2's c_attn, cut in thirds)
+    output: str  # the projection whose input columns follow the query heads
+    # (query heads, key/value heads, head dim) of one attention module
+    heads: Callable[[nn.Module], tuple[int, int, int]]
+    # set the attention module's head counts after pruning (query heads, key/value heads)
+    set_heads: Callable[[nn.Module, int, int, int], None]
+
+
+@dataclass(frozen=True)
+class Mlp:
+    """A block's MLP: the projections that expand to its channels and the one that contracts them."""
+
+    expand: tuple[str, ...]  # one (GELU) or two (SwiGLU: gate, up), each with a row per channel
+    contract: str  # its input columns follow the channels
+    module: str | None  # the MLP as one module mapping the block's hidden state (None: BERT splits it)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
+    layers: str  # the ModuleList of blocks, from the base model
+    attention: Attention
+    mlp: Mlp
     default_targets: tuple[str, ...]
     task_head: tuple[str, ...]  # module-name prefixes of the task head (always trained)
+    aliases: dict[str, str] = field(default_factory=dict)  # adapter.targets short names: q k v o gate up down
+    # the config keys that state pruned shapes (heads, kv heads, head dim, FFN channels), where the
+    # family's config can: then a uniformly pruned export loads with plain from_pretrained
+    shape_keys: dict[str, str] | None = None
 
 
-BERT = Family("bert", ("query", "value"), ("classifier",))
-GPT2 = Family("gpt2", ("c_attn:q", "c_attn:v"), ("score",))
-FAMILIES = {"bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "gpt2": GPT2}
+def _bert_heads(sa: nn.Module) -> tuple[int, int, int]:
+    return sa.num_attention_heads, sa.num_attention_heads, sa.attention_head_size
+
+
+def _set_bert_heads(sa: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+    sa.num_attention_heads, sa.all_head_size = heads, heads * head_dim
+
+
+def _gpt2_heads(attn: nn.Module) -> tuple[int, int, int]:
+    return attn.num_heads, attn.num_heads, attn.head_dim
+
+
+def _set_gpt2_heads(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+    attn.num_heads, attn.split_size, attn.embed_dim = heads, heads * head_dim, heads * head_dim
+
+
+def _decoder_heads(attn: nn.Module) -> tuple[int, int, int]:
+    """Read from the projections' shapes: a pruned layer has fewer heads than the config says."""
+    hd = attn.head_dim
+    return dims(attn.q_proj)[0] // hd, dims(attn.k_proj)[0] // hd, hd
+
+
+def _set_decoder_heads(attn: nn.Module, heads: int, kv_heads: int, head_dim: int) -> None:
+    attn.num_key_value_groups = heads // kv_heads  # q, k, v are reshaped with -1 heads: only the grouping is stored
+
+
+BERT = Family(
+    "bert", "encoder.layer",
+    Attention("attention.self", "attention.self.query", "attention.self.key", "attention.self.value",
+              "attention.output.dense", _bert_heads, _set_bert_heads),
+    Mlp(("intermediate.dense",), "output.dense", None),
+    ("query", "value"), ("classifier",),
+    {"q": "query", "k": "key", "v": "value", "o": r".*attention\.output\.dense", "up": r".*intermediate\.dense",
+     "down": r".*\.\d+\.output\.dense"},
+)
+GPT2 = Family(
+    "gpt2", "h",
+    Attention("attn", "attn.c_attn", "attn.c_attn", "attn.c_attn", "attn.c_proj", _gpt2_heads, _set_gpt2_heads),
+    Mlp(("mlp.c_fc",), "mlp.c_proj", "mlp"),
+    ("c_attn:q", "c_attn:v"), ("score",),
+    {"q": "c_attn:q", "k": "c_attn:k", "v": "c_attn:v", "o": r".*attn\.c_proj", "up": "c_fc",
+     "down": r".*mlp\.c_proj"},
+)
+DECODER = Family(
+    "decoder", "layers",
+    Attention("self_attn", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              _decoder_heads, _set_decoder_heads),
+    Mlp(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "mlp"),
+    ("q_proj", "v_proj"), ("score",),
+    {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+     "down": "down_proj"},
+    {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+     "ffn": "intermediate_size"},
+)
+FAMILIES = {"bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "gpt2": GPT2,
+            "llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": DECODER}
+ALL_LINEAR = "all-linear"  # adapter.targets: every linear layer of the blocks (PEFT's name)
+
+
+def _built_like_decoder(model: nn.Module) -> bool:
+    """Blocks with self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj: the Llama layout, whatever
+    the model type is called."""
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        return False
+    names = {n for n, _ in layers[0].named_modules()}
+    wanted = {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")}
+    return wanted <= names
 
 
 def family_of(model: nn.Module) -> Family:
     model_type = model.config.model_type
-    if model_type not in FAMILIES:
-        raise DSEEError(
-            f"Model type {model_type!r} is not supported. Supported model types: {', '.join(FAMILIES)}."
-        )
-    return FAMILIES[model_type]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if _built_like_decoder(model):
+        return DECODER
+    raise DSEEError(
+        f"Model type {model_type!r} is not supported. Supported model types: {', '.join(FAMILIES)}, and any "
+        f"decoder whose blocks have self_attn.q_proj/k_proj/v_proj/o_proj and mlp.gate_proj/up_proj/down_proj."
+    )
 
 
 def takes_segments(model: nn.Module) -> bool:
@@ -61,10 +182,7 @@ def takes_segments(model: nn.Module) -> bool:
 
 
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
-    base = model.base_model
-    if hasattr(base, "encoder"):
-        return base.encoder.layer
-    return base.h
+    return model.base_model.get_submodule(family_of(model).layers)
 
 
 def layer_prefix(model: nn.Module) -> str:
@@ -74,17 +192,6 @@ def layer_prefix(model: nn.Module) -> str:
         if module is layers:
             return name
     raise DSEEError("could not locate the transformer blocks of the model")
-
-
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as out x in, whatever the layer stores (a view, no copy)."""
-    w = module.weight
-    return w.t() if isinstance(module, Conv1D) else w
-
-
-def dims(module: nn.Module) -> tuple[int, int]:
-    w = weight_out_in(module)
-    return int(w.shape[0]), int(w.shape[1])
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:
@@ -124,14 +231,27 @@ def fused_qkv_slices(out_features: int) -> dict[str, tuple[int, int]]:
     return {"q": (0, third), "k": (third, 2 * third), "v": (2 * third, 3 * third)}
 
 
+def _expand(model: nn.Module, patterns: list[str]) -> list[str]:
+    """Short names (q, k, v, o, gate, up, down) and all-linear as the family spells them."""
+    fam = family_of(model)
+    out: list[str] = []
+    for pattern in patterns:
+        if pattern == ALL_LINEAR:
+            out += [re.escape(n) for n in block_linears(model)]
+        else:
+            out.append(fam.aliases.get(pattern, pattern))
+    return out
+
+
 def resolve_targets(model: nn.Module, patterns: list[str] | tuple[str, ...] | None) -> list[Target]:
     """Map target patterns to modules.
 
-    A pattern is a module-name component (``query``), a regular expression matched against
-    the whole module name, optionally followed by ``:q``, ``:k`` or ``:v`` to select the
-    slice of a fused ``c_attn``. Several slices of one module are gathered into one Target.
+    A pattern is a short name (``q``, ``k``, ``v``, ``o``, ``gate``, ``up``, ``down``), ``all-linear``,
+    a module-name component (``query``, ``q_proj``), or a regular expression matched against the
+    whole module name, optionally followed by ``:q``, ``:k`` or ``:v`` to select the slice of a
+    fused ``c_attn``. Several slices of one module are gathered into one Target.
     """
-    patterns = list(patterns or family_of(model).default_targets)
+    patterns = _expand(model, list(patterns or family_of(model).default_targets))
     linears = block_linears(model)
     gathered: dict[str, dict[str, tuple[int, int]]] = {}
     for pattern in patterns:
@@ -142,7 +262,8 @@ def resolve_targets(model: nn.Module, patterns: list[str] | tuple[str, ...] | No
             raise DSEEError(
                 f"Target module pattern {pattern!r} matches no linear layer of this "
                 f"{model.config.model_type} model. Layers inside its transformer blocks are named: "
-                f"{', '.join(names)} (fused GPT-2 c_attn takes a slice suffix :q, :k or :v)."
+                f"{', '.join(names)}; short names: {', '.join(family_of(model).aliases)}, {ALL_LINEAR} "
+                f"(fused GPT-2 c_attn takes a slice suffix :q, :k or :v)."
             )
         for name in matched:
             out_features, _ = dims(linears[name])
@@ -164,44 +285,84 @@ def resolve_targets(model: nn.Module, patterns: list[str] | tuple[str, ...] | No
 
 @dataclass
 class AttentionUnit:
-    """The modules of one layer's attention that head pruning must shrink."""
+    """One layer's attention as head pruning sees it. Query head h belongs to key/value group
+    h // (num_heads / num_kv_heads); without grouped-query attention every head is its own group."""
 
     layer: int
-    attention: nn.Module  # holds head-count attributes to update
-    qkv: list[tuple[str, tuple[int, int]]]  # (module name, row slice) for q, k, v
-    output: str  # module whose *input* columns follow the heads
-    num_heads: int
+    attention: nn.Module  # holds the head-count attributes to update
+    q: tuple[str, int]  # (module name, first row): the query heads' rows, head_dim each
+    k: tuple[str, int]  # the key/value heads' rows
+    v: tuple[str, int]
+    output: str  # module whose *input* columns follow the query heads
+    num_heads: int  # query heads
+    num_kv_heads: int
     head_dim: int
+    set_heads: Callable[[nn.Module, int, int, int], None]
+
+    @property
+    def group_size(self) -> int:
+        return self.num_heads // self.num_kv_heads
 
 
 def attention_units(model: nn.Module) -> list[AttentionUnit]:
-    prefix = layer_prefix(model)
-    fam = family_of(model)
+    prefix, at = layer_prefix(model), family_of(model).attention
     units = []
     for i, layer in enumerate(transformer_layers(model)):
-        p = f"{prefix}.{i}"
-        if fam is GPT2:
-            attn = layer.attn
-            hidden = attn.split_size
-            qkv = [(f"{p}.attn.c_attn", (k * hidden, (k + 1) * hidden)) for k in range(3)]
-            units.append(AttentionUnit(i, attn, qkv, f"{p}.attn.c_proj", attn.num_heads, attn.head_dim))
-        else:
-            sa = layer.attention.self
-            heads, hd = sa.num_attention_heads, sa.attention_head_size
-            qkv = [(f"{p}.attention.self.{n}", (0, heads * hd)) for n in ("query", "key", "value")]
-            units.append(AttentionUnit(i, sa, qkv, f"{p}.attention.output.dense", heads, hd))
+        p = f"{prefix}.{i}."
+        attn = layer.get_submodule(at.module)
+        heads, kv_heads, hd = at.heads(attn)
+        fused = at.q == at.k  # GPT-2: q, k, v side by side in one projection
+        offsets = (0, heads * hd, (heads + kv_heads) * hd) if fused else (0, 0, 0)
+        q, k, v = ((p + name, off) for name, off in zip((at.q, at.k, at.v), offsets))
+        units.append(AttentionUnit(i, attn, q, k, v, p + at.output, heads, kv_heads, hd, at.set_heads))
     return units
 
 
-def set_head_count(unit: AttentionUnit, heads: int) -> None:
-    attn = unit.attention
-    if hasattr(attn, "split_size"):  # GPT-2
-        attn.num_heads = heads
-        attn.split_size = heads * unit.head_dim
-        attn.embed_dim = heads * unit.head_dim
-    else:
-        attn.num_attention_heads = heads
-        attn.all_head_size = heads * unit.head_dim
+@dataclass(frozen=True)
+class MlpUnit:
+    """One layer's MLP as channel pruning sees it: channel c is row c of every expanding
+    projection and input column c of the contracting one."""
+
+    layer: int
+    expand: tuple[str, ...]
+    contract: str
+    channels: int
+
+
+def mlp_units(model: nn.Module) -> list[MlpUnit]:
+    prefix, mlp = layer_prefix(model), family_of(model).mlp
+    units = []
+    for i in range(len(transformer_layers(model))):
+        p = f"{prefix}.{i}."
+        expand = tuple(p + e for e in mlp.expand)
+        units.append(MlpUnit(i, expand, p + mlp.contract, dims(model.get_submodule(expand[0]))[0]))
+    return units
+
+
+def state_pruned_shapes(model: nn.Module) -> bool:
+    """Write the pruned head counts and FFN width into the config where the family's config can
+    state them, every layer has the same shapes and the config class accepts them (then the model
+    loads with plain ``from_pretrained``). False where it cannot: the removed units must then be
+    replayed (``load_merged``). LlamaConfig, for one, wants the hidden size a multiple of the
+    head count: 32 heads of Llama-3.2-1B can become 16 or 8 that way, not 24."""
+    keys = family_of(model).shape_keys
+    if keys is None:
+        return False
+    heads = {(u.num_heads, u.num_kv_heads, u.head_dim) for u in attention_units(model)}
+    ffn = {u.channels for u in mlp_units(model)}
+    if len(heads) != 1 or len(ffn) != 1:
+        return False
+    ((q, kv, hd),), (channels,) = heads, ffn
+    stated = copy.deepcopy(model.config)
+    for key, value in zip(("heads", "kv_heads", "head_dim", "ffn"), (q, kv, hd, channels)):
+        setattr(stated, keys[key], value)
+    try:  # the config class's own rules (LlamaConfig wants the hidden size a multiple of the head count)
+        getattr(stated, "validate", lambda: None)()
+    except Exception:
+        return False
+    for key in keys.values():
+        setattr(model.config, key, getattr(stated, key))
+    return True
 
 
 def task_head_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

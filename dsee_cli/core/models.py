@@ -27,7 +27,9 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     GPT2Config,
+    LlamaConfig,
     PreTrainedTokenizerFast,
+    Qwen2Config,
 )
 
 from dsee_cli.errors import DSEEError
@@ -36,23 +38,55 @@ HUB_MODELS = {
     "bert-base": "bert-base-uncased",
     "roberta-large": "roberta-large",
     "gpt2-medium": "gpt2-medium",
+    # decoder LLMs (grouped-query attention, SwiGLU); their presets load the base in bf16
+    "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-2-7b": "meta-llama/Llama-2-7b-hf",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+    "mistral-7b": "mistralai/Mistral-7B-v0.3",
 }
-TINY_MODELS = ("tiny-bert", "tiny-gpt2")
+TINY_DECODERS = ("tiny-llama", "tiny-qwen2")
+TINY_MODELS = ("tiny-bert", "tiny-gpt2", *TINY_DECODERS)
 SYNTHETIC_WORDS = 512  # the synthetic task draws its words from w0 .. w511
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+DECODER_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+# ChatML, as Qwen's tokenizers: the prompt of a conversation, and the generation prompt after it
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 log = logging.getLogger("dsee")
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A real WordPiece tokenizer built offline: synthetic words plus characters as fallback."""
+def _wordpiece(specials: list[str], unk: str) -> tuple[Tokenizer, dict[str, int]]:
+    """Synthetic words plus characters as fallback, after the special tokens."""
     chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    vocab_list = SPECIALS + [f"w{i}" for i in range(SYNTHETIC_WORDS)] + chars + [f"##{c}" for c in chars]
+    vocab_list = specials + [f"w{i}" for i in range(SYNTHETIC_WORDS)] + chars + [f"##{c}" for c in chars]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok = Tokenizer(WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
+    return tok, vocab
+
+
+def tiny_decoder_tokenizer() -> PreTrainedTokenizerFast:
+    """A decoder LLM's tokenizer built offline: BOS before every text (as Llama's), EOS, a pad
+    token, and a ChatML chat template with its two markers as special tokens."""
+    tok, vocab = _wordpiece(DECODER_SPECIALS, "<unk>")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>", additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                   model_input_names=["input_ids", "attention_mask"])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A real WordPiece tokenizer built offline: synthetic words plus characters as fallback."""
+    tok, vocab = _wordpiece(SPECIALS, "[UNK]")
     cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -73,7 +107,8 @@ class TinySize:
 
     hidden: int = 64  # hidden size
     layers: int = 2  # blocks
-    heads: int = 4  # attention heads
+    heads: int = 4  # attention heads (query heads)
+    kv_heads: int = 2  # tiny-llama / tiny-qwen2: key/value heads (grouped-query attention)
     intermediate: int = 128  # FFN size
     # std of the random weights. Not BERT's 0.02: with it a random 2-block encoder's [CLS] barely
     # depends on the input, and on the synthetic task only methods that re-weight attention (LoRA
@@ -97,7 +132,19 @@ class ModelConfig:
     dtype: str = "float32"
 
 
-def tiny_config(name: str, vocab_size: int, num_labels: int, size: TinySize, pad_id: int):
+def tiny_config(name: str, vocab_size: int, num_labels: int, size: TinySize, pad_id: int, bos_eos=(None, None)):
+    if name in TINY_DECODERS:  # RoPE, SwiGLU, grouped-query attention; Llama unties its LM head, Qwen2 ties it
+        if size.heads % max(1, size.kv_heads) or size.hidden % size.heads:
+            raise DSEEError(f"model.tiny.heads={size.heads} must divide model.tiny.hidden={size.hidden} and be a "
+                            f"multiple of model.tiny.kv_heads={size.kv_heads}.")
+        config_class = LlamaConfig if name == "tiny-llama" else Qwen2Config
+        return config_class(
+            vocab_size=vocab_size, hidden_size=size.hidden, num_hidden_layers=size.layers,
+            num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, intermediate_size=size.intermediate,
+            head_dim=size.hidden // size.heads, max_position_embeddings=512, num_labels=num_labels,
+            pad_token_id=pad_id, bos_token_id=bos_eos[0], eos_token_id=bos_eos[1], initializer_range=size.init_std,
+            attention_dropout=size.dropout, tie_word_embeddings=name == "tiny-qwen2", rope_theta=10000.0,
+        )
     if name == "tiny-bert":
         return BertConfig(
             vocab_size=vocab_size, hidden_size=size.hidden, num_hidden_layers=size.layers,
@@ -217,12 +264,14 @@ def load_model(
     checkpoint's pooler trains with the task head (None: if it was never trained)."""
     auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     if causal_lm and name == "tiny-bert" and not path:
-        raise DSEEError("Generation tasks (e2e, webnlg, dart) need a decoder: use model=tiny-gpt2, model=gpt2-medium "
-                        "or model.path=/path/to/a/gpt2_dir, not model=tiny-bert.")
+        raise DSEEError("Language-model tasks (e2e, webnlg, dart, instruct, wikitext2) need a decoder: use "
+                        "model=tiny-gpt2, tiny-llama, gpt2-medium, llama-3.2-1b or model.path=/path/to/a/decoder_dir, "
+                        "not model=tiny-bert.")
     if name in TINY_MODELS and not path:
         size = tiny or TinySize()
-        tokenizer = tiny_tokenizer()
-        config = tiny_config(name, len(tokenizer), num_labels, size, tokenizer.pad_token_id)
+        tokenizer = tiny_decoder_tokenizer() if name in TINY_DECODERS else tiny_tokenizer()
+        config = tiny_config(name, len(tokenizer), num_labels, size, tokenizer.pad_token_id,
+                             (tokenizer.bos_token_id, tokenizer.eos_token_id))
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model = auto.from_config(config)

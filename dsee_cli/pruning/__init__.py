@@ -20,9 +20,18 @@ from torch import nn
 
 from dsee_cli.core import dist
 from dsee_cli.errors import DSEEError, choice_error
-from dsee_cli.pruning.heads import head_scores, lowest_heads, prune_heads
+from dsee_cli.pruning.heads import (
+    HEAD_UNITS,
+    channel_scores,
+    check_head_removal,
+    choose_heads,
+    head_scores,
+    lowest_heads,
+    prune_ffn,
+    prune_heads,
+)
 from dsee_cli.pruning.masks import apply_masks, nm_masks, reapply_masks, score_pieces, unstructured_masks
-from dsee_cli.pruning.slimming import slim_and_prune
+from dsee_cli.pruning.slimming import lowest_units, slim_and_prune
 
 SCOPES = ("blocks", "adapted")
 CRITERIA = ("delta", "delta_plus_weight", "weight", "random")
@@ -39,7 +48,12 @@ class PruningConfig:
     granularity: str = "global"  # global: one threshold per pool; layer: per matrix
     n: int = 2  # nm: keep n of every m
     m: int = 4  # nm: the group size
-    heads_to_remove: int = 3  # structured / earlybert: heads removed per layer
+    heads_to_remove: int = 3  # structured / earlybert: query heads removed per layer
+    # structured / earlybert under grouped-query attention: query-heads (the same number from every
+    # key/value group: one shape for every layer) or kv-group (whole groups); heads: every head its own
+    # group (BERT, GPT-2), query-heads where heads share key/value heads
+    unit: str = "heads"
+    ffn_channels: float = 0.0  # structured: fraction of each layer's MLP channels removed (SwiGLU: gate, up, down)
     mask_delta: bool = True  # false: the reference behaviour, ΔW stays dense in recovery
     scope: str = "blocks"  # blocks: every linear in the blocks; adapted: only the adapted matrices (Table 7)
     rounds: int = 1  # imp: prune-retrain rounds
@@ -81,6 +95,10 @@ class PruningConfig:
             raise DSEEError(f"pruning.ffn_fraction={self.ffn_fraction} is out of range: it must be in [0, 1).")
         if self.slimming_l1 < 0:
             raise DSEEError(f"pruning.slimming_l1={self.slimming_l1} must be >= 0.")
+        if self.unit not in HEAD_UNITS:
+            raise choice_error("head pruning unit (pruning.unit)", self.unit, HEAD_UNITS)
+        if not 0.0 <= self.ffn_channels < 1.0:
+            raise DSEEError(f"pruning.ffn_channels={self.ffn_channels} is out of range: it must be in [0, 1).")
         if self.heads_to_remove < 0:
             raise DSEEError(f"pruning.heads_to_remove={self.heads_to_remove} must be >= 0.")
 
@@ -129,25 +147,39 @@ def _prune_by_masks(model: nn.Module, s: PruningConfig, sparsity: float, seed: i
             "granularity": s.granularity, "scope": s.scope}
 
 
-def _prune_heads(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
-    removed = dist.on_main(lambda: lowest_heads(head_scores(model, s.criterion, seed), s.heads_to_remove))
-    prune_heads(model, removed)
-    return {"method": s.method, "criterion": s.criterion, "heads_removed": {str(k): v for k, v in removed.items()}}
+def _structured_choice(model: nn.Module, s: PruningConfig, seed: int) -> tuple[dict, dict]:
+    heads = choose_heads(head_scores(model, s.criterion, seed), s.unit, s.heads_to_remove) \
+        if s.heads_to_remove else {}
+    channels = {layer: lowest_units(scores, s.ffn_channels)
+                for layer, scores in enumerate(channel_scores(model, s.criterion, seed))} if s.ffn_channels else {}
+    return heads, channels
+
+
+def _prune_structured(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
+    heads, channels = dist.on_main(lambda: _structured_choice(model, s, seed))  # decided once, on rank 0
+    if heads:
+        prune_heads(model, heads)
+    if channels:
+        prune_ffn(model, channels)
+    return {"method": s.method, "criterion": s.criterion, "unit": s.unit,
+            "heads_removed": {str(k): v for k, v in heads.items()},
+            "ffn_removed": {str(k): len(v) for k, v in channels.items()}}
 
 
 def _prune_slimmed(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
-    return {"method": s.method, **slim_and_prune(model, s.heads_to_remove, s.ffn_fraction)}
+    return {"method": s.method, "unit": s.unit, **slim_and_prune(model, s.heads_to_remove, s.ffn_fraction, s.unit)}
 
 
 for _pruner in (
     Pruner("none", "no pruning", None),
     Pruner("unstructured", "unstructured pruning", _prune_by_masks),
     Pruner("nm", "N:M pruning", _prune_by_masks),
-    Pruner("structured", "head pruning", _prune_heads, removes_heads=True, needs_delta=True),
+    Pruner("structured", "structured pruning", _prune_structured, removes_heads=True, needs_delta=True),
     Pruner("imp", "IMP pruning", _prune_by_masks, rounds=True),
     Pruner("earlybert", "EarlyBERT pruning", _prune_slimmed, removes_heads=True, slimming=True),
 ):
     register(_pruner)
 
-__all__ = ["CRITERIA", "PRUNERS", "Pruner", "PruningConfig", "apply_masks", "compute_masks",
-           "head_scores", "lowest_heads", "prune_heads", "reapply_masks", "register", "score_pieces"]
+__all__ = ["CRITERIA", "HEAD_UNITS", "PRUNERS", "Pruner", "PruningConfig", "apply_masks", "check_head_removal",
+           "choose_heads", "compute_masks", "head_scores", "lowest_heads", "prune_ffn", "prune_heads", "reapply_masks",
+           "register", "score_pieces"]

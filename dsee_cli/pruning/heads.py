@@ -1,46 +1,82 @@
-"""Structured pruning: attention heads removed for real (transformers 5.x has no prune_heads).
+"""Structured pruning: attention heads and MLP channels removed for real (transformers 5.x has
+no prune_heads).
 
-Per layer, the k heads with the least summed criterion (|ΔW|) over their rows in the adapted
-projections go: q/k/v rows, attention-output input columns, B rows and Ω.
+Heads are scored by the criterion (|ΔW|) summed over their rows in the adapted projections:
+a query head by its q rows, a key/value head by its k and v rows. Under grouped-query attention
+(several query heads share one key/value head) the unit removed is one of ``HEAD_UNITS``:
+
+* ``heads``: the k lowest heads of each layer where every head is its own group (BERT, GPT-2);
+  under grouped-query attention the same as ``query-heads``.
+* ``query-heads``: k / groups query heads from every group, keeping every key/value head, so
+  each layer keeps one shape (the export loads with plain ``from_pretrained``).
+* ``kv-group``: k / group-size whole groups (a key/value head and its query heads).
+
+Removing query heads drops their q rows and o_proj columns; a key/value head goes with the last
+of its query heads (k and v rows). B rows and Ω follow their rows.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from dsee_cli.core.arch import attention_units, set_head_count
-from dsee_cli.errors import DSEEError
+from dsee_cli.core.arch import AttentionUnit, attention_units, mlp_units, state_pruned_shapes, weight_out_in
+from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.pruning.masks import criterion_scores
 from dsee_cli.tuning.adapters import DSEELinear
 
+HEAD_UNITS = ("heads", "query-heads", "kv-group")
 
-def head_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) -> torch.Tensor:
-    """(layers, heads): the criterion summed over each head's rows in the adapted projections."""
+
+@dataclass
+class HeadScores:
+    """Per layer: the score of each query head (its q rows) and of each key/value head (k, v rows)."""
+
+    q: torch.Tensor  # (layers, query heads)
+    kv: torch.Tensor  # (layers, key/value heads)
+
+    def per_head(self) -> torch.Tensor:
+        """(layers, query heads): a head's own rows plus its group's key/value rows (without
+        grouped-query attention: all of the head's q, k and v rows)."""
+        group = self.q.shape[1] // self.kv.shape[1]
+        return self.q + self.kv.repeat_interleave(group, dim=1)
+
+
+def _row_scores(modules: dict, name_row: tuple[str, int], heads: int, head_dim: int, criterion: str,
+                gen: torch.Generator) -> torch.Tensor | None:
+    """The criterion summed over each head's rows of one projection; None where it is not adapted."""
+    name, first = name_row
+    module = modules[name]
+    if not isinstance(module, DSEELinear):
+        return None
+    for k, sl in enumerate(module.slices):
+        if sl == (first, first + heads * head_dim):
+            return criterion_scores(module, k, criterion, gen).float().cpu().view(heads, head_dim, -1).sum(dim=(1, 2))
+    return None
+
+
+def head_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) -> HeadScores:
     gen = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
-    rows = []
+    qs, kvs = [], []
     for unit in attention_units(model):
-        score = torch.zeros(unit.num_heads)
-        adapted_any = False
-        for name, (start, end) in unit.qkv:
-            module = modules[name]
-            if not isinstance(module, DSEELinear):
-                continue
-            for k, sl in enumerate(module.slices):
-                if sl == (start, end):
-                    s = criterion_scores(module, k, criterion, gen).cpu()
-                    score += s.view(unit.num_heads, unit.head_dim, -1).sum(dim=(1, 2))
-                    adapted_any = True
-        if not adapted_any:
+        hd = unit.head_dim
+        q = _row_scores(modules, unit.q, unit.num_heads, hd, criterion, gen)
+        k = _row_scores(modules, unit.k, unit.num_kv_heads, hd, criterion, gen)
+        v = _row_scores(modules, unit.v, unit.num_kv_heads, hd, criterion, gen)
+        if q is None and k is None and v is None:
             raise DSEEError(
                 f"Structured pruning scores heads by ΔW of the adapted attention projections, but no "
                 f"query/key/value projection of layer {unit.layer} is adapted. Add one to adapter.targets "
-                f"(e.g. query,value for BERT/RoBERTa, c_attn:q,c_attn:v for GPT-2)."
+                f"(e.g. q,v: query,value for BERT/RoBERTa, c_attn:q,c_attn:v for GPT-2, q_proj,v_proj for Llama)."
             )
-        rows.append(score)
-    return torch.stack(rows)
+        qs.append(q if q is not None else torch.zeros(unit.num_heads))
+        kvs.append(sum(x for x in (k, v) if x is not None) if (k is not None or v is not None)
+                   else torch.zeros(unit.num_kv_heads))
+    return HeadScores(torch.stack(qs), torch.stack(kvs))
 
 
 def lowest_heads(scores: torch.Tensor, k: int) -> dict[int, list[int]]:
@@ -52,6 +88,64 @@ def lowest_heads(scores: torch.Tensor, k: int) -> dict[int, list[int]]:
         )
     order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
     return {layer: sorted(order[layer].tolist()) for layer in range(scores.shape[0]) if k}
+
+
+def check_head_removal(unit: AttentionUnit, how: str, k: int) -> None:
+    """A removal that cannot be honoured is an error before any training: a count that does not
+    divide across the key/value groups, or one that leaves a layer without heads."""
+    if how not in HEAD_UNITS:
+        raise choice_error("head pruning unit (pruning.unit)", how, HEAD_UNITS)
+    heads, groups, size = unit.num_heads, unit.num_kv_heads, unit.group_size
+    if size == 1 or k == 0:
+        if not 0 <= k < heads:
+            raise DSEEError(f"pruning.heads_to_remove={k} is out of range: this model has {heads} heads per layer, "
+                            f"so it must be between 0 and {heads - 1}.")
+        return
+    gqa = f"this model has {heads} query heads over {groups} key/value heads ({size} per group)"
+    if how == "kv-group":
+        if k % size or not 0 < k // size < groups:
+            raise DSEEError(f"pruning.unit=kv-group pruning.heads_to_remove={k}: {gqa}, so whole groups are "
+                            f"multiples of {size} query heads, from {size} to {size * (groups - 1)}.")
+    elif k % groups or not 0 < k // groups < size:
+        raise DSEEError(f"pruning.unit={how} pruning.heads_to_remove={k}: {gqa}; the same number of query heads "
+                        f"goes from every group, so it must be a multiple of {groups} from {groups} to "
+                        f"{groups * (size - 1)} (or pruning.unit=kv-group removes whole groups).")
+
+
+def choose_heads(scores: HeadScores, how: str, k: int) -> dict[int, list[int]]:
+    """The query heads to remove from each layer, ``k`` per layer, by unit (``HEAD_UNITS``)."""
+    layers, heads = scores.q.shape
+    groups = scores.kv.shape[1]
+    size = heads // groups
+    if size == 1 or k == 0:
+        return lowest_heads(scores.per_head(), k)
+    if how == "kv-group":
+        group_score = scores.q.view(layers, groups, size).sum(-1) + scores.kv
+        dropped = lowest_heads(group_score, k // size)
+        return {layer: [g * size + j for g in gs for j in range(size)] for layer, gs in dropped.items()}
+    per_group = torch.sort(scores.q.view(layers, groups, size), dim=-1, stable=True).indices[..., : k // groups]
+    first = torch.arange(groups)[:, None] * size  # group g's heads are g·size .. g·size + size − 1
+    return {layer: sorted((first + per_group[layer]).flatten().tolist()) for layer in range(layers)}
+
+
+def channel_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) -> list[torch.Tensor]:
+    """Per layer, one score per MLP channel: the criterion over its rows of the expanding projections
+    (SwiGLU's gate and up) and its column of the contracting one, from the adapted ones among them;
+    |W| of all of them where none is adapted."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for unit in mlp_units(model):
+        modules = {n: model.get_submodule(n) for n in (*unit.expand, unit.contract)}
+        adapted = {n for n, m in modules.items() if isinstance(m, DSEELinear) and len(m.slices) == 1}
+        score = torch.zeros(unit.channels)
+        for name, module in modules.items():
+            if adapted and name not in adapted:
+                continue
+            s = criterion_scores(module, 0, criterion, gen) if adapted else \
+                weight_out_in(module).detach().abs()
+            score += (s.sum(dim=0) if name == unit.contract else s.sum(dim=1)).float().cpu()
+        out.append(score)
+    return out
 
 
 def _replace_param(owner: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -133,22 +227,60 @@ def _remap_omega(module: DSEELinear, k: int, row_map, col_map, new_in: int) -> N
 
 
 def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:
-    """Really remove the given heads of each layer (transformers 5.x has no prune_heads)."""
+    """Really remove the given query heads of each layer, and each key/value head whose group
+    loses all of its query heads (transformers 5.x has no prune_heads)."""
     if getattr(model.config, "dsee_pruned_heads", None):
         raise DSEEError("this model already had heads pruned; prune once, from the dense model")
     modules = dict(model.named_modules())
     for unit in attention_units(model):
         dropped = set(heads.get(unit.layer, heads.get(str(unit.layer), [])))
+        if dropped:
+            _remove_heads(modules, unit, dropped)
+    model.config.dsee_pruned_heads = {str(k): sorted(v) for k, v in heads.items() if v}
+
+
+def _remove_heads(modules: dict, unit: AttentionUnit, dropped: set[int]) -> None:
+    size, hd = unit.group_size, unit.head_dim
+    kept = [h for h in range(unit.num_heads) if h not in dropped]
+    per_group = {g: sum(h // size == g for h in kept) for g in range(unit.num_kv_heads)}
+    kept_kv = [g for g, n in per_group.items() if n]
+    if not kept or len({per_group[g] for g in kept_kv}) != 1:
+        raise DSEEError(f"Cannot remove query heads {sorted(dropped)} of layer {unit.layer}: every layer keeps at "
+                        f"least one head, and every key/value group it keeps the same number of query heads "
+                        f"({unit.num_heads} heads, {size} per group).")
+
+    def rows(kept_heads: list[int], first: int) -> torch.Tensor:
+        return torch.tensor([first + h * hd + d for h in kept_heads for d in range(hd)], dtype=torch.long)
+
+    by_module: dict[str, list[torch.Tensor]] = {}
+    for (name, first), kept_heads in ((unit.q, kept), (unit.k, kept_kv), (unit.v, kept_kv)):
+        by_module.setdefault(name, []).append(rows(kept_heads, first))
+    for name, parts in by_module.items():
+        shrink_outputs(modules[name], torch.cat(parts))
+    shrink_inputs(modules[unit.output], rows(kept, 0))
+    unit.set_heads(unit.attention, len(kept), len(kept_kv), hd)
+
+
+def prune_ffn(model: nn.Module, removed: dict[int, list[int]]) -> None:
+    """Really remove MLP channels: rows of the expanding projections (SwiGLU: gate and up),
+    input columns of the contracting one."""
+    for unit in mlp_units(model):
+        dropped = set(removed.get(unit.layer, removed.get(str(unit.layer), [])))
         if not dropped:
             continue
-        kept_heads = [h for h in range(unit.num_heads) if h not in dropped]
-        cols = torch.tensor([h * unit.head_dim + d for h in kept_heads for d in range(unit.head_dim)],
-                            dtype=torch.long)
-        by_module: dict[str, list[torch.Tensor]] = {}
-        for name, (start, _end) in unit.qkv:
-            by_module.setdefault(name, []).append(cols + start)
-        for name, parts in by_module.items():
-            shrink_outputs(modules[name], torch.cat(parts))
-        shrink_inputs(modules[unit.output], cols)
-        set_head_count(unit, len(kept_heads))
-    model.config.dsee_pruned_heads = {str(k): sorted(v) for k, v in heads.items() if v}
+        keep = torch.tensor([i for i in range(unit.channels) if i not in dropped], dtype=torch.long)
+        if not len(keep):
+            raise DSEEError(f"Cannot remove every MLP channel of layer {unit.layer}.")
+        for name in unit.expand:
+            shrink_outputs(model.get_submodule(name), keep)
+        shrink_inputs(model.get_submodule(unit.contract), keep)
+    model.config.dsee_pruned_ffn = {str(k): sorted(v) for k, v in removed.items() if v}
+
+
+def stated_in_config(model: nn.Module) -> bool:
+    """After pruning, for export: the shrunk shapes as config keys where the family allows it
+    (then no removed units are recorded for replay)."""
+    if not state_pruned_shapes(model):
+        return False
+    model.config.dsee_pruned_heads = model.config.dsee_pruned_ffn = None
+    return True

@@ -13,24 +13,14 @@ import torch
 from torch import nn
 
 from dsee_cli.core import dist
-from dsee_cli.core.arch import GPT2, attention_units, family_of, layer_prefix, transformer_layers, weight_out_in
+from dsee_cli.core.arch import attention_units, mlp_units, transformer_layers, weight_out_in
 from dsee_cli.errors import DSEEError
-from dsee_cli.pruning.heads import lowest_heads, prune_heads, shrink_inputs, shrink_outputs
+from dsee_cli.pruning.heads import HeadScores, choose_heads, prune_ffn, prune_heads
 from dsee_cli.tuning.adapters import DSEELinear
 
 # The model attribute naming frozen parameters that pruning changed (the folded projections):
 # checkpoints and export/adapter must save them although they do not train.
 FROZEN_CHANGED = "dsee_frozen_changed"
-
-
-def ffn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(expanding, contracting) projection names of each block's FFN."""
-    prefix = layer_prefix(model)
-    if family_of(model) is GPT2:
-        parts = ("mlp.c_fc", "mlp.c_proj")
-    else:
-        parts = ("intermediate.dense", "output.dense")
-    return [(f"{prefix}.{i}.{parts[0]}", f"{prefix}.{i}.{parts[1]}") for i in range(len(transformer_layers(model)))]
 
 
 def _scale_inputs(module: nn.Module, args):
@@ -43,9 +33,8 @@ def _consumers(model: nn.Module) -> list[tuple[nn.Module, int, int]]:
     out = []
     for unit in attention_units(model):
         out.append((model.get_submodule(unit.output), unit.num_heads, unit.head_dim))
-    for _, contract in ffn_pairs(model):
-        module = model.get_submodule(contract)
-        out.append((module, weight_out_in(module).shape[1], 1))
+    for unit in mlp_units(model):
+        out.append((model.get_submodule(unit.contract), unit.channels, 1))
     return out
 
 
@@ -78,24 +67,11 @@ def lowest_units(scores: torch.Tensor, fraction: float) -> list[int]:
     return sorted(torch.sort(scores, stable=True).indices[:k].tolist())
 
 
-def prune_ffn(model: nn.Module, removed: dict[int, list[int]]) -> None:
-    """Really remove FFN neurons: rows of the expanding projection, inputs of the contracting one."""
-    for layer, (expand, contract) in enumerate(ffn_pairs(model)):
-        dropped = set(removed.get(layer, removed.get(str(layer), [])))
-        if not dropped:
-            continue
-        n = weight_out_in(model.get_submodule(expand)).shape[0]
-        keep = torch.tensor([i for i in range(n) if i not in dropped], dtype=torch.long)
-        shrink_outputs(model.get_submodule(expand), keep)
-        shrink_inputs(model.get_submodule(contract), keep)
-    model.config.dsee_pruned_ffn = {str(k): sorted(v) for k, v in removed.items() if v}
-
-
 def has_slimming(model: nn.Module) -> bool:
     return any(hasattr(m, "dsee_slim") for m in model.modules())
 
 
-def slim_and_prune(model: nn.Module, heads_to_remove: int, ffn_fraction: float) -> dict:
+def slim_and_prune(model: nn.Module, heads_to_remove: int, ffn_fraction: float, unit: str = "heads") -> dict:
     """Fold the learned coefficients in, then remove the weakest heads and FFN neurons per layer."""
     n_layers = len(transformer_layers(model))
     consumers = [m for m, _, _ in _consumers(model)]
@@ -103,8 +79,10 @@ def slim_and_prune(model: nn.Module, heads_to_remove: int, ffn_fraction: float) 
     setattr(model, FROZEN_CHANGED, set(getattr(model, FROZEN_CHANGED, ())) |
             {f"{names[id(m)]}.weight" for m in consumers})
     coeffs = [_fold_and_remove(m) for m in consumers]
-    head_scores, ffn_scores = torch.stack(coeffs[:n_layers]), coeffs[n_layers:]
-    heads, ffn = dist.on_main(lambda: (lowest_heads(head_scores, heads_to_remove),  # decided once, on rank 0
+    q = torch.stack(coeffs[:n_layers])  # a coefficient per query head; key/value heads have none
+    scores = HeadScores(q, torch.zeros(n_layers, attention_units(model)[0].num_kv_heads))
+    ffn_scores = coeffs[n_layers:]
+    heads, ffn = dist.on_main(lambda: (choose_heads(scores, unit, heads_to_remove),  # decided once, on rank 0
                                        {layer: lowest_units(s, ffn_fraction) for layer, s in enumerate(ffn_scores)}))
     if heads:
         prune_heads(model, heads)

@@ -23,8 +23,8 @@ from torch import nn
 
 from dsee_cli.atomic import atomic_write_text, fsync_file
 from dsee_cli.config import RunConfig
-from dsee_cli.pruning import apply_masks, prune_heads
-from dsee_cli.pruning.slimming import FROZEN_CHANGED, prune_ffn
+from dsee_cli.pruning import apply_masks, prune_ffn, prune_heads
+from dsee_cli.pruning.slimming import FROZEN_CHANGED
 from dsee_cli.tuning.adapters import adapters_of, set_omegas
 from dsee_cli.tuning.sparse_training import sparse_layers
 

@@ -4,7 +4,9 @@
   task head, pruned heads) that re-applies onto the pretrained model. The training
   checkpoints use the same tensors, so resuming and re-applying are one code path.
 * ``export_merged`` / ``load_merged``: a model directory whose weights are M⊙(W+ΔW), whose
-  config records the removed heads, so that ``load_merged`` rebuilds the shrunk shapes.
+  config records the removed heads, so that ``load_merged`` rebuilds the shrunk shapes. Decoder
+  LLMs pruned alike in every layer state their shrunk head counts and MLP width as plain config
+  keys instead, so ``AutoModelForCausalLM.from_pretrained`` loads them with no dsee code.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from dsee_cli.atomic import fsync_dir, fsync_file
 from dsee_cli.core.arch import block_linears, weight_out_in
-from dsee_cli.pruning import prune_heads
-from dsee_cli.pruning.slimming import prune_ffn
+from dsee_cli.pruning import prune_ffn, prune_heads
+from dsee_cli.pruning.heads import stated_in_config
 from dsee_cli.run.checkpoint import load_state_dir, model_state, pack_mask, restore_state, save_state_dir, unpack_mask
 from dsee_cli.tuning import AdapterConfig, prepare_method
 from dsee_cli.tuning.adapters import unwrap_adapters
@@ -77,6 +79,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             weight_out_in(merged.get_submodule(name)).mul_(mask.cpu())
     merged.config.architectures = [type(merged).__name__]  # load_merged picks the model class from it
+    stated_in_config(merged)  # decoder LLMs pruned alike in every layer: plain from_pretrained loads them
     return merged
 
 

@@ -41,7 +41,7 @@ from dsee_cli.data.hub import uses_mirror
 from dsee_cli.errors import DSEEError
 from dsee_cli.measure.accounting import inference_flops, scope_size, trainable_counts
 from dsee_cli.measure.costs import TimingSettings, measure_savings, semi_structured
-from dsee_cli.pruning import reapply_masks
+from dsee_cli.pruning import check_head_removal, reapply_masks
 from dsee_cli.pruning.slimming import add_slimming, has_slimming, slimming_penalty
 from dsee_cli.run.checkpoint import (
     STATE_META,
@@ -256,11 +256,8 @@ class Run:
             enable_gradient_checkpointing(self.model)
         dist.check_same("the model as loaded",
                         lambda: {n: p for n, p in self.model.named_parameters() if p.requires_grad})
-        if self.pruning.pruner.removes_heads:
-            heads = attention_units(self.model)[0].num_heads
-            if not 0 <= self.pruning.heads_to_remove < heads:
-                raise DSEEError(f"pruning.heads_to_remove={self.pruning.heads_to_remove} is out of range: this model "
-                                f"has {heads} heads per layer, so it must be between 0 and {heads - 1}.")
+        if self.pruning.pruner.removes_heads:  # a removal that cannot be honoured fails before any training
+            check_head_removal(attention_units(self.model)[0], self.pruning.unit, self.pruning.heads_to_remove)
         self.rounds = sum(step.kind == "prune" for step in self.plan)
 
     def start(self) -> None:

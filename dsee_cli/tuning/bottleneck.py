@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dsee_cli.core.arch import GPT2, AddedModule, family_of, transformer_layers
+from dsee_cli.core.arch import AddedModule, family_of, transformer_layers
 from dsee_cli.errors import DSEEError, choice_error
 
 PLACEMENTS = ("both", "ffn")
@@ -67,7 +67,7 @@ def _parallel_ffn_hook_bert(module: nn.Module, args, kwargs):
     return args, kwargs
 
 
-def _parallel_ffn_hook_gpt2(module: nn.Module, args, output):
+def _parallel_ffn_hook(module: nn.Module, args, output):
     return output + module.mam(args[0])
 
 
@@ -78,9 +78,9 @@ def _hidden_size(model: nn.Module) -> int:
 
 def _ffn_and_attention_outputs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(attention-output projection, FFN-output projection) of each block."""
-    if family_of(model) is GPT2:
-        return [(layer.attn.c_proj, layer.mlp.c_proj) for layer in transformer_layers(model)]
-    return [(layer.attention.output.dense, layer.output.dense) for layer in transformer_layers(model)]
+    fam = family_of(model)
+    return [(layer.get_submodule(fam.attention.output), layer.get_submodule(fam.mlp.contract))
+            for layer in transformer_layers(model)]
 
 
 def add_houlsby(model: nn.Module, s: BottleneckConfig) -> None:
@@ -100,9 +100,10 @@ def add_parallel_ffn(model: nn.Module, s: BottleneckConfig) -> None:
     dim = _hidden_size(model)
     for layer in transformer_layers(model):
         adapter = Bottleneck(dim, s.size, activation="relu", scale=s.scale)
-        if family_of(model) is GPT2:
-            layer.mlp.add_module("mam", adapter)
-            layer.mlp.register_forward_hook(_parallel_ffn_hook_gpt2)
+        mlp = family_of(model).mlp.module
+        if mlp is not None:  # the MLP is one module of the hidden state (GPT-2, Llama): beside it
+            layer.get_submodule(mlp).add_module("mam", adapter)
+            layer.get_submodule(mlp).register_forward_hook(_parallel_ffn_hook)
         else:
             layer.output.add_module("mam", adapter)
             layer.output.register_forward_pre_hook(_parallel_ffn_hook_bert, with_kwargs=True)

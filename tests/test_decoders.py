@@ -1,0 +1,239 @@
+"""Decoder LLMs (Llama, Mistral, Qwen2/3): the family description, adapters on any projection,
+and structured pruning that respects grouped-query attention, on tiny-llama / tiny-qwen2
+(8 query heads over 2 key/value heads, RoPE, SwiGLU; Llama untied, Qwen2 tied)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from dsee_cli.core.arch import DECODER, attention_units, family_of, mlp_units, resolve_targets, weight_out_in
+from dsee_cli.core.models import TinySize, load_model
+from dsee_cli.errors import DSEEError
+from dsee_cli.measure.accounting import trainable_counts
+from dsee_cli.pruning import check_head_removal, choose_heads, head_scores, prune_ffn, prune_heads
+from dsee_cli.pruning.heads import channel_scores, lowest_heads
+from dsee_cli.run.export import export_merged, load_merged
+from dsee_cli.tuning.adapters import LowRankConfig, adapters_of, inject_adapters, omega_keys, set_omegas
+from dsee_cli.tuning.omega import GreBsmoSettings, find_omega
+
+from .helpers import with_random_adapters
+
+GQA = TinySize(hidden=64, layers=2, heads=8, kv_heads=2, intermediate=48, dropout=0.0)
+DECODERS = ["tiny-llama", "tiny-qwen2"]
+ALL = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def decoder(name: str = "tiny-llama", causal_lm: bool = True, seed: int = 0):
+    lm = load_model(name, None, 2, seed, GQA, causal_lm=causal_lm)
+    return lm.model, lm.tokenizer
+
+
+def ids(tok, texts=("w1 w2 w3 w4 w5", "w7 w9 w11", "w5 w6 w8 w10 w12 w14")):
+    return tok(list(texts), padding=True, return_tensors="pt")
+
+
+def out(model, enc):
+    model.eval()
+    with torch.no_grad():
+        return model(**enc).logits
+
+
+def test_llama_family_is_recognised_by_its_modules_not_its_name():
+    model, _ = decoder()
+    assert family_of(model) is DECODER
+    model.config.model_type = "my-own-llm"  # a model type we never listed, built as Llama is
+    assert family_of(model) is DECODER
+    unit = attention_units(model)[0]
+    assert (unit.num_heads, unit.num_kv_heads, unit.head_dim, unit.group_size) == (8, 2, 8, 4)
+    assert mlp_units(model)[0].expand == ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_tiny_decoders_have_gqa_rope_swiglu_and_a_chat_template(name):
+    model, tok = decoder(name)
+    c = model.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.hidden_act) == (8, 2, "silu")
+    assert c.tie_word_embeddings == (name == "tiny-qwen2")
+    assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == c.tie_word_embeddings
+    assert tok("w1 w2")["input_ids"][0] == tok.bos_token_id
+    chat = tok.apply_chat_template([{"role": "user", "content": "w1 w2"}], add_generation_prompt=True)
+    chat = chat["input_ids"] if hasattr(chat, "keys") else chat
+    assert tok.convert_tokens_to_ids("<|im_start|>") in chat and tok.convert_tokens_to_ids("<|im_end|>") in chat
+
+
+@pytest.mark.parametrize("targets", [["q", "v"], ALL, ["all-linear"], ["k", "down"]])
+def test_trainable_counts_on_any_projection_follow_the_formula(targets):
+    """Σ r·(in + out) + card(Ω) per adapted matrix; k and v are 2 heads · 8 = 16 rows under GQA."""
+    model, _ = decoder()
+    r, n = 4, 6
+    inject_adapters(model, LowRankConfig(rank=r, alpha=8, omega_size=n), targets)
+    adapters = adapters_of(model)
+    set_omegas(adapters, {k: torch.arange(n) for k in omega_keys(adapters)})
+    shape = {"q": (64, 64), "k": (16, 64), "v": (16, 64), "o": (64, 64), "gate": (48, 64), "up": (48, 64),
+             "down": (64, 48)}
+    names = ALL if targets == ["all-linear"] else targets
+    counts = trainable_counts(model)
+    assert counts.adapter_low_rank == 2 * sum(r * sum(shape[t]) for t in names)  # 2 layers
+    assert counts.adapter_sparse == 2 * n * len(names)
+    assert len(adapters) == 2 * len(names)
+
+
+def test_llama_3_2_1b_shape_counts_are_exact():
+    """16 layers, 2048 hidden, 32 / 8 heads of 64: q is 2048 x 2048, v is 512 x 2048."""
+    config = LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=128256, head_dim=64)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    inject_adapters(model, LowRankConfig(rank=16, alpha=32, omega_size=16))
+    adapters = adapters_of(model)
+    set_omegas(adapters, {k: torch.arange(16) for k in omega_keys(adapters)})
+    counts = trainable_counts(model)
+    assert counts.adapter_low_rank == 16 * 16 * ((2048 + 2048) + (2048 + 512)) == 1_703_936
+    assert counts.adapter_sparse == 16 * 2 * 16
+
+
+def test_grebsmo_finds_omega_on_rectangular_gqa_and_mlp_matrices():
+    model, _ = decoder()
+    weights = {t.name: weight_out_in(model.get_submodule(t.name)) for t in resolve_targets(model, ALL)}
+    omegas = find_omega(weights, 8, "grebsmo", GreBsmoSettings(rank=8, rank_start=2, rank_step=3))
+    for name, idx in omegas.items():
+        rows, cols = weights[name].shape
+        assert idx.numel() == 8 and int(idx.max()) < rows * cols and len(set(idx.tolist())) == 8
+
+
+def _lora_pair(name: str):
+    peft = pytest.importorskip("peft")
+    ours, tok = decoder(name, causal_lm=False)
+    theirs, _ = decoder(name, causal_lm=False)
+    inject_adapters(ours, LowRankConfig(rank=4, alpha=16, omega_size=0), ["q", "v"])
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                         lora_dropout=0.0, modules_to_save=["score"]))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module_name, a in adapters_of(ours).items():
+            a.lora_B[0].copy_(torch.randn(a.lora_B[0].shape, generator=gen) * 0.1)
+            layer = theirs.base_model.model.get_submodule(module_name)
+            layer.lora_A["default"].weight.copy_(a.lora_A[0])
+            layer.lora_B["default"].weight.copy_(a.lora_B[0])
+    return ours, theirs, tok
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_omega_zero_is_peft_lora_on_decoders_logits_and_one_step(name):
+    ours, theirs, tok = _lora_pair(name)
+    enc, labels = ids(tok), torch.tensor([0, 1, 1])
+    assert torch.allclose(out(ours, enc), out(theirs, enc), atol=1e-6)
+    steps = []
+    for model in (ours, theirs):
+        lora = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+        opt = torch.optim.SGD(lora, lr=0.5)
+        model.train()
+        model(**enc, labels=labels).loss.backward()
+        opt.step()
+        steps.append(out(model, enc))
+    assert not torch.allclose(steps[0], out(decoder(name, causal_lm=False)[0], enc))
+    assert torch.allclose(steps[0], steps[1], atol=1e-5)
+
+
+def _zeroed(model, heads: dict[int, list[int]], channels: dict[int, list[int]] | None = None):
+    """The dense model with the given query heads' o_proj columns (and MLP channels' down_proj
+    columns) zeroed: what the pruned model must compute."""
+    dense = copy.deepcopy(model)
+    modules = dict(dense.named_modules())
+    with torch.no_grad():
+        for unit in attention_units(dense):
+            w = weight_out_in(getattr(modules[unit.output], "base", modules[unit.output]))
+            for h in heads.get(unit.layer, []):
+                w[:, h * unit.head_dim:(h + 1) * unit.head_dim] = 0
+            if unit.output in adapters_of(dense):
+                raise AssertionError("o_proj must not be adapted in this test")
+        for unit in mlp_units(dense):
+            m = modules[unit.contract]
+            weight_out_in(getattr(m, "base", m))[:, (channels or {}).get(unit.layer, [])] = 0
+    return dense
+
+
+def _generate(model, tok, cache: bool):
+    enc = tok(["w1 w2 w3"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=cache, pad_token_id=0,
+                              output_logits=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("unit,k", [("query-heads", 2), ("query-heads", 6), ("kv-group", 4)])
+def test_gqa_head_pruning_equals_the_dense_model_with_those_heads_zeroed(name, unit, k, tmp_path):
+    model, tok = decoder(name)
+    with_random_adapters(model, omega=30, targets=["q", "k", "v", "gate"])
+    check_head_removal(attention_units(model)[0], unit, k)
+    heads = choose_heads(head_scores(model), unit, k)
+    channels = {layer: lowest_heads(s[None], 12)[0] for layer, s in enumerate(channel_scores(model))}
+    dense = _zeroed(model, heads, channels)
+    prune_heads(model, heads)
+    prune_ffn(model, channels)
+    for u, removed in zip(attention_units(model), heads.values()):
+        assert len(removed) == k and u.num_heads == 8 - k
+        assert u.num_kv_heads == (2 - k // 4 if unit == "kv-group" else 2)
+        assert len({h // 4 for h in removed}) == (k // 4 if unit == "kv-group" else 2)  # per group / whole groups
+    assert mlp_units(model)[0].channels == 36
+    enc = ids(tok)
+    assert torch.allclose(out(model, enc), out(dense, enc), atol=1e-5)
+    for cache in (True, False):  # RoPE positions and the KV cache hold with fewer heads
+        pruned, reference = _generate(model, tok, cache), _generate(dense, tok, cache)
+        assert torch.equal(pruned.sequences, reference.sequences)
+        assert torch.allclose(torch.stack(pruned.logits), torch.stack(reference.logits), atol=1e-5)
+    merged = export_merged(model, tok, tmp_path / "merged")
+    assert torch.allclose(out(load_merged(tmp_path / "merged"), enc), out(merged, enc), atol=1e-5)
+
+
+@pytest.mark.parametrize("unit", ["query-heads", "kv-group"])
+def test_uniformly_pruned_export_loads_with_plain_from_pretrained(unit, tmp_path):
+    model, tok = decoder("tiny-llama")
+    with_random_adapters(model, omega=10, targets=["q", "v", "up"])
+    k = 4  # 4 heads are left: LlamaConfig wants the hidden size (64) a multiple of the head count
+    prune_heads(model, choose_heads(head_scores(model), unit, k))
+    prune_ffn(model, {layer: list(range(0, 48, 4)) for layer in range(2)})
+    export_merged(model, tok, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # no dsee code: the config states the shapes
+    c = plain.config
+    assert (c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size) == \
+        (8 - k, 2 if unit == "query-heads" else 1, 8, 36)
+    assert getattr(c, "dsee_pruned_heads", None) is None
+    enc = ids(tok)
+    assert torch.allclose(out(plain, enc), out(model, enc), atol=1e-5)
+
+
+@pytest.mark.parametrize("unit,k,message", [
+    ("query-heads", 3, "multiple of 2"),
+    ("query-heads", 8, "multiple of 2 from 2 to 6"),
+    ("kv-group", 2, "multiples of 4"),
+    ("kv-group", 8, "from 4 to 4"),
+    ("sideways", 2, "Valid choices: heads, query-heads, kv-group"),
+])
+def test_a_head_removal_that_cannot_be_honoured_is_a_clear_error(unit, k, message):
+    model, _ = decoder()
+    with pytest.raises(DSEEError, match=message):
+        check_head_removal(attention_units(model)[0], unit, k)
+
+
+def test_removing_unequal_query_heads_per_group_is_refused():
+    model, _ = decoder()
+    with pytest.raises(DSEEError, match="same number of query heads"):
+        prune_heads(model, {0: [0, 1, 2]})  # group 0 keeps 1, group 1 keeps 4
+
+
+def test_channel_scores_use_delta_where_adapted_and_weight_where_not():
+    model, _ = decoder()
+    by_weight = channel_scores(model)  # nothing adapted: |W| of gate, up and down
+    unit = mlp_units(model)[0]
+    w = sum(weight_out_in(model.get_submodule(n)).abs().sum(1) for n in unit.expand)
+    w = w + weight_out_in(model.get_submodule(unit.contract)).abs().sum(0)
+    assert torch.allclose(by_weight[0], w)
+    with_random_adapters(model, targets=["up"])
+    a = adapters_of(model)[unit.expand[1]]
+    assert torch.allclose(channel_scores(model)[0], a.delta_weight().abs().sum(1))
