@@ -84,19 +84,23 @@ def test_the_loss_covers_the_target_only():
         assert (batch["labels"][row, : len(prompt)] == -100).all()  # the prompt is not a target
         assert (batch["labels"][row, len(prompt) : len(enc.input_ids[row])] != -100).all()
 
-    class Fixed(torch.nn.Module):  # the real model's logits, as a leaf we can take gradients of
+    class Fixed(torch.nn.Module):  # the real model's hidden states, as a leaf we can take gradients of
         def __init__(self):
             super().__init__()
-            self.logits = torch.nn.Parameter(model(input_ids=batch["input_ids"]).logits.detach())
+            self.hidden = torch.nn.Parameter(model.base_model(input_ids=batch["input_ids"]).last_hidden_state.detach())
+            self.head = model.get_output_embeddings()
 
-        def forward(self, **kwargs):
-            return type("Out", (), {"logits": self.logits})
+        def base_model(self, **kwargs):
+            return type("Out", (), {"last_hidden_state": self.hidden})
+
+        def get_output_embeddings(self):
+            return self.head
 
     fixed = Fixed()
     lm_loss(fixed, batch).backward()
-    grad = fixed.logits.grad.abs().sum(-1)
+    grad = fixed.hidden.grad.abs().sum(-1)
     for row, prompt in enumerate(enc.prompts[:3]):
-        # logits at position t predict token t+1: the prompt's tokens (but its last) get no gradient
+        # position t predicts token t+1: the prompt's tokens (but its last) get no gradient
         assert (grad[row, : len(prompt) - 1] == 0).all()
         assert (grad[row, len(prompt) - 1 : len(enc.input_ids[row]) - 1] > 0).all()
     # the masking matters: un-masking the prompt's labels changes the loss
@@ -153,3 +157,22 @@ def test_local_generation_files_give_each_split_its_own_file(tmp_path):
     data = load_nlg(DataSource(name="e2e", data_dir=str(tmp_path), eval_split="test", select_split="validation"), 1)
     assert [e.source for e in data.evals["validation"]] == ["name : b"]
     assert [e.source for e in data.evals["test"]] == ["name : c"]
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_chunked_loss_equals_cross_entropy_over_full_logits(smoothing):
+    """The LM head on target positions only, 5 at a time, recomputed in backward: the same loss
+    and the same gradients as fp32 logits over every position."""
+    model, tok, eos = _tiny_lm()
+    enc = encode_lm(synthetic_pairs(4, seed=1), tok, 64, eos)
+    batch = collate_lm(enc, [0, 1, 2, 3], tok.pad_token_id)
+    model.train(False)
+    chunked = lm_loss(model, batch, smoothing, chunk=5)
+    grads = torch.autograd.grad(chunked, [p for p in model.parameters() if p.requires_grad])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                             batch["labels"][:, 1:].reshape(-1), ignore_index=-100,
+                                             label_smoothing=smoothing)
+    reference = torch.autograd.grad(full, [p for p in model.parameters() if p.requires_grad])
+    assert torch.allclose(chunked, full, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, reference))

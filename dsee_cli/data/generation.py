@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsee_cli.core import dist
 from dsee_cli.core.precision import FP32, Precision
@@ -261,12 +262,39 @@ def collate_lm(data: LMEncoded, indices: list[int], pad_id: int) -> dict[str, to
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
-    """Next-token cross-entropy on the target tokens only (labels −100 elsewhere)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    shifted = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    targets = batch["labels"][:, 1:].reshape(-1)
-    return F.cross_entropy(shifted, targets, ignore_index=-100, label_smoothing=label_smoothing)
+LOSS_CHUNK = 1024  # positions whose logits exist at once: never (batch x length x vocabulary) in fp32
+
+
+def _targets_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last hidden states at the positions that predict a target token (labels not −100
+    after the shift), and those targets: the LM head then runs on these positions only."""
+    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    return hidden[:, :-1][keep], targets[keep]
+
+
+def _chunk_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, smoothing: float) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum", label_smoothing=smoothing)
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0,
+            chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Next-token cross-entropy on the target tokens only (labels −100 elsewhere). The LM head runs
+    on target positions alone, ``chunk`` at a time, each chunk's fp32 logits recomputed in the
+    backward pass rather than kept: a 128k vocabulary never sits in memory for every position."""
+    hidden, targets = _targets_and_hidden(model, batch)
+    head = model.get_output_embeddings()
+    if not len(targets):  # no target in this batch (every response truncated away): a zero that has a graph
+        return hidden.sum() * 0.0
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), chunk):
+        h, t = hidden[start:start + chunk], targets[start:start + chunk]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, head, h, t, label_smoothing, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, h, t, label_smoothing)
+    return total / len(targets)
 
 
 @torch.no_grad()
@@ -275,14 +303,17 @@ def token_accuracy(model: nn.Module, data: LMEncoded, pad_id: int, device, batch
     """Teacher-forced next-token accuracy and loss on the targets: cheap, for evaluation while training."""
     model.eval()
     counts = {}
+    head = model.get_output_embeddings()
     for i, start, end in dist.my_batches(len(data.input_ids), batch_size):  # each rank its share of the batches
         batch = {k: v.to(device) for k, v in collate_lm(data, list(range(start, end)), pad_id).items()}
+        right, loss = 0, 0.0
         with precision.autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        targets = batch["labels"][:, 1:]
-        keep = targets != -100
-        counts[i] = (int((logits.argmax(-1)[keep] == targets[keep]).sum()), int(keep.sum()),
-                     float(F.cross_entropy(logits[keep], targets[keep], reduction="sum")))
+            hidden, targets = _targets_and_hidden(model, batch)
+            for c in range(0, len(targets), LOSS_CHUNK):
+                logits, t = head(hidden[c:c + LOSS_CHUNK]).float(), targets[c:c + LOSS_CHUNK]
+                right += int((logits.argmax(-1) == t).sum())
+                loss += float(F.cross_entropy(logits, t, reduction="sum"))
+        counts[i] = (right, len(targets), loss)
     right = total = 0
     loss_sum = 0.0
     for r, t, loss in dist.gather_in_order(counts):  # summed in batch order: one process's numbers exactly

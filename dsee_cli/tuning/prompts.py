@@ -4,6 +4,7 @@ layer's keys and values."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -28,18 +29,19 @@ class PromptConfig:
 class _PrefixInjector:
     """A forward pre-hook: PEFT's prompt as past keys/values, the attention mask extended."""
 
-    def __init__(self, peft_model, length: int):
+    def __init__(self, peft_model, length: int, cache_key: str):
         self.peft_model = peft_model
         self.length = length
+        self.cache_key = cache_key  # transformers 5 names it cache (past_key_values before)
 
     def __call__(self, module: nn.Module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         batch = ids.shape[0]
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(self.cache_key)
         if cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
             # the first forward (training, or generation's first step); later decoding steps
             # already carry the prompt in their cache
-            kwargs["past_key_values"] = self.peft_model.get_prompt(batch_size=batch)
+            kwargs[self.cache_key] = self.peft_model.get_prompt(batch_size=batch)
         mask = kwargs.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(ids)
@@ -54,4 +56,7 @@ def add_prefix(model: nn.Module, s: PromptConfig) -> None:
                                 encoder_hidden_size=s.hidden, task_type=None)
     peft_model = PeftModel(model, config)  # builds the prompt encoder; freezes the model
     model.add_module("prefix_encoder", peft_model.prompt_encoder)
-    model.register_forward_pre_hook(_PrefixInjector(peft_model, s.length), with_kwargs=True)
+    # on the base model (the blocks' stack), which the task head's and the LM loss's forwards both call
+    base = model.base_model
+    key = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    base.register_forward_pre_hook(_PrefixInjector(peft_model, s.length, key), with_kwargs=True)
