@@ -17,12 +17,15 @@ from typing import Any
 from dsee_cli.core.models import DTYPES, HUB_MODELS, TINY_MODELS, ModelConfig
 from dsee_cli.data.classification import TASKS, DataSource
 from dsee_cli.data.generation import NLG_TASKS, DecodeConfig
+from dsee_cli.data.lm_tasks import LM_TASKS, PERPLEXITY_TASKS
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.pruning import PruningConfig
 from dsee_cli.reporting.tracking import LoggerConfig
 from dsee_cli.run.train import TrainerConfig
 from dsee_cli.tuning import AdapterConfig
 from dsee_cli.tuning.omega import OmegaConfig
+
+CAUSAL_TASKS = (*NLG_TASKS, *LM_TASKS)  # the tasks that train a causal LM (a decoder model)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class TaskConfig(DataSource):
     per_model: dict[str, ModelTaskHparams] = field(default_factory=dict)  # keyed by model.name
     per_method: dict[str, MethodTaskHparams] = field(default_factory=dict)  # keyed by adapter.method
     label_smoothing: float = 0.0  # generation tasks: label smoothing of the LM loss
+    seq_len: int = 2048  # perplexity tasks (wikitext2): the window length, tokens (Wanda / SparseGPT: the context)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
@@ -100,8 +104,8 @@ def validate(cfg: RunConfig) -> None:
         _require(bool(cfg.model.path), "model=local needs model.path=/path/to/a/hugging_face_model_dir.")
     elif "/" not in cfg.model.name and cfg.model.name not in known_models:
         raise choice_error("model (model=...)", cfg.model.name, (*known_models, "<hub org/name>"))
-    if cfg.task.name not in (*TASKS, *NLG_TASKS):
-        raise choice_error("task (task=...)", cfg.task.name, (*TASKS, *NLG_TASKS))
+    if cfg.task.name not in (*TASKS, *CAUSAL_TASKS):
+        raise choice_error("task (task=...)", cfg.task.name, (*TASKS, *CAUSAL_TASKS))
     if cfg.model.dtype not in DTYPES:
         raise choice_error("model dtype (model.dtype)", cfg.model.dtype, tuple(DTYPES))
     _require(cfg.model.dtype == "float32" or cfg.trainer.precision != "32-true",
@@ -127,7 +131,8 @@ def validate(cfg: RunConfig) -> None:
              f"{cfg.adapter.method} does not have; use adapter=dsee or lora, or pruning=earlybert (learned head "
              f"importance).")
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
-    if cfg.task.name in NLG_TASKS:
+    _require(cfg.task.seq_len >= 8, f"task.seq_len={cfg.task.seq_len} is too short (>= 8).")
+    if cfg.task.name in (*NLG_TASKS, *PERPLEXITY_TASKS):
         for key in ("eval_split", "select_split"):
             _require(getattr(cfg.task, key) in ("validation", "test"),
                      f"task.{key}={getattr(cfg.task, key)!r} is invalid; valid choices: validation, test.")
@@ -135,6 +140,7 @@ def validate(cfg: RunConfig) -> None:
                  f"task.select_split and task.eval_split are both {cfg.task.eval_split!r}: the split that picks the "
                  f"model (periodic evaluation, trainer.keep_best) would be the split it reports. Select on one split "
                  f"and report the other (the papers: task.select_split=validation task.eval_split=test).")
+    if cfg.task.name in CAUSAL_TASKS:
         _require(0.0 <= cfg.task.label_smoothing < 1.0, f"task.label_smoothing={cfg.task.label_smoothing} must "
                  f"be in [0, 1).")
         cfg.task.decode.check()

@@ -298,25 +298,32 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], label_smoothing: f
 
 
 @torch.no_grad()
+def target_nll(model: nn.Module, batch: dict[str, torch.Tensor], precision: Precision = FP32) -> tuple[float, int, int]:
+    """(summed NLL, target tokens, correct argmax predictions) of one batch, the LM head on target
+    positions only and a chunk at a time."""
+    head = model.get_output_embeddings()
+    right, loss = 0, 0.0
+    with precision.autocast():
+        hidden, targets = _targets_and_hidden(model, batch)
+        for c in range(0, len(targets), LOSS_CHUNK):
+            logits, t = head(hidden[c:c + LOSS_CHUNK]).float(), targets[c:c + LOSS_CHUNK]
+            right += int((logits.argmax(-1) == t).sum())
+            loss += float(F.cross_entropy(logits, t, reduction="sum"))
+    return loss, len(targets), right
+
+
+@torch.no_grad()
 def token_accuracy(model: nn.Module, data: LMEncoded, pad_id: int, device, batch_size: int,
                    precision: Precision = FP32) -> dict[str, float]:
     """Teacher-forced next-token accuracy and loss on the targets: cheap, for evaluation while training."""
     model.eval()
     counts = {}
-    head = model.get_output_embeddings()
     for i, start, end in dist.my_batches(len(data.input_ids), batch_size):  # each rank its share of the batches
         batch = {k: v.to(device) for k, v in collate_lm(data, list(range(start, end)), pad_id).items()}
-        right, loss = 0, 0.0
-        with precision.autocast():
-            hidden, targets = _targets_and_hidden(model, batch)
-            for c in range(0, len(targets), LOSS_CHUNK):
-                logits, t = head(hidden[c:c + LOSS_CHUNK]).float(), targets[c:c + LOSS_CHUNK]
-                right += int((logits.argmax(-1) == t).sum())
-                loss += float(F.cross_entropy(logits, t, reduction="sum"))
-        counts[i] = (right, len(targets), loss)
+        counts[i] = target_nll(model, batch, precision)
     right = total = 0
     loss_sum = 0.0
-    for r, t, loss in dist.gather_in_order(counts):  # summed in batch order: one process's numbers exactly
+    for loss, t, r in dist.gather_in_order(counts):  # summed in batch order: one process's numbers exactly
         right, total, loss_sum = right + r, total + t, loss_sum + loss
     return {"token_accuracy": 100.0 * right / max(1, total), "loss": loss_sum / max(1, total)}
 

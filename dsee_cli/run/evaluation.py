@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from dsee_cli.atomic import atomic_write_text
-from dsee_cli.config import RunConfig
+from dsee_cli.config import CAUSAL_TASKS, RunConfig
 from dsee_cli.core.devices import pick_device
 from dsee_cli.core.models import LoadedModel
 from dsee_cli.core.precision import resolve_precision
 from dsee_cli.data.classification import TASKS, Encoded, TaskSpec
 from dsee_cli.data.generation import NLG_TASKS
+from dsee_cli.data.lm_tasks import PERPLEXITY_TASKS
 from dsee_cli.data.metrics import task_metrics
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.run.export import apply_adapter, load_merged, load_merged_tokenizer
@@ -90,9 +91,10 @@ def evaluate_export(cfg: RunConfig, run_dir: Path, source: str, export_dir: Path
                     sink: ProgressSink | None = None) -> EvalResult:
     """Evaluate one export of a run on ``cfg``'s task; ``split`` None is the split the run evaluated."""
     sink = sink or ProgressSink()
-    generation = cfg.task.name in NLG_TASKS
-    split = split or (cfg.task.eval_split if generation else "validation")
-    if generation and split != cfg.task.eval_split:  # another split than the run reported: only that one
+    generation = cfg.task.name in CAUSAL_TASKS  # a causal LM: token metrics, then decoding or perplexity
+    reports_split = cfg.task.name in (*NLG_TASKS, *PERPLEXITY_TASKS)
+    split = split or (cfg.task.eval_split if reports_split else "validation")
+    if reports_split and split != cfg.task.eval_split:  # another split than the run reported: only that one
         cfg.task.eval_split = cfg.task.select_split = split
     # a free GPU, held until this process ends (dsee eval is one command; an error ends it too)
     device, _ = pick_device(cfg.trainer.device, cache_root() / "devices", cfg.trainer.jobs_per_gpu, say=say)
@@ -106,8 +108,9 @@ def evaluate_export(cfg: RunConfig, run_dir: Path, source: str, export_dir: Path
     if generation:
         out = _prediction_path(predictions, f"generations-{split}.jsonl") if predictions else None
         result.metrics = task.ops.evaluate(model, task.evals, pad_id, device, cfg.trainer.eval_batch_size, precision)
-        result.metrics |= task.generate(model, device, precision, out)
-        result.predictions = [out] if out else []
+        if task.generate:
+            result.metrics |= task.generate(model, device, precision, out)
+        result.predictions = [out] if out and out.exists() else []
         result.examples = sum(len(e.prompts) for e in task.evals.values())
     else:
         spec = TASKS[cfg.task.name]

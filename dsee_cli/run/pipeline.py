@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from dsee_cli.atomic import atomic_write_text
-from dsee_cli.config import RunConfig, validate
+from dsee_cli.config import CAUSAL_TASKS, RunConfig, validate
 from dsee_cli.core import dist
 from dsee_cli.core.arch import attention_units
 from dsee_cli.core.devices import GpuLease, pick_device
@@ -140,15 +140,15 @@ def check_targets(cfg: RunConfig) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from dsee_cli.core.arch import resolve_targets
-    from dsee_cli.core.models import tiny_config, tiny_tokenizer
+    from dsee_cli.core.models import TINY_DECODERS, tiny_config, tiny_decoder_tokenizer, tiny_tokenizer
 
     if cfg.model.name in TINY_MODELS and not cfg.model.path:
-        tok = tiny_tokenizer()
+        tok = tiny_decoder_tokenizer() if cfg.model.name in TINY_DECODERS else tiny_tokenizer()
         config = tiny_config(cfg.model.name, len(tok), 2, cfg.model.tiny, tok.pad_token_id)
     else:
         source, local_only = resolve_source(cfg.model.name, cfg.model.path)
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
-    auto = AutoModelForCausalLM if cfg.task.name in NLG_TASKS else AutoModelForSequenceClassification
+    auto = AutoModelForCausalLM if cfg.task.name in CAUSAL_TASKS else AutoModelForSequenceClassification
     with torch.device("meta"):
         model = auto.from_config(config)
     resolve_targets(model, list(cfg.adapter.targets))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from dsee_cli.atomic import atomic_write_text
-from dsee_cli.config import RunConfig, task_hparams
+from dsee_cli.config import CAUSAL_TASKS, RunConfig, task_hparams
 from dsee_cli.core.arch import takes_segments
 from dsee_cli.core.models import LoadedModel, load_model
 from dsee_cli.core.precision import Precision
@@ -28,6 +28,15 @@ from dsee_cli.data.generation import (
     load_nlg,
     target_tokens,
     token_accuracy,
+)
+from dsee_cli.data.lm_tasks import (
+    PERPLEXITY_TASKS,
+    encode_instructions,
+    load_instructions,
+    load_texts,
+    perplexity,
+    windows,
+    windows_as_lm,
 )
 from dsee_cli.data.metrics import trivial_metrics
 from dsee_cli.data.nlg_metrics import nlg_metrics
@@ -53,7 +62,7 @@ def load_pretrained(cfg: RunConfig) -> LoadedModel:
     """The pretrained model a run starts from (seeded, so a tiny model and a fresh task head are
     the same in every process)."""
     tiny = cfg.model.tiny
-    if cfg.task.name in NLG_TASKS:
+    if cfg.task.name in CAUSAL_TASKS:
         return load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True, dtype=cfg.model.dtype)
     return load_model(cfg.model.name, cfg.model.path, spec_for(cfg.task.name).num_labels, cfg.seed, tiny,
                       train_pooler=cfg.model.train_pooler, dtype=cfg.model.dtype)
@@ -68,6 +77,10 @@ def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | 
     loaded = loaded or load_pretrained(cfg)
     if t.name in NLG_TASKS:
         return _generation_task(cfg, loaded, max_length, say, sink)
+    if t.name == "instruct":
+        return _instruct_task(cfg, loaded, max_length, split)
+    if t.name in PERPLEXITY_TASKS:
+        return _perplexity_task(cfg, loaded, split)
     data = load_task(t, cfg.seed, split)
     regression = data.spec.num_labels == 1
     tok = loaded.tokenizer
@@ -97,10 +110,6 @@ def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, 
     reported, examples = encode_eval(data.evals[split], tok, max_length, eos_id), data.evals[split]
     smoothing = t.label_smoothing
 
-    def evaluate_lm(model, evals, pad_id, device, batch_size, precision) -> dict[str, float]:
-        return {f"{s}/{k}": v for s, enc in evals.items()
-                for k, v in token_accuracy(model, enc, pad_id, device, batch_size, precision).items()}
-
     def generate(model, device, precision, out_path: Path | None) -> dict[str, float]:
         enc = reported
         settings = t.decode
@@ -116,6 +125,46 @@ def _generation_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, 
         scores = nlg_metrics(hyps, enc.references, NLG_TASKS[t.name]["metrics"])
         return {f"{split}/{k}": v for k, v in scores.items()}
 
-    ops = TaskOps(collate=collate_lm, evaluate=evaluate_lm, main=f"{select}/token_accuracy",
-                  loss=lambda model, batch: lm_loss(model, batch, smoothing), loss_terms=target_tokens)
+    ops = _lm_ops(f"{select}/token_accuracy", _token_metrics, smoothing)
     return PreparedTask(loaded, encode_lm(data.train, tok, max_length, eos_id), evals, ops, data.source, generate)
+
+
+def _lm_ops(main: str, evaluate, smoothing: float = 0.0, higher_is_better: bool = True) -> TaskOps:
+    return TaskOps(collate=collate_lm, evaluate=evaluate, main=main, higher_is_better=higher_is_better,
+                   loss=lambda model, batch: lm_loss(model, batch, smoothing), loss_terms=target_tokens)
+
+
+def _token_metrics(model, evals, pad_id, device, batch_size, precision) -> dict[str, float]:
+    return {f"{s}/{k}": v for s, enc in evals.items()
+            for k, v in token_accuracy(model, enc, pad_id, device, batch_size, precision).items()}
+
+
+def _instruct_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, split: str) -> PreparedTask:
+    """Instruction tuning: the loss on the response tokens; selected by the validation loss."""
+    train, evaluation, source = load_instructions(cfg.task, cfg.seed, split)
+    tok = loaded.tokenizer
+    evals = {split: encode_instructions(evaluation, tok, max_length)}
+    ops = _lm_ops(f"{split}/loss", _token_metrics, cfg.task.label_smoothing, higher_is_better=False)
+    return PreparedTask(loaded, encode_instructions(train, tok, max_length), evals, ops, source)
+
+
+def _perplexity_task(cfg: RunConfig, loaded: LoadedModel, split: str) -> PreparedTask:
+    """Causal LM on windows of the train text; perplexity on the selection split while training
+    and on the reported split (task.eval_split) at the end, windows of task.seq_len."""
+    t, tok = cfg.task, loaded.tokenizer
+    select, reported = (split, split) if split != "validation" else (t.select_split, t.eval_split)
+    texts, source = load_texts(t, cfg.seed, tuple(dict.fromkeys(("train", select, reported))))
+    cut = {name: windows(tok, text, t.seq_len, t.max_eval_samples if name != "train" else t.max_train_samples)
+           for name, text in texts.items()}
+
+    def evaluate_ppl(model, evals, pad_id, device, batch_size, precision) -> dict[str, float]:
+        return {f"{select}/{k}": v for k, v in perplexity(model, cut[select], device, batch_size, precision).items()}
+
+    def report(model, device, precision, out_path) -> dict[str, float]:
+        scores = perplexity(model, cut[reported], device, cfg.trainer.eval_batch_size, precision)
+        return {f"{reported}/{k}": v for k, v in scores.items()} | {f"{reported}/seq_len": float(t.seq_len),
+                                                                  f"{reported}/windows": float(len(cut[reported]))}
+
+    ops = _lm_ops(f"{select}/ppl", evaluate_ppl, higher_is_better=False)
+    return PreparedTask(loaded, windows_as_lm(cut["train"]), {select: windows_as_lm(cut[select])}, ops, source,
+                        generate=report)

@@ -124,11 +124,15 @@ class TaskOps:
 
     collate: Callable[..., dict[str, torch.Tensor]]  # (data, indices, pad_id)
     evaluate: Callable[..., dict[str, float]]  # (model, evals, pad_id, device, batch_size, precision)
-    main: str  # the metric that picks the best evaluation (higher is better)
+    main: str  # the metric that picks the best evaluation
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = lambda model, batch: model(**batch).loss
     # how many terms the batch's mean loss averages (examples; target tokens for a causal LM), so that
     # micro-batches and ranks weigh theirs to the global batch's mean exactly
     loss_terms: Callable[[dict[str, torch.Tensor]], int] = lambda batch: int(batch["labels"].shape[0])
+    higher_is_better: bool = True  # False for a loss or a perplexity
+
+    def better(self, score: float, best: float) -> bool:
+        return score > best if self.higher_is_better else score < best
 
 
 def classification_ops(spec: TaskSpec, first_split: str, select_metric: str | None = None) -> TaskOps:
@@ -349,7 +353,7 @@ def _evaluate(model: nn.Module, evals: dict[str, Encoded], ops: TaskOps, pad_id:
     state.history.append({"step": state.step, **scores})
     sink.log({f"{phase.name}/{k}": v for k, v in scores.items()}, state.step)
     eligible = hooks.best_eligible is None or hooks.best_eligible()
-    if eligible and (state.best is None or scores[ops.main] > state.best[ops.main]):
+    if eligible and (state.best is None or ops.better(scores[ops.main], state.best[ops.main])):
         state.best = state.history[-1]
         return True
     return False
