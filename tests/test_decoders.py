@@ -237,3 +237,128 @@ def test_channel_scores_use_delta_where_adapted_and_weight_where_not():
     with_random_adapters(model, targets=["up"])
     a = adapters_of(model)[unit.expand[1]]
     assert torch.allclose(channel_scores(model)[0], a.delta_weight().abs().sum(1))
+
+
+def test_masked_recovery_keeps_no_dense_delta_for_backward_and_computes_the_same():
+    """Under an unstructured mask each layer's dense M⊙ΔW is rebuilt in backward, not saved:
+    the forward saves no weight-sized tensor of its own, and the gradients are unchanged."""
+    from dsee_cli.pruning import PruningConfig, apply_masks, compute_masks
+
+    model, tok = decoder()
+    adapters = with_random_adapters(model, targets=ALL)
+    apply_masks(model, compute_masks(model, PruningConfig(), 0.5))
+    enc = ids(tok)
+    params = {id(p) for p in model.parameters()}
+    shapes = {tuple(weight_out_in(a.base).shape) for a in adapters.values()}
+    results = []
+    for recompute in (True, False):
+        for a in adapters.values():
+            a.recompute_masked_delta = recompute
+        saved = []
+
+        def pack(t, saved=saved):
+            if id(t) not in params and tuple(t.shape) in shapes:
+                saved.append(t.numel())
+            return t
+
+        model.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(**enc).logits.float().pow(2).mean()
+        loss.backward()
+        results.append((sum(saved), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (bounded, grads), (dense, reference) = results
+    assert bounded == 0 and dense > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, reference))
+
+
+def test_head_fraction_rounds_to_what_the_unit_allows():
+    from dsee_cli.pruning.heads import heads_to_remove
+
+    model, _ = decoder()
+    unit = attention_units(model)[0]  # 8 heads, 2 KV heads, 4 per group
+    assert heads_to_remove(unit, "query-heads", 3, 0.25) == 2  # a multiple of the 2 KV heads
+    assert heads_to_remove(unit, "kv-group", 3, 0.25) == 4  # at least one whole group of 4
+    assert heads_to_remove(unit, "kv-group", 3, 0.0) == 3  # no fraction: the count as given
+
+
+def test_instruction_examples_put_the_loss_on_the_response_and_end_with_eos():
+    from dsee_cli.data.lm_tasks import encode_instructions, to_instruction
+
+    _, tok = decoder()
+    rows = [{"instruction": "copy", "input": "w1 w2", "output": "w1 w2"},
+            {"messages": [{"role": "user", "content": "reverse : w3 w4"}, {"role": "assistant", "content": "w4 w3"}]}]
+    examples = [to_instruction(r, "row") for r in rows]
+    enc = encode_instructions(examples, tok, 64)
+    for row, ex in zip(range(2), examples):
+        answer = tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        n = len(enc.prompts[row])
+        assert enc.labels[row][:n] == [-100] * n and enc.labels[row][n:] == answer
+        assert tok.convert_tokens_to_ids("<|im_start|>") in enc.prompts[row]  # the chat template
+    plain = decoder()[1]  # no chat template: Alpaca's prompt, instruction and input apart
+    plain.chat_template = None
+    prompt = plain.decode(encode_instructions(examples[:1], plain, 512).prompts[0])
+    assert "instruction" in prompt and "input" in prompt and "response" in prompt
+    cut = plain.decode(encode_instructions(examples[:1], plain, 40).prompts[0])
+    assert cut.startswith("<s>") and cut.endswith("response :")  # a long prompt keeps BOS and its end
+    with pytest.raises(DSEEError, match="instruction / input / output"):
+        to_instruction({"question": "?"}, "row 3")
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll_over_non_overlapping_windows():
+    from dsee_cli.data.lm_tasks import perplexity, synthetic_text, windows
+
+    model, tok = decoder()
+    w = windows(tok, synthetic_text(300, 0), 32)
+    n_tokens = len(tok(synthetic_text(300, 0), add_special_tokens=False)["input_ids"])
+    assert w.shape == (n_tokens // 32, 32)
+    logits = out(model, {"input_ids": w})[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+    got = perplexity(model, w, torch.device("cpu"), batch_size=3)
+    assert got["ppl"] == pytest.approx(float(nll.exp()), rel=1e-5)
+    with pytest.raises(DSEEError, match="fewer than one window"):
+        windows(tok, "w1 w2", 32)
+
+
+LLAMA_RUN = ["model=tiny-llama", "model.tiny.hidden=64", "model.tiny.heads=4", "model.tiny.kv_heads=2",
+             "model.tiny.intermediate=64", "model.tiny.dropout=0"]
+
+
+def _jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_instruction_tuning_run_prunes_query_heads_and_exports_a_plain_model(tmp_path):
+    """dsee on tiny-llama from local JSON lines (Alpaca rows and chat rows), then query heads
+    removed by |ΔW|, recovery, and an export that plain from_pretrained loads with the same logits."""
+    from dsee_cli.data.lm_tasks import synthetic_instructions
+
+    from .helpers import run_in_process
+
+    examples = synthetic_instructions(40, 0)
+    rows = [{"instruction": e.prompt[0]["content"], "output": e.response} if i % 2 else
+            {"messages": [*e.prompt, {"role": "assistant", "content": e.response}]} for i, e in enumerate(examples)]
+    train, valid = _jsonl(tmp_path / "train.jsonl", rows[:32]), _jsonl(tmp_path / "valid.jsonl", rows[32:])
+    metrics = run_in_process(tmp_path / "run", *LLAMA_RUN, "task=instruct", f"task.train_file={train}",
+                             f"task.validation_file={valid}", "pruning=structured", "pruning.unit=query-heads",
+                             "pruning.heads_to_remove=2", "pruning.ffn_channels=0.25", "export=true",
+                             "model.dtype=float32")
+    assert metrics["main_metric"] == "validation/loss"
+    assert metrics["pruning"]["heads_per_layer"] == {"0": [2, 2], "1": [2, 2]}
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export" / "merged")
+    assert (plain.config.num_attention_heads, plain.config.num_key_value_heads, plain.config.intermediate_size) == \
+        (2, 2, 48)
+    merged = load_merged(tmp_path / "run" / "export" / "merged")
+    enc = {"input_ids": torch.tensor([[2, 9, 10, 11, 12]])}
+    assert torch.allclose(out(plain, enc), out(merged, enc), atol=1e-6)
+
+
+def test_tiny_llama_learns_the_synthetic_task_with_dsee(tmp_path):
+    from .helpers import run_in_process
+
+    metrics = run_in_process(tmp_path / "run", *LLAMA_RUN, "task=synthetic", "adapter=dsee", "pruning=none",
+                             "trainer.max_steps=60", "trainer.eval_every=60", "task.synthetic_train=512",
+                             "task.synthetic_eval=128")
+    assert metrics["final"]["eval"]["validation/accuracy"] > 75

@@ -178,3 +178,28 @@ def test_masked_recovery_with_dropout_drops_only_the_delta_path():
         dropped = model.bert.encoder.layer[0].attention.self.query(torch.ones(1, 32))
         base = model.bert.encoder.layer[0].attention.self.query.base(torch.ones(1, 32))
     assert torch.allclose(dropped, base)
+
+
+@pytest.mark.parametrize("granularity", ["global", "layer"])
+@pytest.mark.parametrize("criterion", ["delta", "weight"])
+def test_streamed_threshold_equals_one_threshold_over_every_score_concatenated(granularity, criterion):
+    """The pool's k-th score is found matrix by matrix (radix select); the masks are exactly those of
+    one smallest-k over all scores concatenated (ties included: rounded scores make many)."""
+    from dsee_cli.core.selection import smallest_k_mask
+
+    model, _ = tiny("tiny-bert")
+    with_random_adapters(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_((p * 20).round() / 20)  # coarse values: many ties at the threshold
+    masks = compute_masks(model, PruningConfig(criterion=criterion, granularity=granularity), 0.45)
+    pieces = score_pieces(model, criterion, 0)
+    groups: dict = {}
+    for p in pieces:
+        groups.setdefault(p.pool if granularity == "global" else (p.pool, p.layer), []).append(p)
+    for members in groups.values():
+        scores = [p.scores() for p in members]
+        flat = torch.cat([s.flatten() for s in scores])
+        expected = ~smallest_k_mask(flat[None], round(0.45 * flat.numel()))[0]
+        got = torch.cat([masks[p.module][p.rows[0]:p.rows[1]].flatten() for p in members])
+        assert torch.equal(got, expected)

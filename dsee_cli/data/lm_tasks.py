@@ -33,6 +33,9 @@ from dsee_cli.errors import DSEEError
 ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
 PERPLEXITY_TASKS = {"wikitext2": HubSource("Salesforce/wikitext", "main", "wikitext-2-raw-v1")}
+# Alpaca (52k instructions, one train split): a fixed 2,000 held out as the validation split
+INSTRUCT_HUB = HubSource("tatsu-lab/alpaca", "main", "data")
+INSTRUCT_HELD_OUT = 2000
 LM_TASKS = ("instruct", *PERPLEXITY_TASKS)
 
 
@@ -93,26 +96,55 @@ def load_instructions(s: DataSource, seed: int, split: str) -> tuple[list[Instru
         return synthetic_instructions(s.synthetic_train, seed), \
             synthetic_instructions(s.synthetic_eval, seed + 10_000), "synthetic stand-in for instruct"
     files = {"validation": s.validation_file, "test": s.test_file}
+    local = (f"task.train_file=train.jsonl (or .parquet) and task.{split if split == 'test' else 'validation'}"
+             f"_file=... (rows with instruction / input / output, or messages); profile=smoke needs none.")
+    if not (s.train_file or files.get(split)):
+        return _hub_instructions(s, split, local)
     if not s.train_file or not files.get(split):
-        raise DSEEError(f"task=instruct reads local files: task.train_file=train.jsonl (or .parquet) and "
-                        f"task.{split if split == 'test' else 'validation'}_file=... (rows with instruction / input / "
-                        f"output, or messages); profile=smoke needs none.")
+        raise DSEEError(f"task=instruct reads local files: {local}")
     rows = {name: _read_rows(Path(path)) for name, path in (("train", s.train_file), (split, files[split]))}
     data = {name: [to_instruction(r, f"{name} row {i + 1}") for i, r in enumerate(v)] for name, v in rows.items()}
-    train = train_slice(data["train"], s.max_train_samples, s.train_subset)
-    evaluation = data[split][: s.max_eval_samples or None]
+    where = f"{s.train_file}, {files[split]}"
+    return _sliced(s, data["train"], data[split], where)
+
+
+def _sliced(s: DataSource, train: list[Instruction], evaluation: list[Instruction], where: str):
+    train = train_slice(train, s.max_train_samples, s.train_subset)
+    evaluation = evaluation[: s.max_eval_samples or None]
     if not train or not evaluation:
-        raise DSEEError(f"task=instruct: {s.train_file} or {files[split]} has no rows.")
-    return train, evaluation, f"{s.train_file}, {files[split]}"
+        raise DSEEError(f"task=instruct: {where} has an empty training or evaluation split.")
+    return train, evaluation, where
+
+
+def _hub_instructions(s: DataSource, split: str, local: str):
+    """Alpaca from the Hub: its one split, with a fixed held-out part (the same for every seed) as validation."""
+    if split == "test":
+        raise DSEEError(f"task=instruct on the Hub's Alpaca has no test split; give local files: {local}")
+    source = with_overrides(INSTRUCT_HUB, s.hub_repo, s.hub_revision, s.hub_config)
+    rows = read_splits(source, ["train"], "'instruct'", local)["train"]
+    require_columns(rows, ("instruction", "output"), "'instruct'", source, "train")
+    held_out = set(random.Random(0).sample(range(len(rows)), min(INSTRUCT_HELD_OUT, len(rows) // 10)))
+    data = [to_instruction(r, f"train row {i + 1}") for i, r in enumerate(rows)]
+    return _sliced(s, [x for i, x in enumerate(data) if i not in held_out],
+                   [x for i, x in enumerate(data) if i in held_out], f"hub:{source.repo}@{source.revision}")
 
 
 def _prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-    instruction = prompt[-1]["content"]
-    text = ALPACA_PROMPT.format(context="", instruction=instruction, input="")
+    instruction, _, given = prompt[-1]["content"].partition("\n\n")
+    text = ALPACA_PROMPT.format(context=", paired with an input that provides further context" if given else "",
+                                instruction=instruction, input=f"### Input:\n{given}\n\n" if given else "")
     return tokenizer(text)["input_ids"]  # with BOS where the tokenizer adds one
+
+
+def _keep_end(ids: list[int], cap: int, bos: int | None) -> list[int]:
+    """A prompt over ``cap`` tokens loses its start, not its end (where the response is asked
+    for); a leading BOS stays."""
+    if len(ids) <= cap:
+        return ids
+    return [ids[0], *ids[len(ids) - cap + 1:]] if bos is not None and ids[0] == bos else ids[len(ids) - cap:]
 
 
 def encode_instructions(examples: list[Instruction], tokenizer, max_length: int) -> LMEncoded:
@@ -120,7 +152,7 @@ def encode_instructions(examples: list[Instruction], tokenizer, max_length: int)
     ids, labels, prompts = [], [], []
     eos = tokenizer.eos_token_id
     for ex in examples:
-        prompt = _prompt_ids(tokenizer, ex.prompt)[: max_length // 2]
+        prompt = _keep_end(_prompt_ids(tokenizer, ex.prompt), max_length // 2, tokenizer.bos_token_id)
         answer = (tokenizer(ex.response, add_special_tokens=False)["input_ids"] + [eos])[: max_length - len(prompt)]
         ids.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)
@@ -215,3 +247,21 @@ def perplexity(model: nn.Module, w: torch.Tensor, device, batch_size: int, preci
     for loss, n in dist.gather_in_order(sums):
         nll, tokens = nll + loss, tokens + n
     return {"ppl": math.exp(nll / max(1, tokens)), "loss": nll / max(1, tokens)}
+
+
+def check_lm_files(s: DataSource) -> None:
+    """Fail before any model is loaded when the named local data is not there."""
+    if s.synthetic_standin:
+        return
+    for key in ("train_file", "validation_file", "test_file", "data_dir"):
+        value = getattr(s, key)
+        if value and not Path(value).exists():
+            raise DSEEError(f"task.{key}={value!r} does not exist.")
+
+
+def load_lm_data(s: DataSource, seed: int) -> None:
+    """Read the task's data once (offline: the Hub's hint within seconds)."""
+    if s.name == "instruct":
+        load_instructions(s, seed, "validation")
+    else:
+        load_texts(s, seed, ("train",))

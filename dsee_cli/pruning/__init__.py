@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dsee_cli.core import dist
+from dsee_cli.core.arch import attention_units
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.pruning.heads import (
     HEAD_UNITS,
@@ -26,6 +27,7 @@ from dsee_cli.pruning.heads import (
     check_head_removal,
     choose_heads,
     head_scores,
+    heads_to_remove,
     lowest_heads,
     prune_ffn,
     prune_heads,
@@ -53,6 +55,9 @@ class PruningConfig:
     # key/value group: one shape for every layer) or kv-group (whole groups); heads: every head its own
     # group (BERT, GPT-2), query-heads where heads share key/value heads
     unit: str = "heads"
+    # structured / earlybert: a fraction of each layer's query heads instead of heads_to_remove (0: the count),
+    # rounded to what the unit allows (query-heads: multiples of the key/value heads; kv-group: of the group size)
+    head_fraction: float = 0.0
     ffn_channels: float = 0.0  # structured: fraction of each layer's MLP channels removed (SwiGLU: gate, up, down)
     mask_delta: bool = True  # false: the reference behaviour, ΔW stays dense in recovery
     scope: str = "blocks"  # blocks: every linear in the blocks; adapted: only the adapted matrices (Table 7)
@@ -97,6 +102,8 @@ class PruningConfig:
             raise DSEEError(f"pruning.slimming_l1={self.slimming_l1} must be >= 0.")
         if self.unit not in HEAD_UNITS:
             raise choice_error("head pruning unit (pruning.unit)", self.unit, HEAD_UNITS)
+        if not 0.0 <= self.head_fraction < 1.0:
+            raise DSEEError(f"pruning.head_fraction={self.head_fraction} is out of range: it must be in [0, 1).")
         if not 0.0 <= self.ffn_channels < 1.0:
             raise DSEEError(f"pruning.ffn_channels={self.ffn_channels} is out of range: it must be in [0, 1).")
         if self.heads_to_remove < 0:
@@ -147,9 +154,17 @@ def _prune_by_masks(model: nn.Module, s: PruningConfig, sparsity: float, seed: i
             "granularity": s.granularity, "scope": s.scope}
 
 
+def head_count(model: nn.Module, s: PruningConfig) -> int:
+    """The query heads this configuration removes per layer (checked: it can be honoured)."""
+    unit = attention_units(model)[0]
+    k = heads_to_remove(unit, s.unit, s.heads_to_remove, s.head_fraction)
+    check_head_removal(unit, s.unit, k)
+    return k
+
+
 def _structured_choice(model: nn.Module, s: PruningConfig, seed: int) -> tuple[dict, dict]:
-    heads = choose_heads(head_scores(model, s.criterion, seed), s.unit, s.heads_to_remove) \
-        if s.heads_to_remove else {}
+    k = head_count(model, s)
+    heads = choose_heads(head_scores(model, s.criterion, seed), s.unit, k) if k else {}
     channels = {layer: lowest_units(scores, s.ffn_channels)
                 for layer, scores in enumerate(channel_scores(model, s.criterion, seed))} if s.ffn_channels else {}
     return heads, channels
@@ -163,11 +178,12 @@ def _prune_structured(model: nn.Module, s: PruningConfig, sparsity: float, seed:
         prune_ffn(model, channels)
     return {"method": s.method, "criterion": s.criterion, "unit": s.unit,
             "heads_removed": {str(k): v for k, v in heads.items()},
+            "heads_per_layer": {str(u.layer): [u.num_heads, u.num_kv_heads] for u in attention_units(model)},
             "ffn_removed": {str(k): len(v) for k, v in channels.items()}}
 
 
 def _prune_slimmed(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
-    return {"method": s.method, "unit": s.unit, **slim_and_prune(model, s.heads_to_remove, s.ffn_fraction, s.unit)}
+    return {"method": s.method, "unit": s.unit, **slim_and_prune(model, head_count(model, s), s.ffn_fraction, s.unit)}
 
 
 for _pruner in (
@@ -181,5 +197,5 @@ for _pruner in (
     register(_pruner)
 
 __all__ = ["CRITERIA", "HEAD_UNITS", "PRUNERS", "Pruner", "PruningConfig", "apply_masks", "check_head_removal",
-           "choose_heads", "compute_masks", "head_scores", "lowest_heads", "prune_ffn", "prune_heads", "reapply_masks",
-           "register", "score_pieces"]
+           "choose_heads", "compute_masks", "head_count", "head_scores", "lowest_heads", "prune_ffn", "prune_heads",
+           "reapply_masks", "register", "score_pieces"]

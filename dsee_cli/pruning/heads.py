@@ -90,6 +90,16 @@ def lowest_heads(scores: torch.Tensor, k: int) -> dict[int, list[int]]:
     return {layer: sorted(order[layer].tolist()) for layer in range(scores.shape[0]) if k}
 
 
+def heads_to_remove(unit: AttentionUnit, how: str, k: int, fraction: float = 0.0) -> int:
+    """The query heads removed per layer: ``k``, or with ``fraction`` > 0 that share of the heads,
+    rounded to the nearest count the unit allows (query-heads: a multiple of the key/value heads;
+    kv-group: of the group size), at least one allowed step."""
+    if fraction <= 0:
+        return k
+    step = 1 if unit.group_size == 1 else unit.num_kv_heads if how != "kv-group" else unit.group_size
+    return max(step, round(fraction * unit.num_heads / step) * step)
+
+
 def check_head_removal(unit: AttentionUnit, how: str, k: int) -> None:
     """A removal that cannot be honoured is an error before any training: a count that does not
     divide across the key/value groups, or one that leaves a layer without heads."""

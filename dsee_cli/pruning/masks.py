@@ -2,31 +2,43 @@
 
 Adapted slices are scored by the criterion (|ΔW| by default), everything else in the
 transformer blocks by |W|; each pool (adapted, other) gets exactly the requested sparsity,
-globally or per layer. N:M keeps the N best of every M consecutive inputs.
+globally or per layer. N:M keeps the N best of every M consecutive inputs. A pool's threshold
+is found matrix by matrix (core.selection.smallest_k_masks): no tensor ever holds every score
+of the model, so a global threshold over a 7B model costs one matrix of memory.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dsee_cli.core.arch import block_linears, weight_out_in
-from dsee_cli.core.selection import smallest_k_mask
+from dsee_cli.core.arch import block_linears, dims, weight_out_in
+from dsee_cli.core.selection import smallest_k_masks
 from dsee_cli.errors import DSEEError
 from dsee_cli.tuning.adapters import DSEELinear
 
 
 @dataclass
 class Piece:
-    """A block of rows of one module's out x in weight, scored as one unit of a pool."""
+    """A block of rows of one module's out x in weight, scored as one unit of a pool. Its scores
+    are computed when asked (``scores()``), so no more than one matrix's are held at a time."""
 
     module: str
     rows: tuple[int, int]
     pool: str  # "adapted" or "other"
     layer: int
-    scores: torch.Tensor
+    compute: Callable[[], torch.Tensor]
+    kept: torch.Tensor | None = None  # an earlier round's keep-mask of these rows (IMP)
+
+    def scores(self) -> torch.Tensor:
+        s = self.compute()
+        if self.kept is None:
+            return s
+        # entries an earlier round pruned score below everything, so they stay pruned
+        return torch.where(self.kept.to(s.device), s, torch.full_like(s, -1.0))
 
 
 def criterion_scores(adapter: DSEELinear, k: int, criterion: str, gen: torch.Generator) -> torch.Tensor:
@@ -50,41 +62,44 @@ def _layer_of(name: str) -> int:
     return -1
 
 
+def _weight_rows(w: torch.Tensor, start: int, end: int) -> Callable[[], torch.Tensor]:
+    return lambda: w[start:end].detach().abs().float()
+
+
+def _adapted_rows(module: DSEELinear, k: int, criterion: str, seed: int) -> Callable[[], torch.Tensor]:
+    # the random criterion draws from a generator of its own per piece: the same numbers however often asked
+    return lambda: criterion_scores(module, k, criterion, torch.Generator().manual_seed(seed))
+
+
 def score_pieces(model: nn.Module, criterion: str, seed: int) -> list[Piece]:
-    gen = torch.Generator().manual_seed(seed)
     pieces = []
     for name, module in block_linears(model).items():
         layer = _layer_of(name)
         if isinstance(module, DSEELinear):
-            w = weight_out_in(module.base).detach()
+            w = weight_out_in(module.base)
             cursor = 0
             for k, (start, end) in enumerate(module.slices):
                 if start > cursor:
-                    pieces.append(Piece(name, (cursor, start), "other", layer, w[cursor:start].abs().float()))
-                scores = criterion_scores(module, k, criterion, gen)
-                pieces.append(Piece(name, (start, end), "adapted", layer, scores))
+                    pieces.append(Piece(name, (cursor, start), "other", layer, _weight_rows(w, cursor, start)))
+                pieces.append(Piece(name, (start, end), "adapted", layer,
+                                    _adapted_rows(module, k, criterion, seed * 100_003 + len(pieces))))
                 cursor = end
             if cursor < module.out_features:
-                rest = w[cursor:].abs().float()
-                pieces.append(Piece(name, (cursor, module.out_features), "other", layer, rest))
+                pieces.append(Piece(name, (cursor, module.out_features), "other", layer,
+                                    _weight_rows(w, cursor, module.out_features)))
         else:
-            w = weight_out_in(module).detach()
-            pieces.append(Piece(name, (0, w.shape[0]), "other", layer, w.abs().float()))
-    # Entries an earlier round pruned (IMP) score below everything, so they stay pruned.
+            w = weight_out_in(module)
+            pieces.append(Piece(name, (0, w.shape[0]), "other", layer, _weight_rows(w, 0, w.shape[0])))
     masks = {**getattr(model, "dsee_other_masks", {}),
              **{n: m.mask for n, m in block_linears(model).items() if isinstance(m, DSEELinear) and m.mask is not None}}
     for p in pieces:
         if p.module in masks:
-            kept = masks[p.module][p.rows[0] : p.rows[1]].to(p.scores.device)
-            p.scores = torch.where(kept, p.scores, torch.full_like(p.scores, -1.0))
+            p.kept = masks[p.module][p.rows[0] : p.rows[1]]
     return pieces
 
 
-def _keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Exactly round(sparsity·numel) entries pruned: the lowest scores, ties to the lower index."""
-    flat = scores.flatten()
-    n_prune = round(sparsity * flat.numel())
-    return ~smallest_k_mask(flat[None], n_prune)[0].view(scores.shape)
+def _columns(model: nn.Module, piece: Piece) -> int:
+    return dims(model.get_submodule(piece.module))[1]
 
 
 def _in_scope(piece: Piece, scope: str) -> bool:
@@ -105,14 +120,12 @@ def unstructured_masks(model: nn.Module, criterion: str, granularity: str, scope
         for p in pieces:
             groups.setdefault((p.pool, p.layer), []).append(p)
     keep_by_piece: dict[int, torch.Tensor] = {}
-    for members in groups.values():
+    for members in groups.values():  # exactly round(sparsity·n) of each pool, ties to the earlier entry
         pool_sparsity = sparsity if _in_scope(members[0], scope) else 0.0
-        keep = _keep_mask(torch.cat([p.scores.flatten() for p in members]), pool_sparsity)
-        offset = 0
-        for p in members:
-            n = p.scores.numel()
-            keep_by_piece[id(p)] = keep[offset : offset + n].view(p.scores.shape)
-            offset += n
+        n = sum((p.rows[1] - p.rows[0]) * _columns(model, p) for p in members)
+        pruned = smallest_k_masks([p.scores for p in members], round(pool_sparsity * n))
+        for p, mask in zip(members, pruned):
+            keep_by_piece[id(p)] = ~mask
     return _assemble(model, pieces, keep_by_piece)
 
 
@@ -123,13 +136,14 @@ def nm_masks(model: nn.Module, criterion: str, n: int, m: int, seed: int = 0, sc
     pieces = score_pieces(model, criterion, seed)
     keep_by_piece = {}
     for p in pieces:
+        scores = p.scores()
         if not _in_scope(p, scope):
-            keep_by_piece[id(p)] = torch.ones_like(p.scores, dtype=torch.bool)
+            keep_by_piece[id(p)] = torch.ones_like(scores, dtype=torch.bool)
             continue
-        rows, cols = p.scores.shape
+        rows, cols = scores.shape
         if cols % m:
             raise DSEEError(f"N:M pruning needs in_features divisible by m={m}; {p.module} has {cols}.")
-        groups = p.scores.reshape(rows, cols // m, m)
+        groups = scores.reshape(rows, cols // m, m)
         order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., : n]
         keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
         keep_by_piece[id(p)] = keep.view(rows, cols)

@@ -25,7 +25,6 @@ import torch
 from dsee_cli.atomic import atomic_write_text
 from dsee_cli.config import CAUSAL_TASKS, RunConfig, validate
 from dsee_cli.core import dist
-from dsee_cli.core.arch import attention_units
 from dsee_cli.core.devices import GpuLease, pick_device
 from dsee_cli.core.models import (
     TINY_MODELS,
@@ -38,10 +37,11 @@ from dsee_cli.core.precision import Precision, resolve_precision
 from dsee_cli.data.classification import check_data_files, load_task
 from dsee_cli.data.generation import NLG_TASKS, check_nlg_files, load_nlg
 from dsee_cli.data.hub import uses_mirror
+from dsee_cli.data.lm_tasks import LM_TASKS, check_lm_files, load_lm_data
 from dsee_cli.errors import DSEEError
 from dsee_cli.measure.accounting import inference_flops, scope_size, trainable_counts
 from dsee_cli.measure.costs import TimingSettings, measure_savings, semi_structured
-from dsee_cli.pruning import check_head_removal, reapply_masks
+from dsee_cli.pruning import head_count, reapply_masks
 from dsee_cli.pruning.slimming import add_slimming, has_slimming, slimming_penalty
 from dsee_cli.run.checkpoint import (
     STATE_META,
@@ -126,10 +126,14 @@ def preflight(cfg: RunConfig) -> None:
     if uses_hub_data and not uses_mirror() and not hub_reachable():  # offline: the hint, at once
         if cfg.task.name in NLG_TASKS:
             load_nlg(cfg.task, cfg.seed)
+        elif cfg.task.name in LM_TASKS:
+            load_lm_data(cfg.task, cfg.seed)
         else:
             load_task(cfg.task, cfg.seed)
     elif cfg.task.name in NLG_TASKS:
         check_nlg_files(cfg.task)
+    elif cfg.task.name in LM_TASKS:
+        check_lm_files(cfg.task)
     else:
         check_data_files(cfg.task)
 
@@ -257,7 +261,7 @@ class Run:
         dist.check_same("the model as loaded",
                         lambda: {n: p for n, p in self.model.named_parameters() if p.requires_grad})
         if self.pruning.pruner.removes_heads:  # a removal that cannot be honoured fails before any training
-            check_head_removal(attention_units(self.model)[0], self.pruning.unit, self.pruning.heads_to_remove)
+            head_count(self.model, self.pruning)
         self.rounds = sum(step.kind == "prune" for step in self.plan)
 
     def start(self) -> None:

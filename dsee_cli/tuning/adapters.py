@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
 from dsee_cli.core.arch import Target, WrappedLayer, dims, resolve_targets, task_head_params, weight_out_in
@@ -73,6 +74,7 @@ class DSEELinear(WrappedLayer):
         # Unstructured-pruning mask on W (out x in), and whether ΔW is masked too in the forward.
         self.register_buffer("mask", None)
         self.mask_delta = True
+        self.recompute_masked_delta = True  # false: keep each layer's dense M⊙ΔW for backward (faster, more memory)
         self.merged = False
         self.reset_parameters(settings.init)
 
@@ -126,16 +128,23 @@ class DSEELinear(WrappedLayer):
     def _base_weight_out_in(self) -> torch.Tensor:
         return weight_out_in(self.base)
 
+    def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Recovery after unstructured pruning: the model really computes with M⊙(W+ΔW) (W is
+        stored masked already). Dropout, as in LoRA, acts on the ΔW path only."""
+        delta = self.delta_weight() * self.mask
+        if isinstance(self.dropout, nn.Identity):
+            return F.linear(x, self._base_weight_out_in() + delta, self.base.bias)
+        return self.base(x) + F.linear(self.dropout(x), delta)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
         if self.mask is not None and self.mask_delta:
-            # Recovery after unstructured pruning: the model really computes with M⊙(W+ΔW)
-            # (W is stored masked already). Dropout, as in LoRA, acts on the ΔW path only.
-            delta = self.delta_weight() * self.mask
-            if isinstance(self.dropout, nn.Identity):
-                return F.linear(x, self._base_weight_out_in() + delta, self.base.bias)
-            return self.base(x) + F.linear(self.dropout(x), delta)
+            if self.recompute_masked_delta and torch.is_grad_enabled():
+                # Only x is kept for backward: the dense M⊙ΔW (and W + M⊙ΔW) of this layer exist
+                # while it computes and are rebuilt in its backward, never held across the model.
+                return checkpoint(self._masked_forward, x, use_reentrant=False)
+            return self._masked_forward(x)
         out = self.base(x)
         xd = self.dropout(x)
         pieces = []
