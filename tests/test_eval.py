@@ -19,10 +19,13 @@ METHODS = {
     "earlybert-dsee": ["pruning=earlybert", "pruning.heads_to_remove=1", "pruning.slimming_l1=0.01"],
     "stsb-regression": ["task=stsb", "model=tiny-bert", "task.synthetic_standin=true"],
     "gpt2-e2e": [*GPT2_E2E, "export=true"],
+    "llama-wikitext2-kv-group": ["task=wikitext2", "profile=smoke", "model.tiny.hidden=96", "model.tiny.heads=12",
+                                 "task.seq_len=32", "pruning=structured", "pruning.unit=kv-group",
+                                 "pruning.head_fraction=0.25", "export=true"],
 }
 
 
-FAST_TIER = ("dsee", "ptuning-v2", "pst", "earlybert-dsee", "gpt2-e2e")
+FAST_TIER = ("dsee", "ptuning-v2", "pst", "earlybert-dsee", "gpt2-e2e", "llama-wikitext2-kv-group")
 
 
 @pytest.mark.parametrize("name", [n if n in FAST_TIER else pytest.param(n, marks=pytest.mark.slow) for n in METHODS])
@@ -40,7 +43,7 @@ def test_every_export_scores_what_the_run_reported(name, tmp_path):
         for key, value in reported.items():
             assert result.metrics[key] == pytest.approx(value, abs=1e-4), (source, key)
         assert result.reference == pytest.approx(reported)
-    if "merged" in sources and "task=e2e" not in overrides:  # the exports are the same model, logit for logit
+    if "merged" in sources and "profile=smoke" not in overrides:  # the exports are the same model, logit for logit
         cfg = compose(*overrides)
         merged, adapter = (load_export(cfg, run / "export" / s, s) for s in ("merged", "adapter"))
         enc = merged.tokenizer(["w1 w2 w17 w3", "w20 w5 w6 w7 w8"], padding=True, return_tensors="pt")

@@ -197,8 +197,9 @@ def _local_file(s: DataSource, split: str) -> str | None:
 def load_texts(s: DataSource, seed: int, splits: tuple[str, ...]) -> tuple[dict[str, str], str]:
     """The text of each split (joined with "\\n\\n" from the Hub's rows, as Wanda / SparseGPT do)."""
     if s.synthetic_standin:
-        return {split: synthetic_text(4000 if split == "train" else 800, seed + k)
-                for k, split in enumerate(splits)}, f"synthetic stand-in for {s.name}"
+        offset = {"train": 0, "validation": 10_000, "test": 20_000}  # each split its own text, whatever is asked
+        return {split: synthetic_text(4000 if split == "train" else 800, seed + offset[split])
+                for split in splits}, f"synthetic stand-in for {s.name}"
     local = {split: _local_file(s, split) for split in splits}
     if all(local.values()):
         return {split: _text_of(Path(path)) for split, path in local.items()}, ", ".join(local.values())
@@ -221,7 +222,8 @@ def windows(tokenizer, text: str, seq_len: int, limit: int | None = None) -> tor
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
     n = ids.numel() // seq_len
     if n == 0:
-        raise DSEEError(f"the text has {ids.numel()} tokens, fewer than one window of task.seq_len={seq_len}.")
+        raise DSEEError(f"the text has {ids.numel()} tokens, fewer than one window of task.seq_len={seq_len}; "
+                        f"give a longer text or a shorter task.seq_len.")
     if limit:
         n = min(n, limit)
     return ids[: n * seq_len].view(n, seq_len)

@@ -518,7 +518,7 @@ def _protocol(metrics: dict, column: str, paper: dict) -> str:
     """'selected by <split/metric>, reported <split/metric>' for one run of a column."""
     if ":" in column:  # a generation metric: the reported split was decoded once with the selected weights
         split = (metrics.get("config") or {}).get("task", {}).get("eval_split", "test")
-        reported = f"{split}/{column.split(':', 1)[1]} (decoded once)"
+        reported = f"{split}/{column.split(':', 1)[1]} (scored once, with the selected weights)"
     else:
         reported = paper_metric(metrics["task"], paper.get("metrics")) + " at that evaluation"
     return f"selected by {metrics['main_metric']}, reported {reported}"

@@ -80,7 +80,7 @@ def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | 
     if t.name == "instruct":
         return _instruct_task(cfg, loaded, max_length, split)
     if t.name in PERPLEXITY_TASKS:
-        return _perplexity_task(cfg, loaded, split)
+        return _perplexity_task(cfg, loaded)
     data = load_task(t, cfg.seed, split)
     regression = data.spec.num_labels == 1
     tok = loaded.tokenizer
@@ -148,11 +148,11 @@ def _instruct_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, split: 
     return PreparedTask(loaded, encode_instructions(train, tok, max_length), evals, ops, source)
 
 
-def _perplexity_task(cfg: RunConfig, loaded: LoadedModel, split: str) -> PreparedTask:
+def _perplexity_task(cfg: RunConfig, loaded: LoadedModel) -> PreparedTask:
     """Causal LM on windows of the train text; perplexity on the selection split while training
     and on the reported split (task.eval_split) at the end, windows of task.seq_len."""
     t, tok = cfg.task, loaded.tokenizer
-    select, reported = (split, split) if split != "validation" else (t.select_split, t.eval_split)
+    select, reported = t.select_split, t.eval_split  # dsee eval --split sets both to the split asked for
     texts, source = load_texts(t, cfg.seed, tuple(dict.fromkeys(("train", select, reported))))
     cut = {name: windows(tok, text, t.seq_len, t.max_eval_samples if name != "train" else t.max_train_samples)
            for name, text in texts.items()}
