@@ -66,6 +66,10 @@ class TaskConfig(DataSource):
     per_method: dict[str, MethodTaskHparams] = field(default_factory=dict)  # keyed by adapter.method
     label_smoothing: float = 0.0  # generation tasks: label smoothing of the LM loss
     seq_len: int = 2048  # perplexity tasks (wikitext2): the window length, tokens (Wanda / SparseGPT: the context)
+    # decoder runs of any task: also the perplexity on this corpus's test text at the end (wikitext2), from
+    # the Hub or perplexity_file; in metrics.json's final.generation as <corpus>/ppl
+    perplexity: str | None = None
+    perplexity_file: str | None = None  # a local text (or Parquet with a text column) for task.perplexity
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
@@ -140,6 +144,11 @@ def validate(cfg: RunConfig) -> None:
                  f"task.select_split and task.eval_split are both {cfg.task.eval_split!r}: the split that picks the "
                  f"model (periodic evaluation, trainer.keep_best) would be the split it reports. Select on one split "
                  f"and report the other (the papers: task.select_split=validation task.eval_split=test).")
+    if cfg.task.perplexity is not None:
+        if cfg.task.perplexity not in PERPLEXITY_TASKS:
+            raise choice_error("perplexity corpus (task.perplexity)", cfg.task.perplexity, tuple(PERPLEXITY_TASKS))
+        _require(cfg.task.name in CAUSAL_TASKS, f"task.perplexity={cfg.task.perplexity} scores a language model; "
+                 f"task={cfg.task.name} trains a classifier. Use it with {', '.join(CAUSAL_TASKS)}.")
     if cfg.task.name in CAUSAL_TASKS:
         _require(0.0 <= cfg.task.label_smoothing < 1.0, f"task.label_smoothing={cfg.task.label_smoothing} must "
                  f"be in [0, 1).")

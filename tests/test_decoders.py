@@ -341,11 +341,18 @@ def test_instruction_tuning_run_prunes_query_heads_and_exports_a_plain_model(tmp
     rows = [{"instruction": e.prompt[0]["content"], "output": e.response} if i % 2 else
             {"messages": [*e.prompt, {"role": "assistant", "content": e.response}]} for i, e in enumerate(examples)]
     train, valid = _jsonl(tmp_path / "train.jsonl", rows[:32]), _jsonl(tmp_path / "valid.jsonl", rows[32:])
+    from dsee_cli.data.lm_tasks import synthetic_text
+
+    (tmp_path / "wiki.test.raw").write_text(synthetic_text(400, 5))
     metrics = run_in_process(tmp_path / "run", *LLAMA_RUN, "task=instruct", f"task.train_file={train}",
+                             "task.perplexity=wikitext2", f"task.perplexity_file={tmp_path / 'wiki.test.raw'}",
+                             "task.seq_len=32",
                              f"task.validation_file={valid}", "pruning=structured", "pruning.unit=query-heads",
                              "pruning.heads_to_remove=2", "pruning.ffn_channels=0.25", "export=true",
                              "model.dtype=float32")
     assert metrics["main_metric"] == "validation/loss"
+    ppl = metrics["final"]["generation"]
+    assert ppl["wikitext2/ppl"] > 1 and ppl["wikitext2/seq_len"] == 32 and ppl["wikitext2/windows"] >= 10
     assert metrics["pruning"]["heads_per_layer"] == {"0": [2, 2], "1": [2, 2]}
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export" / "merged")
     assert (plain.config.num_attention_heads, plain.config.num_key_value_heads, plain.config.intermediate_size) == \

@@ -96,6 +96,19 @@ def train_size(cfg: RunConfig) -> int:
     return min(n, cfg.task.max_train_samples) if cfg.task.max_train_samples else n
 
 
+def _amount(cfg: RunConfig, target: float) -> str:
+    """What a prune step removes, in the units it removes."""
+    p = cfg.pruning
+    if p.pruner.removes_heads:
+        heads = f"{p.head_fraction:.0%} of the query heads" if p.head_fraction else f"{p.heads_to_remove} heads"
+        unit = f" ({p.unit})" if p.unit != "heads" else ""
+        channels = f" and {p.ffn_channels:.0%} of the MLP channels" if p.ffn_channels else ""
+        return f"{heads} per layer{unit}{channels}"
+    if p.method == "nm":
+        return f"{p.n}:{p.m}"
+    return f"sparsity {target:.3g}"
+
+
 def build_plan(cfg: RunConfig) -> list[Step]:
     n = train_size(cfg)
     precision = Precision("32-true", "cpu")  # the plan does not depend on where it runs
@@ -117,7 +130,7 @@ def build_plan(cfg: RunConfig) -> list[Step]:
     pruner = cfg.pruning.pruner
     rounds = cfg.pruning.round_sparsities(cfg.sparsity)
     for r, target in enumerate(rounds, start=1):
-        amount = f"{cfg.pruning.heads_to_remove} heads per layer" if pruner.removes_heads else f"sparsity {target:.3g}"
+        amount = _amount(cfg, target)
         plan.append(Step(f"prune{r}", "prune", f"{pruner.title}: {amount}, by {cfg.pruning.criterion}",
                          round=r, target=target))
         phase = phase_of_round(r, len(rounds))

@@ -17,7 +17,7 @@ from dsee_cli.config import CAUSAL_TASKS, RunConfig, task_hparams
 from dsee_cli.core.arch import takes_segments
 from dsee_cli.core.models import LoadedModel, load_model
 from dsee_cli.core.precision import Precision
-from dsee_cli.data.classification import encode, load_task, spec_for
+from dsee_cli.data.classification import DataSource, encode, load_task, spec_for
 from dsee_cli.data.generation import (
     NLG_TASKS,
     collate_lm,
@@ -76,11 +76,11 @@ def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | 
     t = cfg.task
     loaded = loaded or load_pretrained(cfg)
     if t.name in NLG_TASKS:
-        return _generation_task(cfg, loaded, max_length, say, sink)
+        return _with_perplexity(cfg, _generation_task(cfg, loaded, max_length, say, sink))
     if t.name == "instruct":
-        return _instruct_task(cfg, loaded, max_length, split)
+        return _with_perplexity(cfg, _instruct_task(cfg, loaded, max_length, split))
     if t.name in PERPLEXITY_TASKS:
-        return _perplexity_task(cfg, loaded)
+        return _with_perplexity(cfg, _perplexity_task(cfg, loaded))
     data = load_task(t, cfg.seed, split)
     regression = data.spec.num_labels == 1
     tok = loaded.tokenizer
@@ -168,3 +168,24 @@ def _perplexity_task(cfg: RunConfig, loaded: LoadedModel) -> PreparedTask:
     ops = _lm_ops(f"{select}/ppl", evaluate_ppl, higher_is_better=False)
     return PreparedTask(loaded, windows_as_lm(cut["train"]), {select: windows_as_lm(cut[select])}, ops, source,
                         generate=report)
+
+
+def _with_perplexity(cfg: RunConfig, task: PreparedTask) -> PreparedTask:
+    """task.perplexity: a decoder run of any task also scores a corpus's perplexity at the end."""
+    t = cfg.task
+    if not t.perplexity:
+        return task
+    corpus = DataSource(name=t.perplexity, test_file=t.perplexity_file, synthetic_standin=t.synthetic_standin)
+    texts, where = load_texts(corpus, cfg.seed, ("test",))
+    cut = windows(task.loaded.tokenizer, texts["test"], t.seq_len, t.max_eval_samples)
+    inner = task.generate
+
+    def generate(model, device, precision, out_path) -> dict[str, float]:
+        scores = inner(model, device, precision, out_path) if inner else {}
+        ppl = perplexity(model, cut, device, cfg.trainer.eval_batch_size, precision)
+        return scores | {f"{t.perplexity}/ppl": ppl["ppl"], f"{t.perplexity}/loss": ppl["loss"],
+                         f"{t.perplexity}/seq_len": float(t.seq_len), f"{t.perplexity}/windows": float(len(cut))}
+
+    task.generate = generate
+    task.data_source += f"; perplexity: {where}"
+    return task
