@@ -7,7 +7,7 @@ DSEE ?= dsee
 EXPERIMENTS := table1 table2 table4 table3 table5 table6 table7 table9 table12 table13 table14 fig2 pst-table2 pst-table4 pst-table5
 REPRODUCE := $(addprefix reproduce-,$(EXPERIMENTS))
 
-.PHONY: install demo test test-all test-gpu lint bench bench-scale wheelhouse $(REPRODUCE)
+.PHONY: install demo test test-all test-gpu lint bench bench-scale bench-llm bench-llm-gpu wheelhouse $(REPRODUCE)
 
 install:
 	$(PY) -m pip install torch==2.13.0 || $(PY) -m pip install torch
@@ -39,6 +39,19 @@ lint:
 bench-scale:  # gradient checkpointing and a bf16 base at RoBERTa-large size; the run loop against a plain PEFT loop
 	$(PY) scripts/bench_memory.py
 	$(PY) scripts/bench_loop.py
+
+bench-llm:  # Llama-3.2-1B shape on CPU: memory of fp32 / bf16 bases, checkpointing, the LM loss, recovery; DSEE vs PEFT LoRA
+	$(PY) scripts/bench_llm_memory.py
+	$(PY) scripts/bench_train_step.py --arch llama-1b
+
+# On a GPU: experiment=llm on a Llama built from config at 1B shape (16 x 2048, 32 / 8 heads, 8192 channels;
+# the tiny tokenizer's vocabulary), 200 steps per phase under bf16-mixed, then its report with wall times and memory.
+bench-llm-gpu:
+	HF_HUB_OFFLINE=1 dsee train -m experiment=llm profile=smoke name=llm-1b-gpu measure=true trainer.device=cuda \
+	  trainer.precision=bf16-mixed model.dtype=bfloat16 model.tiny.hidden=2048 model.tiny.layers=16 \
+	  model.tiny.heads=32 model.tiny.kv_heads=8 model.tiny.intermediate=8192 model.tiny.dropout=0 \
+	  task.synthetic_train=3200 task.seq_len=512 trainer.max_steps=200 trainer.eval_every=100 trainer.batch_size=16
+	dsee report multirun/llm-1b-gpu --table llm
 
 bench:
 	$(PY) scripts/bench_omega.py

@@ -82,3 +82,12 @@ def test_sweep_jobs_lease_their_own_gpus(workdir):
     assert len(found) == 4 and all(d.startswith("cuda:") for _, d in assignment)
     if GPUS >= 4:
         assert len({d for _, d in assignment}) == 4
+
+
+@pytest.mark.parametrize("recipe", ["llm-dsee-50", "llm-dsee-kv-group", "llm-dsee-query-heads"])
+def test_a_decoder_llm_tunes_prunes_and_recovers_with_a_bf16_base_on_the_gpu(tmp_path, recipe):
+    """tiny-llama with its frozen base in bf16 (as the LLM presets load it) under bf16 autocast."""
+    m = run_in_process(tmp_path / "run", "task=instruct", "profile=smoke", f"recipe={recipe}", "model.dtype=bfloat16",
+                       "model.tiny.hidden=96", "model.tiny.heads=12", *ON_GPU, "trainer.precision=auto")
+    assert m["precision"] == "bf16-mixed" and m["device"].startswith("cuda")
+    assert all(v == v for v in m["final"]["eval"].values())  # no NaN
