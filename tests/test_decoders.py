@@ -221,6 +221,14 @@ def test_a_head_removal_that_cannot_be_honoured_is_a_clear_error(unit, k, messag
         check_head_removal(attention_units(model)[0], unit, k)
 
 
+def test_query_heads_need_their_q_rows_scored():
+    model, _ = decoder()
+    with_random_adapters(model, targets=["k", "v"])
+    with pytest.raises(DSEEError, match="Add q to adapter.targets"):
+        choose_heads(head_scores(model), "query-heads", 2)
+    assert len(choose_heads(head_scores(model), "kv-group", 4)[0]) == 4  # groups are scored by their k, v rows
+
+
 def test_removing_unequal_query_heads_per_group_is_refused():
     model, _ = decoder()
     with pytest.raises(DSEEError, match="same number of query heads"):

@@ -37,6 +37,7 @@ class HeadScores:
 
     q: torch.Tensor  # (layers, query heads)
     kv: torch.Tensor  # (layers, key/value heads)
+    q_scored: bool = True  # the query rows were scored (q adapted): what tells the heads of one group apart
 
     def per_head(self) -> torch.Tensor:
         """(layers, query heads): a head's own rows plus its group's key/value rows (without
@@ -61,7 +62,7 @@ def _row_scores(modules: dict, name_row: tuple[str, int], heads: int, head_dim: 
 def head_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) -> HeadScores:
     gen = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
-    qs, kvs = [], []
+    qs, kvs, q_scored = [], [], True
     for unit in attention_units(model):
         hd = unit.head_dim
         q = _row_scores(modules, unit.q, unit.num_heads, hd, criterion, gen)
@@ -73,10 +74,11 @@ def head_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) -> He
                 f"query/key/value projection of layer {unit.layer} is adapted. Add one to adapter.targets "
                 f"(e.g. q,v: query,value for BERT/RoBERTa, c_attn:q,c_attn:v for GPT-2, q_proj,v_proj for Llama)."
             )
+        q_scored = q_scored and q is not None
         qs.append(q if q is not None else torch.zeros(unit.num_heads))
         kvs.append(sum(x for x in (k, v) if x is not None) if (k is not None or v is not None)
                    else torch.zeros(unit.num_kv_heads))
-    return HeadScores(torch.stack(qs), torch.stack(kvs))
+    return HeadScores(torch.stack(qs), torch.stack(kvs), q_scored)
 
 
 def lowest_heads(scores: torch.Tensor, k: int) -> dict[int, list[int]]:
@@ -133,6 +135,10 @@ def choose_heads(scores: HeadScores, how: str, k: int) -> dict[int, list[int]]:
         group_score = scores.q.view(layers, groups, size).sum(-1) + scores.kv
         dropped = lowest_heads(group_score, k // size)
         return {layer: [g * size + j for g in gs for j in range(size)] for layer, gs in dropped.items()}
+    if not scores.q_scored:
+        raise DSEEError("pruning.unit=query-heads tells the query heads of a group apart by |ΔW| of their q rows, "
+                        "but q is not adapted (its key/value rows are shared by the whole group). Add q to "
+                        "adapter.targets, or use pruning.unit=kv-group.")
     per_group = torch.sort(scores.q.view(layers, groups, size), dim=-1, stable=True).indices[..., : k // groups]
     first = torch.arange(groups)[:, None] * size  # group g's heads are g·size .. g·size + size − 1
     return {layer: sorted((first + per_group[layer]).flatten().tolist()) for layer in range(layers)}
