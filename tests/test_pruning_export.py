@@ -203,3 +203,19 @@ def test_streamed_threshold_equals_one_threshold_over_every_score_concatenated(g
         expected = ~smallest_k_mask(flat[None], round(0.45 * flat.numel()))[0]
         got = torch.cat([masks[p.module][p.rows[0]:p.rows[1]].flatten() for p in members])
         assert torch.equal(got, expected)
+
+
+def test_masks_of_frozen_unadapted_weights_are_kept_at_one_bit_per_weight(tmp_path):
+    from dsee_cli.pruning.masks import PackedMask
+
+    model, tok = tiny("tiny-bert")
+    with_random_adapters(model)
+    masks = compute_masks(model, PruningConfig(), 0.4)
+    apply_masks(model, masks)
+    others = model.dsee_other_masks
+    assert others and all(isinstance(m, PackedMask) for m in others.values())
+    for name, packed in others.items():
+        assert packed.bits.numel() == -(-masks[name].numel() // 8) and torch.equal(packed.unpack(), masks[name])
+    merged = export_merged(model, tok, tmp_path / "merged")
+    for name, mask in masks.items():
+        assert bool((weight_out_in(merged.get_submodule(name))[~mask] == 0).all())

@@ -20,6 +20,41 @@ from dsee_cli.core.selection import smallest_k_masks
 from dsee_cli.errors import DSEEError
 from dsee_cli.tuning.adapters import DSEELinear
 
+_BIT_VALUES = (128, 64, 32, 16, 8, 4, 2, 1)  # the first entry in the highest bit, as numpy.packbits
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as uint8 bytes, 8 entries each (numpy.packbits's layout), on the mask's device."""
+    flat = mask.flatten().to(torch.uint8)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)])
+    values = torch.tensor(_BIT_VALUES, dtype=torch.int32, device=flat.device)
+    return (flat.view(-1, 8).to(torch.int32) * values).sum(1).to(torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=bits.device)
+    return ((bits[:, None] >> shifts) & 1).flatten()[:n].bool().view(*shape)
+
+
+@dataclass
+class PackedMask:
+    """The keep-mask of a frozen weight that pruning already zeroed, at one bit per weight: training
+    never reads it (the weight does not change), checkpoints, export and IMP's next round do. As a
+    bool tensor it would cost half of a bf16 base's memory."""
+
+    bits: torch.Tensor
+    shape: tuple[int, ...]
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_bits(self.bits, self.shape)
+
+
+def mask_tensor(mask: torch.Tensor | PackedMask) -> torch.Tensor:
+    return mask.unpack() if isinstance(mask, PackedMask) else mask
+
 
 @dataclass
 class Piece:
@@ -31,14 +66,15 @@ class Piece:
     pool: str  # "adapted" or "other"
     layer: int
     compute: Callable[[], torch.Tensor]
-    kept: torch.Tensor | None = None  # an earlier round's keep-mask of these rows (IMP)
+    kept: torch.Tensor | PackedMask | None = None  # an earlier round's keep-mask of the module (IMP)
 
     def scores(self) -> torch.Tensor:
         s = self.compute()
         if self.kept is None:
             return s
         # entries an earlier round pruned score below everything, so they stay pruned
-        return torch.where(self.kept.to(s.device), s, torch.full_like(s, -1.0))
+        kept = mask_tensor(self.kept)[self.rows[0]:self.rows[1]]
+        return torch.where(kept.to(s.device), s, torch.full_like(s, -1.0))
 
 
 def criterion_scores(adapter: DSEELinear, k: int, criterion: str, gen: torch.Generator) -> torch.Tensor:
@@ -93,8 +129,7 @@ def score_pieces(model: nn.Module, criterion: str, seed: int) -> list[Piece]:
     masks = {**getattr(model, "dsee_other_masks", {}),
              **{n: m.mask for n, m in block_linears(model).items() if isinstance(m, DSEELinear) and m.mask is not None}}
     for p in pieces:
-        if p.module in masks:
-            p.kept = masks[p.module][p.rows[0] : p.rows[1]]
+        p.kept = masks.get(p.module)
     return pieces
 
 
@@ -167,7 +202,8 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], mask_delta: bo
     """Zero the pruned pretrained weights; adapters keep the mask for the recovery forward.
 
     Masks of layers without an adapter are kept on ``model.dsee_other_masks`` for checkpoints
-    and export (those weights are frozen, so zeroing them once suffices for training).
+    and export: as bool tensors where the weight trains (re-applied after each step), bit-packed
+    where it is frozen (zeroing it once suffices for training).
     """
     linears = block_linears(model)
     others = {}
@@ -178,8 +214,9 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], mask_delta: bo
             module.mask = mask
             module.mask_delta = mask_delta
         else:
-            weight_out_in(module).mul_(mask)
-            others[name] = mask
+            w = weight_out_in(module)
+            w.mul_(mask)
+            others[name] = mask if w.requires_grad else PackedMask(pack_bits(mask), tuple(mask.shape))
     model.dsee_other_masks = others
 
 
@@ -189,6 +226,6 @@ def reapply_masks(model: nn.Module) -> None:
     for name, mask in getattr(model, "dsee_other_masks", {}).items():
         w = weight_out_in(model.get_submodule(name))
         if w.requires_grad:
-            w.mul_(mask)
+            w.mul_(mask_tensor(mask))
 
 

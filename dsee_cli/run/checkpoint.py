@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -24,6 +23,7 @@ from torch import nn
 from dsee_cli.atomic import atomic_write_text, fsync_file
 from dsee_cli.config import RunConfig
 from dsee_cli.pruning import apply_masks, prune_ffn, prune_heads
+from dsee_cli.pruning.masks import PackedMask, pack_bits, unpack_bits
 from dsee_cli.pruning.slimming import FROZEN_CHANGED
 from dsee_cli.tuning.adapters import adapters_of, set_omegas
 from dsee_cli.tuning.sparse_training import sparse_layers
@@ -32,13 +32,13 @@ MASK_PREFIX = "mask::"
 SPARSE_MASK_PREFIX = "sparsemask::"
 
 
-def pack_mask(mask: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(mask.cpu().numpy().ravel()))
+def pack_mask(mask: torch.Tensor | PackedMask) -> torch.Tensor:
+    """One bit per entry (numpy.packbits's layout), on the CPU."""
+    return (mask.bits if isinstance(mask, PackedMask) else pack_bits(mask)).cpu()
 
 
 def unpack_mask(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
-    n = int(np.prod(shape))
-    return torch.from_numpy(np.unpackbits(packed.numpy())[:n].astype(bool)).view(*shape)
+    return unpack_bits(packed, shape)
 
 
 def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
@@ -57,7 +57,7 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     shapes = {}
     for name, mask in {**extra_masks, **masks}.items():
         tensors[MASK_PREFIX + name] = pack_mask(mask)
-        shapes[name] = list(mask.shape)
+        shapes[name] = list(mask.shape)  # a PackedMask has its shape too
     sparse = {}
     for name, layer in sparse_layers(model).items():  # sparse training: the current top-v masks
         tensors[SPARSE_MASK_PREFIX + name] = pack_mask(layer.mask)

@@ -27,6 +27,7 @@ from dsee_cli.atomic import fsync_dir, fsync_file
 from dsee_cli.core.arch import block_linears, weight_out_in
 from dsee_cli.pruning import prune_ffn, prune_heads
 from dsee_cli.pruning.heads import stated_in_config
+from dsee_cli.pruning.masks import mask_tensor
 from dsee_cli.run.checkpoint import load_state_dir, model_state, pack_mask, restore_state, save_state_dir, unpack_mask
 from dsee_cli.tuning import AdapterConfig, prepare_method
 from dsee_cli.tuning.adapters import unwrap_adapters
@@ -77,7 +78,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
     finalize_sparse_training(merged)
     for name, mask in getattr(model, "dsee_other_masks", {}).items():
         with torch.no_grad():
-            weight_out_in(merged.get_submodule(name)).mul_(mask.cpu())
+            weight_out_in(merged.get_submodule(name)).mul_(mask_tensor(mask).cpu())
     merged.config.architectures = [type(merged).__name__]  # load_merged picks the model class from it
     stated_in_config(merged)  # decoder LLMs pruned alike in every layer: plain from_pretrained loads them
     return merged
