@@ -33,6 +33,8 @@ CONFIGS = [
     ("bf16 + ckpt, full-vocabulary fp32 logits loss", "bfloat16", True, "hf", None),
     ("recovery 50 %, bf16 + ckpt, M⊙ΔW rebuilt in backward", "bfloat16", True, "ours", "recompute"),
     ("recovery 50 %, bf16 + ckpt, M⊙ΔW kept for backward", "bfloat16", True, "ours", "keep"),
+    ("recovery 50 %, bf16, M⊙ΔW rebuilt in backward", "bfloat16", False, "ours", "recompute"),
+    ("recovery 50 %, bf16, M⊙ΔW kept for backward", "bfloat16", False, "ours", "keep"),
 ]
 
 

@@ -377,3 +377,15 @@ def test_tiny_llama_learns_the_synthetic_task_with_dsee(tmp_path):
                              "trainer.max_steps=60", "trainer.eval_every=60", "task.synthetic_train=512",
                              "task.synthetic_eval=128")
     assert metrics["final"]["eval"]["validation/accuracy"] > 75
+
+
+def test_a_local_llama_directory_trains_as_model_path(tmp_path):
+    """model.path= a save_pretrained directory of a Llama: recognised as a decoder, tuned, evaluated."""
+    from .helpers import run_in_process
+
+    model, tok = decoder()
+    model.save_pretrained(tmp_path / "llama")
+    tok.save_pretrained(tmp_path / "llama")
+    metrics = run_in_process(tmp_path / "run", f"model.path={tmp_path / 'llama'}", "model.name=local", "task=wikitext2",
+                             "task.synthetic_standin=true", "task.seq_len=32", "pruning=none", "adapter=lora")
+    assert metrics["final"]["generation"]["test/ppl"] > 1

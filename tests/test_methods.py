@@ -160,8 +160,9 @@ def test_full_fine_tuning_keeps_pruned_weights_at_zero():
         assert bool((weight_out_in(model.get_submodule(name))[~mask] == 0).all())
 
 
-@pytest.mark.parametrize("name", ["tiny-bert", "tiny-gpt2"])
-def test_earlybert_pruned_model_equals_the_slimmed_one(name, tmp_path):
+@pytest.mark.parametrize("name,heads", [("tiny-bert", 1), ("tiny-gpt2", 1), ("tiny-llama", 2)])
+def test_earlybert_pruned_model_equals_the_slimmed_one(name, heads, tmp_path):
+    """tiny-llama: 4 query heads over 2 key/value heads, one query head from each group; SwiGLU channels."""
     model, tok = tiny(name)
     enc = batch(tok)
     prepare_method(model, AdapterConfig(method="full"))
@@ -171,11 +172,14 @@ def test_earlybert_pruned_model_equals_the_slimmed_one(name, tmp_path):
         for n, p in model.named_parameters():
             if n.endswith("dsee_slim"):
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-                p[torch.randperm(p.numel(), generator=gen)[: max(1, p.numel() // 4)]] = 0.0  # the ones to go
+                if p.numel() == 4:  # a layer's heads: one from each of `heads` groups goes
+                    p[torch.arange(heads) * (4 // heads) + int(torch.randint(4 // heads, (1,), generator=gen))] = 0.0
+                else:  # FFN units: the ones to go
+                    p[torch.randperm(p.numel(), generator=gen)[: p.numel() // 4]] = 0.0
     expected = logits(model, enc)
     dense_flops = inference_flops(model, 128)
-    info = slim_and_prune(model, heads_to_remove=1, ffn_fraction=0.25)
-    assert all(len(v) == 1 for v in info["heads_removed"].values())
+    info = slim_and_prune(model, heads_to_remove=heads, ffn_fraction=0.25)
+    assert all(len(v) == heads for v in info["heads_removed"].values())
     assert all(v == 16 for v in info["ffn_removed"].values())  # 25 % of 64 neurons
     assert not any("dsee_slim" in n for n, _ in model.named_parameters())
     assert torch.allclose(logits(model, enc), expected, atol=1e-5)
