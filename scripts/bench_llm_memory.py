@@ -11,7 +11,9 @@ vocabulary; random weights), on the CPU, side by side:
 
 DSEE on q, v at r = 16 with card(Ω) = 16; a batch of instruction-like rows whose last half is the
 response. Each configuration runs in a fresh process; the peak resident set is reset just before
-the measured step (Linux clear_refs), so it is that step's peak, weights included.
+the measured step (Linux clear_refs), so it is that step's peak, weights and masks included (the
+allocator's slack too: differences under ~200 MiB are noise). "saved" counts exactly the bytes the
+forward keeps for backward beyond the model's own tensors.
 
     python scripts/bench_llm_memory.py [--batch 2] [--seq 512] [--layers 16]
 """
@@ -84,9 +86,17 @@ def one(index: int, opts) -> dict:
     labels[:, : opts.seq // 2] = -100  # the prompt half: no loss there
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     model.train()
+    own = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t):  # what the forward keeps for backward, beyond the model's own tensors
+        if t.data_ptr() not in own:
+            saved[t.data_ptr()] = t.numel() * t.element_size()
+        return t
+
     reset_peak_memory(torch.device("cpu"))
     started = time.perf_counter()
-    with precision.autocast():
+    with precision.autocast(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = lm_loss(model, batch) if loss_kind == "ours" else model(**batch).loss
     loss.backward()
     optimizer.step()
@@ -95,6 +105,7 @@ def one(index: int, opts) -> dict:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"peak_mib": peak_memory_bytes(torch.device("cpu")) / 2**20, "step_s": step_s,
             "weights_mib": weights / 2**20, "precision": precision.name, "loss": float(loss),
+            "saved_mib": sum(saved.values()) / 2**20,
             "mask_s": mask_s if recovery else None}
 
 
@@ -123,11 +134,13 @@ def main() -> None:
     print(f"Llama-3.2-1B shape ({opts.layers} layers), DSEE q,v r=16 card(Ω)=16, batch {opts.batch} x {opts.seq} "
           f"(loss on the last half), CPU, {torch.get_num_threads()} threads")
     base = rows[0][1]["peak_mib"]
-    print(f"  {'configuration':54s} {'weights':>9s} {'step peak':>10s} {'vs row 0':>8s} {'step':>8s}")
+    print(f"  {'configuration':54s} {'weights':>9s} {'step peak':>10s} {'vs row 0':>8s} {'saved':>8s} {'step':>8s}")
     for i, r in rows:
         extra = f"  (mask {r['mask_s']:.0f} s)" if r["mask_s"] else ""
         print(f"  {CONFIGS[i][0]:54s} {r['weights_mib']:7.0f} M {r['peak_mib']:8.0f} M {r['peak_mib'] / base:7.2f}x "
-              f"{r['step_s']:6.1f} s{extra}")
+              f"{r['saved_mib']:6.0f} M {r['step_s']:6.1f} s{extra}")
+    print("  saved: what the forward keeps for backward beyond the model's own tensors (activations; under an")
+    print("  unstructured mask also each layer's M⊙ΔW where it is kept), counted exactly by saved-tensor hooks")
 
 
 if __name__ == "__main__":

@@ -183,12 +183,14 @@ def test_typos_and_wrong_types_are_rejected_by_the_schema(workdir, args, needle)
     assert out.returncode != 0 and needle in out.stdout + out.stderr
 
 
-def test_hub_model_offline_fails_fast_with_a_way_out(workdir):
+@pytest.mark.parametrize("args,repo", [(["task=rte", "sparsity=0.3"], "bert-base-uncased"),
+                                       (["task=instruct", "model=llama-3.2-1b"], "meta-llama/Llama-3.2-1B")])
+def test_hub_model_offline_fails_fast_with_a_way_out(workdir, args, repo):
     started = time.time()
-    out = run_dsee(["task=rte", "sparsity=0.3", "logger=none"], workdir)
+    out = run_dsee([*args, "logger=none"], workdir)
     assert out.returncode != 0
     text = " ".join((out.stdout + out.stderr).split())
-    assert "model.path=" in text and "task.data_dir=" in text
+    assert "model.path=" in text and "task.data_dir=" in text and repo in text
     assert time.time() - started < 30  # within 10 s of the start of work; the rest is Python start-up
 
 

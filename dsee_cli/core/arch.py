@@ -144,8 +144,8 @@ DECODER = Family(
     {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim",
      "ffn": "intermediate_size"},
 )
-FAMILIES = {"bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "gpt2": GPT2,
-            "llama": DECODER, "mistral": DECODER, "qwen2": DECODER, "qwen3": DECODER}
+# By model type; decoder LLMs (llama, mistral, qwen2, qwen3, ...) by their modules (_built_like_decoder)
+FAMILIES = {"bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "gpt2": GPT2}
 ALL_LINEAR = "all-linear"  # adapter.targets: every linear layer of the blocks (PEFT's name)
 
 
