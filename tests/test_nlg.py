@@ -90,8 +90,8 @@ def test_the_loss_covers_the_target_only():
             self.hidden = torch.nn.Parameter(model.base_model(input_ids=batch["input_ids"]).last_hidden_state.detach())
             self.head = model.get_output_embeddings()
 
-        def base_model(self, **kwargs):
-            return type("Out", (), {"last_hidden_state": self.hidden})
+        def get_decoder(self):
+            return lambda **kwargs: type("Out", (), {"last_hidden_state": self.hidden})
 
         def get_output_embeddings(self):
             return self.head

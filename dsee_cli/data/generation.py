@@ -268,7 +268,8 @@ LOSS_CHUNK = 1024  # positions whose logits exist at once: never (batch x length
 def _targets_and_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The last hidden states at the positions that predict a target token (labels not −100
     after the shift), and those targets: the LM head then runs on these positions only."""
-    hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    body = model.get_decoder()  # the blocks' stack under the LM head (also through a PEFT wrapper)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     keep = targets != -100
     return hidden[:, :-1][keep], targets[keep]
