@@ -158,7 +158,7 @@ def channel_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) ->
             if adapted and name not in adapted:
                 continue
             s = criterion_scores(module, 0, criterion, gen) if adapted else \
-                weight_out_in(module).detach().abs()
+                weight_out_in(getattr(module, "base", module)).detach().abs()
             score += (s.sum(dim=0) if name == unit.contract else s.sum(dim=1)).float().cpu()
         out.append(score)
     return out
