@@ -1,0 +1,95 @@
+"""Wanda's and SparseGPT's numerics on one linear layer (pruning/oneshot.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsee_cli.errors import DSEEError
+from dsee_cli.pruning.oneshot import InputStats, nm_keep, row_keep, sparsegpt, wanda_masks
+
+
+def _correlated_inputs(tokens: int, features: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with a few strong directions and columns of very different scales (as LLM
+    activations have outlier features)."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.randn(8, features, generator=gen)
+    x = torch.randn(tokens, 8, generator=gen) @ basis + 0.1 * torch.randn(tokens, features, generator=gen)
+    return x * torch.logspace(-1, 1, features)[torch.randperm(features, generator=gen)]
+
+
+def _stats(x: torch.Tensor) -> InputStats:
+    stats = InputStats(x.shape[1])
+    for chunk in x.split(64):
+        stats.add(chunk)
+    return stats
+
+
+def test_wanda_keeps_small_weights_on_large_activations_that_magnitude_drops():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 32, generator=gen).abs() + 0.5
+    w[:, :4] = 0.1  # small weights ...
+    x = torch.randn(256, 32, generator=gen)
+    x[:, :4] *= 100.0  # ... on inputs with large activations: they carry most of the output
+    keep = wanda_masks(w, _stats(x), 0.5)
+    assert bool(keep[:, :4].all())
+    magnitude = row_keep(w.abs(), 0.5)
+    assert not bool(magnitude[:, :4].any())
+    err = {name: float(((x @ w.t()) - x @ (w * k).t()).norm()) for name, k in (("wanda", keep), ("mag", magnitude))}
+    assert err["wanda"] < 0.2 * err["mag"]
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_sparsegpt_reconstructs_better_than_wanda_and_magnitude(nm):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(48, 64, generator=gen)
+    x = _correlated_inputs(512, 64)
+    stats = _stats(x)
+    updated, keep = sparsegpt(w, stats.hessian_matrix(), 0.5, nm, blocksize=16)
+    assert torch.equal(updated == 0, ~keep | (w == 0))  # the pruned weights are exactly zero, the rest kept
+    masks = {"wanda": wanda_masks(w, stats, 0.5, nm),
+             "magnitude": nm_keep(w.abs(), *nm) if nm else row_keep(w.abs(), 0.5)}
+    reference = x @ w.t()
+    err = {name: float((reference - x @ (w * k).t()).norm()) for name, k in masks.items()}
+    err["sparsegpt"] = float((reference - x @ updated.t()).norm())
+    assert err["sparsegpt"] < err["wanda"] < err["magnitude"], err
+    assert int((~keep).sum()) == w.numel() // 2
+
+
+def test_wanda_prunes_exactly_per_row_and_per_nm_group():
+    gen = torch.Generator().manual_seed(2)
+    w, x = torch.randn(10, 24, generator=gen), torch.randn(100, 24, generator=gen)
+    stats = _stats(x)
+    keep = wanda_masks(w, stats, 0.3)
+    assert (keep.sum(1) == 24 - round(0.3 * 24)).all()  # every row alike: Wanda's grouping
+    for n, m in ((2, 4), (1, 4), (4, 8)):
+        groups = wanda_masks(w, stats, 0.0, (n, m)).view(10, 24 // m, m)
+        assert (groups.sum(-1) == n).all()
+        _, sgpt = sparsegpt(w, stats.hessian_matrix(), 0.0, (n, m), blocksize=8)
+        assert (sgpt.view(10, 24 // m, m).sum(-1) == n).all()
+
+
+def test_sparsegpt_update_is_the_closed_form_obs_solution_for_one_weight():
+    """Removing weight q of a row, OBS moves the row by −(w_q / [H⁻¹]_qq)·[H⁻¹]_q,: (Hassibi & Stork),
+    the least-squares best row with w_q = 0. SparseGPT's first column is exactly that: a one-row
+    layer whose first weight is the least salient loses that weight alone."""
+    gen = torch.Generator().manual_seed(3)
+    x = _correlated_inputs(200, 6, seed=3)
+    h = 2 * x.t() @ x / x.shape[0]
+    w = torch.randn(1, 6, generator=gen).abs() + 1.0
+    w[0, 0] = 1e-3  # the least salient: pruned first, in the first column
+    updated, keep = sparsegpt(w, h, 1 / 6, percdamp=0.0, blocksize=6)
+    assert torch.equal(~keep[0], torch.tensor([True, False, False, False, False, False]))
+    hinv = torch.linalg.inv(h.double())
+    expected = w.double()[0] - w[0, 0].double() / hinv[0, 0] * hinv[0]
+    assert torch.allclose(updated[0].double(), expected, atol=1e-5)
+    hs = h.double()[1:, 1:]  # the same as the best reconstruction with the weight at zero
+    best = torch.linalg.solve(hs, (h.double() @ w.double()[0])[1:])
+    assert torch.allclose(updated[0, 1:].double(), best, atol=1e-5) and updated[0, 0] == 0
+
+
+def test_bad_nm_and_an_unreached_layer_are_clear_errors():
+    with pytest.raises(DSEEError, match="divisible by m=4"):
+        nm_keep(torch.rand(2, 6), 2, 4)
+    with pytest.raises(DSEEError, match="no calibration input reached it"):
+        InputStats(4).hessian_matrix()
