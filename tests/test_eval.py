@@ -22,10 +22,15 @@ METHODS = {
     "llama-wikitext2-kv-group": ["task=wikitext2", "profile=smoke", "model.tiny.hidden=96", "model.tiny.heads=12",
                                  "task.seq_len=32", "pruning=structured", "pruning.unit=kv-group",
                                  "pruning.head_fraction=0.25", "export=true"],
+    "llama-sparsegpt": ["task=wikitext2", "profile=smoke", "model.tiny.hidden=96", "model.tiny.heads=12",
+                        "task.seq_len=32", "pruning=sparsegpt", "sparsity=0.5", "export=true"],
+    "llama-wanda-2of4": ["task=wikitext2", "profile=smoke", "model.tiny.hidden=96", "model.tiny.heads=12",
+                         "task.seq_len=32", "pruning=wanda", "pruning.nm=true", "export=true"],
 }
 
 
-FAST_TIER = ("dsee", "ptuning-v2", "pst", "earlybert-dsee", "gpt2-e2e", "llama-wikitext2-kv-group")
+FAST_TIER = ("dsee", "ptuning-v2", "pst", "earlybert-dsee", "gpt2-e2e", "llama-wikitext2-kv-group", "llama-sparsegpt",
+             "llama-wanda-2of4")
 
 
 @pytest.mark.parametrize("name", [n if n in FAST_TIER else pytest.param(n, marks=pytest.mark.slow) for n in METHODS])

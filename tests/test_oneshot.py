@@ -93,3 +93,25 @@ def test_bad_nm_and_an_unreached_layer_are_clear_errors():
         nm_keep(torch.rand(2, 6), 2, 4)
     with pytest.raises(DSEEError, match="no calibration input reached it"):
         InputStats(4).hessian_matrix()
+
+
+@pytest.mark.parametrize("method,extra", [("sparsegpt", []), ("wanda", ["pruning.nm=true"])])
+def test_one_shot_pruners_run_block_by_block_and_prune_exactly(method, extra, tmp_path):
+    """tiny-llama after DSEE's phase I: every block linear of the merged export has exactly half its
+    weights at zero (2:4: two of every four inputs per row)."""
+    from dsee_cli.core.arch import block_linears, weight_out_in
+    from dsee_cli.run.export import load_merged
+
+    from .helpers import run_in_process
+
+    metrics = run_in_process(tmp_path / "run", "task=wikitext2", "profile=smoke", "model.tiny.hidden=96",
+                             "model.tiny.heads=12", "task.seq_len=32", f"pruning={method}", "sparsity=0.5",
+                             "export=true", *extra)
+    assert metrics["pruning"]["method"] == method and metrics["pruning"]["block_statistics_bytes"] > 0
+    merged = load_merged(tmp_path / "run" / "export" / "merged")
+    for name, module in block_linears(merged).items():
+        w = weight_out_in(module)
+        if extra:
+            assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), name
+        else:
+            assert int((w == 0).sum()) == w.numel() // 2, name

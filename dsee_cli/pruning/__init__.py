@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from dsee_cli.core import dist
-from dsee_cli.core.arch import attention_units
+from dsee_cli.core.arch import attention_units, block_linears
 from dsee_cli.errors import DSEEError, choice_error
+from dsee_cli.pruning.calibrated import effective_weight, prune_block_by_block, set_effective_weight
 from dsee_cli.pruning.heads import (
     HEAD_UNITS,
     channel_scores,
@@ -33,7 +34,9 @@ from dsee_cli.pruning.heads import (
     prune_heads,
 )
 from dsee_cli.pruning.masks import apply_masks, nm_masks, reapply_masks, score_pieces, unstructured_masks
-from dsee_cli.pruning.slimming import lowest_units, slim_and_prune
+from dsee_cli.pruning.oneshot import sparsegpt, wanda_masks
+from dsee_cli.pruning.slimming import FROZEN_CHANGED, lowest_units, slim_and_prune
+from dsee_cli.tuning.adapters import DSEELinear
 
 SCOPES = ("blocks", "adapted")
 CRITERIA = ("delta", "delta_plus_weight", "weight", "random")
@@ -66,6 +69,10 @@ class PruningConfig:
     rewind: bool = False  # imp: reset the trained tensors to their start after each pruning
     ffn_fraction: float = 0.4  # earlybert: fraction of each FFN's neurons removed
     slimming_l1: float = 1e-4  # earlybert: L1 weight on the slimming coefficients
+    calibration_samples: int = 128  # wanda / sparsegpt: calibration examples (drawn from the run's training data)
+    percdamp: float = 0.01  # sparsegpt: damping, as a fraction of the Hessian's mean diagonal
+    blocksize: int = 128  # sparsegpt: columns updated lazily together
+    nm: bool = False  # wanda / sparsegpt: the N:M pattern (pruning.n, pruning.m) instead of sparsity
 
     @property
     def pruner(self) -> Pruner:
@@ -113,7 +120,8 @@ class PruningConfig:
 # prune(model, settings, this round's sparsity, seed, rewind) -> what it did (metrics.json "pruning").
 # ``rewind()`` resets the trained tensors (IMP with pruning.rewind); mask pruners call it
 # between scoring the trained weights and applying the masks.
-PruneFn = Callable[[nn.Module, PruningConfig, float, int, Callable[[], None]], dict]
+# ``calibration()`` gives the calibration batches (the one-shot pruners: Wanda, SparseGPT).
+PruneFn = Callable[[nn.Module, PruningConfig, float, int, Callable[[], None], Callable[[], list]], dict]
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ class Pruner:
     needs_delta: bool = False  # scores by ΔW of the adapted attention projections (dsee / lora only)
     rounds: bool = False  # prunes in rounds with retraining between them (pruning.rounds, pruning.rate)
     slimming: bool = False  # slimming coefficients train in phase I under pruning.slimming_l1
+    calibrated: bool = False  # reads calibration inputs (pruning.calibration_samples of the training data)
 
 
 PRUNERS: dict[str, Pruner] = {}
@@ -146,7 +155,7 @@ def compute_masks(model: nn.Module, settings: PruningConfig, sparsity: float = 0
     return unstructured_masks(model, settings.criterion, settings.granularity, settings.scope, sparsity, seed)
 
 
-def _prune_by_masks(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
+def _prune_by_masks(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:
     masks = dist.on_main(lambda: compute_masks(model, s, sparsity, seed))  # decided once, the same on every rank
     rewind()
     apply_masks(model, masks, s.mask_delta)
@@ -170,7 +179,7 @@ def _structured_choice(model: nn.Module, s: PruningConfig, seed: int) -> tuple[d
     return heads, channels
 
 
-def _prune_structured(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
+def _prune_structured(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:
     heads, channels = dist.on_main(lambda: _structured_choice(model, s, seed))  # decided once, on rank 0
     if heads:
         prune_heads(model, heads)
@@ -182,7 +191,28 @@ def _prune_structured(model: nn.Module, s: PruningConfig, sparsity: float, seed:
             "ffn_removed": {str(k): len(v) for k, v in channels.items()}}
 
 
-def _prune_slimmed(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind) -> dict:
+def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:
+    """Wanda or SparseGPT, block by block from the calibration inputs (pruning/calibrated.py)."""
+    nm = (s.n, s.m) if s.nm else None
+
+    def prune_linear(name, module, stats) -> torch.Tensor:
+        w = effective_weight(module)
+        if s.method == "wanda":
+            return wanda_masks(w, stats, sparsity, nm)
+        updated, keep = sparsegpt(w, stats.hessian_matrix(), sparsity, nm, s.percdamp, s.blocksize)
+        set_effective_weight(module, updated, keep)
+        return keep
+
+    masks, stats_bytes = prune_block_by_block(model, calibration(), prune_linear, hessian=s.method == "sparsegpt")
+    changed = {f"{n}.base.weight" if isinstance(m, DSEELinear) else f"{n}.weight"
+               for n, m in block_linears(model).items()} if s.method == "sparsegpt" else set()
+    setattr(model, FROZEN_CHANGED, set(getattr(model, FROZEN_CHANGED, ())) | changed)  # checkpoints keep W'
+    apply_masks(model, masks, s.mask_delta)
+    return {"method": s.method, "sparsity": round(sparsity, 6), "pattern": f"{s.n}:{s.m}" if nm else "unstructured",
+            "calibration_samples": s.calibration_samples, "block_statistics_bytes": stats_bytes}
+
+
+def _prune_slimmed(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:
     return {"method": s.method, "unit": s.unit, **slim_and_prune(model, head_count(model, s), s.ffn_fraction, s.unit)}
 
 
@@ -193,6 +223,8 @@ for _pruner in (
     Pruner("structured", "structured pruning", _prune_structured, removes_heads=True, needs_delta=True),
     Pruner("imp", "IMP pruning", _prune_by_masks, rounds=True),
     Pruner("earlybert", "EarlyBERT pruning", _prune_slimmed, removes_heads=True, slimming=True),
+    Pruner("wanda", "Wanda pruning (|W|·‖X‖, per output row)", _prune_calibrated, calibrated=True),
+    Pruner("sparsegpt", "SparseGPT pruning (OBS reconstruction)", _prune_calibrated, calibrated=True),
 ):
     register(_pruner)
 

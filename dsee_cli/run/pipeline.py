@@ -429,10 +429,22 @@ class Run:
         self.say(f"Phase II: {self.pruning.pruner.title}"
                  + (f", round {step.round} of {self.rounds}" if self.rounds > 1 else ""))
         started = time.perf_counter()
-        info = self.pruning.pruner.prune(self.model, self.pruning, step.target, self.cfg.seed, self.rewind)
+        info = self.pruning.pruner.prune(self.model, self.pruning, step.target, self.cfg.seed, self.rewind,
+                                         self.calibration)
         info["seconds"] = round(time.perf_counter() - started + self.pruning_info.get("seconds", 0.0), 3)
         self.pruning_info = info
         dist.check_same(f"the model after pruning (round {step.round})", lambda: model_state(self.model)[0])
+
+    def calibration(self) -> list[dict[str, torch.Tensor]]:
+        """pruning.calibration_samples examples of the training data (drawn with the run's seed, the same on
+        every rank), batched as evaluation batches, on this process's device, without their labels."""
+        data, tok = self.task.train, self.task.loaded.tokenizer
+        n = len(data.input_ids)
+        chosen = sorted(random.Random(self.cfg.seed).sample(range(n), min(n, self.pruning.calibration_samples)))
+        size = self.cfg.trainer.eval_batch_size
+        batches = [self.task.ops.collate(data, chosen[i:i + size], tok.pad_token_id)
+                   for i in range(0, len(chosen), size)]
+        return [{k: v.to(self.device) for k, v in b.items() if k != "labels"} for b in batches]
 
     @torch.no_grad()
     def rewind(self) -> None:

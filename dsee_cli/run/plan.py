@@ -104,7 +104,7 @@ def _amount(cfg: RunConfig, target: float) -> str:
         unit = f" ({p.unit})" if p.unit != "heads" else ""
         channels = f" and {p.ffn_channels:.0%} of the MLP channels" if p.ffn_channels else ""
         return f"{heads} per layer{unit}{channels}"
-    if p.method == "nm":
+    if p.method == "nm" or (p.pruner.calibrated and p.nm):
         return f"{p.n}:{p.m}"
     return f"sparsity {target:.3g}"
 
