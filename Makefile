@@ -40,9 +40,10 @@ bench-scale:  # gradient checkpointing and a bf16 base at RoBERTa-large size; th
 	$(PY) scripts/bench_memory.py
 	$(PY) scripts/bench_loop.py
 
-bench-llm:  # Llama-3.2-1B shape on CPU: memory of fp32 / bf16 bases, checkpointing, the LM loss, recovery; DSEE vs PEFT LoRA
+bench-llm:  # Llama-3.2-1B shape on CPU: memory, DSEE vs PEFT LoRA; magnitude / Wanda / SparseGPT on a trained tiny Llama
 	$(PY) scripts/bench_llm_memory.py
 	$(PY) scripts/bench_train_step.py --arch llama-1b
+	$(PY) scripts/bench_llm_pruners.py
 
 # On a GPU: experiment=llm on a Llama built from config at 1B shape (16 x 2048, 32 / 8 heads, 8192 channels;
 # the tiny tokenizer's vocabulary), 200 steps per phase under bf16-mixed, then its report with wall times and memory.
