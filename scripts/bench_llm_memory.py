@@ -42,7 +42,7 @@ CONFIGS = [
 
 def one(index: int, opts) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from bench_train_step import llama_1b  # this folder: the same model as the train-step benchmark
 
     from dsee_cli.core.models import DTYPES, enable_gradient_checkpointing, trainable_in_fp32
     from dsee_cli.core.precision import resolve_precision
@@ -53,15 +53,7 @@ def one(index: int, opts) -> dict:
 
     _, dtype, checkpointing, loss_kind, recovery = CONFIGS[index]
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=2048, num_hidden_layers=opts.layers, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(DTYPES[dtype])
-    model.tie_weights()  # as Llama-3.2-1B: the LM head is the embedding
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
+    model = llama_1b(opts.layers, DTYPES[dtype])
     inject_adapters(model, LowRankConfig(rank=16, alpha=32, omega_size=16))
     adapters = adapters_of(model)
     set_omegas(adapters, {k: torch.arange(16) * 97 for k in omega_keys(adapters)})

@@ -46,15 +46,16 @@ class DenseMaskedS(nn.Module):
         return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scaling + x @ (self.S * self.mask).t()
 
 
-def llama_1b(layers: int) -> nn.Module:
+def llama_1b(layers: int = 16, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A Llama at Llama-3.2-1B's shape from config, random weights (scripts/bench_llm_memory.py uses it too)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
                          head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    model.tie_weights()
+    model = model.to_empty(device="cpu").to(dtype)
+    model.tie_weights()  # as Llama-3.2-1B: the LM head is the embedding
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))

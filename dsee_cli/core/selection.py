@@ -25,6 +25,15 @@ def smallest_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return below | (equal & (equal.cumsum(1) <= need))
 
 
+def n_of_m_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool keep-mask of the n highest scores in every m consecutive columns of each row (ties to
+    the lower index); the column count must be a multiple of m."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True).view(rows, cols)
+
+
 def largest_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """(rows, k) column indices of the k largest entries per row, ascending; ties to the lowest index."""
     values, idx = scores.topk(k, dim=1)

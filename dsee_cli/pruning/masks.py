@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dsee_cli.core.arch import block_linears, dims, weight_out_in
-from dsee_cli.core.selection import smallest_k_masks
+from dsee_cli.core.selection import n_of_m_keep, smallest_k_masks
 from dsee_cli.errors import DSEEError
 from dsee_cli.tuning.adapters import DSEELinear
 
@@ -175,13 +175,9 @@ def nm_masks(model: nn.Module, criterion: str, n: int, m: int, seed: int = 0, sc
         if not _in_scope(p, scope):
             keep_by_piece[id(p)] = torch.ones_like(scores, dtype=torch.bool)
             continue
-        rows, cols = scores.shape
-        if cols % m:
-            raise DSEEError(f"N:M pruning needs in_features divisible by m={m}; {p.module} has {cols}.")
-        groups = scores.reshape(rows, cols // m, m)
-        order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., : n]
-        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
-        keep_by_piece[id(p)] = keep.view(rows, cols)
+        if scores.shape[1] % m:
+            raise DSEEError(f"N:M pruning needs in_features divisible by m={m}; {p.module} has {scores.shape[1]}.")
+        keep_by_piece[id(p)] = n_of_m_keep(scores, n, m)
     return _assemble(model, pieces, keep_by_piece)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsee_cli.core.selection import smallest_k_mask
+from dsee_cli.core.selection import n_of_m_keep, smallest_k_mask
 from dsee_cli.errors import DSEEError
 
 
@@ -71,11 +71,8 @@ def row_keep(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def nm_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Keep the n highest scores of every m consecutive inputs of each row."""
-    rows, cols = scores.shape
-    _check_nm(n, m, cols)
-    groups = scores.reshape(rows, cols // m, m)
-    order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
-    return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True).view(rows, cols)
+    _check_nm(n, m, scores.shape[1])
+    return n_of_m_keep(scores, n, m)
 
 
 def wanda_masks(w: torch.Tensor, stats: InputStats, sparsity: float, nm: tuple[int, int] | None = None) -> torch.Tensor:

@@ -161,13 +161,18 @@ def _perplexity_task(cfg: RunConfig, loaded: LoadedModel) -> PreparedTask:
         return {f"{select}/{k}": v for k, v in perplexity(model, cut[select], device, batch_size, precision).items()}
 
     def report(model, device, precision, out_path) -> dict[str, float]:
-        scores = perplexity(model, cut[reported], device, cfg.trainer.eval_batch_size, precision)
-        return {f"{reported}/{k}": v for k, v in scores.items()} | {f"{reported}/seq_len": float(t.seq_len),
-                                                                  f"{reported}/windows": float(len(cut[reported]))}
+        return _perplexity_scores(reported, model, cut[reported], cfg, device, precision)
 
     ops = _lm_ops(f"{select}/ppl", evaluate_ppl, higher_is_better=False)
     return PreparedTask(loaded, windows_as_lm(cut["train"]), {select: windows_as_lm(cut[select])}, ops, source,
                         generate=report)
+
+
+def _perplexity_scores(prefix: str, model, cut: torch.Tensor, cfg: RunConfig, device, precision) -> dict[str, float]:
+    """The reported perplexity with its setting: <prefix>/ppl, /loss, /seq_len and /windows."""
+    scores = perplexity(model, cut, device, cfg.trainer.eval_batch_size, precision)
+    return {f"{prefix}/{k}": v for k, v in scores.items()} | {f"{prefix}/seq_len": float(cfg.task.seq_len),
+                                                              f"{prefix}/windows": float(len(cut))}
 
 
 def _with_perplexity(cfg: RunConfig, task: PreparedTask) -> PreparedTask:
@@ -182,9 +187,7 @@ def _with_perplexity(cfg: RunConfig, task: PreparedTask) -> PreparedTask:
 
     def generate(model, device, precision, out_path) -> dict[str, float]:
         scores = inner(model, device, precision, out_path) if inner else {}
-        ppl = perplexity(model, cut, device, cfg.trainer.eval_batch_size, precision)
-        return scores | {f"{t.perplexity}/ppl": ppl["ppl"], f"{t.perplexity}/loss": ppl["loss"],
-                         f"{t.perplexity}/seq_len": float(t.seq_len), f"{t.perplexity}/windows": float(len(cut))}
+        return scores | _perplexity_scores(t.perplexity, model, cut, cfg, device, precision)
 
     task.generate = generate
     task.data_source += f"; perplexity: {where}"
