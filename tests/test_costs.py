@@ -42,7 +42,8 @@ def test_a_run_measures_its_cost_and_savings(tmp_path):
     assert cost["train_seconds"] == pytest.approx(sum(p["seconds"] for p in phases.values()), abs=2e-3)
     assert cost["steps"] == sum(p["steps"] for p in phases.values()) == 6  # 3 + 3 (trainer.max_steps)
     phase1 = cost["per_phase"]["phase1"]
-    assert phase1["steps_per_second"] == pytest.approx(3 / phase1["seconds"], rel=1e-2)
+    # seconds are recorded to the millisecond: at ~40 ms a phase that rounding alone moves the rate by ~1 %
+    assert phase1["steps_per_second"] == pytest.approx(3 / phase1["seconds"], rel=1e-2 + 5e-4 / phase1["seconds"])
     # AdamW: two fp32 moments per trained value and a step count per tensor; phase I trains the most
     assert cost["optimizer_bytes"] == phases["phase1"]["optimizer_bytes"] >= phases["recovery"]["optimizer_bytes"]
     assert cost["optimizer_bytes"] >= 8 * metrics["trainable_params"]["total"]
