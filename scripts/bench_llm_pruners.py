@@ -54,8 +54,7 @@ def main() -> None:
     print(f"  {'dense':28s} {dense:8.2f}")
     calib = [{"input_ids": train[i:i + 8], "attention_mask": torch.ones_like(train[i:i + 8])} for i in range(0, 32, 8)]
     settings = {
-        "magnitude": lambda nm: PruningConfig(method="nm" if nm else "unstructured", criterion="weight",
-                                              granularity="layer"),
+        "magnitude": lambda nm: PruningConfig(method="unstructured", criterion="weight", granularity="layer", nm=nm),
         "wanda": lambda nm: PruningConfig(method="wanda", nm=nm),
         "sparsegpt": lambda nm: PruningConfig(method="sparsegpt", nm=nm),
     }
@@ -64,7 +63,7 @@ def main() -> None:
             pruned = copy.deepcopy(model)
             s = make(nm)
             started = time.perf_counter()
-            PRUNERS[s.method].prune(pruned, s, 0.5, 0, lambda: None, lambda: calib)
+            PRUNERS[s.method].prune(pruned, s, 0.5, 0, lambda: None, lambda: (calib, {}))
             seconds = time.perf_counter() - started
             ppl = perplexity(pruned, test, device, 32)["ppl"]
             print(f"  {name + ' ' + pattern:28s} {ppl:8.2f}   ({seconds:.1f} s)")

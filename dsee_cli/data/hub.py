@@ -105,16 +105,19 @@ def _split_files(root: str, config: str, split: str) -> list[str]:
                             f"top-level entries there: {', '.join(configs) or 'none'})")
 
 
-def read_splits(source: HubSource, splits: list[str], what: str, local_way: str) -> dict[str, list[dict]]:
-    """Rows of each split, as dicts of the Parquet columns. Errors say whether the network or the
-    data failed: only a connection failure (or HF_HUB_OFFLINE) gives the offline hint."""
+def read_splits(source: HubSource, splits: list[str], what: str, local_way: str, first_file: bool = False
+                ) -> dict[str, list[dict]]:
+    """Rows of each split, as dicts of the Parquet columns (``first_file``: of its first file only, as
+    C4's one validation shard). Errors say whether the network or the data failed: only a
+    connection failure (or HF_HUB_OFFLINE) gives the offline hint."""
     if not uses_mirror() and (_offline() or not hub_reachable()):
         raise offline_error(what, source, local_way)
     import datasets
 
     root = hub_root(source)
     try:
-        files = {split: _split_files(root, source.config, split) for split in dict.fromkeys(splits)}
+        files = {split: _split_files(root, source.config, split)[:1 if first_file else None]
+                 for split in dict.fromkeys(splits)}
         ds = datasets.load_dataset("parquet", data_files=files)
         return {split: list(ds[split]) for split in files}
     except Exception as exc:

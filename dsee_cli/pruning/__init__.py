@@ -13,13 +13,14 @@ prune in rounds, need ΔW, train slimming coefficients in phase I). Adding one i
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dsee_cli.core import dist
-from dsee_cli.core.arch import attention_units, block_linears
+from dsee_cli.core.arch import attention_units, block_linears, weight_out_in
+from dsee_cli.data.calibration import CalibrationConfig
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.pruning.calibrated import effective_weight, prune_block_by_block, set_effective_weight
 from dsee_cli.pruning.heads import (
@@ -39,7 +40,8 @@ from dsee_cli.pruning.slimming import FROZEN_CHANGED, lowest_units, slim_and_pru
 from dsee_cli.tuning.adapters import DSEELinear
 
 SCOPES = ("blocks", "adapted")
-CRITERIA = ("delta", "delta_plus_weight", "weight", "random")
+# delta_wanda: |ΔW|·‖X_j‖ (Wanda's activation norms, per output row) from calibration inputs
+CRITERIA = ("delta", "delta_plus_weight", "weight", "random", "delta_wanda")
 GRANULARITIES = ("global", "layer")
 
 
@@ -69,14 +71,25 @@ class PruningConfig:
     rewind: bool = False  # imp: reset the trained tensors to their start after each pruning
     ffn_fraction: float = 0.4  # earlybert: fraction of each FFN's neurons removed
     slimming_l1: float = 1e-4  # earlybert: L1 weight on the slimming coefficients
-    calibration_samples: int = 128  # wanda / sparsegpt: calibration examples (drawn from the run's training data)
+    # wanda / sparsegpt / criterion=delta_wanda: N samples of L tokens (source: the run's training data, c4, ...)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     percdamp: float = 0.01  # sparsegpt: damping, as a fraction of the Hessian's mean diagonal
     blocksize: int = 128  # sparsegpt: columns updated lazily together
-    nm: bool = False  # wanda / sparsegpt: the N:M pattern (pruning.n, pruning.m) instead of sparsity
+    nm: bool = False  # unstructured / wanda / sparsegpt: the N:M pattern (pruning.n, pruning.m) instead of sparsity
 
     @property
     def pruner(self) -> Pruner:
         return PRUNERS[self.method]
+
+    @property
+    def pattern(self) -> tuple[int, int] | None:
+        """(n, m) when the masks keep n of every m (pruning=nm, or pruning.nm=true), else None."""
+        return (self.n, self.m) if self.method == "nm" or self.nm else None
+
+    @property
+    def calibrated(self) -> bool:
+        """Reads calibration inputs: Wanda, SparseGPT, or a mask pruner scoring by delta_wanda."""
+        return self.pruner.calibrated or (self.pruner.prune is _prune_by_masks and self.criterion == "delta_wanda")
 
     def round_sparsities(self, sparsity: float) -> list[float]:
         """The sparsity after each prune step: none → [], one-shot → [s], IMP → 1 − (1 − rate)^r."""
@@ -95,7 +108,7 @@ class PruningConfig:
             raise choice_error("pruning granularity (pruning.granularity)", self.granularity, GRANULARITIES)
         if not 0.0 <= sparsity < 1.0:
             raise DSEEError(f"sparsity={sparsity} is out of range: it must be in [0, 1).")
-        if self.method == "nm" and not 0 < self.n < self.m:
+        if self.pattern and not 0 < self.n < self.m:
             raise DSEEError(f"N:M pruning needs 0 < n < m, got pruning.n={self.n}, pruning.m={self.m}.")
         if self.scope not in SCOPES:
             raise choice_error("pruning scope (pruning.scope)", self.scope, SCOPES)
@@ -115,12 +128,17 @@ class PruningConfig:
             raise DSEEError(f"pruning.ffn_channels={self.ffn_channels} is out of range: it must be in [0, 1).")
         if self.heads_to_remove < 0:
             raise DSEEError(f"pruning.heads_to_remove={self.heads_to_remove} must be >= 0.")
+        if self.criterion == "delta_wanda" and self.pruner.prune is not _prune_by_masks:
+            raise DSEEError(f"pruning.criterion=delta_wanda scores single weights (|ΔW|·‖X‖); use it with "
+                            f"pruning=unstructured or nm, not pruning={self.method}.")
+        if self.calibrated:
+            self.calibration.check()
 
 
 # prune(model, settings, this round's sparsity, seed, rewind) -> what it did (metrics.json "pruning").
 # ``rewind()`` resets the trained tensors (IMP with pruning.rewind); mask pruners call it
 # between scoring the trained weights and applying the masks.
-# ``calibration()`` gives the calibration batches (the one-shot pruners: Wanda, SparseGPT).
+# ``calibration()`` gives the calibration batches and what they were (Wanda, SparseGPT, delta_wanda).
 PruneFn = Callable[[nn.Module, PruningConfig, float, int, Callable[[], None], Callable[[], list]], dict]
 
 
@@ -135,7 +153,7 @@ class Pruner:
     needs_delta: bool = False  # scores by ΔW of the adapted attention projections (dsee / lora only)
     rounds: bool = False  # prunes in rounds with retraining between them (pruning.rounds, pruning.rate)
     slimming: bool = False  # slimming coefficients train in phase I under pruning.slimming_l1
-    calibrated: bool = False  # reads calibration inputs (pruning.calibration_samples of the training data)
+    calibrated: bool = False  # reads calibration inputs (pruning.calibration)
 
 
 PRUNERS: dict[str, Pruner] = {}
@@ -150,17 +168,20 @@ def register(pruner: Pruner) -> Pruner:
 def compute_masks(model: nn.Module, settings: PruningConfig, sparsity: float = 0.3, seed: int = 0
                   ) -> dict[str, torch.Tensor]:
     """Keep-masks of a mask pruner (unstructured, imp, nm) for every block linear."""
-    if settings.method == "nm":
+    if settings.pattern:
         return nm_masks(model, settings.criterion, settings.n, settings.m, seed, settings.scope)
     return unstructured_masks(model, settings.criterion, settings.granularity, settings.scope, sparsity, seed)
 
 
 def _prune_by_masks(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:
+    if s.criterion == "delta_wanda":
+        return _prune_calibrated(model, s, sparsity, seed, rewind, calibration)
     masks = dist.on_main(lambda: compute_masks(model, s, sparsity, seed))  # decided once, the same on every rank
     rewind()
     apply_masks(model, masks, s.mask_delta)
+    pattern = {"pattern": f"{s.n}:{s.m}", "sparsity": round(1 - s.n / s.m, 6)} if s.pattern else {}
     return {"method": s.method, "sparsity": round(sparsity, 6), "criterion": s.criterion,
-            "granularity": s.granularity, "scope": s.scope}
+            "granularity": s.granularity, "scope": s.scope, **pattern}
 
 
 def head_count(model: nn.Module, s: PruningConfig) -> int:
@@ -191,25 +212,34 @@ def _prune_structured(model: nn.Module, s: PruningConfig, sparsity: float, seed:
             "ffn_removed": {str(k): len(v) for k, v in channels.items()}}
 
 
+def _delta_or_weight(module: nn.Module) -> torch.Tensor:
+    """delta_wanda's weight term: ΔW where the layer is adapted, W elsewhere (as the delta criterion)."""
+    return module.delta_weight().float() if isinstance(module, DSEELinear) else weight_out_in(module).float()
+
+
 def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:
-    """Wanda or SparseGPT, block by block from the calibration inputs (pruning/calibrated.py)."""
-    nm = (s.n, s.m) if s.nm else None
+    """Wanda, SparseGPT or delta_wanda, block by block from the calibration inputs (pruning/calibrated.py)."""
+    nm = s.pattern
 
     def prune_linear(name, module, stats) -> torch.Tensor:
-        w = effective_weight(module)
-        if s.method == "wanda":
-            return wanda_masks(w, stats, sparsity, nm)
-        updated, keep = sparsegpt(w, stats.hessian_matrix(), sparsity, nm, s.percdamp, s.blocksize)
-        set_effective_weight(module, updated, keep)
-        return keep
+        if s.method == "sparsegpt":
+            updated, keep = sparsegpt(effective_weight(module), stats.hessian_matrix(), sparsity, nm, s.percdamp,
+                                      s.blocksize)
+            set_effective_weight(module, updated, keep)
+            return keep
+        w = effective_weight(module) if s.method == "wanda" else _delta_or_weight(module)
+        return wanda_masks(w, stats, sparsity, nm)
 
-    masks, stats_bytes = prune_block_by_block(model, calibration(), prune_linear, hessian=s.method == "sparsegpt")
+    batches, calibration_info = calibration()
+    masks, stats_bytes = prune_block_by_block(model, batches, prune_linear, hessian=s.method == "sparsegpt")
     changed = {f"{n}.base.weight" if isinstance(m, DSEELinear) else f"{n}.weight"
                for n, m in block_linears(model).items()} if s.method == "sparsegpt" else set()
     setattr(model, FROZEN_CHANGED, set(getattr(model, FROZEN_CHANGED, ())) | changed)  # checkpoints keep W'
     apply_masks(model, masks, s.mask_delta)
-    return {"method": s.method, "sparsity": round(sparsity, 6), "pattern": f"{s.n}:{s.m}" if nm else "unstructured",
-            "calibration_samples": s.calibration_samples, "block_statistics_bytes": stats_bytes}
+    score = {"wanda": "|W|·‖X‖", "sparsegpt": "OBS"}.get(s.method, "delta_wanda: |ΔW|·‖X‖")
+    return {"method": s.method, "score": score, "granularity": "row", "sparsity": round(1 - nm[0] / nm[1] if nm else
+            sparsity, 6), "pattern": f"{s.n}:{s.m}" if nm else "unstructured", "calibration": calibration_info,
+            "block_statistics_bytes": stats_bytes}
 
 
 def _prune_slimmed(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:

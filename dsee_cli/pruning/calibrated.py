@@ -102,8 +102,8 @@ def prune_block_by_block(model: nn.Module, batches: list[dict[str, torch.Tensor]
         finally:
             for h in hooks:
                 h.remove()
-        peak_stats = max(peak_stats, sum(s.sq_norms.numel() * 8 + (s.h.numel() * 8 if s.h is not None else 0)
-                                         for s in stats.values()))
+        peak_stats = max(peak_stats, sum(t.numel() * t.element_size() for s in stats.values()
+                                         for t in (s.sq_norms, s.h) if t is not None))
         for n in names:
             keep = prune_linear(n, linears[n], stats[n])
             base = weight_out_in(getattr(linears[n], "base", linears[n]))

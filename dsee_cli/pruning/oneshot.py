@@ -37,11 +37,17 @@ class InputStats:
         self.h = torch.zeros(self.features, self.features, dtype=torch.float64) if self.hessian else None
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, self.features).double().cpu()
+        """Accumulated where the inputs are (a GPU's float32, as the reference code; float64 on CPU)."""
+        x = x.detach().reshape(-1, self.features)
+        dtype = torch.float64 if x.device.type == "cpu" else torch.float32
+        if self.sq_norms.device != x.device or self.sq_norms.dtype != dtype:
+            self.sq_norms = self.sq_norms.to(x.device, dtype)
+            self.h = self.h.to(x.device, dtype) if self.h is not None else None
+        x = x.to(dtype)
         self.tokens += x.shape[0]
         self.sq_norms += (x * x).sum(0)
         if self.h is not None:
-            self.h += x.t() @ x
+            self.h.addmm_(x.t(), x)
 
     def column_norms(self) -> torch.Tensor:
         return self.sq_norms.sqrt().float()

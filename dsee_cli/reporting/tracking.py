@@ -197,6 +197,9 @@ def results_table(metrics: dict) -> Table:
     for key, value in (final.get("last") or {}).items():
         if key != "step":
             table.add_row(f"last {key}", f"{value:.2f}")
+    for key, value in {**(final.get("eval") or {}), **(final.get("generation") or {})}.items():
+        if isinstance(value, (int, float)) and not key.endswith(("/windows", "/seq_len")):
+            table.add_row(f"final {key}", f"{value:.2f}")
     if final.get("weights"):
         table.add_row("weights kept and exported", final["weights"])
     tp = metrics["trainable_params"]

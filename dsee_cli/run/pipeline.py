@@ -34,6 +34,7 @@ from dsee_cli.core.models import (
     trainable_in_fp32,
 )
 from dsee_cli.core.precision import Precision, resolve_precision
+from dsee_cli.data.calibration import calibration_windows, window_batches, window_length
 from dsee_cli.data.classification import check_data_files, load_task
 from dsee_cli.data.generation import NLG_TASKS, check_nlg_files, load_nlg
 from dsee_cli.data.hub import uses_mirror
@@ -271,8 +272,9 @@ class Run:
             self.ckpt.clear()
         own = dist.on_main(lambda: self.ckpt.load(self.say) is not None)  # rank 0 checks (and clears a stale one)
         saved = self.ckpt.load() if own else None
-        phase1 = next(step for step in self.plan if step.name == "phase1")
-        if saved is None and cfg.reuse:  # phase I as another run computed it (or wait while one does)
+        phase1 = next((step for step in self.plan if step.name == "phase1"), None)  # None: trainer.phase1.epochs=0
+        # phase I as another run computed it (or wait while one does)
+        if saved is None and cfg.reuse and phase1 is not None:
             found = self.reused("phase1", phase1.fingerprint)
             if found is not None:
                 self.steps["phase1"] = found[2]
@@ -435,16 +437,26 @@ class Run:
         self.pruning_info = info
         dist.check_same(f"the model after pruning (round {step.round})", lambda: model_state(self.model)[0])
 
-    def calibration(self) -> list[dict[str, torch.Tensor]]:
-        """pruning.calibration_samples examples of the training data (drawn with the run's seed, the same on
-        every rank), batched as evaluation batches, on this process's device, without their labels."""
-        data, tok = self.task.train, self.task.loaded.tokenizer
-        n = len(data.input_ids)
-        chosen = sorted(random.Random(self.cfg.seed).sample(range(n), min(n, self.pruning.calibration_samples)))
-        size = self.cfg.trainer.eval_batch_size
-        batches = [self.task.ops.collate(data, chosen[i:i + size], tok.pad_token_id)
-                   for i in range(0, len(chosen), size)]
-        return [{k: v.to(self.device) for k, v in b.items() if k != "labels"} for b in batches]
+    def calibration(self) -> tuple[list[dict[str, torch.Tensor]], dict]:
+        """pruning.calibration, on this process's device (the same on every rank), and what it was:
+        examples of the training data (without their labels), or N windows of L tokens of a text."""
+        c, tok = self.pruning.calibration, self.task.loaded.tokenizer
+        if c.from_text:
+            length = window_length(c.seq_len, self.cfg.task.seq_len,
+                                   getattr(self.model.config, "max_position_embeddings", None))
+            w, info = dist.on_main(lambda: calibration_windows(c, tok, length, self.cfg.seed,
+                                                               cache_root() / "calibration"))
+            batches = window_batches(w)
+        else:
+            data = self.task.train
+            n = len(data.input_ids)
+            chosen = sorted(random.Random(self.cfg.seed).sample(range(n), min(n, c.samples)))
+            size = self.cfg.trainer.eval_batch_size
+            batches = [self.task.ops.collate(data, chosen[i:i + size], tok.pad_token_id)
+                       for i in range(0, len(chosen), size)]
+            info = {"source": "train", "samples": len(chosen), "seed": self.cfg.seed,
+                    "tokens": sum(int(b.get("attention_mask", b["input_ids"]).ne(0).sum()) for b in batches)}
+        return [{k: v.to(self.device) for k, v in b.items() if k != "labels"} for b in batches], info
 
     @torch.no_grad()
     def rewind(self) -> None:
@@ -502,9 +514,11 @@ class Run:
         _, scope_nonzero = scope_size(model)
         model_nonzero = self.model_total - (self.scope_total - scope_nonzero)
         phases = {s.phase: self.states.get(s.phase, PhaseState()) for s in self.plan if s.kind == "train"}
-        final_phase = phases["recovery"] if self.rounds else phases["phase1"]
+        # the phase that trained last (none: one-shot pruning of the model as loaded, no recovery)
+        final_phase = phases.get("recovery" if self.rounds else "phase1") or PhaseState()
         generation = {"generation": result["generation"]} if result["generation"] else {}
-        seconds = {"omega": self.omega_info.get("seconds", 0.0), "phase1": phases["phase1"].seconds,
+        seconds = {"omega": self.omega_info.get("seconds", 0.0),
+                   "phase1": phases["phase1"].seconds if "phase1" in phases else 0.0,
                    "pruning": self.pruning_info.get("seconds", 0.0),
                    **({"recovery": sum(st.seconds for n, st in phases.items() if n != "phase1")}
                       if self.rounds else {}),
@@ -604,7 +618,7 @@ def measure_run(cfg: RunConfig, final: torch.nn.Module, device: torch.device, pr
              if name in export_info and Path(str(export_info[name])).is_dir()}
     sizes = {f"export_{name}": path.stat().st_size for name, path in files.items()}
     savings = measure_savings(final, dense, device, precision, TimingSettings(seq_len=cfg.flops_seq_len), sizes)
-    if cfg.pruning.method == "nm":
+    if cfg.pruning.pattern:
         savings["two_four"] = semi_structured(final, device, precision, cfg.pruning.n, cfg.pruning.m,
                                               TimingSettings(seq_len=cfg.flops_seq_len))
     return savings

@@ -73,10 +73,17 @@ def phase_epochs(cfg: RunConfig, phase: str) -> float:
     methods: task.sparse_training_epochs, the PST paper's)."""
     t, task = cfg.trainer, cfg.task
     if phase != "phase1":
-        return t.recovery.epochs or task.recovery_epochs
+        return task.recovery_epochs if t.recovery.epochs is None else t.recovery.epochs
+    if t.phase1.epochs is not None:
+        return t.phase1.epochs
     own = task.per_method.get(cfg.adapter.method)
     default = task.sparse_training_epochs if cfg.adapter.tuning_method.sparse_training else task.epochs
-    return t.phase1.epochs or (own.epochs if own else None) or default
+    return (own.epochs if own else None) or default
+
+
+def skipped(cfg: RunConfig, phase: str) -> bool:
+    """trainer.<phase>.epochs=0: no such phase (one-shot pruning of the model as loaded; no recovery)."""
+    return phase_epochs(cfg, phase) == 0
 
 
 def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> Phase:
@@ -104,7 +111,7 @@ def _amount(cfg: RunConfig, target: float) -> str:
         unit = f" ({p.unit})" if p.unit != "heads" else ""
         channels = f" and {p.ffn_channels:.0%} of the MLP channels" if p.ffn_channels else ""
         return f"{heads} per layer{unit}{channels}"
-    if p.method == "nm" or (p.pruner.calibrated and p.nm):
+    if p.pattern:
         return f"{p.n}:{p.m}"
     return f"sparsity {target:.3g}"
 
@@ -125,8 +132,9 @@ def build_plan(cfg: RunConfig) -> list[Step]:
     if cfg.adapter.method == "dsee" and cfg.adapter.omega_size > 0:
         plan.append(Step("omega", "omega", f"Ω: {cfg.adapter.omega_size} per matrix, {cfg.omega.method}"
                          + (f" ({cfg.omega.preset})" if cfg.omega.method == "grebsmo" else "")))
-    plan.append(Step("phase1", "train", f"phase I: {cfg.adapter.tuning_method.title}{lr('phase1')}", phase="phase1",
-                     optimizer_steps=steps("phase1"), fingerprint=step_fingerprint(cfg, "phase1")))
+    if not skipped(cfg, "phase1"):
+        plan.append(Step("phase1", "train", f"phase I: {cfg.adapter.tuning_method.title}{lr('phase1')}",
+                         phase="phase1", optimizer_steps=steps("phase1"), fingerprint=step_fingerprint(cfg, "phase1")))
     pruner = cfg.pruning.pruner
     rounds = cfg.pruning.round_sparsities(cfg.sparsity)
     for r, target in enumerate(rounds, start=1):
@@ -137,7 +145,7 @@ def build_plan(cfg: RunConfig) -> list[Step]:
         if pruner.rounds:
             plan.append(Step(f"round{r}", "train", f"IMP round {r}: retrain{lr(phase)}", phase=phase, round=r,
                              optimizer_steps=steps(phase), fingerprint=step_fingerprint(cfg, f"round{r}")))
-        else:
+        elif not skipped(cfg, phase):
             plan.append(Step("recovery", "train", f"recovery tuning{lr(phase)}", phase=phase, round=r,
                              optimizer_steps=steps(phase)))
     plan.append(Step("evaluate", "evaluate", f"evaluate on {cfg.task.name}"))

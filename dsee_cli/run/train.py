@@ -25,7 +25,7 @@ from dsee_cli.measure.costs import optimizer_bytes, peak_memory_bytes, reset_pea
 
 @dataclass
 class PhaseConfig:
-    epochs: float | None = None  # None: the task's default
+    epochs: float | None = None  # None: the task's default; 0: no such phase (one-shot pruning of the model as loaded)
     lr: float | None = None  # None: the task's (Table 11)
 
 
@@ -69,8 +69,8 @@ class TrainerConfig:
             p = getattr(self, name)
             if p.lr is not None and p.lr <= 0:
                 raise DSEEError(f"trainer.{name}.lr={p.lr} must be > 0.")
-            if p.epochs is not None and p.epochs <= 0:
-                raise DSEEError(f"trainer.{name}.epochs={p.epochs} must be > 0.")
+            if p.epochs is not None and p.epochs < 0:
+                raise DSEEError(f"trainer.{name}.epochs={p.epochs} must be >= 0 (0: skip the phase).")
 
 
 @dataclass(frozen=True)

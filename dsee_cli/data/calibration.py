@@ -1,0 +1,195 @@
+"""Calibration text for the one-shot pruners (Wanda, SparseGPT, ``delta_wanda``): N samples of L
+tokens drawn with the run's seed, as Wanda's and SparseGPT's loaders do, from
+
+* ``train``: the run's own training examples (whatever their length: the default);
+* ``c4``: the first file of C4's English validation split (the Hub's Parquet export), one window
+  from one document per sample (Wanda / SparseGPT: a random document longer than L, a random
+  window of L tokens inside it);
+* ``wikitext2``: WikiText-2's train text joined with "\\n\\n", a random window of the whole;
+* a local file: ``.txt`` (one text, joined), ``.jsonl`` / ``.json`` / ``.parquet`` (one document per
+  row, its ``text_column``).
+
+Documents are walked once, in an order drawn from the seed, so a source without documents
+longer than L fails with a clear error (or, with ``join=true``, is concatenated) instead of
+searching for ever (wanda#82). The token windows are cached by content: the source's bytes (or
+its Hub revision), the tokenizer, N, L, the seed and the joining.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dsee_cli.atomic import atomic_path
+from dsee_cli.data.hub import PARQUET_EXPORT, HubSource, read_splits
+from dsee_cli.data.lm_tasks import PERPLEXITY_TASKS
+from dsee_cli.errors import DSEEError, choice_error
+
+C4_VALIDATION = HubSource("allenai/c4", PARQUET_EXPORT, "en")
+WIKITEXT2 = PERPLEXITY_TASKS["wikitext2"]
+SOURCES = ("train", "c4", "wikitext2")  # or a path to a local file
+LOCAL_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class CalibrationConfig:
+    """``pruning.calibration``: what Wanda / SparseGPT / delta_wanda read (metrics.json records it)."""
+
+    source: str = "train"  # train (the run's training examples), c4, wikitext2, or a local .txt/.jsonl/.parquet
+    samples: int = 128  # N
+    seq_len: int = 0  # L, tokens per sample; 0: task.seq_len (bounded by the model's context and task.seq_len)
+    join: bool | None = None  # concatenate the documents; null: the source's usual (wikitext2 and .txt joined)
+    text_column: str = "text"  # the column of a .jsonl / .parquet source
+
+    @property
+    def from_text(self) -> bool:
+        return self.source != "train"
+
+    def check(self) -> None:
+        if self.samples < 1:
+            raise DSEEError(f"pruning.calibration.samples={self.samples} must be >= 1.")
+        if self.seq_len < 0:
+            raise DSEEError(f"pruning.calibration.seq_len={self.seq_len} must be >= 0 (0: task.seq_len).")
+        if self.source in SOURCES:
+            return
+        path = Path(self.source).expanduser()
+        if path.suffix.lower() not in LOCAL_SUFFIXES:
+            raise choice_error("calibration source (pruning.calibration.source)", self.source,
+                               (*SOURCES, "/path/to/file" + "|".join(LOCAL_SUFFIXES)))
+        if not path.is_file():
+            raise DSEEError(f"pruning.calibration.source={self.source!r} does not exist (a local calibration file: "
+                            f"{', '.join(LOCAL_SUFFIXES)}; or one of {', '.join(SOURCES)}).")
+
+    def joined(self) -> bool:
+        if self.join is not None:
+            return self.join
+        return self.source == "wikitext2" or Path(self.source).suffix.lower() in (".txt", ".raw")
+
+
+def window_length(requested: int, task_seq_len: int, context: int | None) -> int:
+    """L: the request (0: task.seq_len), bounded by task.seq_len and the model's context."""
+    length = min(requested or task_seq_len, task_seq_len)
+    return min(length, context) if context else length
+
+
+def _local_documents(path: Path, column: str) -> list[str]:
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".raw"):
+        return [path.read_text(encoding="utf-8")]
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if column not in table.column_names:
+            raise DSEEError(f"{path} has no column {column!r} (pruning.calibration.text_column); its columns: "
+                            f"{', '.join(table.column_names)}.")
+        return [t for t in table.column(column).to_pylist() if t]
+    text = path.read_text(encoding="utf-8")
+    rows = json.loads(text) if suffix == ".json" and text.lstrip().startswith("[") else \
+        [json.loads(line) for line in text.splitlines() if line.strip()]
+    missing = [i for i, r in enumerate(rows) if column not in r]
+    if missing:
+        raise DSEEError(f"{path}: row {missing[0] + 1} has no {column!r} field (pruning.calibration.text_column).")
+    return [r[column] for r in rows if r[column]]
+
+
+def _hub_documents(source: str) -> tuple[list[str], str]:
+    hub, split = (C4_VALIDATION, "validation") if source == "c4" else (WIKITEXT2, "train")
+    local_way = ("pruning.calibration.source=/path/to/c4-validation.jsonl (or .parquet) with a text column, "
+                 "or pruning.calibration.source=train (the run's own training data).")
+    rows = read_splits(hub, [split], f"calibration text ({source})", local_way, first_file=source == "c4")[split]
+    return [r["text"] for r in rows if r.get("text")], f"hub:{hub.repo}@{hub.revision}/{hub.config}/{split}"
+
+
+def documents(cfg: CalibrationConfig) -> tuple[list[str], str]:
+    """The source's documents and where they came from."""
+    if cfg.source in ("c4", "wikitext2"):
+        return _hub_documents(cfg.source)
+    path = Path(cfg.source).expanduser()
+    return _local_documents(path, cfg.text_column), str(path)
+
+
+def sample_windows(docs: list[str], tokenizer, n: int, length: int, seed: int, join: bool) -> torch.Tensor:
+    """(n, length) token windows. Joined: random windows of the whole text. Per document: documents
+    in a seeded order, each longer than ``length`` giving one random window, cycling over those
+    found when there are fewer than n; never an unbounded search."""
+    rng = random.Random(seed)
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    if join:
+        stream = ids("\n\n".join(docs))
+        if len(stream) <= length:
+            raise DSEEError(f"calibration: the joined text has {len(stream)} tokens, not more than one window of "
+                            f"{length}; give a longer source or a shorter pruning.calibration.seq_len.")
+        starts = [rng.randint(0, len(stream) - length - 1) for _ in range(n)]
+        return torch.tensor([stream[s:s + length] for s in starts], dtype=torch.long)
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    out: list[list[int]] = []
+    long_enough: list[list[int]] = []
+    longest = 0
+    for i in order:
+        if len(out) == n:
+            break
+        doc = ids(docs[i])
+        longest = max(longest, len(doc))
+        if len(doc) > length:
+            long_enough.append(doc)
+            start = rng.randint(0, len(doc) - length - 1)
+            out.append(doc[start:start + length])
+    if not long_enough:
+        raise DSEEError(f"calibration: none of the {len(docs)} documents has more than {length} tokens (the longest "
+                        f"has {longest}). Set pruning.calibration.join=true to concatenate the documents, or a "
+                        f"shorter pruning.calibration.seq_len (or task.seq_len).")
+    while len(out) < n:  # fewer long documents than samples: more windows from those found
+        doc = long_enough[rng.randrange(len(long_enough))]
+        start = rng.randint(0, len(doc) - length - 1)
+        out.append(doc[start:start + length])
+    return torch.tensor(out, dtype=torch.long)
+
+
+def _fingerprint(cfg: CalibrationConfig, tokenizer, n: int, length: int, seed: int) -> str:
+    h = hashlib.sha256()
+    if cfg.source in ("c4", "wikitext2"):
+        h.update(cfg.source.encode())
+    else:
+        h.update(Path(cfg.source).expanduser().read_bytes())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    h.update(json.dumps([n, length, seed, cfg.joined(), cfg.text_column]).encode())
+    return h.hexdigest()[:20]
+
+
+def calibration_windows(cfg: CalibrationConfig, tokenizer, length: int, seed: int, cache_dir: Path | None
+                        ) -> tuple[torch.Tensor, dict]:
+    """The (N, L) windows of a text source, tokenised once and cached; and what metrics.json records."""
+    from safetensors.torch import load_file, save_file
+
+    key = _fingerprint(cfg, tokenizer, cfg.samples, length, seed)
+    cached = cache_dir / f"{key}.safetensors" if cache_dir else None
+    info = {"source": cfg.source, "samples": cfg.samples, "seq_len": length, "joined": cfg.joined(), "seed": seed,
+            "fingerprint": key}
+    if cached is not None and cached.is_file():
+        return load_file(cached)["input_ids"], {**info, "cached": True, "from": str(cached)}
+    docs, where = documents(cfg)
+    w = sample_windows(docs, tokenizer, cfg.samples, length, seed, cfg.joined())
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cached) as tmp:
+            save_file({"input_ids": w.contiguous()}, str(tmp))
+    return w, {**info, "cached": False, "from": where}
+
+
+def window_batches(w: torch.Tensor, tokens_per_batch: int = 16_384) -> list[dict[str, torch.Tensor]]:
+    """The windows as model inputs, a few per batch (one block's activations of all of them are
+    kept; a batch is bounded in tokens so that attention over long windows stays small)."""
+    size = max(1, tokens_per_batch // w.shape[1])
+    return [{"input_ids": w[i:i + size], "attention_mask": torch.ones_like(w[i:i + size])}
+            for i in range(0, len(w), size)]
