@@ -503,6 +503,10 @@ def run_eval(args: list[str]) -> int:
                         help="evaluation split (default: the run's: validation, or task.eval_split for generation)")
     parser.add_argument("--predictions", default=None,
                         help="write one prediction per example: a file, or a folder for GLUE's submission names")
+    parser.add_argument("--lm-eval", dest="lm_eval", default=None, metavar="TASKS",
+                        help="decoders: also zero-shot accuracy through lm-eval-harness, comma-separated, e.g. "
+                             "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (pip install "
+                             "'dsee-cli[llm]'; task.lm_eval_include=<folder of task YAMLs> for local tasks)")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. task.data_dir=/path/to/glue")
     opts = parser.parse_intermixed_args(args)
     try:
@@ -515,6 +519,8 @@ def run_eval(args: list[str]) -> int:
         run_dir = find_run(opts.path)
         cfg = eval_config(run_metrics(run_dir)["config"], opts.overrides)
         cfg.logger.backend = "none"
+        if opts.lm_eval:
+            cfg.task.lm_eval = [t.strip() for t in opts.lm_eval.split(",") if t.strip()]
         preflight(cfg)
         source, export_dir = pick_source(opts.path, run_dir, opts.source)
         result = evaluate_export(cfg, run_dir, source, export_dir, opts.split, opts.predictions, say=banner)

@@ -12,6 +12,7 @@ which ``dsee config`` shows as its help) plus its yaml default.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dsee_cli.core.models import DTYPES, HUB_MODELS, TINY_MODELS, ModelConfig
@@ -70,6 +71,11 @@ class TaskConfig(DataSource):
     # the Hub or perplexity_file; in metrics.json's final.generation as <corpus>/ppl
     perplexity: str | None = None
     perplexity_file: str | None = None  # a local text (or Parquet with a text column) for task.perplexity
+    # decoder runs: zero-shot accuracy through lm-eval-harness at the end (pip install 'dsee-cli[llm]'), e.g.
+    # [boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa]; ascending: a built-in local task
+    lm_eval: list[str] = field(default_factory=list)
+    lm_eval_include: str | None = None  # a folder of lm-eval task YAMLs (local data, offline)
+    lm_eval_limit: int | None = None  # examples per lm-eval task (null: all)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 
@@ -149,6 +155,11 @@ def validate(cfg: RunConfig) -> None:
             raise choice_error("perplexity corpus (task.perplexity)", cfg.task.perplexity, tuple(PERPLEXITY_TASKS))
         _require(cfg.task.name in CAUSAL_TASKS, f"task.perplexity={cfg.task.perplexity} scores a language model; "
                  f"task={cfg.task.name} trains a classifier. Use it with {', '.join(CAUSAL_TASKS)}.")
+    if cfg.task.lm_eval:
+        _require(cfg.task.name in CAUSAL_TASKS, f"task.lm_eval={list(cfg.task.lm_eval)} scores a language model; "
+                 f"task={cfg.task.name} trains a classifier. Use it with {', '.join(CAUSAL_TASKS)}.")
+        _require(not cfg.task.lm_eval_include or Path(cfg.task.lm_eval_include).is_dir(),
+                 f"task.lm_eval_include={cfg.task.lm_eval_include!r} is not a folder (of lm-eval task YAMLs).")
     if cfg.task.name in CAUSAL_TASKS:
         _require(0.0 <= cfg.task.label_smoothing < 1.0, f"task.label_smoothing={cfg.task.label_smoothing} must "
                  f"be in [0, 1).")

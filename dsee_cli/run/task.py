@@ -40,6 +40,7 @@ from dsee_cli.data.lm_tasks import (
 )
 from dsee_cli.data.metrics import trivial_metrics
 from dsee_cli.data.nlg_metrics import nlg_metrics
+from dsee_cli.data.zero_shot import zero_shot
 from dsee_cli.errors import DSEEError
 from dsee_cli.run.train import ProgressSink, TaskOps, classification_ops
 
@@ -76,11 +77,11 @@ def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | 
     t = cfg.task
     loaded = loaded or load_pretrained(cfg)
     if t.name in NLG_TASKS:
-        return _with_perplexity(cfg, _generation_task(cfg, loaded, max_length, say, sink))
+        return _with_zero_shot(cfg, _with_perplexity(cfg, _generation_task(cfg, loaded, max_length, say, sink)), say)
     if t.name == "instruct":
-        return _with_perplexity(cfg, _instruct_task(cfg, loaded, max_length, split))
+        return _with_zero_shot(cfg, _with_perplexity(cfg, _instruct_task(cfg, loaded, max_length, split)), say)
     if t.name in PERPLEXITY_TASKS:
-        return _with_perplexity(cfg, _perplexity_task(cfg, loaded))
+        return _with_zero_shot(cfg, _with_perplexity(cfg, _perplexity_task(cfg, loaded)), say)
     data = load_task(t, cfg.seed, split)
     regression = data.spec.num_labels == 1
     tok = loaded.tokenizer
@@ -191,4 +192,22 @@ def _with_perplexity(cfg: RunConfig, task: PreparedTask) -> PreparedTask:
 
     task.generate = generate
     task.data_source += f"; perplexity: {where}"
+    return task
+
+
+def _with_zero_shot(cfg: RunConfig, task: PreparedTask, say) -> PreparedTask:
+    """task.lm_eval: zero-shot accuracy through lm-eval-harness at the end, on the model in memory."""
+    t = cfg.task
+    if not t.lm_eval:
+        return task
+    inner = task.generate
+
+    def generate(model, device, precision, out_path) -> dict[str, float]:
+        scores = inner(model, device, precision, out_path) if inner else {}
+        say(f"Zero-shot through lm-eval-harness: {', '.join(t.lm_eval)}")
+        autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision.name)
+        return scores | zero_shot(model, task.loaded.tokenizer, list(t.lm_eval), device, cfg.trainer.eval_batch_size,
+                                  t.lm_eval_include, t.lm_eval_limit, autocast)
+
+    task.generate = generate
     return task
