@@ -27,12 +27,13 @@ import torch
 
 from dsee_cli.atomic import atomic_path
 from dsee_cli.data.hub import PARQUET_EXPORT, HubSource, read_splits
-from dsee_cli.data.lm_tasks import PERPLEXITY_TASKS
+from dsee_cli.data.lm_tasks import PERPLEXITY_TASKS, synthetic_text
 from dsee_cli.errors import DSEEError, choice_error
 
 C4_VALIDATION = HubSource("allenai/c4", PARQUET_EXPORT, "en")
 WIKITEXT2 = PERPLEXITY_TASKS["wikitext2"]
-SOURCES = ("train", "c4", "wikitext2")  # or a path to a local file
+HUB_SOURCES = ("c4", "wikitext2")
+SOURCES = ("train", *HUB_SOURCES)  # or a path to a local file
 LOCAL_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
 
 
@@ -106,9 +107,12 @@ def _hub_documents(source: str) -> tuple[list[str], str]:
     return [r["text"] for r in rows if r.get("text")], f"hub:{hub.repo}@{hub.revision}/{hub.config}/{split}"
 
 
-def documents(cfg: CalibrationConfig) -> tuple[list[str], str]:
-    """The source's documents and where they came from."""
-    if cfg.source in ("c4", "wikitext2"):
+def documents(cfg: CalibrationConfig, standin: bool = False, seed: int = 0) -> tuple[list[str], str]:
+    """The source's documents and where they came from (``standin``, profile=smoke: a Hub source's
+    place is taken by documents of the synthetic language, as the task's data is)."""
+    if standin and cfg.source in HUB_SOURCES:
+        return [synthetic_text(300, seed + 30_000 + i) for i in range(64)], f"synthetic stand-in for {cfg.source}"
+    if cfg.source in HUB_SOURCES:
         return _hub_documents(cfg.source)
     path = Path(cfg.source).expanduser()
     return _local_documents(path, cfg.text_column), str(path)
@@ -157,7 +161,7 @@ def sample_windows(docs: list[str], tokenizer, n: int, length: int, seed: int, j
 
 def _fingerprint(cfg: CalibrationConfig, tokenizer, n: int, length: int, seed: int) -> str:
     h = hashlib.sha256()
-    if cfg.source in ("c4", "wikitext2"):
+    if cfg.source in HUB_SOURCES:
         h.update(cfg.source.encode())
     else:
         h.update(Path(cfg.source).expanduser().read_bytes())
@@ -167,18 +171,18 @@ def _fingerprint(cfg: CalibrationConfig, tokenizer, n: int, length: int, seed: i
     return h.hexdigest()[:20]
 
 
-def calibration_windows(cfg: CalibrationConfig, tokenizer, length: int, seed: int, cache_dir: Path | None
-                        ) -> tuple[torch.Tensor, dict]:
+def calibration_windows(cfg: CalibrationConfig, tokenizer, length: int, seed: int, cache_dir: Path | None,
+                        standin: bool = False) -> tuple[torch.Tensor, dict]:
     """The (N, L) windows of a text source, tokenised once and cached; and what metrics.json records."""
     from safetensors.torch import load_file, save_file
 
-    key = _fingerprint(cfg, tokenizer, cfg.samples, length, seed)
+    key = _fingerprint(cfg, tokenizer, cfg.samples, length, seed) + ("-standin" if standin else "")
     cached = cache_dir / f"{key}.safetensors" if cache_dir else None
     info = {"source": cfg.source, "samples": cfg.samples, "seq_len": length, "joined": cfg.joined(), "seed": seed,
             "fingerprint": key}
     if cached is not None and cached.is_file():
         return load_file(cached)["input_ids"], {**info, "cached": True, "from": str(cached)}
-    docs, where = documents(cfg)
+    docs, where = documents(cfg, standin, seed)
     w = sample_windows(docs, tokenizer, cfg.samples, length, seed, cfg.joined())
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ each task's ``acc`` (and ``acc_norm`` where the task defines it) and the mean ov
 as ``zero_shot/<task>_acc``, ``zero_shot/<task>_acc_norm`` and ``zero_shot/mean_acc``. The harness
 is the optional extra ``pip install dsee-cli[llm]``.
 
+Under ``task.synthetic_standin`` (profile=smoke) the built-in task stands in for the Hub's.
 Offline, the harness's tasks read local files through task YAMLs in ``task.lm_eval_include``
 (a folder). ``ascending`` is a built-in multiple-choice task on the synthetic language of the
 smoke profile's stand-in text (which word continues an ascending run), written as a local JSON
@@ -40,6 +41,11 @@ def _harness():
         raise DSEEError("zero-shot evaluation (task.lm_eval / dsee eval --lm-eval) needs lm-eval-harness: "
                         "pip install 'dsee-cli[llm]' (or pip install lm-eval).") from exc
     return lm_eval, HFLM, TaskManager
+
+
+def tasks_to_run(tasks: list[str], standin: bool) -> list[str]:
+    """task.lm_eval, or under the smoke profile's stand-ins (no Hub data) the built-in task for all of them."""
+    return [BUILT_IN] if standin and tasks else list(tasks)
 
 
 def write_ascending_task(folder: Path, n: int = 64, seed: int = 0) -> Path:
@@ -94,11 +100,15 @@ def _quiet(log: Path):
 
 
 def _manager(tasks: list[str], include: str | None, tmp: Path):
+    """The harness's task index: the local folders alone when they hold every task asked for
+    (indexing the harness's thousands of task YAMLs takes seconds), else with the harness's own."""
     _, _, TaskManager = _harness()
     paths = [include] if include else []
     if BUILT_IN in tasks:
         paths.append(str(write_ascending_task(tmp / BUILT_IN)))
-    manager = TaskManager(include_path=paths or None)
+    manager = TaskManager(include_path=paths, include_defaults=False) if paths else None
+    if manager is None or any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=paths or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise DSEEError(f"lm-eval task(s) {unknown} are not known to lm-eval-harness (nor in task.lm_eval_include="

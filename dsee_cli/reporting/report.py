@@ -54,6 +54,8 @@ class Cell:
     train_memory: list[float] = field(default_factory=list)
     speedup: list[float] = field(default_factory=list)  # dense latency / ours, batch 32
     memory_ratio: list[float] = field(default_factory=list)  # inference peak memory, ours / dense
+    prune_seconds: list[float] = field(default_factory=list)  # phase II (Wanda, SparseGPT: calibration included)
+    prune_memory: list[float] = field(default_factory=list)  # phase II's peak memory
 
     @property
     def median(self) -> float | None:
@@ -169,17 +171,19 @@ class Report:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow([*self.row_keys, self.column_key, "median", "std", "n", "failed", "missing", "paper", "delta",
-                    "train_seconds", "train_peak_memory_bytes", "inference_speedup_b32", "inference_memory_ratio"])
+                    "train_seconds", "train_peak_memory_bytes", "inference_speedup_b32", "inference_memory_ratio",
+                    "prune_seconds", "prune_peak_memory_bytes"])
         for row in self.rows:
             for c in self.columns:
                 cell = self.cells[(row, c)]
                 delta = None if cell.median is None or cell.paper is None else cell.median - cell.paper
-                costs = [statistics.median(v) if v else None for v in (cell.train_seconds, cell.train_memory,
-                                                                       cell.speedup, cell.memory_ratio)]
+                costs = [statistics.median(v) if v else None for v in (
+                    cell.train_seconds, cell.train_memory, cell.speedup, cell.memory_ratio, cell.prune_seconds,
+                    cell.prune_memory)]
                 w.writerow([*row, c, cell.median, cell.std, len(cell.values), cell.failed, cell.missing,
                             cell.paper, delta, *costs])
         for c, value in self.trivial.items():
-            w.writerow([TRIVIAL_LABEL, *[""] * (len(self.row_keys) - 1), c, value, *[""] * 10])
+            w.writerow([TRIVIAL_LABEL, *[""] * (len(self.row_keys) - 1), c, value, *[""] * 12])
         return buf.getvalue()
 
 
@@ -329,7 +333,8 @@ def _matching_rows(report: Report, match: dict) -> list[tuple[str, ...]]:
 
 
 def check_claims(report: Report, claims: list[dict]) -> list[ClaimCheck]:
-    """Each claim says ``better`` ≥ ``worse`` − ``margin``. Runs of one sweep share their seeds, so
+    """Each claim says ``better`` ≥ ``worse`` − ``margin`` (``lower: true``: ``better`` ≤ ``worse`` +
+    ``margin``, for perplexity; ``columns``: only those). Runs of one sweep share their seeds, so
     the test is paired: the per-seed differences' mean and 90 % t-interval, on the best evaluation
     (the paper's protocol) and on the last one. A verdict holds when the interval clears −margin,
     fails when it lies below it, and is unresolved otherwise, with fewer than 2 paired seeds, or
@@ -345,6 +350,8 @@ def check_claims(report: Report, claims: list[dict]) -> list[ClaimCheck]:
         (better,), (worse,) = sides
         for column in claim.get("columns") or report.columns:
             a, b = report.cells[(better, column)], report.cells[(worse, column)]
+            if claim.get("lower"):  # lower is better (perplexity): the difference is worse − better
+                a, b = b, a
             paper = a.paper - b.paper if a.paper is not None and b.paper is not None else None
             best = paired_interval(a.by_seed, b.by_seed)
             if best is None:
@@ -414,7 +421,11 @@ def cost_table(report: Report):
     for key in report.row_keys:
         table.add_column(short_name(key), no_wrap=True)
     versus = " ×FT" if reference else ""
-    for label in (f"train time{versus}", f"train mem{versus}", "inf. speed-up", "inf. mem ×dense"):
+    pruned = any(median_of(row, "prune_memory") for row in report.rows)  # the LLM pruners' own cost
+    labels = [f"train time{versus}", f"train mem{versus}", "inf. speed-up", "inf. mem ×dense"]
+    if pruned:  # two more columns: shorter names, so that the table still fits 100 columns
+        labels = [f"train{versus}", f"train mem{versus}", "prune", "prune mem", "inf. ×", "inf. mem"]
+    for label in labels:
         table.add_column(label, justify="right", no_wrap=True)
     for row in report.rows:
         cells = []
@@ -426,11 +437,19 @@ def cost_table(report: Report):
             elif base:
                 cells.append(f"{ours / base:.2f}x")
             else:  # no full fine-tuning row to compare with: absolute
-                cells.append(f"{ours:.1f} s" if attribute == "train_seconds" else f"{ours / 2**20:.0f} MiB")
+                cells.append(_seconds_or_mib(ours, attribute == "train_seconds"))
+        if pruned:
+            for attribute in ("prune_seconds", "prune_memory"):
+                ours = median_of(row, attribute)
+                cells.append("—" if ours is None else _seconds_or_mib(ours, attribute == "prune_seconds"))
         speed, memory = median_of(row, "speedup"), median_of(row, "memory_ratio")
         cells += ["—" if speed is None else f"{speed:.2f}x", "—" if memory is None else f"{memory:.2f}x"]
         table.add_row(*row, *cells)
     return table
+
+
+def _seconds_or_mib(value: float, seconds: bool) -> str:
+    return f"{value:.1f} s" if seconds else f"{value / 2**20:.0f} MiB"
 
 
 LAYOUTS = ("auto", "wide", "long")
@@ -503,6 +522,11 @@ def _add_run(cell: Cell, metrics: dict, column: str, paper: dict, seed: str, val
     cell.total_pct.append(float(metrics["total_params_pct"]))
     cell.flops.append(float(metrics["flops_ratio_unmerged"]))
     cost, savings = metrics.get("cost") or {}, metrics.get("savings") or {}
+    pruning = metrics.get("pruning") or {}
+    if "seconds" in pruning:
+        cell.prune_seconds.append(float(pruning["seconds"]))
+    if pruning.get("peak_memory_bytes"):
+        cell.prune_memory.append(float(pruning["peak_memory_bytes"]))
     if cost:
         cell.train_seconds.append(float(cost["train_seconds"]))
         cell.train_memory.append(float(cost["peak_memory_bytes"]))
@@ -517,8 +541,11 @@ def _add_run(cell: Cell, metrics: dict, column: str, paper: dict, seed: str, val
 def _protocol(metrics: dict, column: str, paper: dict) -> str:
     """'selected by <split/metric>, reported <split/metric>' for one run of a column."""
     if ":" in column:  # a generation metric: the reported split was decoded once with the selected weights
+        metric = column.split(":", 1)[1]
         split = (metrics.get("config") or {}).get("task", {}).get("eval_split", "test")
-        reported = f"{split}/{column.split(':', 1)[1]} (scored once, with the selected weights)"
+        name = next((k for k in (metrics["final"].get("generation") or {}) if k.endswith("/" + metric)),
+                    f"{split}/{metric}")  # zero-shot scores: zero_shot/<metric>
+        reported = f"{name} (scored once, with the selected weights)"
     else:
         reported = paper_metric(metrics["task"], paper.get("metrics")) + " at that evaluation"
     return f"selected by {metrics['main_metric']}, reported {reported}"
@@ -580,7 +607,11 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                 panel = col if column_key == "task" else metrics["task"]
                 points.append(Point(point, col, panel, float(value), cell.total_pct[-1], cell.flops[-1], speedup))
     paper_row_info = {}
-    for entry in paper.get("rows", []):
+    note, reference = paper.get("note", ""), _reference_holds(paper.get("reference_config"), next(
+        (m["config"] for _, m in jobs if m and m.get("config")), first_config or {}))
+    if not reference[0]:
+        note += f" The reference column is for {reference[1]}; this sweep differs, so it is not shown."
+    for entry in paper.get("rows", []) if reference[0] else []:
         match = {k: str(v) for k, v in entry["match"].items()}
         for row in rows:
             if all(dict(zip(row_keys, row)).get(k, v) == v for k, v in match.items()):
@@ -589,7 +620,23 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     if (row, str(col)) in cells:
                         cells[(row, str(col))].paper = float(value)
     return Report(table, row_keys, column_key, rows, columns, cells, paper_row_info, grid, points,
-                  paper.get("note", ""), paper.get("claims", []), report_trivial, report_protocol)
+                  note, paper.get("claims", []), report_trivial, report_protocol)
+
+
+def _reference_holds(required: dict | None, config: dict) -> tuple[bool, str]:
+    """Whether the sweep's config has the settings the published figures were measured with
+    (``reference_config``: dotted keys, e.g. model.name: llama-2-7b), and those settings in words."""
+    if not required:
+        return True, ""
+
+    def value(key: str):
+        node = config
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    words = " ".join(f"{k}={v}" for k, v in required.items())
+    return all(str(value(k)) == str(v) for k, v in required.items()), words
 
 
 def write_report(report: Report, sweep_dir: Path) -> list[Path]:

@@ -39,10 +39,16 @@ from dsee_cli.data.classification import check_data_files, load_task
 from dsee_cli.data.generation import NLG_TASKS, check_nlg_files, load_nlg
 from dsee_cli.data.hub import uses_mirror
 from dsee_cli.data.lm_tasks import LM_TASKS, check_lm_files, load_lm_data
-from dsee_cli.data.zero_shot import check_tasks
+from dsee_cli.data.zero_shot import check_tasks, tasks_to_run
 from dsee_cli.errors import DSEEError
 from dsee_cli.measure.accounting import inference_flops, scope_size, trainable_counts
-from dsee_cli.measure.costs import TimingSettings, measure_savings, semi_structured
+from dsee_cli.measure.costs import (
+    TimingSettings,
+    measure_savings,
+    peak_memory_bytes,
+    reset_peak_memory,
+    semi_structured,
+)
 from dsee_cli.pruning import head_count, reapply_masks
 from dsee_cli.pruning.slimming import add_slimming, has_slimming, slimming_penalty
 from dsee_cli.run.checkpoint import (
@@ -124,7 +130,7 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.adapter.tuning_method.lowrank and cfg.adapter.targets:
         check_targets(cfg)
     if cfg.task.lm_eval:
-        check_tasks(list(cfg.task.lm_eval), cfg.task.lm_eval_include)
+        check_tasks(tasks_to_run(cfg.task.lm_eval, cfg.task.synthetic_standin), cfg.task.lm_eval_include)
     uses_hub_data = not (cfg.task.name == "synthetic" or cfg.task.synthetic_standin or cfg.task.data_dir
                          or cfg.task.train_file)
     if uses_hub_data and not uses_mirror() and not hub_reachable():  # offline: the hint, at once
@@ -434,9 +440,12 @@ class Run:
         self.say(f"Phase II: {self.pruning.pruner.title}"
                  + (f", round {step.round} of {self.rounds}" if self.rounds > 1 else ""))
         started = time.perf_counter()
+        reset_peak_memory(self.device)
         info = self.pruning.pruner.prune(self.model, self.pruning, step.target, self.cfg.seed, self.rewind,
                                          self.calibration)
         info["seconds"] = round(time.perf_counter() - started + self.pruning_info.get("seconds", 0.0), 3)
+        # the peak while pruning (CPU: the process's resident set, model included; CUDA: allocated memory)
+        info["peak_memory_bytes"] = max(peak_memory_bytes(self.device), self.pruning_info.get("peak_memory_bytes", 0))
         self.pruning_info = info
         dist.check_same(f"the model after pruning (round {step.round})", lambda: model_state(self.model)[0])
 
@@ -447,8 +456,8 @@ class Run:
         if c.from_text:
             length = window_length(c.seq_len, self.cfg.task.seq_len,
                                    getattr(self.model.config, "max_position_embeddings", None))
-            w, info = dist.on_main(lambda: calibration_windows(c, tok, length, self.cfg.seed,
-                                                               cache_root() / "calibration"))
+            cache, standin = cache_root() / "calibration", self.cfg.task.synthetic_standin
+            w, info = dist.on_main(lambda: calibration_windows(c, tok, length, self.cfg.seed, cache, standin))
             batches = window_batches(w)
         else:
             data = self.task.train

@@ -40,7 +40,7 @@ from dsee_cli.data.lm_tasks import (
 )
 from dsee_cli.data.metrics import trivial_metrics
 from dsee_cli.data.nlg_metrics import nlg_metrics
-from dsee_cli.data.zero_shot import zero_shot
+from dsee_cli.data.zero_shot import tasks_to_run, zero_shot
 from dsee_cli.errors import DSEEError
 from dsee_cli.run.train import ProgressSink, TaskOps, classification_ops
 
@@ -198,15 +198,16 @@ def _with_perplexity(cfg: RunConfig, task: PreparedTask) -> PreparedTask:
 def _with_zero_shot(cfg: RunConfig, task: PreparedTask, say) -> PreparedTask:
     """task.lm_eval: zero-shot accuracy through lm-eval-harness at the end, on the model in memory."""
     t = cfg.task
-    if not t.lm_eval:
+    tasks = tasks_to_run(t.lm_eval, t.synthetic_standin)
+    if not tasks:
         return task
     inner = task.generate
 
     def generate(model, device, precision, out_path) -> dict[str, float]:
         scores = inner(model, device, precision, out_path) if inner else {}
-        say(f"Zero-shot through lm-eval-harness: {', '.join(t.lm_eval)}")
+        say(f"Zero-shot through lm-eval-harness: {', '.join(tasks)}")
         autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision.name)
-        return scores | zero_shot(model, task.loaded.tokenizer, list(t.lm_eval), device, cfg.trainer.eval_batch_size,
+        return scores | zero_shot(model, task.loaded.tokenizer, tasks, device, cfg.trainer.eval_batch_size,
                                   t.lm_eval_include, t.lm_eval_limit, autocast)
 
     task.generate = generate
