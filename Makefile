@@ -46,13 +46,22 @@ bench-llm:  # Llama-3.2-1B shape on CPU: memory, DSEE vs PEFT LoRA; magnitude / 
 	$(PY) scripts/bench_llm_pruners.py
 
 # On a GPU: experiment=llm on a Llama built from config at 1B shape (16 x 2048, 32 / 8 heads, 8192 channels;
-# the tiny tokenizer's vocabulary), 200 steps per phase under bf16-mixed, then its report with wall times and memory.
+# the tiny tokenizer's vocabulary), 200 steps per phase under bf16-mixed, then its report with wall times and memory;
+# magnitude / Wanda / SparseGPT one-shot on the same shape (128 x 512 calibration tokens): their pruning time and
+# peak memory in the report's cost table; then the 2:4 kernels' prefill / decode speed-ups (bench_two_four.py).
 bench-llm-gpu:
 	HF_HUB_OFFLINE=1 dsee train -m experiment=llm profile=smoke name=llm-1b-gpu measure=true trainer.device=cuda \
 	  trainer.precision=bf16-mixed model.dtype=bfloat16 model.tiny.hidden=2048 model.tiny.layers=16 \
 	  model.tiny.heads=32 model.tiny.kv_heads=8 model.tiny.intermediate=8192 model.tiny.dropout=0 \
 	  task.synthetic_train=3200 task.seq_len=512 trainer.max_steps=200 trainer.eval_every=100 trainer.batch_size=16
 	dsee report multirun/llm-1b-gpu --table llm
+	HF_HUB_OFFLINE=1 dsee train -m experiment=llm-pruning profile=smoke name=llm-pruning-1b-gpu trainer.device=cuda \
+	  trainer.precision=bf16-mixed model.dtype=bfloat16 model.tiny.hidden=2048 model.tiny.layers=16 \
+	  model.tiny.heads=32 model.tiny.kv_heads=8 model.tiny.intermediate=8192 model.tiny.dropout=0 \
+	  task.seq_len=512 pruning.calibration.join=true recipe=llm-magnitude,llm-wanda,llm-sparsegpt \
+	  recovery=none pattern=unstructured-50,2of4
+	dsee report multirun/llm-pruning-1b-gpu --table llm-pruning
+	$(PY) scripts/bench_two_four.py
 
 bench:
 	$(PY) scripts/bench_omega.py

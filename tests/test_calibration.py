@@ -159,3 +159,25 @@ def test_one_shot_wanda_from_a_local_file_without_training_records_the_calibrati
     assert 49 < 100 - metrics["total_params_pct"] < 51
     bad = run_dsee([*args, "pruning.calibration.source=/nowhere/c4.jsonl"], tmp_path, timeout=60)
     assert bad.returncode != 0 and "does not exist" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("recipe, recovery, steps", [
+    ("llm-dense", "none", []),
+    ("llm-dense", "tuned", ["phase1"]),  # the dense model tuned as the pruned ones recover
+    ("llm-wanda", "none", ["prune1"]),
+    ("llm-sparsegpt", "tuned", ["prune1", "recovery"]),
+    ("llm-magnitude", "tuned", ["prune1", "recovery"]),
+    ("llm-dsee-delta", "none", ["phase1", "prune1"]),
+    ("llm-delta-wanda", "tuned", ["phase1", "prune1", "recovery"]),
+])
+def test_llm_pruning_rows_plan_what_they_say(recipe, recovery, steps):
+    from dsee_cli.run.plan import build_plan
+
+    from .helpers import compose
+
+    cfg = compose("experiment=llm-pruning", "profile=smoke", f"recipe={recipe}", f"recovery={recovery}",
+                  "pattern=4of8")
+    assert [s.name for s in build_plan(cfg) if s.kind in ("train", "prune")] == steps
+    assert cfg.pruning.pattern == (4, 8) or cfg.pruning.method == "none"
+    assert cfg.pruning.calibrated == (recipe in ("llm-wanda", "llm-sparsegpt", "llm-delta-wanda"))
+    assert cfg.pruning.calibration.source == "c4" and cfg.task.lm_eval[0] == "boolq"

@@ -91,3 +91,24 @@ def test_a_decoder_llm_tunes_prunes_and_recovers_with_a_bf16_base_on_the_gpu(tmp
                        "model.tiny.hidden=96", "model.tiny.heads=12", *ON_GPU, "trainer.precision=auto")
     assert m["precision"] == "bf16-mixed" and m["device"].startswith("cuda")
     assert all(v == v for v in m["final"]["eval"].values())  # no NaN
+
+
+@pytest.mark.parametrize("recipe", ["llm-wanda", "llm-sparsegpt"])
+def test_one_shot_llm_pruners_calibrate_on_the_gpu_and_record_their_peak(tmp_path, recipe):
+    m = run_in_process(tmp_path / "run", "experiment=llm-pruning", "profile=smoke", f"recipe={recipe}",
+                       "recovery=none", "pattern=2of4", "trainer.device=cuda", "trainer.precision=bf16-mixed",
+                       "model.dtype=bfloat16")
+    assert m["device"].startswith("cuda") and m["pruning"]["pattern"] == "2:4"
+    assert 0 < m["pruning"]["peak_memory_bytes"] < torch.cuda.get_device_properties(0).total_memory
+    assert m["final"]["generation"]["test/ppl"] > 1
+
+
+def test_the_two_four_benchmark_runs_and_its_products_match():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "scripts/bench_two_four.py", "--repeats", "5"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    errors = [float(line.rsplit("rel. err ", 1)[1]) for line in out.stdout.splitlines() if "rel. err" in line]
+    assert errors and max(errors) < 2e-2, out.stdout

@@ -150,6 +150,29 @@ def test_claims_are_paired_over_seeds_on_the_best_and_the_last_evaluation():
     assert [c.verdict for c in missing] == ["not in this sweep"]  # a sweep of part of the table still reports
 
 
+def test_perplexity_claims_are_lower_is_better_and_the_reference_needs_its_config():
+    from dsee_cli.reporting.report import _reference_holds, load_paper_numbers
+
+    ppl = {"wanda": [6.4, 6.5, 6.3], "magnitude": [14.9, 15.1, 14.7]}
+    cells = {((k,), "unstructured-50:ppl"): Cell(values=v, by_seed={str(i): x for i, x in enumerate(v, 1)},
+                                                 last_by_seed={str(i): x for i, x in enumerate(v, 1)})
+             for k, v in ppl.items()}
+    report = Report("llm-pruning", ["recipe"], "pattern", [(k,) for k in ppl], ["unstructured-50:ppl"], cells)
+    checks = check_claims(report, [
+        {"text": "Wanda ≪ magnitude", "better": {"recipe": "wanda"}, "worse": {"recipe": "magnitude"}, "lower": True},
+        {"text": "the other way", "better": {"recipe": "magnitude"}, "worse": {"recipe": "wanda"}, "lower": True},
+    ])
+    assert [c.verdict for c in checks] == ["holds", "fails"] and checks[0].ours == pytest.approx(8.5)
+    paper = load_paper_numbers()["llm-pruning"]
+    wanda = {r["match"]["recipe"]: r["values"] for r in paper["rows"]}
+    assert wanda["llm-wanda"] == {"unstructured-50:ppl": 6.42, "2of4:ppl": 11.02}  # Wanda's README, Llama-2-7B
+    assert wanda["llm-sparsegpt"]["2of4:ppl"] == 10.17 and wanda["llm-magnitude"]["unstructured-50:ppl"] == 14.89
+    required = paper["reference_config"]
+    seven_b = {"model": {"name": "llama-2-7b"}, "task": {"seq_len": 4096}, "pruning": {"calibration": {"source": "c4"}}}
+    assert _reference_holds(required, seven_b)[0]
+    assert not _reference_holds(required, {**seven_b, "task": {"seq_len": 2048}})[0]
+
+
 def _hand_made_run(sweep, overrides: dict, best: float, task: str = "sst2") -> None:
     """A finished job as `dsee train -m` leaves it, with made-up numbers."""
     import json

@@ -174,20 +174,22 @@ def _fingerprint(cfg: CalibrationConfig, tokenizer, n: int, length: int, seed: i
 def calibration_windows(cfg: CalibrationConfig, tokenizer, length: int, seed: int, cache_dir: Path | None,
                         standin: bool = False) -> tuple[torch.Tensor, dict]:
     """The (N, L) windows of a text source, tokenised once and cached; and what metrics.json records."""
-    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
     key = _fingerprint(cfg, tokenizer, cfg.samples, length, seed) + ("-standin" if standin else "")
     cached = cache_dir / f"{key}.safetensors" if cache_dir else None
     info = {"source": cfg.source, "samples": cfg.samples, "seq_len": length, "joined": cfg.joined(), "seed": seed,
             "fingerprint": key}
     if cached is not None and cached.is_file():
-        return load_file(cached)["input_ids"], {**info, "cached": True, "from": str(cached)}
+        with safe_open(str(cached), framework="pt") as f:
+            return f.get_tensor("input_ids"), {**info, "cached": True, "from": (f.metadata() or {}).get("from", "")}
     docs, where = documents(cfg, standin, seed)
     w = sample_windows(docs, tokenizer, cfg.samples, length, seed, cfg.joined())
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cached) as tmp:
-            save_file({"input_ids": w.contiguous()}, str(tmp))
+            save_file({"input_ids": w.contiguous()}, str(tmp), metadata={"from": where})
     return w, {**info, "cached": False, "from": where}
 
 

@@ -413,7 +413,8 @@ def cost_table(report: Report):
         values = [v for c in report.columns for v in getattr(report.cells[(row, c)], attribute)]
         return statistics.median(values) if values else None
 
-    if not any(median_of(row, "speedup") or median_of(row, "train_seconds") for row in report.rows):
+    if not any(median_of(row, "speedup") or median_of(row, "train_seconds") or median_of(row, "prune_memory")
+               for row in report.rows):
         return None
     reference = next((row for row in report.rows if any(dict(zip(report.row_keys, row)).get(k) == v
                                                         for k, v in FULL_FINE_TUNING.items())), None)
