@@ -21,7 +21,7 @@ def _numbers(metrics: dict) -> dict:
         phase.pop("seconds"), phase.pop("steps_per_second"), phase.pop("peak_memory_bytes")
     for key in ("seconds", "steps_per_second", "peak_memory_bytes"):
         out["final"].pop(key, None)
-    out["pruning"] = {k: v for k, v in out["pruning"].items() if k != "seconds"}
+    out["pruning"] = {k: v for k, v in out["pruning"].items() if k not in ("seconds", "peak_memory_bytes")}
     return out
 
 

@@ -546,7 +546,9 @@ def _protocol(metrics: dict, column: str, paper: dict) -> str:
         split = (metrics.get("config") or {}).get("task", {}).get("eval_split", "test")
         name = next((k for k in (metrics["final"].get("generation") or {}) if k.endswith("/" + metric)),
                     f"{split}/{metric}")  # zero-shot scores: zero_shot/<metric>
-        reported = f"{name} (scored once, with the selected weights)"
+        window = (metrics["final"].get("generation") or {}).get(name.rsplit("/", 1)[0] + "/seq_len")
+        setting = f", windows of {window:g} tokens of {metrics.get('data_source', '?')}" if window else ""
+        reported = f"{name} (scored once, with the selected weights{setting})"
     else:
         reported = paper_metric(metrics["task"], paper.get("metrics")) + " at that evaluation"
     return f"selected by {metrics['main_metric']}, reported {reported}"
