@@ -222,3 +222,32 @@ def test_a_tuning_method_is_one_registration():
         assert trained and all(n.startswith("classifier") for n in trained)
     finally:
         del TUNING_METHODS["head-only"]
+
+
+def test_a_pruning_method_is_one_registration():
+    """A new pruner (here: the first half of each row's inputs removed) is declared once; the config
+    accepts its name and the run's prune step calls it (docs/extending.md shows this one)."""
+    from dsee_cli.core.arch import block_linears, weight_out_in
+    from dsee_cli.core.models import load_model
+    from dsee_cli.pruning import PRUNERS, Pruner, PruningConfig, apply_masks, register
+
+    def first_half(model, settings, sparsity, seed, rewind, calibration) -> dict:
+        masks = {}
+        for name, module in block_linears(model).items():
+            w = weight_out_in(getattr(module, "base", module))
+            keep = torch.ones_like(w, dtype=torch.bool)
+            keep[:, : w.shape[1] // 2] = False
+            masks[name] = keep
+        apply_masks(model, masks, settings.mask_delta)
+        return {"method": settings.method, "sparsity": 0.5}
+
+    register(Pruner("first-half", "first-half pruning", first_half))
+    try:
+        settings = PruningConfig(method="first-half")
+        settings.check(0.5)
+        model = load_model("tiny-bert", None, 2, seed=0).model
+        info = settings.pruner.prune(model, settings, 0.5, 0, lambda: None, lambda: ([], {}))
+        w = next(iter(block_linears(model).values())).weight
+        assert info["sparsity"] == 0.5 and not bool(w[:, : w.shape[1] // 2].any()) and bool(w[:, -1].all())
+    finally:
+        del PRUNERS["first-half"]

@@ -116,6 +116,7 @@ class Report:
     claims: list[dict] = field(default_factory=list)  # the paper's qualitative claims (paper_numbers.yaml)
     trivial: dict[str, float] = field(default_factory=dict)  # column -> the input-blind predictor's score
     protocol: dict[str, str] = field(default_factory=dict)  # column -> which split and metric selected, which reported
+    pruning_cost: bool = False  # the cost table shows each row's pruning time and peak memory (the LLM pruners)
 
     def protocol_line(self) -> str:
         """Which split (and metric) chose each run's best evaluation, and which one the cells report."""
@@ -413,8 +414,8 @@ def cost_table(report: Report):
         values = [v for c in report.columns for v in getattr(report.cells[(row, c)], attribute)]
         return statistics.median(values) if values else None
 
-    if not any(median_of(row, "speedup") or median_of(row, "train_seconds") or median_of(row, "prune_memory")
-               for row in report.rows):
+    if not any(median_of(row, "speedup") or median_of(row, "train_seconds")
+               or (report.pruning_cost and median_of(row, "prune_memory")) for row in report.rows):
         return None
     reference = next((row for row in report.rows if any(dict(zip(report.row_keys, row)).get(k) == v
                                                         for k, v in FULL_FINE_TUNING.items())), None)
@@ -422,7 +423,7 @@ def cost_table(report: Report):
     for key in report.row_keys:
         table.add_column(short_name(key), no_wrap=True)
     versus = " ×FT" if reference else ""
-    pruned = any(median_of(row, "prune_memory") for row in report.rows)  # the LLM pruners' own cost
+    pruned = report.pruning_cost and any(median_of(row, "prune_memory") for row in report.rows)
     labels = [f"train time{versus}", f"train mem{versus}", "inf. speed-up", "inf. mem ×dense"]
     if pruned:  # two more columns: shorter names, so that the table still fits 100 columns
         labels = [f"train{versus}", f"train mem{versus}", "prune", "prune mem", "inf. ×", "inf. mem"]
@@ -567,8 +568,8 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
         if first_config is None:
             first_config = yaml.safe_load((job_dir / ".hydra" / "config.yaml").read_text())
     defaults: dict[str, str] = {}
-    if "task" not in grid and len([k for k in grid if k != SEED]) == 1 and first_config:
-        # one swept key and one task: the key's values are the rows, the task the column
+    if "task" not in grid and len([k for k in grid if k != SEED]) <= 1 and first_config:
+        # one swept key (or only seeds) and one task: the key's values are the rows, the task the column
         defaults["task"] = str(first_config["task"]["name"])
         grid = {"task": [defaults["task"]], **grid}
     swept = [k for k in grid if k != SEED]
@@ -623,7 +624,7 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     if (row, str(col)) in cells:
                         cells[(row, str(col))].paper = float(value)
     return Report(table, row_keys, column_key, rows, columns, cells, paper_row_info, grid, points,
-                  note, paper.get("claims", []), report_trivial, report_protocol)
+                  note, paper.get("claims", []), report_trivial, report_protocol, bool(paper.get("pruning_cost")))
 
 
 def _reference_holds(required: dict | None, config: dict) -> tuple[bool, str]:
