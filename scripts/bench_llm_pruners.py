@@ -1,8 +1,8 @@
 """The one-shot LLM pruners side by side on a decoder with real structure to find: a Llama built from
 config (4 blocks of 128, 8 query / 2 key-value heads, SwiGLU) first trained on a synthetic language
 (ascending runs of words, the wikitext2 stand-in) until its perplexity is low, then pruned without
-any recovery by magnitude (|W|, one threshold per block: pruning=unstructured criterion=weight
-granularity=layer; Wanda's baseline thresholds each matrix), Wanda and SparseGPT at 50 %
+any recovery by magnitude (|W|, one threshold per matrix as Wanda's baseline: pruning=magnitude), Wanda
+and SparseGPT at 50 %
 unstructured and 2:4, calibrated on 32 training windows. Test perplexity of each, dense first.
 
     python scripts/bench_llm_pruners.py [--steps 400] [--seq 64]
@@ -54,7 +54,7 @@ def main() -> None:
     print(f"  {'dense':28s} {dense:8.2f}")
     calib = [{"input_ids": train[i:i + 8], "attention_mask": torch.ones_like(train[i:i + 8])} for i in range(0, 32, 8)]
     settings = {
-        "magnitude": lambda nm: PruningConfig(method="unstructured", criterion="weight", granularity="layer", nm=nm),
+        "magnitude": lambda nm: PruningConfig(method="unstructured", criterion="weight", granularity="matrix", nm=nm),
         "wanda": lambda nm: PruningConfig(method="wanda", nm=nm),
         "sparsegpt": lambda nm: PruningConfig(method="sparsegpt", nm=nm),
     }

@@ -181,3 +181,27 @@ def test_llm_pruning_rows_plan_what_they_say(recipe, recovery, steps):
     assert cfg.pruning.pattern == (4, 8) or cfg.pruning.method == "none"
     assert cfg.pruning.calibrated == (recipe in ("llm-wanda", "llm-sparsegpt", "llm-delta-wanda"))
     assert cfg.pruning.calibration.source == "c4" and cfg.task.lm_eval[0] == "boolq"
+
+
+@pytest.mark.parametrize("nm", [False, True])
+def test_magnitude_is_the_weight_criterion_per_matrix_exact_and_n_of_m(nm):
+    """pruning=magnitude: |W| with one threshold per matrix (50 % of each), or 2 of every 4 inputs kept."""
+    from dsee_cli.core.arch import block_linears, weight_out_in
+
+    from .helpers import compose
+
+    settings = compose("pruning=magnitude", f"pruning.nm={str(nm).lower()}").pruning
+    assert (settings.method, settings.criterion, settings.granularity) == ("unstructured", "weight", "matrix")
+    model, batches = _adapted_llama()
+    before = {n: weight_out_in(getattr(m, "base", m)).detach().clone() for n, m in block_linears(model).items()}
+    info = settings.pruner.prune(model, settings, 0.5, 0, lambda: None, lambda: (batches, {}))
+    for name, module in block_linears(model).items():
+        w = weight_out_in(getattr(module, "base", module))
+        kept = w != 0
+        if nm:
+            assert set(kept.reshape(w.shape[0], -1, 4).sum(2).flatten().tolist()) == {2}
+        else:
+            assert int(kept.sum()) == w.numel() // 2
+        smallest_kept = before[name].abs()[kept].min()
+        assert bool((before[name].abs()[~kept] <= smallest_kept).all()) or nm  # the largest |W| stay
+    assert info["pattern" if nm else "criterion"] == ("2:4" if nm else "weight")

@@ -42,7 +42,7 @@ from dsee_cli.tuning.adapters import DSEELinear
 SCOPES = ("blocks", "adapted")
 # delta_wanda: |ΔW|·‖X_j‖ (Wanda's activation norms, per output row) from calibration inputs
 CRITERIA = ("delta", "delta_plus_weight", "weight", "random", "delta_wanda")
-GRANULARITIES = ("global", "layer")
+GRANULARITIES = ("global", "layer", "matrix")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class PruningConfig:
 
     method: str = "unstructured"  # unstructured, nm, structured (heads), imp, earlybert or none
     criterion: str = "delta"  # the score: delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|, random
-    granularity: str = "global"  # global: one threshold per pool; layer: per matrix
+    granularity: str = "global"  # global: one threshold per pool; layer: per transformer block; matrix: per matrix
     n: int = 2  # nm: keep n of every m
     m: int = 4  # nm: the group size
     heads_to_remove: int = 3  # structured / earlybert: query heads removed per layer

@@ -146,14 +146,10 @@ def unstructured_masks(model: nn.Module, criterion: str, granularity: str, scope
                        seed: int = 0) -> dict[str, torch.Tensor]:
     """Keep-masks (out x in, bool) for every linear in the blocks, ``sparsity`` of each pool pruned."""
     pieces = score_pieces(model, criterion, seed)
-    if granularity == "global":
-        groups: dict[object, list[Piece]] = {}
-        for p in pieces:
-            groups.setdefault(p.pool, []).append(p)
-    else:
-        groups = {}
-        for p in pieces:
-            groups.setdefault((p.pool, p.layer), []).append(p)
+    groups: dict[object, list[Piece]] = {}
+    for p in pieces:  # one threshold per pool, per pool and transformer block, or per pool and matrix
+        key = {"global": p.pool, "layer": (p.pool, p.layer), "matrix": (p.pool, p.module)}[granularity]
+        groups.setdefault(key, []).append(p)
     keep_by_piece: dict[int, torch.Tensor] = {}
     for members in groups.values():  # exactly round(sparsity·n) of each pool, ties to the earlier entry
         pool_sparsity = sparsity if _in_scope(members[0], scope) else 0.0
