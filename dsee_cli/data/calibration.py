@@ -42,7 +42,7 @@ class CalibrationConfig:
     """``pruning.calibration``: what Wanda / SparseGPT / delta_wanda read (metrics.json records it)."""
 
     source: str = "train"  # train (the run's training examples), c4, wikitext2, or a local .txt/.jsonl/.parquet
-    samples: int = 128  # N
+    samples: int = 128  # N: how many windows (or training examples, source=train) are drawn
     seq_len: int = 0  # L, tokens per sample; 0: task.seq_len (bounded by the model's context and task.seq_len)
     join: bool | None = None  # concatenate the documents; null: the source's usual (wikitext2 and .txt joined)
     text_column: str = "text"  # the column of a .jsonl / .parquet source

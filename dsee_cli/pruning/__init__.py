@@ -51,7 +51,8 @@ class PruningConfig:
     are passed alongside: they are run-level settings other phases read too."""
 
     method: str = "unstructured"  # unstructured, nm, structured (heads), imp, earlybert or none
-    criterion: str = "delta"  # the score: delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|, random
+    # the score: delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|, random, delta_wanda |ΔW|·‖X‖ (calibrated)
+    criterion: str = "delta"
     granularity: str = "global"  # global: one threshold per pool; layer: per transformer block; matrix: per matrix
     n: int = 2  # nm: keep n of every m
     m: int = 4  # nm: the group size
@@ -135,11 +136,11 @@ class PruningConfig:
             self.calibration.check()
 
 
-# prune(model, settings, this round's sparsity, seed, rewind) -> what it did (metrics.json "pruning").
+# prune(model, settings, this round's sparsity, seed, rewind, calibration) -> what it did (metrics.json "pruning").
 # ``rewind()`` resets the trained tensors (IMP with pruning.rewind); mask pruners call it
 # between scoring the trained weights and applying the masks.
 # ``calibration()`` gives the calibration batches and what they were (Wanda, SparseGPT, delta_wanda).
-PruneFn = Callable[[nn.Module, PruningConfig, float, int, Callable[[], None], Callable[[], list]], dict]
+PruneFn = Callable[[nn.Module, PruningConfig, float, int, Callable[[], None], Callable[[], tuple[list, dict]]], dict]
 
 
 @dataclass(frozen=True)
@@ -237,7 +238,8 @@ def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed:
     setattr(model, FROZEN_CHANGED, set(getattr(model, FROZEN_CHANGED, ())) | changed)  # checkpoints keep W'
     apply_masks(model, masks, s.mask_delta)
     score = {"wanda": "|W|·‖X‖", "sparsegpt": "OBS"}.get(s.method, "delta_wanda: |ΔW|·‖X‖")
-    return {"method": s.method, "score": score, "granularity": "row", "sparsity": round(1 - nm[0] / nm[1] if nm else
+    return {"method": s.method, "criterion": s.criterion if s.method not in ("wanda", "sparsegpt") else None,
+            "score": score, "granularity": "row", "sparsity": round(1 - nm[0] / nm[1] if nm else
             sparsity, 6), "pattern": f"{s.n}:{s.m}" if nm else "unstructured", "calibration": calibration_info,
             "block_statistics_bytes": stats_bytes}
 
