@@ -59,7 +59,7 @@ bench-llm-gpu:
 	  trainer.precision=bf16-mixed model.dtype=bfloat16 model.tiny.hidden=2048 model.tiny.layers=16 \
 	  model.tiny.heads=32 model.tiny.kv_heads=8 model.tiny.intermediate=8192 model.tiny.dropout=0 \
 	  task.seq_len=512 pruning.calibration.join=true recipe=llm-magnitude,llm-wanda,llm-sparsegpt \
-	  recovery=none pattern=unstructured-50,2of4
+	  recovery=none pattern=50pct,2of4
 	dsee report multirun/llm-pruning-1b-gpu --table llm-pruning
 	$(PY) scripts/bench_two_four.py
 

@@ -154,10 +154,10 @@ def test_perplexity_claims_are_lower_is_better_and_the_reference_needs_its_confi
     from dsee_cli.reporting.report import _reference_holds, load_paper_numbers
 
     ppl = {"wanda": [6.4, 6.5, 6.3], "magnitude": [14.9, 15.1, 14.7]}
-    cells = {((k,), "unstructured-50:ppl"): Cell(values=v, by_seed={str(i): x for i, x in enumerate(v, 1)},
+    cells = {((k,), "50pct:ppl"): Cell(values=v, by_seed={str(i): x for i, x in enumerate(v, 1)},
                                                  last_by_seed={str(i): x for i, x in enumerate(v, 1)})
              for k, v in ppl.items()}
-    report = Report("llm-pruning", ["recipe"], "pattern", [(k,) for k in ppl], ["unstructured-50:ppl"], cells)
+    report = Report("llm-pruning", ["recipe"], "pattern", [(k,) for k in ppl], ["50pct:ppl"], cells)
     checks = check_claims(report, [
         {"text": "Wanda ≪ magnitude", "better": {"recipe": "wanda"}, "worse": {"recipe": "magnitude"}, "lower": True},
         {"text": "the other way", "better": {"recipe": "magnitude"}, "worse": {"recipe": "wanda"}, "lower": True},
@@ -165,8 +165,8 @@ def test_perplexity_claims_are_lower_is_better_and_the_reference_needs_its_confi
     assert [c.verdict for c in checks] == ["holds", "fails"] and checks[0].ours == pytest.approx(8.5)
     paper = load_paper_numbers()["llm-pruning"]
     wanda = {r["match"]["recipe"]: r["values"] for r in paper["rows"]}
-    assert wanda["llm-wanda"] == {"unstructured-50:ppl": 6.42, "2of4:ppl": 11.02}  # Wanda's README, Llama-2-7B
-    assert wanda["llm-sparsegpt"]["2of4:ppl"] == 10.17 and wanda["llm-magnitude"]["unstructured-50:ppl"] == 14.89
+    assert wanda["llm-wanda"] == {"50pct:ppl": 6.42, "2of4:ppl": 11.02}  # Wanda's README, Llama-2-7B
+    assert wanda["llm-sparsegpt"]["2of4:ppl"] == 10.17 and wanda["llm-magnitude"]["50pct:ppl"] == 14.89
     required = paper["reference_config"]
     seven_b = {"model": {"name": "llama-2-7b"}, "task": {"seq_len": 4096}, "pruning": {"calibration": {"source": "c4"}}}
     assert _reference_holds(required, seven_b)[0]

@@ -43,9 +43,10 @@ def _harness():
     return lm_eval, HFLM, TaskManager
 
 
-def tasks_to_run(tasks: list[str], standin: bool) -> list[str]:
-    """task.lm_eval, or under the smoke profile's stand-ins (no Hub data) the built-in task for all of them."""
-    return [BUILT_IN] if standin and tasks else list(tasks)
+def tasks_to_run(tasks: list[str], standin: bool, include: str | None = None) -> list[str]:
+    """task.lm_eval; under the smoke profile's stand-ins (no Hub data) the built-in task stands in for the
+    Hub's, unless the tasks come from a local folder (task.lm_eval_include)."""
+    return [BUILT_IN] if standin and tasks and not include else list(tasks)
 
 
 def write_ascending_task(folder: Path, n: int = 64, seed: int = 0) -> Path:

@@ -130,7 +130,8 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.adapter.tuning_method.lowrank and cfg.adapter.targets:
         check_targets(cfg)
     if cfg.task.lm_eval:
-        check_tasks(tasks_to_run(cfg.task.lm_eval, cfg.task.synthetic_standin), cfg.task.lm_eval_include)
+        check_tasks(tasks_to_run(cfg.task.lm_eval, cfg.task.synthetic_standin, cfg.task.lm_eval_include),
+                    cfg.task.lm_eval_include)
     uses_hub_data = not (cfg.task.name == "synthetic" or cfg.task.synthetic_standin or cfg.task.data_dir
                          or cfg.task.train_file)
     if uses_hub_data and not uses_mirror() and not hub_reachable():  # offline: the hint, at once

@@ -198,7 +198,7 @@ def _with_perplexity(cfg: RunConfig, task: PreparedTask) -> PreparedTask:
 def _with_zero_shot(cfg: RunConfig, task: PreparedTask, say) -> PreparedTask:
     """task.lm_eval: zero-shot accuracy through lm-eval-harness at the end, on the model in memory."""
     t = cfg.task
-    tasks = tasks_to_run(t.lm_eval, t.synthetic_standin)
+    tasks = tasks_to_run(t.lm_eval, t.synthetic_standin, t.lm_eval_include)
     if not tasks:
         return task
     inner = task.generate
