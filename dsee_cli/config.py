@@ -19,6 +19,7 @@ from dsee_cli.core.models import DTYPES, HUB_MODELS, TINY_MODELS, ModelConfig
 from dsee_cli.data.classification import TASKS, DataSource
 from dsee_cli.data.generation import NLG_TASKS, DecodeConfig
 from dsee_cli.data.lm_tasks import LM_TASKS, PERPLEXITY_TASKS
+from dsee_cli.data.zero_shot import tasks_to_run
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.pruning import PruningConfig
 from dsee_cli.reporting.tracking import LoggerConfig
@@ -76,6 +77,11 @@ class TaskConfig(DataSource):
     lm_eval: list[str] = field(default_factory=list)
     lm_eval_include: str | None = None  # a folder of lm-eval task YAMLs (local data, offline)
     lm_eval_limit: int | None = None  # examples per lm-eval task (null: all)
+
+    @property
+    def zero_shot_tasks(self) -> list[str]:
+        """The lm-eval tasks a run scores (the smoke profile's stand-in for the Hub's ones)."""
+        return tasks_to_run(self.lm_eval, self.synthetic_standin, self.lm_eval_include)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
 
 

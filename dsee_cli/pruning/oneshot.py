@@ -29,28 +29,25 @@ class InputStats:
     features: int
     hessian: bool = True  # SparseGPT needs H; Wanda only the column norms
     tokens: int = 0
-    sq_norms: torch.Tensor = field(init=False)
-    h: torch.Tensor | None = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.sq_norms = torch.zeros(self.features, dtype=torch.float64)
-        self.h = torch.zeros(self.features, self.features, dtype=torch.float64) if self.hessian else None
+    sq_norms: torch.Tensor | None = field(default=None, init=False)  # allocated by the first batch, where it is
+    h: torch.Tensor | None = field(default=None, init=False)
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulated where the inputs are (a GPU's float32, as the reference code; float64 on CPU)."""
         x = x.detach().reshape(-1, self.features)
         dtype = torch.float64 if x.device.type == "cpu" else torch.float32
-        if self.sq_norms.device != x.device or self.sq_norms.dtype != dtype:
-            self.sq_norms = self.sq_norms.to(x.device, dtype)
-            self.h = self.h.to(x.device, dtype) if self.h is not None else None
-        x = x.to(dtype)
+        if self.sq_norms is None:
+            self.sq_norms = torch.zeros(self.features, dtype=dtype, device=x.device)
+            if self.hessian:
+                self.h = torch.zeros(self.features, self.features, dtype=dtype, device=x.device)
+        x = x.to(self.sq_norms.dtype)
         self.tokens += x.shape[0]
         self.sq_norms += (x * x).sum(0)
         if self.h is not None:
             self.h.addmm_(x.t(), x)
 
     def column_norms(self) -> torch.Tensor:
-        return self.sq_norms.sqrt().float()
+        return torch.zeros(self.features) if self.sq_norms is None else self.sq_norms.sqrt().float()
 
     def hessian_matrix(self) -> torch.Tensor:
         if self.h is None or not self.tokens:

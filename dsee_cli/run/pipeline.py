@@ -39,7 +39,7 @@ from dsee_cli.data.classification import check_data_files, load_task
 from dsee_cli.data.generation import NLG_TASKS, check_nlg_files, load_nlg
 from dsee_cli.data.hub import uses_mirror
 from dsee_cli.data.lm_tasks import LM_TASKS, check_lm_files, load_lm_data
-from dsee_cli.data.zero_shot import check_tasks, tasks_to_run
+from dsee_cli.data.zero_shot import check_tasks
 from dsee_cli.errors import DSEEError
 from dsee_cli.measure.accounting import inference_flops, scope_size, trainable_counts
 from dsee_cli.measure.costs import (
@@ -130,8 +130,7 @@ def preflight(cfg: RunConfig) -> None:
     if cfg.adapter.tuning_method.lowrank and cfg.adapter.targets:
         check_targets(cfg)
     if cfg.task.lm_eval:
-        check_tasks(tasks_to_run(cfg.task.lm_eval, cfg.task.synthetic_standin, cfg.task.lm_eval_include),
-                    cfg.task.lm_eval_include)
+        check_tasks(cfg.task.zero_shot_tasks, cfg.task.lm_eval_include)
     uses_hub_data = not (cfg.task.name == "synthetic" or cfg.task.synthetic_standin or cfg.task.data_dir
                          or cfg.task.train_file)
     if uses_hub_data and not uses_mirror() and not hub_reachable():  # offline: the hint, at once

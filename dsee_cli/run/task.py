@@ -40,7 +40,7 @@ from dsee_cli.data.lm_tasks import (
 )
 from dsee_cli.data.metrics import trivial_metrics
 from dsee_cli.data.nlg_metrics import nlg_metrics
-from dsee_cli.data.zero_shot import tasks_to_run, zero_shot
+from dsee_cli.data.zero_shot import zero_shot
 from dsee_cli.errors import DSEEError
 from dsee_cli.run.train import ProgressSink, TaskOps, classification_ops
 
@@ -198,7 +198,7 @@ def _with_perplexity(cfg: RunConfig, task: PreparedTask) -> PreparedTask:
 def _with_zero_shot(cfg: RunConfig, task: PreparedTask, say) -> PreparedTask:
     """task.lm_eval: zero-shot accuracy through lm-eval-harness at the end, on the model in memory."""
     t = cfg.task
-    tasks = tasks_to_run(t.lm_eval, t.synthetic_standin, t.lm_eval_include)
+    tasks = t.zero_shot_tasks
     if not tasks:
         return task
     inner = task.generate
