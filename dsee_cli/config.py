@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dsee_cli.core.models import DTYPES, HUB_MODELS, TINY_MODELS, ModelConfig
+from dsee_cli.tuning.peft_bridge import DELTA_TYPES, SHRINKABLE_TYPES
 from dsee_cli.data.classification import TASKS, DataSource
 from dsee_cli.data.generation import NLG_TASKS, DecodeConfig
 from dsee_cli.data.lm_tasks import LM_TASKS, PERPLEXITY_TASKS
@@ -142,10 +143,20 @@ def validate(cfg: RunConfig) -> None:
              f"schedule), so it takes no separate pruning phase: use pruning=none, not pruning={cfg.pruning.method}.")
     if method.sparse_training:
         cfg.adapter.sparse_training.schedule.check(cfg.sparsity)
-    _require(not (pruner.needs_delta and not method.lowrank),
+    _require(not (pruner.needs_delta and not method.delta),
              f"pruning=structured scores heads by |ΔW| of the adapted projections, which adapter="
-             f"{cfg.adapter.method} does not have; use adapter=dsee or lora, or pruning=earlybert (learned head "
-             f"importance).")
+             f"{cfg.adapter.method} does not have; use adapter=dsee, lora or a PEFT method (adapter=dora, shira, "
+             f"hira, ...), or pruning=earlybert (learned head importance).")
+    if method.peft and pruner.prune is not None:
+        peft_method = cfg.adapter.peft
+        _require(peft_method.has_delta,
+                 f"pruning={cfg.pruning.method} reads the tuned weight W + ΔW, but PEFT method {peft_method.type} has "
+                 f"no ΔW that dsee-cli can read (its merge is not W + a weight of its own). It trains with "
+                 f"pruning=none; pruning works after: {', '.join(DELTA_TYPES)}.")
+        _require(not pruner.removes_heads or peft_method.shrinkable,
+                 f"pruning={cfg.pruning.method} removes heads and channels, so every adapter factor must lose their "
+                 f"rows; PEFT method {peft_method.type}'s cannot (shared or Kronecker factors). Use "
+                 f"pruning=unstructured or nm, or one of: {', '.join(SHRINKABLE_TYPES)}.")
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
     _require(cfg.task.seq_len >= 8, f"task.seq_len={cfg.task.seq_len} is too short (>= 8).")
     if cfg.task.name in (*NLG_TASKS, *PERPLEXITY_TASKS):

@@ -31,7 +31,7 @@ LinearLike = (nn.Linear, Conv1D)
 
 class WrappedLayer(nn.Module):
     """A method's module that stands for the pretrained layer it wraps (``self.base``): to
-    pruning, accounting and export it is that layer (DSEELinear, SparseTrainLinear)."""
+    pruning, accounting and export it is that layer (DeltaLayer, SparseTrainLinear)."""
 
     base: nn.Module
 
@@ -50,6 +50,36 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 def dims(module: nn.Module) -> tuple[int, int]:
     w = weight_out_in(getattr(module, "base", module))
     return int(w.shape[0]), int(w.shape[1])
+
+
+def replace_param(owner: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put a new tensor (a different shape) in place of a parameter, keeping whether it trains."""
+    old = getattr(owner, name)
+    setattr(owner, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+
+
+@torch.no_grad()
+def shrink_layer_outputs(layer: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only the given output rows (sorted) of a plain Linear / Conv1D."""
+    if isinstance(layer, Conv1D):
+        replace_param(layer, "weight", layer.weight[:, keep])
+        layer.nf = len(keep)
+    else:
+        replace_param(layer, "weight", layer.weight[keep])
+        layer.out_features = len(keep)
+    if layer.bias is not None:
+        replace_param(layer, "bias", layer.bias[keep])
+
+
+@torch.no_grad()
+def shrink_layer_inputs(layer: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only the given input columns (sorted) of a plain Linear / Conv1D."""
+    if isinstance(layer, Conv1D):
+        replace_param(layer, "weight", layer.weight[keep])
+        layer.nx = len(keep)
+    else:
+        replace_param(layer, "weight", layer.weight[:, keep])
+        layer.in_features = len(keep)
 
 
 @dataclass(frozen=True)
@@ -197,7 +227,7 @@ def layer_prefix(model: nn.Module) -> str:
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:
     """Every pretrained Linear / Conv1D inside the transformer blocks (the pruning scope).
 
-    A wrapper (DSEELinear, SparseTrainLinear) stands for the layer it wraps; layers that methods add (Houlsby and MAM
+    A wrapper (DeltaLayer, SparseTrainLinear) stands for the layer it wraps; layers that methods add (Houlsby and MAM
     bottlenecks, which live under the layer they modify) are not pretrained weights."""
     prefix = layer_prefix(model)
     found: dict[str, nn.Module] = {}

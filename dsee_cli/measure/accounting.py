@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from torch import nn
 
 from dsee_cli.core.arch import attention_units, block_linears, dims, task_head_params, weight_out_in
-from dsee_cli.tuning.adapters import DSEELinear, adapters_of
+from dsee_cli.tuning.adapters import DeltaLayer, adapters_of
 from dsee_cli.tuning.sparse_training import SparseTrainLinear
 
 
@@ -51,9 +51,9 @@ def scope_size(model: nn.Module) -> tuple[int, int]:
         total += w.numel()
         if isinstance(module, SparseTrainLinear):  # sparse training: the weight is M ⊙ W
             nonzero += int(module.mask.sum())
-        elif isinstance(module, DSEELinear) and module.mask is not None and module.mask_delta:
+        elif isinstance(module, DeltaLayer) and module.mask is not None and module.mask_delta:
             nonzero += int(module.mask.sum())
-        elif isinstance(module, DSEELinear) and not module.merged:
+        elif isinstance(module, DeltaLayer) and not module.merged:
             nonzero += int((w + module.delta_weight()).ne(0).sum())
         else:
             nonzero += int(w.ne(0).sum())
@@ -70,10 +70,7 @@ def inference_flops(model: nn.Module, seq_len: int, unmerged_adapters: bool = Fa
     """
     flops = 0
     if unmerged_adapters:
-        for a in adapters_of(model).values():
-            for k, (start, end) in enumerate(a.slices):
-                flops += 2 * seq_len * a.rank * (a.in_features + end - start)
-                flops += 2 * seq_len * a.sparse_values[k].numel()
+        flops += sum(a.adapter_flops(seq_len) for a in adapters_of(model).values())
     for module in block_linears(model).values():
         out_f, in_f = dims(getattr(module, "base", module))
         flops += 2 * seq_len * out_f * in_f

@@ -37,7 +37,7 @@ from dsee_cli.pruning.heads import (
 from dsee_cli.pruning.masks import apply_masks, nm_masks, reapply_masks, score_pieces, unstructured_masks
 from dsee_cli.pruning.oneshot import sparsegpt, wanda_masks
 from dsee_cli.pruning.slimming import FROZEN_CHANGED, lowest_units, slim_and_prune
-from dsee_cli.tuning.adapters import DSEELinear
+from dsee_cli.tuning.adapters import DeltaLayer
 
 SCOPES = ("blocks", "adapted")
 # delta_wanda: |ΔW|·‖X_j‖ (Wanda's activation norms, per output row) from calibration inputs
@@ -215,7 +215,7 @@ def _prune_structured(model: nn.Module, s: PruningConfig, sparsity: float, seed:
 
 def _delta_or_weight(module: nn.Module) -> torch.Tensor:
     """delta_wanda's weight term: ΔW where the layer is adapted, W elsewhere (as the delta criterion)."""
-    return module.delta_weight().float() if isinstance(module, DSEELinear) else weight_out_in(module).float()
+    return module.delta_weight().float() if isinstance(module, DeltaLayer) else weight_out_in(module).float()
 
 
 def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:
@@ -233,7 +233,7 @@ def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed:
 
     batches, calibration_info = calibration()
     masks, stats_bytes = prune_block_by_block(model, batches, prune_linear, hessian=s.method == "sparsegpt")
-    changed = {f"{n}.base.weight" if isinstance(m, DSEELinear) else f"{n}.weight"
+    changed = {f"{n}.{m.base_path}.weight" if isinstance(m, DeltaLayer) else f"{n}.weight"
                for n, m in block_linears(model).items()} if s.method == "sparsegpt" else set()
     setattr(model, FROZEN_CHANGED, set(getattr(model, FROZEN_CHANGED, ())) | changed)  # checkpoints keep W'
     apply_masks(model, masks, s.mask_delta)

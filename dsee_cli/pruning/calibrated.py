@@ -21,7 +21,7 @@ from torch import nn
 from dsee_cli.core.arch import block_linears, dims, layer_prefix, transformer_layers, weight_out_in
 from dsee_cli.errors import DSEEError
 from dsee_cli.pruning.oneshot import InputStats
-from dsee_cli.tuning.adapters import DSEELinear
+from dsee_cli.tuning.adapters import DeltaLayer
 
 # (module name, module, its input statistics) -> the keep-mask; may update the weight in place
 PruneLinear = Callable[[str, nn.Module, InputStats], torch.Tensor]
@@ -66,7 +66,7 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """The weight the layer computes with (out x in): W + ΔW where adapted."""
-    if isinstance(module, DSEELinear):
+    if isinstance(module, DeltaLayer):
         return weight_out_in(module.base).float() + module.delta_weight().float()
     return weight_out_in(module).float()
 
@@ -74,7 +74,7 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def set_effective_weight(module: nn.Module, new: torch.Tensor, keep: torch.Tensor) -> None:
     """Store an updated weight W' so that the layer computes M⊙(W + ΔW) = W' (SparseGPT)."""
-    if isinstance(module, DSEELinear):
+    if isinstance(module, DeltaLayer):
         base = weight_out_in(module.base)
         base.copy_((new.float() - module.delta_weight().float() * keep).to(base.dtype))
     else:

@@ -21,12 +21,19 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from dsee_cli.core.arch import AttentionUnit, attention_units, mlp_units, state_pruned_shapes, weight_out_in
+from dsee_cli.core.arch import (
+    AttentionUnit,
+    attention_units,
+    mlp_units,
+    shrink_layer_inputs,
+    shrink_layer_outputs,
+    state_pruned_shapes,
+    weight_out_in,
+)
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.pruning.masks import criterion_scores
-from dsee_cli.tuning.adapters import DSEELinear
+from dsee_cli.tuning.adapters import DeltaLayer
 
 HEAD_UNITS = ("heads", "query-heads", "kv-group")
 
@@ -51,11 +58,13 @@ def _row_scores(modules: dict, name_row: tuple[str, int], heads: int, head_dim: 
     """The criterion summed over each head's rows of one projection; None where it is not adapted."""
     name, first = name_row
     module = modules[name]
-    if not isinstance(module, DSEELinear):
+    if not isinstance(module, DeltaLayer):
         return None
-    for k, sl in enumerate(module.slices):
-        if sl == (first, first + heads * head_dim):
-            return criterion_scores(module, k, criterion, gen).float().cpu().view(heads, head_dim, -1).sum(dim=(1, 2))
+    last = first + heads * head_dim
+    for k, (start, end) in enumerate(module.slices):  # the slice holding these rows (a PEFT layer: all rows)
+        if start <= first and last <= end:
+            rows = criterion_scores(module, k, criterion, gen)[first - start : last - start]
+            return rows.float().cpu().view(heads, head_dim, -1).sum(dim=(1, 2))
     return None
 
 
@@ -152,7 +161,7 @@ def channel_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) ->
     out = []
     for unit in mlp_units(model):
         modules = {n: model.get_submodule(n) for n in (*unit.expand, unit.contract)}
-        adapted = {n for n, m in modules.items() if isinstance(m, DSEELinear) and len(m.slices) == 1}
+        adapted = {n for n, m in modules.items() if isinstance(m, DeltaLayer) and len(m.slices) == 1}
         score = torch.zeros(unit.channels)
         for name, module in modules.items():
             if adapted and name not in adapted:
@@ -164,82 +173,19 @@ def channel_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) ->
     return out
 
 
-def _replace_param(owner: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(owner, name)
-    setattr(owner, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
-
-
 @torch.no_grad()
 def shrink_outputs(module: nn.Module, keep: torch.Tensor) -> None:
-    """Keep only the given output rows (sorted) of a Linear/Conv1D or of an adapter around one.
+    """Keep only the given output rows (sorted) of a Linear/Conv1D or of a ΔW layer around one.
 
     ``keep`` lives on the CPU: index bookkeeping stays there (also for meta-device models).
     """
-    base = module.base if isinstance(module, DSEELinear) else module
-    if isinstance(base, Conv1D):
-        _replace_param(base, "weight", base.weight[:, keep])
-        base.nf = len(keep)
-    else:
-        _replace_param(base, "weight", base.weight[keep])
-        base.out_features = len(keep)
-    if base.bias is not None:
-        _replace_param(base, "bias", base.bias[keep])
-    if not isinstance(module, DSEELinear):
-        return
-    new_pos = torch.full((module.out_features,), -1, dtype=torch.long)
-    new_pos[keep] = torch.arange(len(keep))
-    new_slices = []
-    for k, (start, end) in enumerate(module.slices):
-        local_keep = keep[(keep >= start) & (keep < end)] - start
-        _replace_param(module.lora_B, str(k), module.lora_B[k][local_keep])
-        local_pos = torch.full((end - start,), -1, dtype=torch.long)
-        local_pos[local_keep] = torch.arange(len(local_keep))
-        _remap_omega(module, k, row_map=local_pos, col_map=None, new_in=module.in_features)
-        first = int(new_pos[start : end][new_pos[start:end] >= 0].min()) if len(local_keep) else 0
-        new_slices.append((first, first + len(local_keep)))
-    module.slices = new_slices
-    if module.mask is not None:
-        module.mask = module.mask[keep]
-    module.out_features = len(keep)
+    (module.shrink_outputs if isinstance(module, DeltaLayer) else lambda k: shrink_layer_outputs(module, k))(keep)
 
 
 @torch.no_grad()
 def shrink_inputs(module: nn.Module, keep: torch.Tensor) -> None:
     """Keep only the given input columns (sorted)."""
-    base = module.base if isinstance(module, DSEELinear) else module
-    if isinstance(base, Conv1D):
-        _replace_param(base, "weight", base.weight[keep])
-        base.nx = len(keep)
-    else:
-        _replace_param(base, "weight", base.weight[:, keep])
-        base.in_features = len(keep)
-    if not isinstance(module, DSEELinear):
-        return
-    old_in = module.in_features
-    pos = torch.full((old_in,), -1, dtype=torch.long)
-    pos[keep] = torch.arange(len(keep))
-    for k in range(len(module.slices)):
-        _replace_param(module.lora_A, str(k), module.lora_A[k][:, keep])
-        _remap_omega(module, k, row_map=None, col_map=pos, new_in=len(keep))
-    if module.mask is not None:
-        module.mask = module.mask[:, keep]
-    module.in_features = len(keep)
-
-
-def _remap_omega(module: DSEELinear, k: int, row_map, col_map, new_in: int) -> None:
-    """Drop Ω entries in removed rows/columns and re-index the rest (maps: old -> new or -1)."""
-    if module.omega(k).numel() == 0:
-        return
-    idx = module.omega(k).cpu()
-    r, c = idx // module.in_features, idx % module.in_features
-    if row_map is not None:
-        r = row_map[r]
-    if col_map is not None:
-        c = col_map[c]
-    alive = (r >= 0) & (c >= 0)
-    values = module.sparse_values[k].detach()[alive.to(module.sparse_values[k].device)]
-    module.set_omega(k, r[alive] * new_in + c[alive])
-    module.sparse_values[k].data.copy_(values)
+    (module.shrink_inputs if isinstance(module, DeltaLayer) else lambda k: shrink_layer_inputs(module, k))(keep)
 
 
 def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:

@@ -18,7 +18,7 @@ from torch import nn
 from dsee_cli.core.arch import block_linears, dims, weight_out_in
 from dsee_cli.core.selection import n_of_m_keep, smallest_k_masks
 from dsee_cli.errors import DSEEError
-from dsee_cli.tuning.adapters import DSEELinear
+from dsee_cli.tuning.adapters import DeltaLayer
 
 _BIT_VALUES = (128, 64, 32, 16, 8, 4, 2, 1)  # the first entry in the highest bit, as numpy.packbits
 
@@ -77,7 +77,7 @@ class Piece:
         return torch.where(kept.to(s.device), s, torch.full_like(s, -1.0))
 
 
-def criterion_scores(adapter: DSEELinear, k: int, criterion: str, gen: torch.Generator) -> torch.Tensor:
+def criterion_scores(adapter: DeltaLayer, k: int, criterion: str, gen: torch.Generator) -> torch.Tensor:
     start, end = adapter.slices[k]
     with torch.no_grad():
         delta = adapter.slice_delta(k).float()
@@ -102,7 +102,7 @@ def _weight_rows(w: torch.Tensor, start: int, end: int) -> Callable[[], torch.Te
     return lambda: w[start:end].detach().abs().float()
 
 
-def _adapted_rows(module: DSEELinear, k: int, criterion: str, seed: int) -> Callable[[], torch.Tensor]:
+def _adapted_rows(module: DeltaLayer, k: int, criterion: str, seed: int) -> Callable[[], torch.Tensor]:
     # the random criterion draws from a generator of its own per piece: the same numbers however often asked
     return lambda: criterion_scores(module, k, criterion, torch.Generator().manual_seed(seed))
 
@@ -111,7 +111,7 @@ def score_pieces(model: nn.Module, criterion: str, seed: int) -> list[Piece]:
     pieces = []
     for name, module in block_linears(model).items():
         layer = _layer_of(name)
-        if isinstance(module, DSEELinear):
+        if isinstance(module, DeltaLayer):
             w = weight_out_in(module.base)
             cursor = 0
             for k, (start, end) in enumerate(module.slices):
@@ -127,7 +127,7 @@ def score_pieces(model: nn.Module, criterion: str, seed: int) -> list[Piece]:
             w = weight_out_in(module)
             pieces.append(Piece(name, (0, w.shape[0]), "other", layer, _weight_rows(w, 0, w.shape[0])))
     masks = {**getattr(model, "dsee_other_masks", {}),
-             **{n: m.mask for n, m in block_linears(model).items() if isinstance(m, DSEELinear) and m.mask is not None}}
+             **{n: m.mask for n, m in block_linears(model).items() if isinstance(m, DeltaLayer) and m.mask is not None}}
     for p in pieces:
         p.kept = masks.get(p.module)
     return pieces
@@ -182,7 +182,7 @@ def _assemble(model, pieces, keep_by_piece) -> dict[str, torch.Tensor]:
     masks: dict[str, torch.Tensor] = {}
     for p in pieces:
         if p.module not in masks:
-            w = weight_out_in(linears[p.module].base if isinstance(linears[p.module], DSEELinear)
+            w = weight_out_in(linears[p.module].base if isinstance(linears[p.module], DeltaLayer)
                               else linears[p.module])
             masks[p.module] = torch.ones(w.shape, dtype=torch.bool, device=w.device)
         masks[p.module][p.rows[0] : p.rows[1]] = keep_by_piece[id(p)]
@@ -201,7 +201,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], mask_delta: bo
     others = {}
     for name, mask in masks.items():
         module = linears[name]
-        if isinstance(module, DSEELinear):
+        if isinstance(module, DeltaLayer):
             weight_out_in(module.base).mul_(mask)
             module.mask = mask
             module.mask_delta = mask_delta

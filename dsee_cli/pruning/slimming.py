@@ -16,7 +16,7 @@ from dsee_cli.core import dist
 from dsee_cli.core.arch import attention_units, mlp_units, transformer_layers, weight_out_in
 from dsee_cli.errors import DSEEError
 from dsee_cli.pruning.heads import HeadScores, choose_heads, prune_ffn, prune_heads
-from dsee_cli.tuning.adapters import DSEELinear
+from dsee_cli.tuning.adapters import DeltaLayer
 
 # The model attribute naming frozen parameters that pruning changed (the folded projections):
 # checkpoints and export/adapter must save them although they do not train.
@@ -40,7 +40,7 @@ def _consumers(model: nn.Module) -> list[tuple[nn.Module, int, int]]:
 
 def add_slimming(model: nn.Module) -> None:
     for module, units, group in _consumers(model):
-        if isinstance(module, DSEELinear):
+        if isinstance(module, DeltaLayer):
             raise DSEEError("pruning=earlybert folds its coefficients into the attention-output and FFN-output "
                             "projections, so those must not be adapted; drop them from adapter.targets.")
         w = weight_out_in(module)

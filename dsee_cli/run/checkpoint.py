@@ -25,7 +25,7 @@ from dsee_cli.config import RunConfig
 from dsee_cli.pruning import apply_masks, prune_ffn, prune_heads
 from dsee_cli.pruning.masks import PackedMask, pack_bits, unpack_bits
 from dsee_cli.pruning.slimming import FROZEN_CHANGED
-from dsee_cli.tuning.adapters import adapters_of, set_omegas
+from dsee_cli.tuning.adapters import adapters_of
 from dsee_cli.tuning.sparse_training import sparse_layers
 
 MASK_PREFIX = "mask::"
@@ -48,9 +48,8 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     frozen_changed = sorted(n for n in getattr(model, FROZEN_CHANGED, ()) if not params[n].requires_grad)
     tensors = {n: p.detach() for n, p in params.items() if p.requires_grad or n in frozen_changed}
     adapters = adapters_of(model)
-    for name, a in adapters.items():
-        for k in range(len(a.slices)):
-            tensors[f"{name}.omega_{k}"] = a.omega(k)
+    for name, a in adapters.items():  # Ω, SHiRA's indices: fixed, outside the state dict
+        tensors.update({f"{name}.{key}": t for key, t in a.extra_state().items()})
     masks = {n: a.mask for n, a in adapters.items() if a.mask is not None}
     mask_delta = all(a.mask_delta for a in adapters.values())
     extra_masks = getattr(model, "dsee_other_masks", {})
@@ -80,10 +79,11 @@ def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict
     if meta.get("pruned_ffn"):
         prune_ffn(model, {int(k): v for k, v in meta["pruned_ffn"].items()})
     adapters = adapters_of(model)
-    set_omegas(adapters, {
-        k.rsplit(".omega_", 1)[0] + "#" + k.rsplit(".omega_", 1)[1]: v
-        for k, v in tensors.items() if ".omega_" in k and not k.startswith(MASK_PREFIX)
-    })
+    extra = set()
+    for name, a in adapters.items():
+        keys = {key: f"{name}.{key}" for key in a.extra_state() if f"{name}.{key}" in tensors}
+        a.load_extra_state({key: tensors[full] for key, full in keys.items()})
+        extra.update(keys.values())
     masks = {name: unpack_mask(tensors[MASK_PREFIX + name], shape) for name, shape in meta["mask_shapes"].items()}
     if masks:
         device = next(model.parameters()).device
@@ -96,7 +96,7 @@ def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict
     frozen = set(meta.get("frozen_changed", ()))
     with torch.no_grad():
         for name, value in tensors.items():
-            if "::" in name or ".omega_" in name:  # masks, and the trainer's optim::/rng:: entries
+            if "::" in name or name in extra:  # masks, the trainer's optim::/rng:: entries, Ω
                 continue
             if name not in params:
                 raise KeyError(f"checkpoint tensor {name!r} has no place in this model")

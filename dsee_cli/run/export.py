@@ -24,13 +24,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from dsee_cli.atomic import fsync_dir, fsync_file
-from dsee_cli.core.arch import block_linears, weight_out_in
+from dsee_cli.core.arch import block_linears, task_head_params, weight_out_in
 from dsee_cli.pruning import prune_ffn, prune_heads
 from dsee_cli.pruning.heads import stated_in_config
 from dsee_cli.pruning.masks import mask_tensor
 from dsee_cli.run.checkpoint import load_state_dir, model_state, pack_mask, restore_state, save_state_dir, unpack_mask
 from dsee_cli.tuning import AdapterConfig, prepare_method
 from dsee_cli.tuning.adapters import unwrap_adapters
+from dsee_cli.tuning.peft_bridge import save_peft_format
 from dsee_cli.tuning.sparse_training import finalize_sparse_training
 
 
@@ -56,11 +57,21 @@ def _commit_dir(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_adapter(model: nn.Module, target: Path, method: AdapterConfig, base_model: str) -> None:
-    """What the method trained (and the masks, Ω, removed units), to re-apply onto the base model."""
+def save_adapter(model: nn.Module, target: Path, method: AdapterConfig, base_model: str) -> str | None:
+    """What the method trained (and the masks, Ω, removed units), to re-apply onto the base model.
+    A PEFT method's adapter is also written in PEFT's own format, where that format holds the whole
+    model (nothing pruned); returns why it was not, or None."""
     tensors, meta = model_state(model)
     meta.update(method=asdict(method), base_model=base_model)
-    save_state_dir(target, tensors, meta)
+    peft_note = None
+    if method.tuning_method.peft:
+        if meta["mask_shapes"] or meta["pruned_heads"] or meta["pruned_ffn"]:
+            peft_note = "not in PEFT's format: PEFT's adapter holds no pruning (export/merged is the pruned model)"
+        else:
+            heads = list(dict.fromkeys(n.rsplit(".", 1)[0] for n, _ in task_head_params(model)))
+            save_peft_format(model, method.peft, heads, Path(target))
+    save_state_dir(target, tensors, meta)  # meta.json last: it marks the directory complete
+    return peft_note
 
 
 def apply_adapter(model: nn.Module, target: Path) -> None:

@@ -73,6 +73,7 @@ from dsee_cli.run.train import (
 )
 from dsee_cli.tuning import omega as omega_lib
 from dsee_cli.tuning import prepare_method
+from dsee_cli.tuning.peft_bridge import adalora_allocate, adalora_orthogonality, adalora_start
 from dsee_cli.tuning.adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weight
 from dsee_cli.tuning.sparse_training import sparse_layers, update_masks
 
@@ -127,7 +128,7 @@ def preflight(cfg: RunConfig) -> None:
     validate(cfg)
     if cfg.model.name not in TINY_MODELS or cfg.model.path:
         resolve_source(cfg.model.name, cfg.model.path)
-    if cfg.adapter.tuning_method.lowrank and cfg.adapter.targets:
+    if cfg.adapter.tuning_method.delta and cfg.adapter.targets:
         check_targets(cfg)
     if cfg.task.lm_eval:
         check_tasks(cfg.task.zero_shot_tasks, cfg.task.lm_eval_include)
@@ -388,12 +389,18 @@ class Run:
                 "best_eligible": lambda: all(abs(m.sparsity - final) < 1e-9 for m in sparse_layers(model).values()),
                 "lr_by_suffix": {".scores": settings.score_lr} if method.method == "mvp" else {},
             }
+        if name == "phase1" and method.tuning_method.peft and method.peft.type == "adalora":
+            sparse = {  # its rank budget over phase I's steps; the ranks it reached stay for recovery
+                "before_step": lambda step, total: adalora_start(model, total),
+                "after_update": lambda step: adalora_allocate(model, step),
+                "regularizer": lambda: adalora_orthogonality(model),
+            }
         l1 = self.pruning.slimming_l1
-        return StepHooks(
-            regularizer=(lambda: l1 * slimming_penalty(model)) if has_slimming(model) else None,
-            after_step=(lambda: reapply_masks(model)) if getattr(model, "dsee_other_masks", None) else None,
+        return StepHooks(**{
+            "regularizer": (lambda: l1 * slimming_penalty(model)) if has_slimming(model) else None,
+            "after_step": (lambda: reapply_masks(model)) if getattr(model, "dsee_other_masks", None) else None,
             **sparse,
-        )
+        })
 
     def train(self, step: Step) -> None:
         """A training phase, from inside it where the checkpoint stopped; then offered to the
@@ -607,8 +614,10 @@ def export_run(model: torch.nn.Module, tokenizer, run_dir: Path, method, base_mo
     export_info: dict = {}
     mergeable = method.tuning_method.merges
     final = shipped_model(model, method)
-    save_adapter(model, run_dir / "export" / "adapter", method, base_model)
+    peft_note = save_adapter(model, run_dir / "export" / "adapter", method, base_model)
     export_info["adapter"] = str(run_dir / "export" / "adapter")
+    if method.tuning_method.peft:
+        export_info["adapter_peft_format"] = peft_note or "PeftModel.from_pretrained(base, export/adapter)"
     if not mergeable:
         export_info["merged"] = f"none: adapter={method.method} adds modules that cannot be merged into the weights"
         return export_info, final

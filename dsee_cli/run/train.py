@@ -246,6 +246,7 @@ class StepHooks:
 
     regularizer: Callable[[], torch.Tensor] | None = None  # added to the loss (EarlyBERT's L1)
     before_step: Callable[[int, int], None] | None = None  # (step, total): sparsity schedules
+    after_update: Callable[[int], None] | None = None  # (step): after the update, gradients still there (AdaLoRA)
     after_step: Callable[[], None] | None = None  # re-zero pruned weights that train
     best_eligible: Callable[[], bool] | None = None  # may this evaluation be the best? (final sparsity only)
     lr_by_suffix: dict[str, float] = field(default_factory=dict)  # parameter-name suffix -> peak lr
@@ -339,6 +340,8 @@ def _update(model: nn.Module, micro: list[dict], ops: TaskOps, params: list[nn.P
     else:
         scaler.step(optimizer)  # skipped when a gradient overflowed; the scale then backs off
         scaler.update()
+    if hooks.after_update is not None:
+        hooks.after_update(step)
     optimizer.zero_grad(set_to_none=True)
     if hooks.after_step is not None:
         hooks.after_step()

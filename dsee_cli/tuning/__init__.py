@@ -7,6 +7,8 @@
 * ``mam``: the MAM adapter (He et al. 2021): prefix tuning on attention plus a scaled parallel
   bottleneck adapter on the FFN.
 * ``pst``, ``map``, ``mvp``: sparse training on a sparsity schedule (sparse_training.py).
+* ``peft`` and its presets ``dora``, ``shira``, ``hira``, ``adalora``, ``vera``, ``loha``, ``lokr``: PEFT's
+  own method on the targets, its layers wrapped so that pruning reads their ΔW (peft_bridge.py).
 
 ``TUNING_METHODS`` declares each method once; ``AdapterConfig`` is the ``adapter`` section.
 
@@ -26,6 +28,7 @@ from dsee_cli.core.arch import task_head_params, transformer_layers
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.tuning.adapters import LowRankConfig, inject_adapters
 from dsee_cli.tuning.bottleneck import BottleneckConfig, add_houlsby, add_parallel_ffn
+from dsee_cli.tuning.peft_bridge import PeftSection, inject_peft
 from dsee_cli.tuning.prompts import PromptConfig, add_prefix
 from dsee_cli.tuning.sparse_training import ScheduleConfig, SparseTrainingConfig, inject_sparse_training
 
@@ -33,7 +36,8 @@ from dsee_cli.tuning.sparse_training import ScheduleConfig, SparseTrainingConfig
 @dataclass
 class AdapterConfig(LowRankConfig):
     """The ``adapter`` section: the tuning method and its settings. The low-rank fields
-    (rank, alpha, omega_size, dropout, init) are adapters.LowRankConfig's, for dsee / lora."""
+    (rank, alpha, omega_size, dropout, init) are adapters.LowRankConfig's, for dsee / lora;
+    ``peft`` is the PEFT method's, for peft and its presets."""
 
     method: str = "dsee"  # the tuning method (adapter=... picks it with its defaults; see TUNING_METHODS)
     targets: list[str] | None = None  # dsee / lora: the adapted projections; null: the architecture's q, v
@@ -41,6 +45,7 @@ class AdapterConfig(LowRankConfig):
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     sparse_training: SparseTrainingConfig = field(default_factory=SparseTrainingConfig)
+    peft: PeftSection = field(default_factory=PeftSection)  # peft and its presets: the PEFT method and its args
 
     @property
     def tuning_method(self) -> TuningMethod:
@@ -56,6 +61,8 @@ class AdapterConfig(LowRankConfig):
             raise DSEEError(f"adapter.top_layers={self.top_layers} is invalid: it must be >= 1.")
         if self.tuning_method.sparse_training:
             self.sparse_training.check(self.method)
+        if self.tuning_method.peft:
+            self.peft.check()
 
     @classmethod
     def from_dict(cls, saved: dict) -> AdapterConfig:
@@ -67,7 +74,7 @@ class AdapterConfig(LowRankConfig):
         sparse = dict(d.get("sparse_training", {}))
         sparse["schedule"] = ScheduleConfig(**sparse.get("schedule", {}))
         d.update(bottleneck=BottleneckConfig(**d.get("bottleneck", {})), prompt=PromptConfig(**d.get("prompt", {})),
-                 sparse_training=SparseTrainingConfig(**sparse))
+                 sparse_training=SparseTrainingConfig(**sparse), peft=PeftSection(**d.get("peft", {})))
         return cls(**d)
 
 
@@ -115,6 +122,10 @@ def _attach_mam(model: nn.Module, s: AdapterConfig) -> None:
     add_parallel_ffn(model, s.bottleneck)
 
 
+def _attach_peft(model: nn.Module, s: AdapterConfig) -> None:
+    inject_peft(model, s.peft, list(s.targets) if s.targets else None)
+
+
 def _attach_sparse(model: nn.Module, s: AdapterConfig) -> None:
     _freeze_all_but(model, s.method != "pst")  # MaP and MvP train every weight, as their papers did
     inject_sparse_training(model, s.sparse_training, s.method)
@@ -130,7 +141,9 @@ class TuningMethod:
     merges: bool  # the tuned model is a plain HF model again (export/merged)
     prompts: bool = False  # adds virtual tokens to every layer (no head pruning)
     sparse_training: bool = False  # prunes while it trains, on the cubic schedule (no pruning phase)
-    lowrank: bool = False  # adds ΔW through DSEELinear on the targets (Ω, |ΔW| pruning criteria, head scores)
+    # adds a ΔW layer on the targets, DSEELinear or a PEFT method's (|ΔW| pruning criteria, head scores)
+    delta: bool = False
+    peft: bool = False  # PEFT's method, adapter.peft (export/adapter is also in PEFT's format)
     # The method's usual peak learning rate (both phases), used unless the command line, a recipe or a
     # profile sets trainer.<phase>.lr, or the task names one for this method (task.per_method).
     # None: the task's own rate (Table 11), which the paper tuned for LoRA / DSEE.
@@ -151,8 +164,8 @@ def register(method: TuningMethod) -> TuningMethod:
 # P-tuning v2 5e-3 (Liu et al.), Houlsby 3e-4 (LoRA's RoBERTa adapters), MAM 1e-4 (He et al.),
 # PST 5e-4 (PST's search grid), MaP / MvP 3e-5 (full fine-tuning with a mask; Sanh et al.).
 for _method in (
-    TuningMethod("dsee", "sparse + low-rank tuning", _attach_lowrank, merges=True, lowrank=True),
-    TuningMethod("lora", "low-rank tuning", _attach_lowrank, merges=True, lowrank=True),
+    TuningMethod("dsee", "sparse + low-rank tuning", _attach_lowrank, merges=True, delta=True),
+    TuningMethod("lora", "low-rank tuning", _attach_lowrank, merges=True, delta=True),
     TuningMethod("full", "full fine-tuning", lambda model, s: _freeze_all_but(model, True), merges=True, lr=2e-5),
     TuningMethod("bitfit", "BitFit: biases only", _attach_bitfit, merges=True, lr=1e-3),
     TuningMethod("ft-top", "fine-tuning the top blocks", _attach_ft_top, merges=True, lr=1e-4),
@@ -168,6 +181,20 @@ for _method in (
                  lr=3e-5),
 ):
     register(_method)
+
+# PEFT's methods, each one entry here and one conf/adapter yaml (which sets adapter.peft). The rates are the
+# task's (tuned for LoRA) except VeRA's, whose paper trains its scaling vectors at 4e-3 to 1e-2 (RoBERTa).
+for _name, _title, _lr in (
+    ("peft", "a PEFT method (adapter.peft)", None),
+    ("dora", "DoRA (PEFT): weight-decomposed low-rank tuning", None),
+    ("shira", "SHiRA (PEFT): a fixed sparse high-rank adapter", None),
+    ("hira", "HiRA (PEFT): W0 ⊙ B·A, high-rank", None),
+    ("adalora", "AdaLoRA (PEFT): SVD-shaped ranks on a budget", None),
+    ("vera", "VeRA (PEFT): shared random projections, trained scales", 4e-3),
+    ("loha", "LoHa (PEFT): Hadamard product of low-rank pairs", None),
+    ("lokr", "LoKr (PEFT): Kronecker product of low-rank factors", None),
+):
+    register(TuningMethod(_name, _title, _attach_peft, merges=True, delta=True, peft=True, lr=_lr))
 
 
 def prepare_method(model: nn.Module, s: AdapterConfig) -> None:

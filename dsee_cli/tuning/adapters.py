@@ -17,7 +17,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.pytorch_utils import Conv1D
 
-from dsee_cli.core.arch import Target, WrappedLayer, dims, resolve_targets, task_head_params, weight_out_in
+from dsee_cli.core.arch import (
+    Target,
+    WrappedLayer,
+    dims,
+    replace_param,
+    resolve_targets,
+    shrink_layer_inputs,
+    shrink_layer_outputs,
+    task_head_params,
+    weight_out_in,
+)
 from dsee_cli.errors import DSEEError, choice_error
 
 INITS = ("kaiming", "normal")
@@ -49,7 +59,135 @@ class LowRankConfig:
             raise DSEEError(f"adapter.dropout={self.dropout} must be in [0, 1).")
 
 
-class DSEELinear(WrappedLayer):
+class DeltaLayer(WrappedLayer):
+    """A frozen pretrained layer plus a trained ΔW: what pruning by |ΔW|, masked recovery,
+    accounting and export see. ``DSEELinear`` (ours) and ``PeftLinear`` (any mergeable PEFT
+    method, tuning/peft_bridge.py) are the two kinds.
+
+    ΔW lives on output-row ``slices`` of the layer (a PEFT layer: one slice, all rows). After
+    unstructured pruning, ``mask`` (out x in) is set, W is stored masked, and the forward computes
+    with M⊙(W+ΔW) (``mask_delta``) or with M⊙W + ΔW."""
+
+    base_path = "base"  # where the pretrained layer sits under this module (checkpoint names)
+    slices: list[tuple[int, int]]
+    out_features: int
+    in_features: int
+
+    def _init_state(self) -> None:
+        self.register_buffer("mask", None)
+        self.mask_delta = True
+        self.recompute_masked_delta = True  # false: keep each layer's dense M⊙ΔW for backward (faster, more memory)
+        self.merged = False
+
+    # -- what a kind provides -------------------------------------------------------------------
+    def slice_delta(self, k: int) -> torch.Tensor:
+        """ΔW of slice k as a dense (rows x in) matrix, differentiable."""
+        raise NotImplementedError
+
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def num_adapter_parameters(self) -> tuple[int, int]:
+        """(low-rank count, sparse count) of the trainable adapter entries."""
+        raise NotImplementedError
+
+    def adapter_flops(self, seq_len: int) -> int:
+        """The adapter's own multiply-add FLOPs for one sequence, unmerged."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Fixed tensors that are neither parameters nor buffers of the state dict (Ω, SHiRA's
+        indices), for checkpoints and export/adapter, keyed by a name without dots."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def _shrink_adapter_rows(self, keep: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _shrink_adapter_cols(self, keep: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """The full ΔW as out x in (zero on rows that are not adapted)."""
+        parts, cursor = [], 0
+        w = self.base.weight
+        for k, (start, end) in enumerate(self.slices):
+            if start > cursor:
+                parts.append(w.new_zeros(start - cursor, self.in_features))
+            parts.append(self.slice_delta(k))
+            cursor = end
+        if cursor < self.out_features:
+            parts.append(w.new_zeros(self.out_features - cursor, self.in_features))
+        return torch.cat(parts, 0)
+
+    def _base_weight_out_in(self) -> torch.Tensor:
+        return weight_out_in(self.base)
+
+    def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Recovery after unstructured pruning: the model really computes with M⊙(W+ΔW) (W is
+        stored masked already)."""
+        delta = self.delta_weight() * self.mask
+        return F.linear(x, self._base_weight_out_in() + delta, self.base.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        if self.mask is not None and self.mask_delta:
+            if self.recompute_masked_delta and torch.is_grad_enabled():
+                # Only x is kept for backward: the dense M⊙ΔW (and W + M⊙ΔW) of this layer exist
+                # while it computes and are rebuilt in its backward, never held across the model.
+                return checkpoint(self._masked_forward, x, use_reentrant=False)
+            return self._masked_forward(x)
+        return self._adapted_forward(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW (masked when a mask is set) into the base weight."""
+        if self.merged:
+            return
+        delta = self.delta_weight()
+        w = self._base_weight_out_in()
+        if self.mask is not None:
+            w.copy_((w + delta) * self.mask) if self.mask_delta else w.add_(delta)
+        else:
+            w.add_(delta)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self.mask is not None and self.mask_delta:
+            raise RuntimeError("a masked merge cannot be undone: pruned weights are gone")
+        self.merged = False  # ΔW of a kind that reads W (DoRA, HiRA) is the unmerged one only by W itself
+        self._base_weight_out_in().sub_(self.delta_weight())
+
+    @torch.no_grad()
+    def shrink_outputs(self, keep: torch.Tensor) -> None:
+        """Keep only the given output rows (sorted, on the CPU): of W, of ΔW's factors, of the mask."""
+        shrink_layer_outputs(self.base, keep)
+        self._shrink_adapter_rows(keep)
+        if self.mask is not None:
+            self.mask = self.mask[keep]
+        self.out_features = len(keep)
+
+    @torch.no_grad()
+    def shrink_inputs(self, keep: torch.Tensor) -> None:
+        """Keep only the given input columns (sorted, on the CPU)."""
+        shrink_layer_inputs(self.base, keep)
+        self._shrink_adapter_cols(keep)
+        if self.mask is not None:
+            self.mask = self.mask[:, keep]
+        self.in_features = len(keep)
+
+
+class DSEELinear(DeltaLayer):
     """Wraps a frozen Linear/Conv1D and adds ΔW on some of its output-row slices."""
 
     def __init__(self, base: nn.Module, slices: tuple[tuple[int, int], ...], settings: LowRankConfig):
@@ -71,11 +209,7 @@ class DSEELinear(WrappedLayer):
             self.lora_B.append(nn.Parameter(torch.zeros(end - start, self.rank, device=dev, dtype=dt)))
             self.sparse_values.append(nn.Parameter(torch.zeros(0, device=dev, dtype=dt)))
             self.register_buffer(f"omega_{k}", torch.zeros(0, dtype=torch.long, device=dev))
-        # Unstructured-pruning mask on W (out x in), and whether ΔW is masked too in the forward.
-        self.register_buffer("mask", None)
-        self.mask_delta = True
-        self.recompute_masked_delta = True  # false: keep each layer's dense M⊙ΔW for backward (faster, more memory)
-        self.merged = False
+        self._init_state()
         self.reset_parameters(settings.init)
 
     # -- parameters ---------------------------------------------------------------------------
@@ -101,8 +235,14 @@ class DSEELinear(WrappedLayer):
             torch.zeros(len(flat_indices), device=self.base.weight.device, dtype=self.base.weight.dtype)
         )
 
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {f"omega_{k}": self.omega(k) for k in range(len(self.slices))}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, idx in tensors.items():
+            self.set_omega(int(key.rsplit("_", 1)[1]), idx)
+
     def slice_delta(self, k: int) -> torch.Tensor:
-        """ΔW of slice k as a dense (rows x in) matrix."""
         start, end = self.slices[k]
         delta = (self.lora_B[k] @ self.lora_A[k]) * self.scaling
         idx = self.omega(k)
@@ -111,40 +251,14 @@ class DSEELinear(WrappedLayer):
             delta = delta.flatten().index_add(0, idx, values, alpha=self.sparse_scaling).view(end - start, -1)
         return delta
 
-    def delta_weight(self) -> torch.Tensor:
-        """The full ΔW as out x in (zero on rows that are not adapted)."""
-        parts, cursor = [], 0
-        w = self.base.weight
-        for k, (start, end) in enumerate(self.slices):
-            if start > cursor:
-                parts.append(w.new_zeros(start - cursor, self.in_features))
-            parts.append(self.slice_delta(k))
-            cursor = end
-        if cursor < self.out_features:
-            parts.append(w.new_zeros(self.out_features - cursor, self.in_features))
-        return torch.cat(parts, 0)
-
     # -- forward ------------------------------------------------------------------------------
-    def _base_weight_out_in(self) -> torch.Tensor:
-        return weight_out_in(self.base)
-
     def _masked_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Recovery after unstructured pruning: the model really computes with M⊙(W+ΔW) (W is
-        stored masked already). Dropout, as in LoRA, acts on the ΔW path only."""
-        delta = self.delta_weight() * self.mask
+        """Dropout, as in LoRA, acts on the ΔW path only."""
         if isinstance(self.dropout, nn.Identity):
-            return F.linear(x, self._base_weight_out_in() + delta, self.base.bias)
-        return self.base(x) + F.linear(self.dropout(x), delta)
+            return super()._masked_forward(x)
+        return self.base(x) + F.linear(self.dropout(x), self.delta_weight() * self.mask)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base(x)
-        if self.mask is not None and self.mask_delta:
-            if self.recompute_masked_delta and torch.is_grad_enabled():
-                # Only x is kept for backward: the dense M⊙ΔW (and W + M⊙ΔW) of this layer exist
-                # while it computes and are rebuilt in its backward, never held across the model.
-                return checkpoint(self._masked_forward, x, use_reentrant=False)
-            return self._masked_forward(x)
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         xd = self.dropout(x)
         pieces = []
@@ -163,36 +277,49 @@ class DSEELinear(WrappedLayer):
             delta[..., start:end] = d
         return out + delta
 
-    # -- merge --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold ΔW (masked when a mask is set) into the base weight."""
-        if self.merged:
-            return
-        delta = self.delta_weight()
-        w = self._base_weight_out_in()
-        if self.mask is not None:
-            w.copy_((w + delta) * self.mask) if self.mask_delta else w.add_(delta)
-        else:
-            w.add_(delta)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        if self.mask is not None and self.mask_delta:
-            raise RuntimeError("a masked merge cannot be undone: pruned weights are gone")
-        self._base_weight_out_in().sub_(self.delta_weight())
-        self.merged = False
-
     def adapter_parameters(self) -> list[nn.Parameter]:
         return [*self.lora_A, *self.lora_B, *self.sparse_values]
 
     def num_adapter_parameters(self) -> tuple[int, int]:
-        """(low-rank count, sparse count)."""
         low = sum(p.numel() for p in (*self.lora_A, *self.lora_B))
         return low, sum(p.numel() for p in self.sparse_values)
+
+    def adapter_flops(self, seq_len: int) -> int:
+        return sum(2 * seq_len * self.rank * (self.in_features + end - start) + 2 * seq_len * s.numel()
+                   for (start, end), s in zip(self.slices, self.sparse_values))
+
+    # -- structured pruning ---------------------------------------------------------------------
+    def _shrink_adapter_rows(self, keep: torch.Tensor) -> None:
+        """B rows and Ω follow their rows; the slices close up."""
+        new_pos = torch.full((self.out_features,), -1, dtype=torch.long)
+        new_pos[keep] = torch.arange(len(keep))
+        new_slices = []
+        for k, (start, end) in enumerate(self.slices):
+            local_keep = keep[(keep >= start) & (keep < end)] - start
+            replace_param(self.lora_B, str(k), self.lora_B[k][local_keep])
+            local_pos = torch.full((end - start,), -1, dtype=torch.long)
+            local_pos[local_keep] = torch.arange(len(local_keep))
+            self._remap_omega(k, row_map=local_pos, col_map=None, new_in=self.in_features)
+            first = int(new_pos[start:end][new_pos[start:end] >= 0].min()) if len(local_keep) else 0
+            new_slices.append((first, first + len(local_keep)))
+        self.slices = new_slices
+
+    def _shrink_adapter_cols(self, keep: torch.Tensor) -> None:
+        pos = torch.full((self.in_features,), -1, dtype=torch.long)
+        pos[keep] = torch.arange(len(keep))
+        for k in range(len(self.slices)):
+            replace_param(self.lora_A, str(k), self.lora_A[k][:, keep])
+            self._remap_omega(k, row_map=None, col_map=pos, new_in=len(keep))
+
+    def _remap_omega(self, k: int, row_map, col_map, new_in: int) -> None:
+        """Drop Ω entries in removed rows/columns and re-index the rest (maps: old -> new or -1)."""
+        if self.omega(k).numel() == 0:
+            return
+        r, c = remap_flat(self.omega(k).cpu(), self.in_features, row_map, col_map)
+        alive = (r >= 0) & (c >= 0)
+        values = self.sparse_values[k].detach()[alive.to(self.sparse_values[k].device)]
+        self.set_omega(k, r[alive] * new_in + c[alive])
+        self.sparse_values[k].data.copy_(values)
 
     def extra_repr(self) -> str:
         n = sum(v.numel() for v in self.sparse_values)
@@ -200,13 +327,21 @@ class DSEELinear(WrappedLayer):
                f"sparse scaling={self.sparse_scaling:g}"
 
 
+def remap_flat(flat: torch.Tensor, in_features: int, row_map, col_map) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of flat out x in indices after removing rows / columns (maps: old -> new
+    or -1 where removed; None: unchanged)."""
+    r, c = flat // in_features, flat % in_features
+    return (row_map[r] if row_map is not None else r), (col_map[c] if col_map is not None else c)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def adapters_of(model: nn.Module) -> dict[str, DSEELinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, DSEELinear)}
+def adapters_of(model: nn.Module) -> dict[str, DeltaLayer]:
+    """Every layer with a trained ΔW (ours or a PEFT method's), by module name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, DeltaLayer)}
 
 
 def inject_adapters(
@@ -233,8 +368,8 @@ def set_omegas(adapters: dict[str, DSEELinear], omegas: dict[str, torch.Tensor])
         adapters[name].set_omega(int(k), idx)
 
 
-def omega_keys(adapters: dict[str, DSEELinear]) -> dict[str, tuple[DSEELinear, int]]:
-    return {f"{n}#{k}": (a, k) for n, a in adapters.items() for k in range(len(a.slices))}
+def omega_keys(adapters: dict[str, DeltaLayer]) -> dict[str, tuple[DSEELinear, int]]:
+    return {f"{n}#{k}": (a, k) for n, a in adapters.items() if isinstance(a, DSEELinear) for k in range(len(a.slices))}
 
 
 def slice_pretrained_weight(adapter: DSEELinear, k: int) -> torch.Tensor:

@@ -1,0 +1,187 @@
+"""PEFT's methods as peers (tuning/peft_bridge.py): PEFT's own counts, ΔW equal to PEFT's own merge,
+pruning from that ΔW with exact sparsity, structured pruning that drops the factors' rows, PEFT's
+format loaded by PeftModel.from_pretrained, and clear refusals."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model
+
+from dsee_cli.config import validate
+from dsee_cli.core.arch import attention_units, block_linears, task_head_params, weight_out_in
+from dsee_cli.errors import DSEEError
+from dsee_cli.measure.accounting import trainable_counts
+from dsee_cli.pruning import PruningConfig, apply_masks, compute_masks, prune_heads
+from dsee_cli.run.export import load_merged
+from dsee_cli.tuning import AdapterConfig, prepare_method
+from dsee_cli.tuning.adapters import adapters_of, unwrap_adapters
+from dsee_cli.tuning.peft_bridge import SHRINKABLE_TYPES, PeftSection, target_modules
+
+from .helpers import batch, compose, logits, run_in_process, tiny
+
+PRESETS = ["dora", "shira", "hira", "adalora", "vera", "loha", "lokr"]
+
+
+def preset(name: str) -> AdapterConfig:
+    """The adapter section exactly as `adapter=<name>` composes it (its yaml), with a small rank."""
+    adapter = compose(f"adapter={name}").adapter
+    args = dict(adapter.peft.args)
+    for key in ("r", "init_r"):
+        if key in args:
+            args[key] = 4
+    if "target_r" in args:
+        args["target_r"] = 2
+    adapter.peft = PeftSection(adapter.peft.type, args)
+    return adapter
+
+
+def prepared(name: str, model_name: str = "tiny-bert", perturb: bool = True):
+    model, tok = tiny(model_name)
+    settings = preset(name)
+    prepare_method(model, settings)
+    if perturb:  # non-zero ΔW (every method starts at ΔW = 0)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in adapters_of(model).values():
+                for p in layer.adapter_parameters():
+                    if p.requires_grad:
+                        p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model, tok, settings
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("model_name", ["tiny-bert", "tiny-llama"])
+def test_trainable_counts_equal_peft_own(name, model_name):
+    model, _, settings = prepared(name, model_name, perturb=False)
+    ours = trainable_counts(model).as_dict()["total"]
+    fresh, _ = tiny(model_name)
+    heads = sorted({n.rsplit(".", 1)[0] for n, _ in task_head_params(fresh)})
+    config = settings.peft.build(target_modules(fresh, None), modules_to_save=heads or None)
+    theirs, _ = get_peft_model(fresh, config).get_nb_trainable_parameters()
+    assert ours == theirs, (ours, theirs)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_delta_is_zero_at_step_0_and_equals_peft_merge(name):
+    model, tok = tiny()
+    enc = batch(tok)
+    before = logits(model, enc)
+    prepare_method(model, preset(name))
+    assert torch.allclose(logits(model, enc), before, atol=1e-6)  # ΔW = 0 at step 0
+    model, tok, _ = prepared(name)
+    for layer in adapters_of(model).values():
+        w = weight_out_in(layer.base).detach().clone()
+        delta = layer.delta_weight().detach()
+        assert delta.abs().max() > 1e-4  # the perturbed adapter changes W
+        merged = copy.deepcopy(layer.tuner)
+        merged.merge(safe_merge=True)
+        peft_delta = weight_out_in(merged.get_base_layer()) - w
+        assert (delta - peft_delta).abs().max() < 1e-5, (name, (delta - peft_delta).abs().max())
+        assert torch.equal(weight_out_in(layer.base), w)  # computed without merging in place
+        x = torch.randn(3, layer.in_features)
+        with torch.no_grad():  # the PEFT forward computes with W + ΔW
+            assert torch.allclose(layer(x), F.linear(x, w + delta, layer.base.bias), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_a_few_steps_lower_the_loss(name):
+    model, tok = tiny()
+    prepare_method(model, preset(name))
+    enc = batch(tok)
+    labels = torch.tensor([0, 1, 1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    model.eval()  # no dropout: the same batch, a falling loss
+    losses = []
+    for _ in range(20):
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.95 * losses[0] and losses[-1] < losses[len(losses) // 2], losses
+    assert all(layer.delta_weight().abs().max() > 0 for layer in adapters_of(model).values())  # ΔW itself trained
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_unstructured_pruning_from_peft_delta_has_exact_sparsity_and_masked_forward(name, tmp_path):
+    model, tok, _ = prepared(name)
+    enc = batch(tok)
+    masks = compute_masks(model, PruningConfig(method="unstructured", criterion="delta"), 0.5)
+    apply_masks(model, masks)
+    for module_name, layer in adapters_of(model).items():
+        mask = layer.mask
+        expected = (weight_out_in(layer.base) + layer.delta_weight()) * mask
+        x = torch.randn(2, layer.in_features)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), F.linear(x, expected, layer.base.bias), atol=1e-5)
+    reference = logits(model, enc)
+    merged = copy.deepcopy(model)
+    unwrap_adapters(merged)
+    assert torch.allclose(logits(merged, enc), reference, atol=1e-5)  # the export is M ⊙ (W + ΔW)
+    zeros = sum(int(weight_out_in(m).eq(0).sum()) for m in block_linears(merged).values())
+    total = sum(weight_out_in(m).numel() for m in block_linears(merged).values())
+    assert zeros == sum(int((~m).sum()) for m in masks.values()) and abs(zeros / total - 0.5) < 1e-3
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if compose(f"adapter={n}").adapter.peft.type in SHRINKABLE_TYPES])
+def test_structured_pruning_drops_the_factors_rows(name):
+    model, tok, _ = prepared(name)
+    before = {n: (weight_out_in(layer.base).detach().clone(), layer.delta_weight().detach().clone())
+              for n, layer in adapters_of(model).items()}
+    unit = attention_units(model)[0]
+    prune_heads(model, {0: [1], 1: [2]})
+    hd = unit.head_dim
+    for n, layer in adapters_of(model).items():
+        dropped = 1 if ".0." in n else 2
+        keep = torch.tensor([i for i in range(unit.num_heads * hd) if not dropped * hd <= i < (dropped + 1) * hd])
+        w0, d0 = before[n]
+        assert weight_out_in(layer.base).shape == (len(keep), w0.shape[1])
+        assert torch.allclose(layer.delta_weight(), d0[keep], atol=1e-6)  # ΔW of the kept rows, unchanged
+    assert logits(model, batch(tok)).isfinite().all()
+
+
+def test_peft_export_loads_in_peft_and_equals_the_run(tmp_path):
+    run = tmp_path / "run"
+    metrics = run_in_process(run, "adapter=dora", "pruning=none", "trainer.max_steps=6", messages=[])
+    assert metrics["export"]["adapter_peft_format"].startswith("PeftModel")
+    base, tok = tiny_from(compose("adapter=dora"))  # the same pretrained model: the tiny one is seeded
+    loaded = PeftModel.from_pretrained(base, str(run / "export" / "adapter")).eval()
+    merged = load_merged(run / "export" / "merged")
+    enc = batch(tok)
+    assert torch.allclose(logits(loaded, enc), logits(merged, enc), atol=1e-5)
+
+
+def tiny_from(cfg):
+    from dsee_cli.core.models import load_model
+
+    lm = load_model(cfg.model.name, None, 2, cfg.seed, cfg.model.tiny)
+    return lm.model, lm.tokenizer
+
+
+def test_pruned_runs_of_peft_methods_say_where_the_pruned_model_is(tmp_path):
+    metrics = run_in_process(tmp_path / "run", "adapter=shira", "sparsity=0.5", messages=[])
+    assert "export/merged" in metrics["export"]["adapter_peft_format"]
+    merged = load_merged(tmp_path / "run" / "export" / "merged")
+    zeros = sum(int(weight_out_in(m).eq(0).sum()) for m in block_linears(merged).values())
+    total = sum(weight_out_in(m).numel() for m in block_linears(merged).values())
+    assert abs(zeros / total - 0.5) < 1e-3
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["adapter=peft", "adapter.peft.type=nosuch"], "adapter.peft.type"),
+    (["adapter=peft", "+adapter.peft.args.rank=4"], "adapter.peft.args.rank"),
+    (["adapter=peft", "adapter.peft.type=ia3"], "no ΔW"),
+    (["adapter=vera", "pruning=structured"], "vera"),
+])
+def test_bad_peft_settings_fail_before_anything_runs(overrides, message):
+    with pytest.raises(DSEEError, match=message):
+        validate(compose(*overrides))
+
+
+def test_a_method_without_a_delta_still_trains(tmp_path):
+    metrics = run_in_process(tmp_path / "run", "adapter=peft", "adapter.peft.type=ia3", "pruning=none",
+                             messages=[])
+    assert metrics["trainable_params"]["adapter"] > 0 and metrics["phases"]["phase1"]["steps"] == 3
