@@ -80,6 +80,7 @@ METHOD_OVERRIDES = {
     "pst": ["adapter=pst", "sparsity=0.5"],
     "map": ["adapter=map", "sparsity=0.5"],
     "mvp": ["adapter=mvp", "sparsity=0.5"],
+    **{name: [f"adapter={name}"] for name in ("dora", "shira", "hira", "adalora", "vera", "loha", "lokr")},
 }
 # GPT-2 on the E2E stand-in with a short beam search.
 GPT2_E2E = ["task=e2e", "profile=smoke", "model.tiny.hidden=32", "model.tiny.heads=4", "task.synthetic_train=16",

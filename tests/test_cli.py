@@ -77,6 +77,9 @@ def _strip(m: dict) -> dict:
     (["adapter=full", "pruning=earlybert", "pruning.heads_to_remove=1", "reuse=false"], "phase1"),  # slimming
     # after EarlyBERT's pruning with an adapter: the folded, frozen projections come back from the checkpoint
     (["pruning=earlybert", "pruning.heads_to_remove=1", "pruning.slimming_l1=0.01"], "recovery"),
+    # PEFT's methods: SHiRA's fixed indices, AdaLoRA's importance averages mid-schedule
+    (["adapter=shira", "reuse=false"], "recovery"),
+    (["adapter=adalora", "pruning=none", "reuse=false"], "phase1"),
 ])
 def test_resume_after_kill_9_gives_the_same_metrics(workdir, extra, kill_at):
     args = [*FAST, "trainer.max_steps=60", "trainer.checkpoint_every=4", "trainer.eval_every=20", "export=false",

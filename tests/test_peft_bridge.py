@@ -185,3 +185,26 @@ def test_a_method_without_a_delta_still_trains(tmp_path):
     metrics = run_in_process(tmp_path / "run", "adapter=peft", "adapter.peft.type=ia3", "pruning=none",
                              messages=[])
     assert metrics["trainable_params"]["adapter"] > 0 and metrics["phases"]["phase1"]["steps"] == 3
+
+
+def test_adalora_cuts_its_ranks_to_the_budget_over_phase_one(tmp_path):
+    from safetensors.torch import load_file
+
+    run_in_process(tmp_path / "run", "adapter=adalora", "pruning=none", "trainer.max_steps=12", messages=[])
+    adapter = tmp_path / "run" / "export" / "adapter"
+    state = load_file(str(adapter / "adapter_model.safetensors"))
+    singular = [t for k, t in state.items() if "lora_E" in k]
+    kept = sum(int(t.ne(0).sum()) for t in singular)
+    # init_r = 16 per matrix to start; the budget ends near target_r = 8 on average
+    assert len(singular) == 4 and kept <= 8 * len(singular) + 2, kept
+
+
+def test_the_peft_config_and_version_are_in_phase_one_fingerprint():
+    from dsee_cli.run.steps import step_fingerprint
+
+    dora = step_fingerprint(compose("adapter=dora"), "phase1")
+    assert step_fingerprint(compose("adapter=dora", "adapter.peft.args.r=8"), "phase1") != dora
+    assert step_fingerprint(compose("adapter=hira"), "phase1") != dora
+    assert step_fingerprint(compose("adapter=dora", "sparsity=0.7"), "phase1") == dora  # pruning comes after
+    # DSEE's own fingerprint ignores the (unused) peft section
+    assert step_fingerprint(compose("+adapter.peft.args.r=8"), "phase1") == step_fingerprint(compose(), "phase1")

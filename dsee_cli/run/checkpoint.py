@@ -26,6 +26,7 @@ from dsee_cli.pruning import apply_masks, prune_ffn, prune_heads
 from dsee_cli.pruning.masks import PackedMask, pack_bits, unpack_bits
 from dsee_cli.pruning.slimming import FROZEN_CHANGED
 from dsee_cli.tuning.adapters import adapters_of
+from dsee_cli.tuning.peft_bridge import load_tuner_state, tuner_state
 from dsee_cli.tuning.sparse_training import sparse_layers
 
 MASK_PREFIX = "mask::"
@@ -50,6 +51,7 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     adapters = adapters_of(model)
     for name, a in adapters.items():  # Ω, SHiRA's indices: fixed, outside the state dict
         tensors.update({f"{name}.{key}": t for key, t in a.extra_state().items()})
+    tensors.update(tuner_state(model))  # AdaLoRA's importance averages
     masks = {n: a.mask for n, a in adapters.items() if a.mask is not None}
     mask_delta = all(a.mask_delta for a in adapters.values())
     extra_masks = getattr(model, "dsee_other_masks", {})
@@ -84,6 +86,7 @@ def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict
         keys = {key: f"{name}.{key}" for key in a.extra_state() if f"{name}.{key}" in tensors}
         a.load_extra_state({key: tensors[full] for key, full in keys.items()})
         extra.update(keys.values())
+    load_tuner_state(model, tensors)
     masks = {name: unpack_mask(tensors[MASK_PREFIX + name], shape) for name, shape in meta["mask_shapes"].items()}
     if masks:
         device = next(model.parameters()).device

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -81,6 +82,10 @@ def step_fingerprint(cfg: RunConfig, step: str) -> str:
         d["pruning"].pop("rounds")
     else:
         raise ValueError(f"unknown step {step!r}")
+    if cfg.adapter.tuning_method.peft:  # PEFT's methods are PEFT's code: another release may train otherwise
+        d["peft_version"] = importlib.metadata.version("peft")
+    else:
+        d["adapter"].pop("peft")
     payload = json.dumps({"format": STEP_FORMAT, "results": dsee_cli.results_version(), "step": step, "config": d},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

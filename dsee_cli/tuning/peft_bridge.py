@@ -280,6 +280,28 @@ def adalora_orthogonality(model: nn.Module) -> torch.Tensor:
     return peft_config_of(model).orth_reg_weight * torch.stack(terms).mean()
 
 
+ALLOCATOR_STATE = ("ipt", "exp_avg_ipt", "exp_avg_unc")
+
+
+def tuner_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What the PEFT tuner keeps outside the layers (AdaLoRA's importance averages), for checkpoints."""
+    allocator = getattr(model.__dict__.get("dsee_peft"), "rankallocator", None)
+    if allocator is None:
+        return {}
+    return {f"adalora::{part}::{name}": t for part in ALLOCATOR_STATE for name, t in getattr(allocator, part).items()}
+
+
+def load_tuner_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    allocator = getattr(model.__dict__.get("dsee_peft"), "rankallocator", None)
+    if allocator is None:
+        return
+    device = next(model.parameters()).device
+    for key, t in tensors.items():
+        if key.startswith("adalora::"):
+            _, part, name = key.split("::", 2)
+            getattr(allocator, part)[name] = t.to(device)
+
+
 # -- export in PEFT's own format ------------------------------------------------------------------
 def save_peft_format(model: nn.Module, section: PeftSection, head_modules: list[str], target: Path) -> None:
     """Write adapter_config.json + adapter_model.safetensors into ``target``, as PEFT's
