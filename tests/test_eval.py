@@ -16,6 +16,7 @@ from .helpers import GPT2_E2E, METHOD_OVERRIDES, compose, run_in_process
 METHODS = {
     **{name: METHOD_OVERRIDES[name] for name in METHOD_OVERRIDES if name != "prefix"},
     "dsee-heads": ["pruning=structured", "pruning.heads_to_remove=1"],
+    "shira-heads": ["adapter=shira", "pruning=structured", "pruning.heads_to_remove=1"],
     "earlybert-dsee": ["pruning=earlybert", "pruning.heads_to_remove=1", "pruning.slimming_l1=0.01"],
     "stsb-regression": ["task=stsb", "model=tiny-bert", "task.synthetic_standin=true"],
     "gpt2-e2e": [*GPT2_E2E, "export=true"],

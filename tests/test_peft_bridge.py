@@ -208,3 +208,12 @@ def test_the_peft_config_and_version_are_in_phase_one_fingerprint():
     assert step_fingerprint(compose("adapter=dora", "sparsity=0.7"), "phase1") == dora  # pruning comes after
     # DSEE's own fingerprint ignores the (unused) peft section
     assert step_fingerprint(compose("+adapter.peft.args.r=8"), "phase1") == step_fingerprint(compose(), "phase1")
+
+
+def test_structured_pruning_of_a_peft_method_removes_heads_end_to_end(tmp_path):
+    metrics = run_in_process(tmp_path / "run", "adapter=hira", "pruning=structured", "pruning.heads_to_remove=1",
+                             messages=[])
+    assert metrics["pruning"]["heads_removed"] and metrics["flops_ratio"] < 1.0
+    assert metrics["phases"]["recovery"]["steps"] == 3
+    merged = load_merged(tmp_path / "run" / "export" / "merged")
+    assert all(u.num_heads == 3 for u in attention_units(merged))
