@@ -40,6 +40,7 @@ HUB_MODELS = {
     "gpt2-medium": "gpt2-medium",
     # decoder LLMs (grouped-query attention, SwiGLU); their presets load the base in bf16
     "llama-3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama-3.2-3b": "meta-llama/Llama-3.2-3B",  # PEFT's method comparison (MetaMathQA -> GSM8K)
     "llama-2-7b": "meta-llama/Llama-2-7b-hf",
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
     "qwen3-0.6b": "Qwen/Qwen3-0.6B",
