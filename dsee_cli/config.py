@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from dsee_cli.core.models import DTYPES, HUB_MODELS, TINY_MODELS, ModelConfig
-from dsee_cli.tuning.peft_bridge import DELTA_TYPES, SHRINKABLE_TYPES
 from dsee_cli.data.classification import TASKS, DataSource
 from dsee_cli.data.generation import NLG_TASKS, DecodeConfig
 from dsee_cli.data.lm_tasks import LM_TASKS, PERPLEXITY_TASKS
@@ -27,6 +26,7 @@ from dsee_cli.reporting.tracking import LoggerConfig
 from dsee_cli.run.train import TrainerConfig
 from dsee_cli.tuning import AdapterConfig
 from dsee_cli.tuning.omega import OmegaConfig
+from dsee_cli.tuning.peft_bridge import DELTA_TYPES, SHRINKABLE_TYPES
 
 CAUSAL_TASKS = (*NLG_TASKS, *LM_TASKS)  # the tasks that train a causal LM (a decoder model)
 

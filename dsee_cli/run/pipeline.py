@@ -73,8 +73,8 @@ from dsee_cli.run.train import (
 )
 from dsee_cli.tuning import omega as omega_lib
 from dsee_cli.tuning import prepare_method
-from dsee_cli.tuning.peft_bridge import adalora_allocate, adalora_orthogonality, adalora_start
 from dsee_cli.tuning.adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weight
+from dsee_cli.tuning.peft_bridge import adalora_allocate, adalora_orthogonality, adalora_start
 from dsee_cli.tuning.sparse_training import sparse_layers, update_masks
 
 
