@@ -143,11 +143,12 @@ def test_structured_pruning_drops_the_factors_rows(name):
     assert logits(model, batch(tok)).isfinite().all()
 
 
-def test_peft_export_loads_in_peft_and_equals_the_run(tmp_path):
+@pytest.mark.parametrize("name", [n if n == "dora" else pytest.param(n, marks=pytest.mark.slow) for n in PRESETS])
+def test_peft_export_loads_in_peft_and_equals_the_run(tmp_path, name):
     run = tmp_path / "run"
-    metrics = run_in_process(run, "adapter=dora", "pruning=none", "trainer.max_steps=6", messages=[])
+    metrics = run_in_process(run, f"adapter={name}", "pruning=none", "trainer.max_steps=6", messages=[])
     assert metrics["export"]["adapter_peft_format"].startswith("PeftModel")
-    base, tok = tiny_from(compose("adapter=dora"))  # the same pretrained model: the tiny one is seeded
+    base, tok = tiny_from(compose(f"adapter={name}"))  # the same pretrained model: the tiny one is seeded
     loaded = PeftModel.from_pretrained(base, str(run / "export" / "adapter")).eval()
     merged = load_merged(run / "export" / "merged")
     enc = batch(tok)
@@ -217,3 +218,22 @@ def test_structured_pruning_of_a_peft_method_removes_heads_end_to_end(tmp_path):
     assert metrics["phases"]["recovery"]["steps"] == 3
     merged = load_merged(tmp_path / "run" / "export" / "merged")
     assert all(u.num_heads == 3 for u in attention_units(merged))
+
+
+def test_a_layer_peft_cannot_adapt_is_named_with_the_method_and_peft_version():
+    import peft
+
+    model, _ = tiny("tiny-gpt2")  # GPT-2's fused c_attn is a Conv1D, which PEFT's SHiRA does not take
+    with pytest.raises(DSEEError) as error:
+        prepare_method(model, preset("shira"))
+    text = str(error.value)
+    assert "shira" in text and "c_attn" in text and peft.__version__ in text
+
+
+def test_decoder_kv_groups_are_pruned_by_a_peft_delta(tmp_path):
+    metrics = run_in_process(tmp_path / "run", "task=wikitext2", "profile=smoke", "model.tiny.hidden=96",
+                             "model.tiny.heads=12", "task.seq_len=32", "adapter=dora", "adapter.targets=[q,k,v]",
+                             "pruning=structured", "pruning.unit=kv-group", "pruning.head_fraction=0.25",
+                             "trainer.max_steps=3", messages=[])
+    assert metrics["pruning"]["heads_per_layer"]["0"] == [9, 3]  # 12 query heads over 4 groups: one group gone
+    assert metrics["final"]["eval"]
