@@ -117,6 +117,10 @@ def test_unstructured_pruning_from_peft_delta_has_exact_sparsity_and_masked_forw
         x = torch.randn(2, layer.in_features)
         with torch.no_grad():
             assert torch.allclose(layer(x), F.linear(x, expected, layer.base.bias), atol=1e-5)
+    model.train()  # recovery trains the same adapter through M ⊙ (W + ΔW)
+    model(**enc).logits.square().sum().backward()
+    grads = [p.grad for layer in adapters_of(model).values() for p in layer.adapter_parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     reference = logits(model, enc)
     merged = copy.deepcopy(model)
     unwrap_adapters(merged)

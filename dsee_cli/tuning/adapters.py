@@ -148,7 +148,7 @@ class DeltaLayer(WrappedLayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW (masked when a mask is set) into the base weight."""
+        """Fold ΔW (masked when a mask is set) into the base weight, for good (exports merge a copy)."""
         if self.merged:
             return
         delta = self.delta_weight()
@@ -158,15 +158,6 @@ class DeltaLayer(WrappedLayer):
         else:
             w.add_(delta)
         self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        if self.mask is not None and self.mask_delta:
-            raise RuntimeError("a masked merge cannot be undone: pruned weights are gone")
-        self.merged = False  # ΔW of a kind that reads W (DoRA, HiRA) is the unmerged one only by W itself
-        self._base_weight_out_in().sub_(self.delta_weight())
 
     @torch.no_grad()
     def shrink_outputs(self, keep: torch.Tensor) -> None:

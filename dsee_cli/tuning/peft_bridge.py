@@ -44,7 +44,8 @@ DELTA_TYPES = ("adalora", "hira", "loha", "lokr", "lora", "shira", "vera")
 # Methods whose factors follow removed rows / columns (structured pruning); VeRA shares its
 # projections across layers and LoKr's Kronecker factors have no rows to drop
 SHRINKABLE_TYPES = ("adalora", "hira", "loha", "lora", "shira")
-RESERVED_ARGS = ("target_modules", "peft_type", "task_type", "modules_to_save", "inference_mode")
+RESERVED_ARGS = ("target_modules", "peft_type", "task_type", "modules_to_save", "inference_mode", "auto_mapping",
+                 "peft_version", "base_model_name_or_path", "revision")
 # factor name -> its output-row axis / its input-column axis (out x in base layers)
 _ROW_AXIS = {"lora_B": 0, "lora_magnitude_vector": 0, "hira_B": 0, "hada_w1_a": 0, "hada_w2_a": 0}
 _COL_AXIS = {"lora_A": 1, "hira_A": 1, "hada_w1_b": 1, "hada_w2_b": 1}
