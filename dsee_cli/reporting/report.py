@@ -136,12 +136,13 @@ class Report:
     def row_of(self, grid: dict[str, str]) -> tuple[str, ...]:
         return tuple(grid[k] for k in self.row_keys)
 
-    def row_info(self, row: tuple[str, ...]) -> dict[str, str]:
-        """Trainable parameters, % of block weights left, FLOPs: ours (the paper's)."""
-        cells = [self.cells[(row, c)] for c in self.columns]
+    def row_info(self, row: tuple[str, ...], columns: list[str] | None = None) -> dict[str, str]:
+        """Trainable parameters, % of block weights left, FLOPs: ours (the paper's), over the row's
+        cells (or those of ``columns``)."""
+        cells = [self.cells[(row, c)] for c in (self.columns if columns is None else columns)]
         paper = self.paper_row_info.get(row, {})
         out = {}
-        for key, label, fmt in (("trainable", "# trainable", lambda v: f"{v / 1e6:.2f}M" if v >= 1e4 else f"{v:,.0f}"),
+        for key, label, fmt in (("trainable", "# trainable", lambda v: f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v:,.0f}"),
                                 ("total_pct", "# total", lambda v: f"{v:.1f}%"),
                                 ("flops", "FLOPs", lambda v: f"{v:.2f}x")):
             values = [v for c in cells for v in getattr(c, key)]
@@ -275,13 +276,17 @@ def info_table(report: Report):
     from rich.table import Table
 
     table = Table(title="counts: ours (paper)", title_justify="left")
-    for key in report.row_keys:
+    # columns that are tasks share a row's counts; any other swept key (a method) has counts of its own
+    per_column = report.column_key != "task"
+    for key in ([report.column_key] if per_column else []) + list(report.row_keys):
         table.add_column(short_name(key), no_wrap=True)
     for label in ("# trainable", "# total", "FLOPs"):
         table.add_column(label, justify="right", no_wrap=True)
-    for row in report.rows:
-        info = report.row_info(row)
-        table.add_row(*row, *(info[k] for k in ("# trainable", "# total", "FLOPs")))
+    for column in report.columns if per_column else [None]:
+        for row in report.rows:
+            info = report.row_info(row, None if column is None else [column])
+            table.add_row(*([column] if per_column else []), *row, *(info[k] for k in ("# trainable", "# total",
+                                                                                        "FLOPs")))
     return table
 
 
