@@ -177,14 +177,12 @@ class PeftLinear(DeltaLayer):
                             f"(PEFT {peft.__version__}); it works for: {', '.join(SHRINKABLE_TYPES)}.")
 
     def _shrink_factors(self, keep: torch.Tensor, axes: dict[str, int]) -> None:
-        lycoris = self.peft_type == "loha" and isinstance(self.base, Conv1D)  # factors in the base's in x out layout
-        for name, p in list(self.tuner.named_parameters()):
+        for name, p in list(self.tuner.named_parameters()):  # (PEFT's LoHa takes no Conv1D: always out x in)
             factor = name.split(".")[0]
-            if factor not in axes:
-                continue
-            axis = 1 - axes[factor] if lycoris else axes[factor]
-            owner, _, leaf = name.rpartition(".")
-            replace_param(self.tuner.get_submodule(owner), leaf, p.detach().index_select(axis, keep.to(p.device)))
+            if factor in axes:
+                owner, _, leaf = name.rpartition(".")
+                replace_param(self.tuner.get_submodule(owner), leaf,
+                              p.detach().index_select(axes[factor], keep.to(p.device)))
 
     def _shrink_shira(self, keep: torch.Tensor, rows: bool) -> None:
         size = self.out_features if rows else self.in_features
