@@ -148,7 +148,7 @@ class DeltaLayer(WrappedLayer):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold ΔW (masked when a mask is set) into the base weight, for good (exports merge a copy)."""
+        """Fold ΔW (masked when a mask is set) into the base weight (exports merge a copy)."""
         if self.merged:
             return
         delta = self.delta_weight()
@@ -278,6 +278,16 @@ class DSEELinear(DeltaLayer):
     def adapter_flops(self, seq_len: int) -> int:
         return sum(2 * seq_len * self.rank * (self.in_features + end - start) + 2 * seq_len * s.numel()
                    for (start, end), s in zip(self.slices, self.sparse_values))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo an unmasked merge (this ΔW does not read W, so subtracting it restores W)."""
+        if not self.merged:
+            return
+        if self.mask is not None and self.mask_delta:
+            raise RuntimeError("a masked merge cannot be undone: pruned weights are gone")
+        self._base_weight_out_in().sub_(self.delta_weight())
+        self.merged = False
 
     # -- structured pruning ---------------------------------------------------------------------
     def _shrink_adapter_rows(self, keep: torch.Tensor) -> None:
