@@ -223,7 +223,8 @@ def test_make_reproduce_runs_the_sweep_and_writes_its_report(workdir):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     report = workdir / "multirun" / "table1" / "report-table1.md"
     assert report.is_file() and "paper" in report.read_text()
-    assert len(list((workdir / "multirun" / "table1").glob("*/metrics.json"))) == 16
+    # 4 tasks x (LoRA, DSEE, DoRA, SHiRA, HiRA) x r = 16, 8
+    assert len(list((workdir / "multirun" / "table1").glob("*/metrics.json"))) == 40
     bad = subprocess.run([*make, "reproduce-tabel1"], cwd=workdir, env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown experiment 'tabel1'" in bad.stderr and "table1" in bad.stderr
 
