@@ -179,13 +179,19 @@ def shrink_outputs(module: nn.Module, keep: torch.Tensor) -> None:
 
     ``keep`` lives on the CPU: index bookkeeping stays there (also for meta-device models).
     """
-    (module.shrink_outputs if isinstance(module, DeltaLayer) else lambda k: shrink_layer_outputs(module, k))(keep)
+    if isinstance(module, DeltaLayer):
+        module.shrink_outputs(keep)
+    else:
+        shrink_layer_outputs(module, keep)
 
 
 @torch.no_grad()
 def shrink_inputs(module: nn.Module, keep: torch.Tensor) -> None:
     """Keep only the given input columns (sorted)."""
-    (module.shrink_inputs if isinstance(module, DeltaLayer) else lambda k: shrink_layer_inputs(module, k))(keep)
+    if isinstance(module, DeltaLayer):
+        module.shrink_inputs(keep)
+    else:
+        shrink_layer_inputs(module, keep)
 
 
 def prune_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:

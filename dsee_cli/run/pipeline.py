@@ -74,7 +74,7 @@ from dsee_cli.run.train import (
 from dsee_cli.tuning import omega as omega_lib
 from dsee_cli.tuning import prepare_method
 from dsee_cli.tuning.adapters import adapters_of, omega_keys, set_omegas, slice_pretrained_weight
-from dsee_cli.tuning.peft_bridge import adalora_allocate, adalora_orthogonality, adalora_start
+from dsee_cli.tuning.peft_bridge import peft_step_hooks
 from dsee_cli.tuning.sparse_training import sparse_layers, update_masks
 
 
@@ -379,27 +379,23 @@ class Run:
 
     def hooks(self, name: str) -> StepHooks:
         model, method = self.model, self.method
-        sparse: dict = {}
+        own: dict = {}  # what the tuning method adds to phase I's loop
         if name == "phase1" and method.tuning_method.sparse_training:  # PST / MaP / MvP: masks follow the schedule
             settings, final = method.sparse_training, self.cfg.sparsity
             schedule, topk = settings.schedule, settings.topk
-            sparse = {
+            own = {
                 "before_step": lambda step, total: update_masks(model, schedule.at(step + 1, total, final), topk,
                                                                 schedule.refreshes(step)),
                 "best_eligible": lambda: all(abs(m.sparsity - final) < 1e-9 for m in sparse_layers(model).values()),
                 "lr_by_suffix": {".scores": settings.score_lr} if method.method == "mvp" else {},
             }
-        if name == "phase1" and method.tuning_method.peft and method.peft.type == "adalora":
-            sparse = {  # its rank budget over phase I's steps; the ranks it reached stay for recovery
-                "before_step": lambda step, total: adalora_start(model, total),
-                "after_update": lambda step: adalora_allocate(model, step),
-                "regularizer": lambda: adalora_orthogonality(model),
-            }
+        if name == "phase1" and method.tuning_method.peft:  # AdaLoRA's rank budget over phase I's steps
+            own = peft_step_hooks(model, method.peft)
         l1 = self.pruning.slimming_l1
         return StepHooks(**{
             "regularizer": (lambda: l1 * slimming_penalty(model)) if has_slimming(model) else None,
             "after_step": (lambda: reapply_masks(model)) if getattr(model, "dsee_other_masks", None) else None,
-            **sparse,
+            **own,
         })
 
     def train(self, step: Step) -> None:

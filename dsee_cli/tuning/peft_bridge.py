@@ -255,6 +255,16 @@ def peft_config_of(model: nn.Module):
 
 
 # -- AdaLoRA: its rank budget on the run's steps --------------------------------------------------
+def peft_step_hooks(model: nn.Module, section: PeftSection) -> dict:
+    """What a PEFT method adds to phase I's training loop (train.StepHooks' fields): AdaLoRA its rank
+    schedule and orthogonality term; the others nothing. Recovery keeps the ranks AdaLoRA reached."""
+    if section.type != "adalora":
+        return {}
+    return {"before_step": lambda step, total: adalora_start(model, total),
+            "after_update": lambda step: adalora_allocate(model, step),
+            "regularizer": lambda: adalora_orthogonality(model)}
+
+
 def adalora_start(model: nn.Module, total: int) -> None:
     """Set the phase's step count as AdaLoRA's total_step (its schedule needs tinit + tfinal < it)."""
     config = peft_config_of(model)
