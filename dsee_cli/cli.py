@@ -204,12 +204,12 @@ def launch_job(typed, hc, run_dir: Path, in_sweep: bool, side_by_side: int) -> f
     import json
     import os
 
+    from dsee_cli.core.cache import cache_root
     from dsee_cli.core.devices import GpuLease, cuda_count, threads_per_job
     from dsee_cli.errors import DSEEError
     from dsee_cli.reporting.tracking import banner, console
     from dsee_cli.run.launch import launch_ranks, record_rank_failure
     from dsee_cli.run.pipeline import preflight
-    from dsee_cli.run.steps import cache_root
 
     k, lease = typed.trainer.devices, None
     try:

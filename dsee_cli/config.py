@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsee_cli.core.gguf import GGUF_PRESETS, check_gguf
 from dsee_cli.core.models import DTYPES, HUB_MODELS, TINY_MODELS, ModelConfig
 from dsee_cli.data.classification import TASKS, DataSource
 from dsee_cli.data.generation import NLG_TASKS, DecodeConfig
@@ -116,8 +117,10 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no model: each section's own, then those across sections."""
-    known_models = (*HUB_MODELS, *TINY_MODELS, "local")
-    if cfg.model.name == "local" or cfg.model.path:
+    known_models = (*HUB_MODELS, *GGUF_PRESETS, *TINY_MODELS, "local")
+    if cfg.model.gguf_file:
+        check_gguf(cfg.model.gguf_file)
+    elif cfg.model.name == "local" or cfg.model.path:
         _require(bool(cfg.model.path), "model=local needs model.path=/path/to/a/hugging_face_model_dir.")
     elif "/" not in cfg.model.name and cfg.model.name not in known_models:
         raise choice_error("model (model=...)", cfg.model.name, (*known_models, "<hub org/name>"))

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from dsee_cli.core.models import TinySize, load_model, tiny_decoder_tokenizer
-from dsee_cli.data.calibration import CalibrationConfig, calibration_windows, sample_windows, window_length
+from dsee_cli.data.calibration import (
+    CalibrationConfig,
+    CalibrationInputs,
+    calibration_windows,
+    sample_windows,
+    window_length,
+)
 from dsee_cli.errors import DSEEError
 from dsee_cli.pruning import PRUNERS, PruningConfig
 from dsee_cli.pruning.calibrated import effective_weight, prune_block_by_block
@@ -136,7 +142,7 @@ def test_delta_wanda_scores_delta_by_the_input_norms_where_adapted_and_is_wanda_
     expected_k = wanda_masks(model.get_submodule(k).weight.float(), recorded[k], 0.5)
     plain_wanda_q = wanda_masks(effective_weight(adapter), recorded[q], 0.5)
     info = PRUNERS["unstructured"].prune(model, PruningConfig(criterion="delta_wanda"), 0.5, 0, lambda: None,
-                                         lambda: (batches, {"source": "test"}))
+                                         lambda: CalibrationInputs(batches, {"source": "test"}))
     kept_q, kept_k = adapter.base.weight != 0, model.get_submodule(k).weight != 0
     assert torch.equal(kept_q, expected_q) and torch.equal(kept_k, expected_k)
     assert not torch.equal(expected_q, plain_wanda_q)  # ΔW, not W + ΔW, chose q's weights
@@ -194,7 +200,7 @@ def test_magnitude_is_the_weight_criterion_per_matrix_exact_and_n_of_m(nm):
     assert (settings.method, settings.criterion, settings.granularity) == ("unstructured", "weight", "matrix")
     model, batches = _adapted_llama()
     before = {n: weight_out_in(getattr(m, "base", m)).detach().clone() for n, m in block_linears(model).items()}
-    info = settings.pruner.prune(model, settings, 0.5, 0, lambda: None, lambda: (batches, {}))
+    info = settings.pruner.prune(model, settings, 0.5, 0, lambda: None, lambda: CalibrationInputs(batches, {}))
     for name, module in block_linears(model).items():
         w = weight_out_in(getattr(module, "base", module))
         kept = w != 0

@@ -115,3 +115,79 @@ def test_one_shot_pruners_run_block_by_block_and_prune_exactly(method, extra, tm
             assert ((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2).all(), name
         else:
             assert int((w == 0).sum()) == w.numel() // 2, name
+
+
+def _decoder_with_batches(name: str, adapted: bool, padded: bool):
+    """A tiny decoder (after a phase I: adapters with ΔW ≠ 0 on q, v) and calibration batches, right-padded ones too."""
+    from dsee_cli.core.models import TinySize, load_model
+    from dsee_cli.tuning.adapters import LowRankConfig, adapters_of, inject_adapters
+
+    lm = load_model(name, None, 1, 0, TinySize(hidden=64, layers=3, heads=8, kv_heads=2, intermediate=96,
+                                               dropout=0.0), causal_lm=True)
+    model, gen = lm.model, torch.Generator().manual_seed(3)
+    if adapted:
+        inject_adapters(model, LowRankConfig(rank=4, alpha=8, omega_size=0), ["q", "v"])
+        with torch.no_grad():
+            for a in adapters_of(model).values():
+                for b in a.lora_B:
+                    b.copy_(0.3 * torch.randn(b.shape, generator=gen))
+    batches = []
+    for lengths in ([24, 24, 24], [24, 17, 9] if padded else [24, 24, 24]):
+        ids = torch.randint(10, 400, (len(lengths), 24), generator=gen)
+        mask = (torch.arange(24)[None, :] < torch.tensor(lengths)[:, None]).long()
+        batches.append({"input_ids": ids.masked_fill(mask == 0, lm.tokenizer.pad_token_id), "attention_mask": mask})
+    return model, batches
+
+
+def _plain_statistics(model, batches, names: list[str]) -> dict:
+    """The inputs of ``names`` in a plain forward (no cache), real tokens only, as InputStats."""
+    stats = {n: InputStats(model.get_submodule(n).in_features if hasattr(model.get_submodule(n), "in_features")
+                           else model.get_submodule(n).weight.shape[0], hessian=True) for n in names}
+    tokens = [None]
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: stats[n].add(a[0], tokens[0]))
+             for n in names]
+    with torch.no_grad():
+        for batch in batches:
+            tokens[0] = batch["attention_mask"].bool()
+            model(**batch, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return stats
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-gpt2"])
+@pytest.mark.parametrize("adapted,padded", [(False, True), (True, True), (True, False)])
+def test_each_block_is_calibrated_on_the_model_pruned_up_to_it(name, adapted, padded):
+    """For every block i, the statistics the pruner got (‖X_j‖², H) equal those of a plain forward,
+    without a cache, of the model pruned up to block i − 1 as it will compute (M⊙(W + ΔW) where
+    adapted), padding left out. Today's code failed this three ways: the KV cache of the statistics
+    pass leaked unpruned keys into the output pass, padded batches crashed, and adapted layers
+    computed M⊙W + ΔW until the last block was done."""
+    import copy
+
+    from dsee_cli.core.arch import block_linears, layer_prefix
+    from dsee_cli.pruning import apply_masks
+    from dsee_cli.pruning.calibrated import effective_weight, prune_block_by_block
+
+    model, batches = _decoder_with_batches(name, adapted, padded)
+    original = copy.deepcopy(model)
+    seen, keeps = {}, {}
+
+    def prune(n, module, stats):
+        seen[n] = stats
+        keeps[n] = wanda_masks(effective_weight(module), stats, 0.5)
+        return keeps[n]
+
+    prune_block_by_block(model, batches, prune, hessian=True)
+    prefix, names = layer_prefix(original), list(block_linears(original))
+    assert set(seen) == set(names)
+    layers = sorted({int(n[len(prefix) + 1:].split(".")[0]) for n in names})
+    for i in layers:
+        reference = copy.deepcopy(original)
+        apply_masks(reference, {n: k for n, k in keeps.items() if int(n[len(prefix) + 1:].split(".")[0]) < i})
+        mine = [n for n in names if n.startswith(f"{prefix}.{i}.")]
+        expected = _plain_statistics(reference, batches, mine)
+        for n in mine:
+            assert seen[n].tokens == expected[n].tokens == sum(int(b["attention_mask"].sum()) for b in batches)
+            torch.testing.assert_close(seen[n].sq_norms, expected[n].sq_norms, rtol=1e-5, atol=1e-8, msg=n)
+            torch.testing.assert_close(seen[n].h, expected[n].h, rtol=1e-5, atol=1e-6, msg=n)

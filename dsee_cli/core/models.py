@@ -32,6 +32,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from dsee_cli.core.gguf import GGUF_PRESETS, gguf_directory, preset_file
 from dsee_cli.errors import DSEEError
 
 HUB_MODELS = {
@@ -123,9 +124,11 @@ class TinySize:
 class ModelConfig:
     """The ``model`` section: which pretrained model a run starts from."""
 
-    # a preset (bert-base, roberta-large, gpt2-medium, tiny-bert, tiny-gpt2), "local" or a Hub id
+    # a preset (bert-base, roberta-large, gpt2-medium, llama-3.2-1b, smollm2-135m, tiny-bert, ...), "local" or a Hub id
     name: str = "tiny-bert"
     path: str | None = None  # a local Hugging Face model directory (overrides name)
+    # a local GGUF file (overrides name and path): dequantized by transformers, then cast to model.dtype
+    gguf_file: str | None = None
     # the pooler trains with the task head: true / false; null: if the checkpoint's was never trained
     train_pooler: bool | None = None
     tiny: TinySize = field(default_factory=TinySize)
@@ -197,14 +200,18 @@ def offline_hint(what: str, name: str) -> DSEEError:
     )
 
 
-def resolve_source(name: str, path: str | None) -> tuple[str, bool]:
-    """(what to pass to from_pretrained, local_files_only). Fails fast when offline."""
+def resolve_source(name: str, path: str | None, gguf_file: str | None = None) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, local_files_only). Fails fast when offline. A GGUF file
+    (model.gguf_file, or a GGUF preset's) is converted once to a local directory (core/gguf.py)."""
+    if gguf_file or (name in GGUF_PRESETS and not path):
+        return str(gguf_directory(gguf_file or preset_file(name))), True
     if path:
         if not Path(path, "config.json").is_file():
             raise DSEEError(
                 f"model.path={path!r} is not a Hugging Face model directory (no config.json there). "
                 f"Give a directory written by save_pretrained, or a preset: "
-                f"model={', model='.join([*HUB_MODELS, *TINY_MODELS])}."
+                f"model={', model='.join([*HUB_MODELS, *GGUF_PRESETS, *TINY_MODELS])}, or "
+                f"model.gguf_file=/path/to/a.gguf."
             )
         return path, True
     repo = HUB_MODELS.get(name, name)
@@ -258,7 +265,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def load_model(
     name: str, path: str | None, num_labels: int, seed: int, tiny: TinySize | None = None, causal_lm: bool = False,
-    train_pooler: bool | None = None, dtype: str = "float32",
+    train_pooler: bool | None = None, dtype: str = "float32", gguf_file: str | None = None,
 ) -> LoadedModel:
     """A sequence-classification model (or, with ``causal_lm``, a language model for generation)
     with its tokenizer. Tiny models are seeded random inits. ``train_pooler``: whether a
@@ -268,7 +275,7 @@ def load_model(
         raise DSEEError("Language-model tasks (e2e, webnlg, dart, instruct, wikitext2) need a decoder: use "
                         "model=tiny-gpt2, tiny-llama, gpt2-medium, llama-3.2-1b or model.path=/path/to/a/decoder_dir, "
                         "not model=tiny-bert.")
-    if name in TINY_MODELS and not path:
+    if name in TINY_MODELS and not (path or gguf_file):
         size = tiny or TinySize()
         tokenizer = tiny_decoder_tokenizer() if name in TINY_DECODERS else tiny_tokenizer()
         config = tiny_config(name, len(tokenizer), num_labels, size, tokenizer.pad_token_id,
@@ -277,7 +284,7 @@ def load_model(
             torch.manual_seed(seed)
             model = auto.from_config(config)
         return LoadedModel(model.to(DTYPES[dtype]).eval(), tokenizer, name)
-    source, local_only = resolve_source(name, path)
+    source, local_only = resolve_source(name, path, gguf_file)
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
     extra = {} if causal_lm else {"num_labels": num_labels}
     with torch.random.fork_rng():
@@ -297,4 +304,5 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return LoadedModel(model.eval(), tokenizer, source)
+    gguf = gguf_file or (preset_file(name) if name in GGUF_PRESETS and not path else None)
+    return LoadedModel(model.eval(), tokenizer, f"{gguf} (GGUF, dequantized)" if gguf else source)

@@ -17,10 +17,12 @@ its Hub revision), the tokenizer, N, L, the seed and the joining.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,6 +72,16 @@ class CalibrationConfig:
         if self.join is not None:
             return self.join
         return self.source == "wikitext2" or Path(self.source).suffix.lower() in (".txt", ".raw")
+
+
+@dataclass
+class CalibrationInputs:
+    """What a calibrated pruner reads: the batches (on the model's device), what they were (for
+    metrics.json), and the run's precision context that the forward passes run under."""
+
+    batches: list[dict[str, torch.Tensor]]
+    info: dict
+    autocast: Callable[[], contextlib.AbstractContextManager] = field(default=contextlib.nullcontext)
 
 
 def window_length(requested: int, task_seq_len: int, context: int | None) -> int:

@@ -5,6 +5,9 @@
   the response only; no packing (one example per row); BOS and EOS as the tokenizer defines them
   (its post-processor adds BOS to a plain prompt, the chat template writes its own markers, EOS
   ends every response). Selection on the validation file, never on the reported test file.
+* ``pydoc``: real English text that needs no download, Python's own documentation topics
+  (``pydoc_data.topics``, ~465 k characters, ~113 k SmolLM2 tokens), split by topic; the offline
+  real-model substrate (profile=mini of the LLM experiments).
 * ``wikitext2``-style perplexity: the text joined with "\\n\\n", tokenised once, cut into
   non-overlapping windows of ``task.seq_len`` tokens (the tail shorter than a window dropped),
   perplexity = exp(mean token NLL over the windows). That is the token-level figure Wanda and
@@ -32,7 +35,11 @@ from dsee_cli.errors import DSEEError
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task{context}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n")
-PERPLEXITY_TASKS = {"wikitext2": HubSource("Salesforce/wikitext", "main", "wikitext-2-raw-v1")}
+# a perplexity corpus: from the Hub, or None: built in (pydoc: Python's documentation, see pydoc_texts)
+PERPLEXITY_TASKS: dict[str, HubSource | None] = {
+    "wikitext2": HubSource("Salesforce/wikitext", "main", "wikitext-2-raw-v1"),
+    "pydoc": None,
+}
 # Alpaca (52k instructions, one train split): a fixed 2,000 held out as the validation split
 INSTRUCT_HUB = HubSource("tatsu-lab/alpaca", "main", "data")
 INSTRUCT_HELD_OUT = 2000
@@ -181,6 +188,25 @@ def synthetic_text(n_words: int, seed: int) -> str:
     return " ".join(words)
 
 
+def pydoc_texts() -> tuple[dict[str, str], str]:
+    """Python's documentation topics (``pydoc_data.topics``, shipped with CPython) in name order,
+    cut at topic boundaries into the first ~80 % of the characters (train), the next ~10 %
+    (validation) and the rest (test), so no text crosses splits; each split's topics joined with
+    "\n\n"."""
+    import sys
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    total, seen = sum(len(topics[n]) for n in names), 0
+    parts: dict[str, list[str]] = {"train": [], "validation": [], "test": []}
+    for name in names:
+        split = "train" if seen < 0.8 * total else "validation" if seen < 0.9 * total else "test"
+        parts[split].append(topics[name])
+        seen += len(topics[name])
+    return {split: "\n\n".join(texts) for split, texts in parts.items()}, \
+        f"pydoc_data.topics (Python {sys.version_info.major}.{sys.version_info.minor})"
+
+
 def _local_file(s: DataSource, split: str) -> str | None:
     named = {"train": s.train_file, "validation": s.validation_file, "test": s.test_file}[split]
     if named:
@@ -207,6 +233,9 @@ def load_texts(s: DataSource, seed: int, splits: tuple[str, ...]) -> tuple[dict[
         missing = [split for split, path in local.items() if not path]
         raise DSEEError(f"task={s.name}: give a file for every split it reads ({', '.join(splits)}); missing "
                         f"{', '.join(missing)} (task.train_file / validation_file / test_file, or task.data_dir).")
+    if PERPLEXITY_TASKS[s.name] is None:
+        texts, where = pydoc_texts()
+        return {split: texts[split] for split in splits}, where
     source = with_overrides(PERPLEXITY_TASKS[s.name], s.hub_repo, s.hub_revision, s.hub_config)
     rows = read_splits(source, list(splits), repr(s.name),
                        "task.data_dir=/path/to/wikitext-2-raw (wiki.train.raw, wiki.valid.raw, wiki.test.raw) or "

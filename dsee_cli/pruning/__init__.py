@@ -20,7 +20,7 @@ from torch import nn
 
 from dsee_cli.core import dist
 from dsee_cli.core.arch import attention_units, block_linears, weight_out_in
-from dsee_cli.data.calibration import CalibrationConfig
+from dsee_cli.data.calibration import CalibrationConfig, CalibrationInputs
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.pruning.calibrated import effective_weight, prune_block_by_block, set_effective_weight
 from dsee_cli.pruning.heads import (
@@ -139,8 +139,9 @@ class PruningConfig:
 # prune(model, settings, this round's sparsity, seed, rewind, calibration) -> what it did (metrics.json "pruning").
 # ``rewind()`` resets the trained tensors (IMP with pruning.rewind); mask pruners call it
 # between scoring the trained weights and applying the masks.
-# ``calibration()`` gives the calibration batches and what they were (Wanda, SparseGPT, delta_wanda).
-PruneFn = Callable[[nn.Module, PruningConfig, float, int, Callable[[], None], Callable[[], tuple[list, dict]]], dict]
+# ``calibration()`` gives the calibration batches, what they were and the run's autocast (Wanda, SparseGPT,
+# delta_wanda).
+PruneFn = Callable[[nn.Module, PruningConfig, float, int, Callable[[], None], Callable[[], CalibrationInputs]], dict]
 
 
 @dataclass(frozen=True)
@@ -231,8 +232,9 @@ def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed:
         w = effective_weight(module) if s.method == "wanda" else _delta_or_weight(module)
         return wanda_masks(w, stats, sparsity, nm)
 
-    batches, calibration_info = calibration()
-    masks, stats_bytes = prune_block_by_block(model, batches, prune_linear, hessian=s.method == "sparsegpt")
+    inputs = calibration()
+    masks, stats_bytes = prune_block_by_block(model, inputs.batches, prune_linear, hessian=s.method == "sparsegpt",
+                                              autocast=inputs.autocast, mask_delta=s.mask_delta)
     changed = {f"{n}.{m.base_path}.weight" if isinstance(m, DeltaLayer) else f"{n}.weight"
                for n, m in block_linears(model).items()} if s.method == "sparsegpt" else set()
     setattr(model, FROZEN_CHANGED, set(getattr(model, FROZEN_CHANGED, ())) | changed)  # checkpoints keep W'
@@ -240,7 +242,7 @@ def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed:
     score = {"wanda": "|W|·‖X‖", "sparsegpt": "OBS"}.get(s.method, "delta_wanda: |ΔW|·‖X‖")
     return {"method": s.method, "criterion": s.criterion if s.method not in ("wanda", "sparsegpt") else None,
             "score": score, "granularity": "row", "sparsity": round(1 - nm[0] / nm[1] if nm else
-            sparsity, 6), "pattern": f"{s.n}:{s.m}" if nm else "unstructured", "calibration": calibration_info,
+            sparsity, 6), "pattern": f"{s.n}:{s.m}" if nm else "unstructured", "calibration": inputs.info,
             "block_statistics_bytes": stats_bytes}
 
 

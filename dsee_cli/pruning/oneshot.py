@@ -32,9 +32,18 @@ class InputStats:
     sq_norms: torch.Tensor | None = field(default=None, init=False)  # allocated by the first batch, where it is
     h: torch.Tensor | None = field(default=None, init=False)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Accumulated where the inputs are (a GPU's float32, as the reference code; float64 on CPU)."""
-        x = x.detach().reshape(-1, self.features)
+    def add(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
+        """A batch of inputs (..., features); ``tokens`` (bool, x's leading shape) picks the real
+        tokens, so padding enters neither the norms nor H. Accumulated where the inputs are (a
+        GPU's float32, as the reference code; float64 on CPU)."""
+        x = x.detach()
+        if tokens is not None:
+            if tuple(x.shape[:-1]) != tuple(tokens.shape):
+                raise DSEEError(f"calibration: a layer's inputs {tuple(x.shape)} do not line up with the batch's "
+                                f"tokens {tuple(tokens.shape)}, so padding cannot be left out of its statistics; "
+                                f"calibrate on unpadded windows (pruning.calibration.source=<text>).")
+            x = x[tokens]
+        x = x.reshape(-1, self.features)
         dtype = torch.float64 if x.device.type == "cpu" else torch.float32
         if self.sq_norms is None:
             self.sq_norms = torch.zeros(self.features, dtype=dtype, device=x.device)
@@ -45,6 +54,10 @@ class InputStats:
         self.sq_norms += (x * x).sum(0)
         if self.h is not None:
             self.h.addmm_(x.t(), x)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.sq_norms, self.h) if t is not None)
 
     def column_norms(self) -> torch.Tensor:
         return torch.zeros(self.features) if self.sq_norms is None else self.sq_norms.sqrt().float()

@@ -17,6 +17,7 @@ import torch
 
 from dsee_cli.atomic import atomic_write_text
 from dsee_cli.config import CAUSAL_TASKS, RunConfig
+from dsee_cli.core.cache import cache_root
 from dsee_cli.core.devices import pick_device
 from dsee_cli.core.models import LoadedModel
 from dsee_cli.core.precision import resolve_precision
@@ -26,7 +27,6 @@ from dsee_cli.data.lm_tasks import PERPLEXITY_TASKS
 from dsee_cli.data.metrics import task_metrics
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.run.export import apply_adapter, load_merged, load_merged_tokenizer
-from dsee_cli.run.steps import cache_root
 from dsee_cli.run.task import load_pretrained, prepare_task
 from dsee_cli.run.train import ProgressSink, predict
 

@@ -25,6 +25,7 @@ import torch
 from dsee_cli.atomic import atomic_write_text
 from dsee_cli.config import CAUSAL_TASKS, RunConfig, validate
 from dsee_cli.core import dist
+from dsee_cli.core.cache import cache_root
 from dsee_cli.core.devices import GpuLease, pick_device
 from dsee_cli.core.models import (
     TINY_MODELS,
@@ -34,7 +35,7 @@ from dsee_cli.core.models import (
     trainable_in_fp32,
 )
 from dsee_cli.core.precision import Precision, resolve_precision
-from dsee_cli.data.calibration import calibration_windows, window_batches, window_length
+from dsee_cli.data.calibration import CalibrationInputs, calibration_windows, window_batches, window_length
 from dsee_cli.data.classification import check_data_files, load_task
 from dsee_cli.data.generation import NLG_TASKS, check_nlg_files, load_nlg
 from dsee_cli.data.hub import uses_mirror
@@ -62,7 +63,7 @@ from dsee_cli.run.checkpoint import (
 )
 from dsee_cli.run.export import export_compressed, export_merged, merged_copy, save_adapter
 from dsee_cli.run.plan import CHANGES_MODEL, Step, build_plan, phase_of_round, phase_settings
-from dsee_cli.run.steps import StepLock, StepRecord, StepStore, cache_root
+from dsee_cli.run.steps import StepLock, StepRecord, StepStore
 from dsee_cli.run.task import load_pretrained, prepare_task
 from dsee_cli.run.train import (
     PhaseState,
@@ -126,8 +127,8 @@ def preflight(cfg: RunConfig) -> None:
     """The checks that fail fast (config values, where the model and data come from), before
     anything slow starts: W&B, model weights, Ω."""
     validate(cfg)
-    if cfg.model.name not in TINY_MODELS or cfg.model.path:
-        resolve_source(cfg.model.name, cfg.model.path)
+    if cfg.model.name not in TINY_MODELS or cfg.model.path or cfg.model.gguf_file:
+        resolve_source(cfg.model.name, cfg.model.path, cfg.model.gguf_file)
     if cfg.adapter.tuning_method.delta and cfg.adapter.targets:
         check_targets(cfg)
     if cfg.task.lm_eval:
@@ -157,11 +158,11 @@ def check_targets(cfg: RunConfig) -> None:
     from dsee_cli.core.arch import resolve_targets
     from dsee_cli.core.models import TINY_DECODERS, tiny_config, tiny_decoder_tokenizer, tiny_tokenizer
 
-    if cfg.model.name in TINY_MODELS and not cfg.model.path:
+    if cfg.model.name in TINY_MODELS and not (cfg.model.path or cfg.model.gguf_file):
         tok = tiny_decoder_tokenizer() if cfg.model.name in TINY_DECODERS else tiny_tokenizer()
         config = tiny_config(cfg.model.name, len(tok), 2, cfg.model.tiny, tok.pad_token_id)
     else:
-        source, local_only = resolve_source(cfg.model.name, cfg.model.path)
+        source, local_only = resolve_source(cfg.model.name, cfg.model.path, cfg.model.gguf_file)
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
     auto = AutoModelForCausalLM if cfg.task.name in CAUSAL_TASKS else AutoModelForSequenceClassification
     with torch.device("meta"):
@@ -452,9 +453,10 @@ class Run:
         self.pruning_info = info
         dist.check_same(f"the model after pruning (round {step.round})", lambda: model_state(self.model)[0])
 
-    def calibration(self) -> tuple[list[dict[str, torch.Tensor]], dict]:
-        """pruning.calibration, on this process's device (the same on every rank), and what it was:
-        examples of the training data (without their labels), or N windows of L tokens of a text."""
+    def calibration(self) -> CalibrationInputs:
+        """pruning.calibration, on this process's device (the same on every rank), what it was
+        (examples of the training data without their labels, or N windows of L tokens of a text),
+        and the run's precision (a half-precision base calibrates under its autocast, as it trains)."""
         c, tok = self.pruning.calibration, self.task.loaded.tokenizer
         if c.from_text:
             length = window_length(c.seq_len, self.cfg.task.seq_len,
@@ -471,7 +473,8 @@ class Run:
                        for i in range(0, len(chosen), size)]
             info = {"source": "train", "samples": len(chosen), "seed": self.cfg.seed,
                     "tokens": sum(int(b.get("attention_mask", b["input_ids"]).ne(0).sum()) for b in batches)}
-        return [{k: v.to(self.device) for k, v in b.items() if k != "labels"} for b in batches], info
+        return CalibrationInputs([{k: v.to(self.device) for k, v in b.items() if k != "labels"} for b in batches],
+                                 info, self.precision.autocast)
 
     @torch.no_grad()
     def rewind(self) -> None:

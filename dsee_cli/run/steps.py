@@ -34,16 +34,12 @@ import torch
 import dsee_cli
 from dsee_cli.atomic import atomic_write_text, fsync_dir, fsync_file
 from dsee_cli.config import RunConfig
+from dsee_cli.core.cache import cache_root
 from dsee_cli.run.checkpoint import HOW_IT_RUNS, STATE_META, load_state_dir
 
 log = logging.getLogger("dsee")
 STEP_FORMAT = 2  # bump when what a step's state means changes: older entries are then recomputed
 ENTRY = "entry.json"
-
-
-def cache_root() -> Path:
-    """$DSEE_CACHE, or ~/.cache/dsee-cli: the Ω cache and the step store live under it."""
-    return Path(os.environ.get("DSEE_CACHE") or Path.home() / ".cache" / "dsee-cli")
 
 
 def steps_dir() -> Path:

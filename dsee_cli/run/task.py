@@ -64,9 +64,10 @@ def load_pretrained(cfg: RunConfig) -> LoadedModel:
     the same in every process)."""
     tiny = cfg.model.tiny
     if cfg.task.name in CAUSAL_TASKS:
-        return load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True, dtype=cfg.model.dtype)
+        return load_model(cfg.model.name, cfg.model.path, 1, cfg.seed, tiny, causal_lm=True, dtype=cfg.model.dtype,
+                          gguf_file=cfg.model.gguf_file)
     return load_model(cfg.model.name, cfg.model.path, spec_for(cfg.task.name).num_labels, cfg.seed, tiny,
-                      train_pooler=cfg.model.train_pooler, dtype=cfg.model.dtype)
+                      train_pooler=cfg.model.train_pooler, dtype=cfg.model.dtype, gguf_file=cfg.model.gguf_file)
 
 
 def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | None = None,
