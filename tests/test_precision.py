@@ -126,3 +126,29 @@ def test_fp16_mixed_scales_the_loss_keeps_fp32_state_and_resumes_exactly():
                 lambda s, e: None, ProgressSink(), resume=(state, tensors))
     for (name, a), b in zip(model.named_parameters(), task2.loaded.model.parameters()):
         assert torch.equal(a, b), name  # the same data order, dropout and loss scale after the resume
+
+
+LLM_PRUNERS = ("llm-magnitude", "llm-wanda", "llm-sparsegpt", "llm-dsee-delta", "llm-delta-wanda", "llm-dsee-kv-group")
+
+
+@pytest.mark.parametrize("recipe", LLM_PRUNERS)
+def test_a_bf16_base_tunes_prunes_and_recovers_with_every_llm_pruner_on_the_cpu(recipe, tmp_path):
+    """The LLM presets' frozen base in bf16 (profile=smoke alone keeps fp32): every pruner calibrates,
+    prunes and recovers under CPU autocast (Wanda stopped at once with 'expected m1 and m2 to have the
+    same dtype'), and the merged export is bf16 with exactly the sparsity asked for."""
+    from dsee_cli.core.arch import block_linears, weight_out_in
+
+    metrics = run_in_process(tmp_path / "run", "task=wikitext2", "profile=smoke", f"recipe={recipe}", "recovery=tuned",
+                             "pattern=50pct", "model.dtype=bfloat16", "task.seq_len=32", "trainer.max_steps=2",
+                             "pruning.calibration.samples=8", "export=true", messages=[])
+    assert metrics["precision"] == "bf16-mixed"
+    assert all(math.isfinite(v) for v in metrics["final"]["generation"].values())
+    assert metrics["phases"]["recovery"]["steps"] == 2
+    merged = load_merged(tmp_path / "run" / "export" / "merged")
+    linears = block_linears(merged)
+    assert {weight_out_in(m).dtype for m in linears.values()} == {torch.bfloat16}
+    zeros = {n: int((weight_out_in(m) == 0).sum()) for n, m in linears.items()}
+    if recipe == "llm-dsee-delta":  # one threshold per pool (adapted, not adapted): half of all the weights
+        assert sum(zeros.values()) == sum(weight_out_in(m).numel() for m in linears.values()) // 2
+    elif "kv-group" not in recipe:  # per matrix or per row: half of each
+        assert all(zeros[n] == weight_out_in(m).numel() // 2 for n, m in linears.items())

@@ -91,6 +91,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
         with torch.no_grad():
             weight_out_in(merged.get_submodule(name)).mul_(mask_tensor(mask).cpu())
     merged.config.architectures = [type(merged).__name__]  # load_merged picks the model class from it
+    merged.config.dtype = next(p.dtype for p in merged.parameters() if p.is_floating_point())  # from_pretrained's
     stated_in_config(merged)  # decoder LLMs pruned alike in every layer: plain from_pretrained loads them
     return merged
 
@@ -178,6 +179,21 @@ def _compressed_state(source: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _stored_dtype(source: Path) -> torch.dtype:
+    """The floating-point dtype the export's weights were saved in (a bf16 base exports bf16)."""
+    from safetensors import safe_open
+
+    name = "model.safetensors" if (source / "model.safetensors").is_file() else None
+    if name is None:
+        return torch.float32
+    with safe_open(str(source / name), framework="pt") as f:
+        for key in f.keys():
+            dtype = f.get_slice(key).get_dtype()
+            if dtype in ("BF16", "F16", "F32", "F64"):
+                return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}[dtype]
+    return torch.float32
+
+
 def load_merged(source: Path) -> nn.Module:
     """Rebuild an exported model (export/merged or export/compressed): same shapes (heads and FFN
     neurons removed again), identical weights."""
@@ -187,7 +203,8 @@ def load_merged(source: Path) -> nn.Module:
     ffn = getattr(config, "dsee_pruned_ffn", None) or {}
     config.dsee_pruned_heads = config.dsee_pruned_ffn = None
     causal = any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in (config.architectures or []))
-    model = (AutoModelForCausalLM if causal else AutoModelForSequenceClassification).from_config(config)
+    auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
+    model = auto.from_config(config, dtype=_stored_dtype(source))
     if heads:
         prune_heads(model, {int(k): v for k, v in heads.items()})
     if ffn:
