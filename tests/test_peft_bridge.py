@@ -107,21 +107,42 @@ def test_a_few_steps_lower_the_loss(name):
     assert all(layer.delta_weight().abs().max() > 0 for layer in adapters_of(model).values())  # ΔW itself trained
 
 
+def _independent_delta_masks(deltas: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """The |ΔW| criterion written out: one global ranking of every adapted entry (a stable sort,
+    ties to the earlier layer and index), the lowest round(sparsity·n) pruned."""
+    flat = torch.cat([d.abs().flatten() for d in deltas.values()])
+    pruned = torch.zeros_like(flat, dtype=torch.bool)
+    pruned[torch.sort(flat, stable=True).indices[: round(sparsity * flat.numel())]] = True
+    out, offset = {}, 0
+    for name, d in deltas.items():
+        out[name] = ~pruned[offset:offset + d.numel()].view_as(d)
+        offset += d.numel()
+    return out
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_unstructured_pruning_from_peft_delta_has_exact_sparsity_and_masked_forward(name, tmp_path):
+    """After pruning, each layer computes M⊙(W + ΔW) with W and ΔW as they were before pruning and M
+    from the |ΔW| ranks written out here: DoRA's row norm is that of the pruned weight, its magnitude
+    rescaled so that pruning changes nothing but the pruned entries (HiRA's W ⊙ BA needs nothing)."""
     model, tok, _ = prepared(name)
     enc = batch(tok)
+    adapters = adapters_of(model)
+    before = {n: (weight_out_in(a.base).detach().clone(), a.delta_weight().detach().clone())
+              for n, a in adapters.items()}
     masks = compute_masks(model, PruningConfig(method="unstructured", criterion="delta"), 0.5)
+    independent = _independent_delta_masks({n: d for n, (_, d) in before.items()}, 0.5)
     apply_masks(model, masks)
-    for module_name, layer in adapters_of(model).items():
-        mask = layer.mask
-        expected = (weight_out_in(layer.base) + layer.delta_weight()) * mask
+    for module_name, layer in adapters.items():
+        assert torch.equal(layer.mask, independent[module_name]), module_name
+        w, delta = before[module_name]
+        expected = (w + delta) * independent[module_name]
         x = torch.randn(2, layer.in_features)
         with torch.no_grad():
-            assert torch.allclose(layer(x), F.linear(x, expected, layer.base.bias), atol=1e-5)
+            torch.testing.assert_close(layer(x), F.linear(x, expected, layer.base.bias), atol=1e-5, rtol=1e-5)
     model.train()  # recovery trains the same adapter through M ⊙ (W + ΔW)
     model(**enc).logits.square().sum().backward()
-    grads = [p.grad for layer in adapters_of(model).values() for p in layer.adapter_parameters() if p.requires_grad]
+    grads = [p.grad for layer in adapters.values() for p in layer.adapter_parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     reference = logits(model, enc)
     merged = copy.deepcopy(model)
@@ -130,6 +151,30 @@ def test_unstructured_pruning_from_peft_delta_has_exact_sparsity_and_masked_forw
     zeros = sum(int(weight_out_in(m).eq(0).sum()) for m in block_linears(merged).values())
     total = sum(weight_out_in(m).numel() for m in block_linears(merged).values())
     assert zeros == sum(int((~m).sum()) for m in masks.values()) and abs(zeros / total - 0.5) < 1e-3
+
+
+@pytest.mark.parametrize("name", ["peft", "dora", "hira"])  # adapter=peft: PEFT's LoRA
+def test_sparsegpt_stores_w_prime_exactly_where_delta_does_not_read_w_and_is_refused_where_it_does(name):
+    """SparseGPT's W' is stored as W' − M⊙ΔW: LoRA then computes W' exactly; DoRA's and HiRA's ΔW
+    read W, so the stored base moves ΔW (measured ~0.03 on W' of ~0.5) and the run refuses them."""
+    from dsee_cli.pruning.calibrated import mask_linear, set_effective_weight
+
+    model, _, _ = prepared(name)
+    layer = next(iter(adapters_of(model).values()))
+    gen = torch.Generator().manual_seed(0)
+    keep = torch.rand(weight_out_in(layer.base).shape, generator=gen) > 0.5
+    w_prime = torch.randn(keep.shape, generator=gen) * 0.5 * keep
+    set_effective_weight(layer, w_prime, keep)
+    mask_linear(layer, keep)
+    with torch.no_grad():
+        computed = (weight_out_in(layer.base) + layer.delta_weight()) * layer.mask
+    error = float((computed - w_prime).abs().max())
+    if name == "peft":
+        assert error < 1e-6
+    else:
+        assert error > 1e-3
+        with pytest.raises(DSEEError, match=r"pruning=sparsegpt rewrites the kept weights.*reads W"):
+            validate(compose(f"adapter={name}", "pruning=sparsegpt"))
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if compose(f"adapter={n}").adapter.peft.type in SHRINKABLE_TYPES])
@@ -204,6 +249,32 @@ def test_adalora_cuts_its_ranks_to_the_budget_over_phase_one(tmp_path):
     kept = sum(int(t.ne(0).sum()) for t in singular)
     # init_r = 16 per matrix to start; the budget ends near target_r = 8 on average
     assert len(singular) == 4 and kept <= 8 * len(singular) + 2, kept
+
+
+def test_adalora_keeps_the_ranks_it_reached_through_recovery(tmp_path):
+    """The singular values AdaLoRA's budget zeroed by the end of phase I (its state in the step
+    store) stay zero through recovery (its hooks ran in phase I only, so recovery's gradients
+    brought them back)."""
+    from safetensors.torch import load_file
+
+    from dsee_cli.run.checkpoint import load_state_dir
+    from dsee_cli.run.steps import steps_dir
+
+    metrics = run_in_process(tmp_path / "run", "adapter=adalora", "sparsity=0.3", "trainer.max_steps=12",
+                             messages=[])
+    assert metrics["phases"]["recovery"]["steps"] == 12
+
+    def singular_values(tensors):
+        return {n: t for n, t in tensors.items() if n.endswith("lora_E.default") and "::" not in n}
+
+    (phase1,) = steps_dir().glob("phase1-*/state-*.safetensors")
+    after_phase1 = singular_values(load_file(str(phase1)))
+    after_recovery = singular_values(load_state_dir(tmp_path / "run" / "export" / "adapter")[0])
+    assert set(after_phase1) == set(after_recovery) and len(after_phase1) == 4
+    assert sum(int((t == 0).sum()) for t in after_phase1.values()) > 0  # the budget had cut some ranks
+    for name, value in after_phase1.items():
+        assert torch.equal(after_recovery[name] != 0, value != 0), name
+        assert not torch.equal(after_recovery[name], value), name  # the kept ones trained on
 
 
 def test_the_peft_config_and_version_are_in_phase_one_fingerprint():

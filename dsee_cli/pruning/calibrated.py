@@ -112,8 +112,7 @@ def mask_linear(module: nn.Module, keep: torch.Tensor, mask_delta: bool = True) 
     """The layer computes with its pruned weight from now on: W zeroed where not kept and, where
     adapted, the mask set so that the forward is M⊙(W + ΔW) (M⊙W + ΔW without ``mask_delta``)."""
     if isinstance(module, DeltaLayer):
-        weight_out_in(module.base).mul_(keep)
-        module.mask, module.mask_delta = keep, mask_delta
+        module.set_mask(keep, mask_delta)
     else:
         weight_out_in(module).mul_(keep)
 

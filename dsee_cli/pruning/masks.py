@@ -202,9 +202,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor], mask_delta: bo
     for name, mask in masks.items():
         module = linears[name]
         if isinstance(module, DeltaLayer):
-            weight_out_in(module.base).mul_(mask)
-            module.mask = mask
-            module.mask_delta = mask_delta
+            module.set_mask(mask, mask_delta)
         else:
             w = weight_out_in(module)
             w.mul_(mask)

@@ -390,8 +390,8 @@ class Run:
                 "best_eligible": lambda: all(abs(m.sparsity - final) < 1e-9 for m in sparse_layers(model).values()),
                 "lr_by_suffix": {".scores": settings.score_lr} if method.method == "mvp" else {},
             }
-        if name == "phase1" and method.tuning_method.peft:  # AdaLoRA's rank budget over phase I's steps
-            own = peft_step_hooks(model, method.peft)
+        if method.tuning_method.peft:  # AdaLoRA's rank budget over phase I's steps, kept in recovery
+            own = peft_step_hooks(model, method.peft, "phase1" if name == "phase1" else "recovery")
         l1 = self.pruning.slimming_l1
         return StepHooks(**{
             "regularizer": (lambda: l1 * slimming_penalty(model)) if has_slimming(model) else None,

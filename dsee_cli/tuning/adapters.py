@@ -147,6 +147,13 @@ class DeltaLayer(WrappedLayer):
         return self._adapted_forward(x)
 
     @torch.no_grad()
+    def set_mask(self, keep: torch.Tensor, mask_delta: bool = True) -> None:
+        """Prune: W zeroed where not kept, and from now on the forward computes M⊙(W + ΔW) (M⊙W + ΔW
+        without ``mask_delta``): at this moment exactly the tuned weight M⊙(W + ΔW) that was scored."""
+        self._base_weight_out_in().mul_(keep)
+        self.mask, self.mask_delta = keep, mask_delta
+
+    @torch.no_grad()
     def merge(self) -> None:
         """Fold ΔW (masked when a mask is set) into the base weight (exports merge a copy)."""
         if self.merged:

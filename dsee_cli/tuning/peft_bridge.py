@@ -82,6 +82,12 @@ class PeftSection:
         return self.type in DELTA_TYPES
 
     @property
+    def delta_reads_weight(self) -> bool:
+        """ΔW is a function of W (DoRA's row norm of W + ΔW, HiRA's W ⊙ BA): a weight that a pruner
+        rewrites (SparseGPT's W') cannot be stored as a base that the adapter then leaves as it is."""
+        return self.label in ("dora", "hira")
+
+    @property
     def shrinkable(self) -> bool:
         return self.type in SHRINKABLE_TYPES
 
@@ -129,12 +135,33 @@ class PeftLinear(DeltaLayer):
         delta = self._out_in(t.get_delta_weight(ADAPTER))
         if self.peft_type == "hira":  # W' = W + W ⊙ (B·A)
             return w * delta
-        if self.peft_type == "lora" and t.use_dora.get(ADAPTER):  # W' = m / ‖W + ΔW‖ · (W + ΔW), per row
+        if self.is_dora:  # W' = m / ‖W + ΔW‖ · (W + ΔW), per row
             magnitude = t.lora_magnitude_vector[ADAPTER].weight
             combined = w + delta
-            norm = combined.norm(p=2, dim=1).detach()  # a constant, as PEFT's forward (DoRA §4.3)
-            return (magnitude / norm)[:, None] * combined - w
+            return (magnitude / self._dora_norm(combined, self.mask))[:, None] * combined - w
         return delta
+
+    @property
+    def is_dora(self) -> bool:
+        return self.peft_type == "lora" and bool(self.tuner.use_dora.get(ADAPTER))
+
+    def _dora_norm(self, combined: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """DoRA's row norm, a constant as in PEFT's forward (DoRA §4.3). Under a mask it is the norm
+        of the weight the layer computes with, M⊙(W + ΔW): a pruned DoRA layer is DoRA of its pruned
+        weight, and m is the magnitude of each pruned row (``set_mask`` rescales m so that pruning
+        itself changes nothing the layer computes)."""
+        used = combined * mask if mask is not None and self.mask_delta else combined
+        return used.norm(p=2, dim=1).detach().clamp_min(torch.finfo(used.dtype).tiny)
+
+    @torch.no_grad()
+    def set_mask(self, keep: torch.Tensor, mask_delta: bool = True) -> None:
+        if self.is_dora and mask_delta:  # m ← m·‖M⊙(W+ΔW)‖ / ‖(W+ΔW) under the mask so far‖
+            combined = self._base_weight_out_in().float() + self._out_in(self.tuner.get_delta_weight(ADAPTER)).float()
+            before = self._dora_norm(combined, self.mask)
+            after = (combined * keep).norm(p=2, dim=1)
+            magnitude = self.tuner.lora_magnitude_vector[ADAPTER].weight
+            magnitude.mul_((after / before).to(magnitude.dtype))
+        super().set_mask(keep, mask_delta)
 
     @torch.no_grad()
     def _merged_copy_delta(self) -> torch.Tensor:
@@ -255,14 +282,35 @@ def peft_config_of(model: nn.Module):
 
 
 # -- AdaLoRA: its rank budget on the run's steps --------------------------------------------------
-def peft_step_hooks(model: nn.Module, section: PeftSection) -> dict:
-    """What a PEFT method adds to phase I's training loop (train.StepHooks' fields): AdaLoRA its rank
-    schedule and orthogonality term; the others nothing. Recovery keeps the ranks AdaLoRA reached."""
+def peft_step_hooks(model: nn.Module, section: PeftSection, phase: str) -> dict:
+    """What a PEFT method adds to a phase's training loop (train.StepHooks' fields): AdaLoRA its rank
+    schedule in phase I, and in recovery the ranks it reached (the singular values it zeroed stay
+    zero after every update), with its orthogonality term in both; the others nothing."""
     if section.type != "adalora":
         return {}
-    return {"before_step": lambda step, total: adalora_start(model, total),
-            "after_update": lambda step: adalora_allocate(model, step),
+    if phase == "phase1":
+        return {"before_step": lambda step, total: adalora_start(model, total),
+                "after_update": lambda step: adalora_allocate(model, step),
+                "regularizer": lambda: adalora_orthogonality(model)}
+    kept: dict[str, torch.Tensor] = {}  # the rank pattern as recovery (or its resume) found it
+    return {"before_step": lambda step, total: kept or kept.update(adalora_ranks(model)),
+            "after_update": lambda step: adalora_keep_ranks(model, kept),
             "regularizer": lambda: adalora_orthogonality(model)}
+
+
+def _singular_values(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: layer.tuner.lora_E[ADAPTER] for name, layer in adapters_of(model).items()}
+
+
+def adalora_ranks(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Which of AdaLoRA's singular values are in use (its budget zeroed the others)."""
+    return {name: e.detach() != 0 for name, e in _singular_values(model).items()}
+
+
+@torch.no_grad()
+def adalora_keep_ranks(model: nn.Module, kept: dict[str, torch.Tensor]) -> None:
+    for name, e in _singular_values(model).items():
+        e.mul_(kept[name].to(e.dtype))
 
 
 def adalora_start(model: nn.Module, total: int) -> None:
