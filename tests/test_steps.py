@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from dsee_cli.errors import DSEEError
 from dsee_cli.run.steps import StepStore, steps_dir
 
 from .conftest import FAST, run_dsee
@@ -184,3 +185,35 @@ def test_a_run_that_reused_phase1_labels_its_time_and_cost_apart(tmp_path):
     console.print(results_table(reused))
     text = console.export_text()
     assert "time phase1 (reused, not spent here)" in text and "reused steps computed in" in text
+
+
+def test_stored_steps_are_keyed_by_the_device_type_and_the_resolved_precision():
+    """auto on a CPU is 32-true (one key); bf16-mixed, or a GPU, computes other numbers (another key);
+    which GPU, or how many, does not. Today's key hashed `auto` unresolved and dropped the device."""
+    from dsee_cli.run.steps import step_fingerprint
+
+    def key(*overrides):
+        return step_fingerprint(compose(*overrides), "phase1")
+
+    assert key("trainer.device=cpu") == key("trainer.device=cpu", "trainer.precision=32-true")
+    assert key("trainer.device=cpu") != key("trainer.device=cpu", "trainer.precision=bf16-mixed")
+    assert key("trainer.precision=32-true", "trainer.device=cpu") != key("trainer.precision=32-true",
+                                                                          "trainer.device=cuda")
+    assert key("trainer.precision=bf16-mixed", "trainer.device=cuda:0") == key("trainer.precision=bf16-mixed",
+                                                                                "trainer.device=cuda:1")
+
+
+def test_a_checkpoint_resumes_only_on_the_device_type_and_precision_it_was_computed_with(tmp_path):
+    """A run stopped after phase I on a GPU in bf16 (its checkpoint says so) is not resumed by a CPU
+    process in fp32 (what trainer.precision=auto gives there): it says where it ran, and how to go on."""
+    run = tmp_path / "run"
+    run_in_process(run, "trainer.checkpoint_every=1", messages=[])
+    (run / "metrics.json").unlink()  # as if the process died after its last checkpoint
+    meta_path = run / "checkpoint" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["numerics"] == {"device_type": "cpu", "precision": "32-true"}
+    meta["numerics"] = {"device_type": "cuda", "precision": "bf16-mixed"}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DSEEError, match=r"computed on cuda in bf16-mixed; this process runs on cpu in 32-true.*"
+                                        r"trainer.device=cuda trainer.precision=bf16-mixed.*resume=false"):
+        run_in_process(run, "trainer.checkpoint_every=1", messages=[])

@@ -91,6 +91,11 @@ def cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def device_type(name: str) -> str:
+    """What trainer.device resolves to, without leasing anything: "cpu" or "cuda"."""
+    return "cpu" if name == "cpu" or (name == "auto" and cuda_count() == 0) else "cuda"
+
+
 def pick_device(name: str, lease_root: Path, jobs_per_gpu: int = 1, local_rank: int | None = None,
                 say: Callable[[str], None] = lambda text: None, visible: int | None = None
                 ) -> tuple[torch.device, GpuLease | None]:

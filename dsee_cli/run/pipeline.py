@@ -123,6 +123,17 @@ def rename_rounds(meta: dict, rounds: int, to_store: bool) -> dict:
     return out
 
 
+def check_numerics(meta: dict, device_type: str, precision: str, run_dir: Path) -> None:
+    """A checkpoint resumes only where it computes as it did: on the same device type, in the same
+    precision (trainer.precision=auto resolves to fp32 on a CPU, bf16-mixed on a GPU)."""
+    was = meta.get("numerics")
+    if was and (was["device_type"], was["precision"]) != (device_type, precision):
+        raise DSEEError(f"{run_dir} holds a checkpoint computed on {was['device_type']} in {was['precision']}; this "
+                        f"process runs on {device_type} in {precision}, so resuming would change the numbers mid-run. "
+                        f"Resume it where it ran (trainer.device={was['device_type']} "
+                        f"trainer.precision={was['precision']}), or start over with resume=false.")
+
+
 def preflight(cfg: RunConfig) -> None:
     """The checks that fail fast (config values, where the model and data come from), before
     anything slow starts: W&B, model weights, Ω."""
@@ -283,6 +294,8 @@ class Run:
             self.ckpt.clear()
         own = dist.on_main(lambda: self.ckpt.load(self.say) is not None)  # rank 0 checks (and clears a stale one)
         saved = self.ckpt.load() if own else None
+        if saved is not None:
+            check_numerics(saved[1], self.device.type, self.precision.name, self.dir)
         phase1 = next((step for step in self.plan if step.name == "phase1"), None)  # None: trainer.phase1.epochs=0
         # phase I as another run computed it (or wait while one does)
         if saved is None and cfg.reuse and phase1 is not None:
@@ -338,6 +351,7 @@ class Run:
     def progress(self, in_progress: str | None = None, **states: PhaseState) -> dict:
         """What the checkpoint records besides tensors."""
         return {"done": self.done, "in_progress": in_progress, "world_size": self.world.size,
+                "numerics": {"device_type": self.device.type, "precision": self.precision.name},
                 **{name: st.as_meta() for name, st in {**self.states, **states}.items()},
                 "pruning": self.pruning_info, "omega": self.omega_info,
                 "steps": {k: r.as_dict() for k, r in self.steps.items()}}

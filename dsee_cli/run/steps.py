@@ -35,6 +35,8 @@ import dsee_cli
 from dsee_cli.atomic import atomic_write_text, fsync_dir, fsync_file
 from dsee_cli.config import RunConfig
 from dsee_cli.core.cache import cache_root
+from dsee_cli.core.devices import device_type
+from dsee_cli.core.precision import resolve_precision
 from dsee_cli.run.checkpoint import HOW_IT_RUNS, STATE_META, load_state_dir
 
 log = logging.getLogger("dsee")
@@ -64,7 +66,8 @@ def step_fingerprint(cfg: RunConfig, step: str) -> str:
     recovery or export settings (except EarlyBERT's slimming, which trains in phase I, and the
     sparsity and schedule that PST / MaP / MvP prune to while they train). IMP round r: phase I's
     and the pruning settings but the number of rounds, so round r of a 4-round job is round r
-    of an r-round job."""
+    of an r-round job. Where it runs counts as far as it changes the numbers: the device type
+    and the resolved precision (``numerics``), not which GPU or how many."""
     d = _outcome_independent(asdict(cfg))
     if step == "phase1":
         d["trainer"].pop("recovery")
@@ -78,6 +81,8 @@ def step_fingerprint(cfg: RunConfig, step: str) -> str:
         d["pruning"].pop("rounds")
     else:
         raise ValueError(f"unknown step {step!r}")
+    d["computed_with"] = numerics(cfg)
+    d["trainer"].pop("precision")
     if cfg.adapter.tuning_method.peft:  # PEFT's methods are PEFT's code: another release may train otherwise
         d["peft_version"] = importlib.metadata.version("peft")
     else:
@@ -85,6 +90,14 @@ def step_fingerprint(cfg: RunConfig, step: str) -> str:
     payload = json.dumps({"format": STEP_FORMAT, "results": dsee_cli.results_version(), "step": step, "config": d},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def numerics(cfg: RunConfig) -> dict[str, str]:
+    """What changes a step's numbers about where it runs: the device type and the precision that
+    trainer.precision resolves to there (auto: fp32 on a CPU, bf16-mixed on a recent GPU)."""
+    kind = device_type(cfg.trainer.device)
+    return {"device_type": kind,
+            "precision": resolve_precision(cfg.trainer.precision, torch.device(kind), cfg.model.dtype).name}
 
 
 @dataclass
