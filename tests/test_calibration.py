@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import time
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -83,16 +81,37 @@ def test_windows_are_cached_by_content(tmp_path):
     assert not info3["cached"] and info3["fingerprint"] != info["fingerprint"] and not torch.equal(first, changed)
 
 
-def test_c4_reads_the_first_validation_file_of_the_hub_export(tmp_path, monkeypatch):
+def test_c4_reads_the_first_train_shard_as_wanda_and_sparsegpt_do(tmp_path, monkeypatch):
+    """en/c4-train.00000-of-01024.json.gz of allenai/c4 (not the validation split, not the Parquet
+    export); the cache key and the record name the repository, revision and file."""
+    import gzip
+
     tok = tiny_decoder_tokenizer()
-    split = tmp_path / "mirror" / "allenai/c4/refs/convert/parquet/en/validation"
-    split.mkdir(parents=True)
-    pq.write_table(pa.table({"text": _docs(10, 60), "url": ["u"] * 10}), split / "0000.parquet")
-    pq.write_table(pa.table({"text": ["w499 " * 80] * 10, "url": ["u"] * 10}), split / "0001.parquet")
+    root = tmp_path / "mirror" / "allenai/c4/main/en"
+    root.mkdir(parents=True)
+    for name, docs in (("c4-train.00000-of-01024.json.gz", _docs(10, 60)),
+                       ("c4-train.00001-of-01024.json.gz", ["w499 " * 80] * 10),
+                       ("c4-validation.00000-of-00008.json.gz", ["w498 " * 80] * 10)):
+        with gzip.open(root / name, "wt") as fh:
+            fh.write("".join(json.dumps({"text": d, "url": "u"}) + "\n" for d in docs))
     monkeypatch.setenv("DSEE_HUB_MIRROR", str(tmp_path / "mirror"))
-    w, info = calibration_windows(CalibrationConfig(source="c4", samples=8), tok, 32, 0, None)
-    assert w.shape == (8, 32) and info["from"].startswith("hub:allenai/c4")
-    assert tok.convert_tokens_to_ids("w499") not in w.unique().tolist()  # the second file is not read
+    w, info = calibration_windows(CalibrationConfig(source="c4", samples=8), tok, 32, 0, tmp_path / "cache")
+    assert w.shape == (8, 32) and info["from"] == "hub:allenai/c4@main/en/c4-train.00000-of-01024.json.gz"
+    seen = set(w.unique().tolist())
+    assert not seen & {tok.convert_tokens_to_ids("w499"), tok.convert_tokens_to_ids("w498")}  # no other file read
+
+
+def test_wikitext2_is_joined_with_a_space_as_the_reference_loaders_join_it(monkeypatch):
+    from dsee_cli.data import calibration
+
+    tok = tiny_decoder_tokenizer()
+    monkeypatch.setattr(calibration, "_hub_documents", lambda source: (["w1 w2", "w3 w4"] * 40, "hub:test"))
+    joined = []
+    monkeypatch.setattr(calibration, "sample_windows", lambda docs, tok, n, length, seed, join, joiner:
+                        joined.append((join, joiner)) or torch.zeros(n, length, dtype=torch.long))
+    calibration_windows(CalibrationConfig(source="wikitext2", samples=2), tok, 8, 0, None)
+    calibration_windows(CalibrationConfig(source="c4", samples=2, join=True), tok, 8, 0, None)
+    assert joined == [(True, " "), (True, "\n\n")]
 
 
 def test_c4_offline_fails_within_seconds_with_the_local_way(monkeypatch):

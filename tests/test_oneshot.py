@@ -95,6 +95,17 @@ def test_bad_nm_and_an_unreached_layer_are_clear_errors():
         InputStats(4).hessian_matrix()
 
 
+def test_sparsegpt_n_of_m_with_a_blocksize_that_splits_groups_fails_before_any_work():
+    """Checked with the other settings (it failed mid-pruning with 'in_features divisible by m=4; this
+    layer has 2', naming neither the blocksize nor the fix)."""
+    from dsee_cli.pruning import PruningConfig
+
+    with pytest.raises(DSEEError, match=r"pruning.blocksize=126 .* multiple of 4"):
+        PruningConfig(method="sparsegpt", nm=True, blocksize=126).check(0.5)
+    PruningConfig(method="sparsegpt", nm=True, blocksize=128).check(0.5)
+    PruningConfig(method="sparsegpt", blocksize=126).check(0.5)  # unstructured: any block size
+
+
 @pytest.mark.parametrize("method,extra", [("sparsegpt", []), ("wanda", ["pruning.nm=true"])])
 def test_one_shot_pruners_run_block_by_block_and_prune_exactly(method, extra, tmp_path):
     """tiny-llama after DSEE's phase I: every block linear of the merged export has exactly half its

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import lm_eval  # noqa: F401  (the [test] extra installs the harness: without it these tests fail, not skip)
 import pytest
 import torch
 
@@ -18,8 +19,6 @@ from dsee_cli.data.zero_shot import check_tasks, zero_shot
 from dsee_cli.errors import DSEEError
 
 from .conftest import FAST, run_dsee
-
-pytest.importorskip("lm_eval")
 
 
 def _tiny_llama():
@@ -51,6 +50,24 @@ def test_the_harness_scores_the_model_in_memory_a_trained_one_well_above_chance(
 def test_an_unknown_task_is_named_before_any_training(tmp_path):
     with pytest.raises(DSEEError, match=r"\['boolqq'\] are not known to lm-eval-harness.*boolq, piqa"):
         check_tasks(["ascending", "boolqq"], None)
+
+
+@pytest.mark.slow
+def test_an_unknown_task_fails_before_training_under_the_smoke_profile_too(tmp_path):
+    """The smoke profile runs the built-in stand-in instead of the Hub's tasks, but the names asked for
+    are checked first: `dsee train` exits non-zero, naming the task, with nothing written (it ran a
+    complete run and exited 0)."""
+    result = run_dsee(["task=wikitext2", "profile=smoke", "task.lm_eval=[no_such_lm_task]", "trainer.threads=1"],
+                      tmp_path, timeout=120)
+    assert result.returncode != 0
+    assert "['no_such_lm_task'] are not known to lm-eval-harness" in " ".join((result.stdout + result.stderr).split())
+    assert not list(tmp_path.glob("outputs/*/metrics.json")) and not list(tmp_path.glob("outputs/*/checkpoint"))
+
+
+def test_without_the_harness_the_error_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed
+    with pytest.raises(DSEEError, match=r"needs lm-eval-harness: pip install 'dsee-cli\[llm\]'"):
+        check_tasks(["ascending"], None)
 
 
 def _local_task(folder):

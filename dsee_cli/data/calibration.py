@@ -2,17 +2,18 @@
 tokens drawn with the run's seed, as Wanda's and SparseGPT's loaders do, from
 
 * ``train``: the run's own training examples (whatever their length: the default);
-* ``c4``: the first file of C4's English validation split (the Hub's Parquet export), one window
-  from one document per sample (Wanda / SparseGPT: a random document longer than L, a random
-  window of L tokens inside it);
-* ``wikitext2``: WikiText-2's train text joined with "\\n\\n", a random window of the whole;
+* ``c4``: the first shard of C4's English train split, ``en/c4-train.00000-of-01024.json.gz``
+  (what Wanda and SparseGPT read), one window from one document per sample (theirs: a random
+  document longer than L, a random window of L tokens inside it);
+* ``wikitext2``: WikiText-2's train text joined with " " (as their loaders join it), a random
+  window of the whole;
 * a local file: ``.txt`` (one text, joined), ``.jsonl`` / ``.json`` / ``.parquet`` (one document per
   row, its ``text_column``).
 
 Documents are walked once, in an order drawn from the seed, so a source without documents
 longer than L fails with a clear error (or, with ``join=true``, is concatenated) instead of
 searching for ever (wanda#82). The token windows are cached by content: the source's bytes (or
-its Hub revision), the tokenizer, N, L, the seed and the joining.
+its Hub repository, revision and file), the tokenizer, N, L, the seed and the joining.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ from pathlib import Path
 import torch
 
 from dsee_cli.atomic import atomic_path
-from dsee_cli.data.hub import PARQUET_EXPORT, HubSource, read_splits
+from dsee_cli.data.hub import HubSource, read_file, read_splits
 from dsee_cli.data.lm_tasks import PERPLEXITY_TASKS, synthetic_text
 from dsee_cli.errors import DSEEError, choice_error
 
-C4_VALIDATION = HubSource("allenai/c4", PARQUET_EXPORT, "en")
+C4 = HubSource("allenai/c4", "main", "en")
+C4_FILE = "en/c4-train.00000-of-01024.json.gz"  # Wanda's and SparseGPT's calibration shard
 WIKITEXT2 = PERPLEXITY_TASKS["wikitext2"]
+# what joins a source's documents where they are joined: WikiText-2's rows with " " (Wanda's and
+# SparseGPT's loaders), a local text's paragraphs as they are
+JOINERS = {"wikitext2": " "}
 HUB_SOURCES = ("c4", "wikitext2")
 SOURCES = ("train", *HUB_SOURCES)  # or a path to a local file
 LOCAL_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet")
@@ -111,12 +116,22 @@ def _local_documents(path: Path, column: str) -> list[str]:
     return [r[column] for r in rows if r[column]]
 
 
+def hub_origin(source: str) -> str:
+    """Where a Hub source's text comes from, exactly (its cache key and metrics.json's record)."""
+    if source == "c4":
+        return f"hub:{C4.repo}@{C4.revision}/{C4_FILE}"
+    return f"hub:{WIKITEXT2.repo}@{WIKITEXT2.revision}/{WIKITEXT2.config}/train"
+
+
 def _hub_documents(source: str) -> tuple[list[str], str]:
-    hub, split = (C4_VALIDATION, "validation") if source == "c4" else (WIKITEXT2, "train")
-    local_way = ("pruning.calibration.source=/path/to/c4-validation.jsonl (or .parquet) with a text column, "
-                 "or pruning.calibration.source=train (the run's own training data).")
-    rows = read_splits(hub, [split], f"calibration text ({source})", local_way, first_file=source == "c4")[split]
-    return [r["text"] for r in rows if r.get("text")], f"hub:{hub.repo}@{hub.revision}/{hub.config}/{split}"
+    local_way = ("pruning.calibration.source=/path/to/c4-train.00000-of-01024.jsonl (or .parquet) with a text "
+                 "column, or pruning.calibration.source=train (the run's own training data).")
+    what = f"calibration text ({source})"
+    if source == "c4":
+        rows = read_file(C4, C4_FILE, what, local_way)
+    else:
+        rows = read_splits(WIKITEXT2, ["train"], what, local_way)["train"]
+    return [r["text"] for r in rows if r.get("text")], hub_origin(source)
 
 
 def documents(cfg: CalibrationConfig, standin: bool = False, seed: int = 0) -> tuple[list[str], str]:
@@ -130,8 +145,9 @@ def documents(cfg: CalibrationConfig, standin: bool = False, seed: int = 0) -> t
     return _local_documents(path, cfg.text_column), str(path)
 
 
-def sample_windows(docs: list[str], tokenizer, n: int, length: int, seed: int, join: bool) -> torch.Tensor:
-    """(n, length) token windows. Joined: random windows of the whole text. Per document: documents
+def sample_windows(docs: list[str], tokenizer, n: int, length: int, seed: int, join: bool, joiner: str = "\n\n"
+                   ) -> torch.Tensor:
+    """(n, length) token windows. Joined (with ``joiner``): random windows of the whole text. Per document: documents
     in a seeded order, each longer than ``length`` giving one random window, cycling over those
     found when there are fewer than n; never an unbounded search."""
     rng = random.Random(seed)
@@ -140,7 +156,7 @@ def sample_windows(docs: list[str], tokenizer, n: int, length: int, seed: int, j
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     if join:
-        stream = ids("\n\n".join(docs))
+        stream = ids(joiner.join(docs))
         if len(stream) <= length:
             raise DSEEError(f"calibration: the joined text has {len(stream)} tokens, not more than one window of "
                             f"{length}; give a longer source or a shorter pruning.calibration.seq_len.")
@@ -174,7 +190,7 @@ def sample_windows(docs: list[str], tokenizer, n: int, length: int, seed: int, j
 def _fingerprint(cfg: CalibrationConfig, tokenizer, n: int, length: int, seed: int) -> str:
     h = hashlib.sha256()
     if cfg.source in HUB_SOURCES:
-        h.update(cfg.source.encode())
+        h.update(hub_origin(cfg.source).encode())
     else:
         h.update(Path(cfg.source).expanduser().read_bytes())
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -197,7 +213,7 @@ def calibration_windows(cfg: CalibrationConfig, tokenizer, length: int, seed: in
         with safe_open(str(cached), framework="pt") as f:
             return f.get_tensor("input_ids"), {**info, "cached": True, "from": (f.metadata() or {}).get("from", "")}
     docs, where = documents(cfg, standin, seed)
-    w = sample_windows(docs, tokenizer, cfg.samples, length, seed, cfg.joined())
+    w = sample_windows(docs, tokenizer, cfg.samples, length, seed, cfg.joined(), JOINERS.get(cfg.source, "\n\n"))
     if cached is not None:
         cached.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cached) as tmp:

@@ -126,6 +126,22 @@ def read_splits(source: HubSource, splits: list[str], what: str, local_way: str,
         raise read_error(what, source, root, exc, local_way) from exc
 
 
+def read_file(source: HubSource, path: str, what: str, local_way: str) -> list[dict]:
+    """Rows of one named JSON-lines file of a repository (``.json.gz`` read as is), as C4's
+    ``en/c4-train.00000-of-01024.json.gz``, which Wanda and SparseGPT calibrate on."""
+    if not uses_mirror() and (_offline() or not hub_reachable()):
+        raise offline_error(what, source, local_way)
+    import datasets
+
+    root = hub_root(source)
+    try:
+        return list(datasets.load_dataset("json", data_files={"train": f"{root}/{path}"})["train"])
+    except Exception as exc:
+        if not uses_mirror() and is_connection_error(exc):
+            raise offline_error(what, source, local_way) from exc
+        raise read_error(what, source, root, exc, local_way) from exc
+
+
 def require_columns(rows: list[dict], columns: tuple[str, ...], what: str, source: HubSource, split: str) -> None:
     present = set(rows[0]) if rows else set()
     missing = [c for c in columns if c not in present]

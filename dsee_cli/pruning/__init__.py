@@ -111,6 +111,10 @@ class PruningConfig:
             raise DSEEError(f"sparsity={sparsity} is out of range: it must be in [0, 1).")
         if self.pattern and not 0 < self.n < self.m:
             raise DSEEError(f"N:M pruning needs 0 < n < m, got pruning.n={self.n}, pruning.m={self.m}.")
+        if self.method == "sparsegpt" and (self.blocksize < 1 or (self.pattern and self.blocksize % self.m)):
+            raise DSEEError(f"pruning.blocksize={self.blocksize} is invalid for SparseGPT"
+                            + (f" with N:M: its lazy blocks of columns must hold whole groups of m={self.m} inputs "
+                               f"(a multiple of {self.m}, e.g. 128)." if self.blocksize >= 1 else ": it must be >= 1."))
         if self.scope not in SCOPES:
             raise choice_error("pruning scope (pruning.scope)", self.scope, SCOPES)
         if self.rounds < 1:

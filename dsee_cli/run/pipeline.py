@@ -142,8 +142,8 @@ def preflight(cfg: RunConfig) -> None:
         resolve_source(cfg.model.name, cfg.model.path, cfg.model.gguf_file)
     if cfg.adapter.tuning_method.delta and cfg.adapter.targets:
         check_targets(cfg)
-    if cfg.task.lm_eval:
-        check_tasks(cfg.task.zero_shot_tasks, cfg.task.lm_eval_include)
+    if cfg.task.lm_eval:  # the names asked for, under every profile (the smoke profile runs its stand-in after)
+        check_tasks(list(dict.fromkeys([*cfg.task.lm_eval, *cfg.task.zero_shot_tasks])), cfg.task.lm_eval_include)
     uses_hub_data = not (cfg.task.name == "synthetic" or cfg.task.synthetic_standin or cfg.task.data_dir
                          or cfg.task.train_file)
     if uses_hub_data and not uses_mirror() and not hub_reachable():  # offline: the hint, at once
