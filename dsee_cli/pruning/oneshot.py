@@ -34,8 +34,8 @@ class InputStats:
 
     def add(self, x: torch.Tensor, tokens: torch.Tensor | None = None) -> None:
         """A batch of inputs (..., features); ``tokens`` (bool, x's leading shape) picks the real
-        tokens, so padding enters neither the norms nor H. Accumulated where the inputs are (a
-        GPU's float32, as the reference code; float64 on CPU)."""
+        tokens, so padding enters neither the norms nor H. Each batch's sums are taken in fp32 and
+        accumulated where the inputs are (a GPU's float32, as the reference code; float64 on CPU)."""
         x = x.detach()
         if tokens is not None:
             if tuple(x.shape[:-1]) != tuple(tokens.shape):
@@ -43,17 +43,16 @@ class InputStats:
                                 f"tokens {tuple(tokens.shape)}, so padding cannot be left out of its statistics; "
                                 f"calibrate on unpadded windows (pruning.calibration.source=<text>).")
             x = x[tokens]
-        x = x.reshape(-1, self.features)
-        dtype = torch.float64 if x.device.type == "cpu" else torch.float32
+        x = x.reshape(-1, self.features).float()  # one batch's sums in fp32 (a bf16 input upcast)
         if self.sq_norms is None:
+            dtype = torch.float64 if x.device.type == "cpu" else torch.float32
             self.sq_norms = torch.zeros(self.features, dtype=dtype, device=x.device)
             if self.hessian:
                 self.h = torch.zeros(self.features, self.features, dtype=dtype, device=x.device)
-        x = x.to(self.sq_norms.dtype)
         self.tokens += x.shape[0]
-        self.sq_norms += (x * x).sum(0)
+        self.sq_norms += x.square().sum(0)
         if self.h is not None:
-            self.h.addmm_(x.t(), x)
+            self.h += x.t() @ x
 
     @property
     def nbytes(self) -> int:
