@@ -41,10 +41,13 @@ bench-scale:  # gradient checkpointing and a bf16 base at RoBERTa-large size; th
 	$(PY) scripts/bench_memory.py
 	$(PY) scripts/bench_loop.py
 
-bench-llm:  # Llama-3.2-1B shape on CPU: memory, DSEE vs PEFT LoRA; magnitude / Wanda / SparseGPT on a trained tiny Llama
+bench-llm:  # Llama-3.2-1B shape on CPU: memory, DSEE vs PEFT LoRA; the LLM pruners on a trained tiny Llama; calibrated
+            # pruning on SmolLM2-135M against a plain per-layer loop (fp32 and bf16)
 	$(PY) scripts/bench_llm_memory.py
 	$(PY) scripts/bench_train_step.py --arch llama-1b
 	$(PY) scripts/bench_llm_pruners.py
+	$(PY) scripts/bench_calibrated.py --dtype float32
+	$(PY) scripts/bench_calibrated.py --dtype bfloat16
 
 # On a GPU: experiment=llm on a Llama built from config at 1B shape (16 x 2048, 32 / 8 heads, 8192 channels;
 # the tiny tokenizer's vocabulary), 200 steps per phase under bf16-mixed, then its report with wall times and memory;

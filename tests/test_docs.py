@@ -54,7 +54,7 @@ def smoke_forms(command: str, fixtures: dict[str, Path]) -> list[list[str]]:
     if words[0] == "torchrun":  # the run it starts, as dsee would start it
         words = ["dsee", *words[words.index("dsee_cli") + 1:]]
     if words[0] == "python":
-        return [[sys.executable, words[1], "--help"]]
+        return [[sys.executable, str(REPO / words[1]), "--help"]]  # scripts/ of this checkout
     if words[0] == "make":
         forms = [["make", "-n", "-f", str(REPO / "Makefile"), *words[1:]]]
         settings = dict(w.split("=", 1) for w in words[1:] if "=" in w)
