@@ -43,6 +43,7 @@ class Cell:
     evaluations: list[int] = field(default_factory=list)  # periodic evaluations each run chose its best among
     failed: int = 0
     missing: int = 0
+    unmeasured: int = 0  # finished runs that did not measure it (e.g. zero-shot accuracy without task.lm_eval)
     paper: float | None = None
     # what the paper's tables print beside the scores, from each finished run's metrics.json
     last: list[float] = field(default_factory=list)  # the last evaluation's score (values: the best's)
@@ -80,6 +81,8 @@ class Cell:
             extra.append(f"{self.failed} failed")
         if self.missing:
             extra.append(f"{self.missing} missing")
+        if self.unmeasured:
+            extra.append(f"{self.unmeasured} not measured")
         return ours + (f" [{', '.join(extra)}]" if extra else "")
 
 
@@ -605,7 +608,7 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
             else:
                 value = _score(job[1], col, paper)
                 if value is None:
-                    cell.failed += 1
+                    cell.unmeasured += 1
                     continue
                 metrics = job[1]
                 speedup = _add_run(cell, metrics, col, paper, point.get(SEED, "1"), float(value))
@@ -615,6 +618,10 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     report_trivial.setdefault(col, float(trivial))
                 panel = col if column_key == "task" else metrics["task"]
                 points.append(Point(point, col, panel, float(value), cell.total_pct[-1], cell.flops[-1], speedup))
+    # a column no run measured (zero-shot accuracy where no lm-eval task was run) is not shown at all
+    columns = [c for c in columns if any(cells[(r, c)].values or cells[(r, c)].failed or cells[(r, c)].missing
+                                         for r in rows)]
+    cells = {(r, c): cell for (r, c), cell in cells.items() if c in columns}
     paper_row_info = {}
     note, reference = paper.get("note", ""), _reference_holds(paper.get("reference_config"), next(
         (m["config"] for _, m in jobs if m and m.get("config")), first_config or {}))
