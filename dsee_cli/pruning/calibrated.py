@@ -142,7 +142,9 @@ def prune_block_by_block(model: nn.Module, batches: list[dict[str, torch.Tensor]
     ``autocast``: the run's precision context (a half-precision base computes under it)."""
     was_training = model.training
     model.eval()
-    context = autocast or contextlib.nullcontext
+    # autocast reconciles fp32 adapters with a half-precision base; a model of one dtype computes without it
+    mixed = len({p.dtype for p in model.parameters() if p.is_floating_point()}) > 1
+    context = autocast if autocast is not None and mixed else contextlib.nullcontext
     with context():
         inputs = first_block_inputs(model, batches)
     prefix, linears = layer_prefix(model), block_linears(model)
