@@ -142,6 +142,11 @@ def train_job(cfg) -> float | None:
     log = logging.getLogger("dsee")
     try:
         preflight(typed)
+        if world.main:
+            from dsee_cli.run.plan import plan_warnings
+            for warning in plan_warnings(typed):  # before any work: a configuration known to fail
+                console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+                log.warning("%s", warning, extra={"file_only": True})
         tracker = Tracker(
             typed.logger.backend if world.main else "none", typed.logger.mode, typed.logger.project,
             typed.logger.entity, typed.logger.group or _default_group(typed.name), run_dir.name,
@@ -353,7 +358,7 @@ def print_plan(args: list[str]) -> int:
 
     from dsee_cli.config import validate
     from dsee_cli.errors import DSEEError
-    from dsee_cli.run.plan import build_plan, will_reuse
+    from dsee_cli.run.plan import build_plan, plan_warnings, will_reuse
     from dsee_cli.run.steps import StepStore
 
     console = Console(width=None if sys.stdout.isatty() else 100)
@@ -376,6 +381,8 @@ def print_plan(args: list[str]) -> int:
                 total["all"] += step.optimizer_steps
                 total["computed"] += 0 if reuse.get(step.name) else step.optimizer_steps
             console.print(table)
+            for warning in plan_warnings(cfg):
+                console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     except DSEEError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -116,7 +116,8 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Checks that need no model: each section's own, then those across sections."""
+    """Checks that need no model: each section's own, then those across sections. Resolves
+    ``pruning.criterion`` / ``granularity`` ``auto`` from the family (a causal-LM task: a decoder)."""
     known_models = (*HUB_MODELS, *GGUF_PRESETS, *TINY_MODELS, "local")
     if cfg.model.gguf_file:
         check_gguf(cfg.model.gguf_file)
@@ -133,6 +134,7 @@ def validate(cfg: RunConfig) -> None:
              f"precision: trainer.precision=auto, bf16-mixed or 16-mixed, not 32-true.")
     for section in (cfg.adapter, cfg.omega, cfg.trainer, cfg.logger):
         section.check()
+    cfg.pruning.resolve_auto(decoder=cfg.task.name in CAUSAL_TASKS)  # the decoders' default, or the paper's
     cfg.pruning.check(cfg.sparsity)
     method, pruner = cfg.adapter.tuning_method, cfg.pruning.pruner
     _require(cfg.adapter.method == "dsee" or cfg.adapter.omega_size == 0,

@@ -166,7 +166,7 @@ def test_delta_wanda_scores_delta_by_the_input_norms_where_adapted_and_is_wanda_
     assert torch.equal(kept_q, expected_q) and torch.equal(kept_k, expected_k)
     assert not torch.equal(expected_q, plain_wanda_q)  # ΔW, not W + ΔW, chose q's weights
     assert set(kept_q.sum(1).tolist()) == {kept_q.shape[1] // 2}  # exactly half of every row kept
-    assert info["score"].startswith("delta_wanda") and info["granularity"] == "row"
+    assert (info["criterion"], info["score"], info["granularity"]) == ("delta_wanda", "|ΔW|·‖X‖", "row")
 
 
 def test_one_shot_wanda_from_a_local_file_without_training_records_the_calibration(tmp_path):

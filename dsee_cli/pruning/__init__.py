@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from dsee_cli.core import dist
-from dsee_cli.core.arch import attention_units, block_linears, weight_out_in
+from dsee_cli.core.arch import attention_units, block_linears, dims, weight_out_in
+from dsee_cli.core.selection import smallest_k_mask
 from dsee_cli.data.calibration import CalibrationConfig, CalibrationInputs
 from dsee_cli.errors import DSEEError, choice_error
 from dsee_cli.pruning.calibrated import effective_weight, prune_block_by_block, set_effective_weight
@@ -35,14 +36,26 @@ from dsee_cli.pruning.heads import (
     prune_heads,
 )
 from dsee_cli.pruning.masks import apply_masks, nm_masks, reapply_masks, score_pieces, unstructured_masks
-from dsee_cli.pruning.oneshot import sparsegpt, wanda_masks
+from dsee_cli.pruning.oneshot import sparsegpt, wanda_masks, wanda_scores
 from dsee_cli.pruning.slimming import FROZEN_CHANGED, lowest_units, slim_and_prune
 from dsee_cli.tuning.adapters import DeltaLayer
 
 SCOPES = ("blocks", "adapted")
-# delta_wanda: |ΔW|·‖X_j‖ (Wanda's activation norms, per output row) from calibration inputs
-CRITERIA = ("delta", "delta_plus_weight", "weight", "random", "delta_wanda")
-GRANULARITIES = ("global", "layer", "matrix")
+# what each criterion scores, as the terminal and metrics.json say it (|W| where a layer is not adapted)
+CRITERION_SCORES = {"delta": "|ΔW|", "delta_plus_weight": "|W + ΔW|", "weight": "|W|", "random": "random",
+                    "delta_wanda": "|ΔW|·‖X‖", "tuned_wanda": "|W + ΔW|·‖X‖"}
+# Calibrated criteria multiply a weight term by Wanda's activation norms ‖X_j‖ (from calibration inputs):
+# delta_wanda |ΔW|·‖X‖, tuned_wanda |W + ΔW|·‖X‖ (Wanda on the tuned weight); |W|·‖X‖ where not adapted.
+CALIBRATED_CRITERIA = ("delta_wanda", "tuned_wanda")
+CRITERIA = ("delta", "delta_plus_weight", "weight", "random", *CALIBRATED_CRITERIA)
+GRANULARITIES = ("global", "layer", "matrix", "row")
+# block by block, a block's scores exist only once the blocks before it are pruned: no threshold spans blocks
+CALIBRATED_GRANULARITIES = ("matrix", "row")
+AUTO = "auto"  # pruning.criterion / granularity: chosen by the model family (resolve_auto)
+# The decoders' default (criterion, granularity), from experiment=dsee-llm on SmolLM2-135M (docs/llm.md);
+# encoders keep the paper's |ΔW| under one global threshold.
+DECODER_DEFAULT = ("tuned_wanda", "row")
+ENCODER_DEFAULT = ("delta", "global")
 
 
 @dataclass
@@ -51,9 +64,11 @@ class PruningConfig:
     are passed alongside: they are run-level settings other phases read too."""
 
     method: str = "unstructured"  # unstructured, nm, structured (heads), imp, earlybert or none
-    # the score: delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|, random, delta_wanda |ΔW|·‖X‖ (calibrated)
+    # the score: delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|, random; calibrated: delta_wanda |ΔW|·‖X‖,
+    # tuned_wanda |W + ΔW|·‖X‖
     criterion: str = "delta"
-    granularity: str = "global"  # global: one threshold per pool; layer: per transformer block; matrix: per matrix
+    # global: one threshold per pool; layer: per transformer block; matrix: per matrix; row: per output row
+    granularity: str = "global"
     n: int = 2  # nm: keep n of every m
     m: int = 4  # nm: the group size
     heads_to_remove: int = 3  # structured / earlybert: query heads removed per layer
@@ -89,8 +104,18 @@ class PruningConfig:
 
     @property
     def calibrated(self) -> bool:
-        """Reads calibration inputs: Wanda, SparseGPT, or a mask pruner scoring by delta_wanda."""
-        return self.pruner.calibrated or (self.pruner.prune is _prune_by_masks and self.criterion == "delta_wanda")
+        """Reads calibration inputs: Wanda, SparseGPT, or a mask pruner with a calibrated criterion."""
+        return self.pruner.calibrated or (self.pruner.prune is _prune_by_masks
+                                          and self.criterion in CALIBRATED_CRITERIA)
+
+    def resolve_auto(self, decoder: bool) -> None:
+        """Fill ``auto`` criterion / granularity in: the decoders' default or the paper's (encoders);
+        a calibrated criterion's grouping is per row (Wanda's) unless set."""
+        criterion, granularity = DECODER_DEFAULT if decoder else ENCODER_DEFAULT
+        if self.criterion == AUTO:
+            self.criterion = criterion
+        if self.granularity == AUTO:
+            self.granularity = "row" if self.criterion in CALIBRATED_CRITERIA else granularity
 
     def round_sparsities(self, sparsity: float) -> list[float]:
         """The sparsity after each prune step: none → [], one-shot → [s], IMP → 1 − (1 − rate)^r."""
@@ -104,9 +129,9 @@ class PruningConfig:
         if self.method not in PRUNERS:
             raise choice_error("pruning method (pruning.method)", self.method, tuple(PRUNERS))
         if self.criterion not in CRITERIA:
-            raise choice_error("pruning criterion (pruning.criterion)", self.criterion, CRITERIA)
+            raise choice_error("pruning criterion (pruning.criterion)", self.criterion, (*CRITERIA, AUTO))
         if self.granularity not in GRANULARITIES:
-            raise choice_error("pruning granularity (pruning.granularity)", self.granularity, GRANULARITIES)
+            raise choice_error("pruning granularity (pruning.granularity)", self.granularity, (*GRANULARITIES, AUTO))
         if not 0.0 <= sparsity < 1.0:
             raise DSEEError(f"sparsity={sparsity} is out of range: it must be in [0, 1).")
         if self.pattern and not 0 < self.n < self.m:
@@ -133,9 +158,15 @@ class PruningConfig:
             raise DSEEError(f"pruning.ffn_channels={self.ffn_channels} is out of range: it must be in [0, 1).")
         if self.heads_to_remove < 0:
             raise DSEEError(f"pruning.heads_to_remove={self.heads_to_remove} must be >= 0.")
-        if self.criterion == "delta_wanda" and self.pruner.prune is not _prune_by_masks:
-            raise DSEEError(f"pruning.criterion=delta_wanda scores single weights (|ΔW|·‖X‖); use it with "
-                            f"pruning=unstructured or nm, not pruning={self.method}.")
+        if self.criterion in CALIBRATED_CRITERIA and self.pruner.prune is not _prune_by_masks:
+            raise DSEEError(f"pruning.criterion={self.criterion} scores single weights from calibration inputs; use "
+                            f"it with pruning=unstructured or nm, not pruning={self.method}.")
+        if (self.criterion in CALIBRATED_CRITERIA and self.pruner.prune is _prune_by_masks and not self.pattern
+                and self.granularity not in CALIBRATED_GRANULARITIES):
+            raise DSEEError(f"pruning.granularity={self.granularity} cannot go with pruning.criterion="
+                            f"{self.criterion}: calibrated scores are computed block by block, each block from the "
+                            f"outputs of the blocks already pruned, so no threshold can span blocks. Valid choices "
+                            f"with a calibrated criterion: {', '.join(CALIBRATED_GRANULARITIES)} (row is Wanda's).")
         if self.calibrated:
             self.calibration.check()
 
@@ -171,6 +202,40 @@ def register(pruner: Pruner) -> Pruner:
     return pruner
 
 
+# Configurations measured to collapse a pretrained decoder (experiment=dsee-llm profile=mini, SmolLM2-135M,
+# docs/llm.md): (criterion, grouping) -> (the lowest sparsity measured, what was measured). Grouping: the
+# granularity, or "n:m" for the N:M patterns.
+DECODER_COLLAPSES: dict[tuple[str, str], tuple[float, str]] = {
+    ("delta", "global"): (0.5, "perplexity 412 after recovery at 50 % against 10.9 dense tuned (38x) and 19.0 for "
+                               "Wanda with the same recovery"),
+    ("delta", "n:m"): (0.5, "perplexity 599 after recovery at 2:4 against 38.0 for Wanda with the same recovery"),
+}
+
+
+def describe_score(s: PruningConfig) -> str:
+    """What a mask pruner removes by, as the plan and the run's banner say it: '|ΔW|, one global threshold'."""
+    grouping = {"global": "one global threshold", "layer": "a threshold per block", "matrix": "a threshold per matrix",
+                "row": "compared within each output row"}.get(s.granularity, s.granularity)
+    if s.pattern:
+        grouping = f"{s.n} of every {s.m} inputs kept"
+    return f"{CRITERION_SCORES.get(s.criterion, s.criterion)} ({s.criterion}), {grouping}"
+
+
+def collapse_warning(s: PruningConfig, sparsity: float, decoder: bool) -> str | None:
+    """A warning where this configuration is known to collapse a pretrained decoder, citing the measurement."""
+    if not decoder or s.pruner.prune is not _prune_by_masks or s.scope != "blocks":
+        return None
+    grouping = "n:m" if s.pattern else s.granularity
+    amount = 1 - s.n / s.m if s.pattern else sparsity
+    known = DECODER_COLLAPSES.get((s.criterion, grouping))
+    if known is None or amount < known[0]:
+        return None
+    what = f"{s.n}:{s.m}" if s.pattern else f"granularity={s.granularity} at sparsity {sparsity:g}"
+    return (f"pruning.criterion={s.criterion} with {what} is known to collapse a pretrained decoder: "
+            f"{known[1]} (SmolLM2-135M, experiment=dsee-llm profile=mini; docs/llm.md). The decoders' default "
+            f"(pruning.criterion=auto: {DECODER_DEFAULT[0]}, per {DECODER_DEFAULT[1]}) does not.")
+
+
 def compute_masks(model: nn.Module, settings: PruningConfig, sparsity: float = 0.3, seed: int = 0
                   ) -> dict[str, torch.Tensor]:
     """Keep-masks of a mask pruner (unstructured, imp, nm) for every block linear."""
@@ -180,7 +245,7 @@ def compute_masks(model: nn.Module, settings: PruningConfig, sparsity: float = 0
 
 
 def _prune_by_masks(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:
-    if s.criterion == "delta_wanda":
+    if s.criterion in CALIBRATED_CRITERIA:
         return _prune_calibrated(model, s, sparsity, seed, rewind, calibration)
     masks = dist.on_main(lambda: compute_masks(model, s, sparsity, seed))  # decided once, the same on every rank
     rewind()
@@ -219,8 +284,22 @@ def _prune_structured(model: nn.Module, s: PruningConfig, sparsity: float, seed:
 
 
 def _delta_or_weight(module: nn.Module) -> torch.Tensor:
-    """delta_wanda's weight term: ΔW where the layer is adapted, W elsewhere (as the delta criterion)."""
-    return module.delta_weight().float() if isinstance(module, DeltaLayer) else weight_out_in(module).float()
+    """delta_wanda's weight term: ΔW on the adapted rows, W elsewhere (as the delta criterion)."""
+    if not isinstance(module, DeltaLayer):
+        return weight_out_in(module).float()
+    w = weight_out_in(module.base).float().clone()
+    delta = module.delta_weight().float()
+    for start, end in module.slices:  # the rows outside every slice (GPT-2's fused k) keep |W|
+        w[start:end] = delta[start:end]
+    return w
+
+
+def _calibrated_keep(w: torch.Tensor, stats, s: PruningConfig, sparsity: float) -> torch.Tensor:
+    """A mask pruner's calibrated criterion: the score's lowest go per row (Wanda's), per matrix, or N:M."""
+    if s.pattern or s.granularity != "matrix":  # row, or auto in direct library use
+        return wanda_masks(w, stats, sparsity, s.pattern)
+    scores = wanda_scores(w, stats.column_norms())
+    return ~smallest_k_mask(scores.flatten()[None], round(sparsity * scores.numel()))[0].view_as(scores)
 
 
 def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:
@@ -233,8 +312,12 @@ def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed:
                                       s.blocksize)
             set_effective_weight(module, updated, keep)
             return keep
-        w = effective_weight(module) if s.method == "wanda" else _delta_or_weight(module)
-        return wanda_masks(w, stats, sparsity, nm)
+        if s.method == "wanda":
+            return wanda_masks(effective_weight(module), stats, sparsity, nm)
+        if s.scope == "adapted" and not isinstance(module, DeltaLayer):  # Table 7: the other pool keeps all
+            return torch.ones(dims(module), dtype=torch.bool)
+        w = effective_weight(module) if s.criterion == "tuned_wanda" else _delta_or_weight(module)
+        return _calibrated_keep(w, stats, s, sparsity)
 
     inputs = calibration()
     masks, stats_bytes = prune_block_by_block(model, inputs.batches, prune_linear, hessian=s.method == "sparsegpt",
@@ -243,9 +326,10 @@ def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed:
                for n, m in block_linears(model).items()} if s.method == "sparsegpt" else set()
     setattr(model, FROZEN_CHANGED, set(getattr(model, FROZEN_CHANGED, ())) | changed)  # checkpoints keep W'
     apply_masks(model, masks, s.mask_delta)
-    score = {"wanda": "|W|·‖X‖", "sparsegpt": "OBS"}.get(s.method, "delta_wanda: |ΔW|·‖X‖")
+    score = {"wanda": "|W|·‖X‖", "sparsegpt": "OBS"}.get(s.method) or CRITERION_SCORES[s.criterion]
+    grouping = "matrix" if s.method not in ("wanda", "sparsegpt") and not nm and s.granularity == "matrix" else "row"
     return {"method": s.method, "criterion": s.criterion if s.method not in ("wanda", "sparsegpt") else None,
-            "score": score, "granularity": "row", "sparsity": round(1 - nm[0] / nm[1] if nm else
+            "score": score, "granularity": grouping, "sparsity": round(1 - nm[0] / nm[1] if nm else
             sparsity, 6), "pattern": f"{s.n}:{s.m}" if nm else "unstructured", "calibration": inputs.info,
             "block_statistics_bytes": stats_bytes}
 
@@ -266,6 +350,7 @@ for _pruner in (
 ):
     register(_pruner)
 
-__all__ = ["CRITERIA", "HEAD_UNITS", "PRUNERS", "Pruner", "PruningConfig", "apply_masks", "check_head_removal",
-           "choose_heads", "compute_masks", "head_count", "head_scores", "lowest_heads", "prune_ffn", "prune_heads",
-           "reapply_masks", "register", "score_pieces"]
+__all__ = ["CALIBRATED_CRITERIA", "CRITERIA", "CRITERION_SCORES", "DECODER_COLLAPSES", "DECODER_DEFAULT",
+           "HEAD_UNITS", "PRUNERS", "Pruner", "PruningConfig", "apply_masks", "check_head_removal", "choose_heads",
+           "collapse_warning", "compute_masks", "describe_score", "head_count", "head_scores", "lowest_heads",
+           "prune_ffn", "prune_heads", "reapply_masks", "register", "score_pieces"]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dsee_cli.core.arch import block_linears, dims, weight_out_in
-from dsee_cli.core.selection import n_of_m_keep, smallest_k_masks
+from dsee_cli.core.selection import n_of_m_keep, smallest_k_mask, smallest_k_masks
 from dsee_cli.errors import DSEEError
 from dsee_cli.tuning.adapters import DeltaLayer
 
@@ -144,8 +144,14 @@ def _in_scope(piece: Piece, scope: str) -> bool:
 
 def unstructured_masks(model: nn.Module, criterion: str, granularity: str, scope: str, sparsity: float,
                        seed: int = 0) -> dict[str, torch.Tensor]:
-    """Keep-masks (out x in, bool) for every linear in the blocks, ``sparsity`` of each pool pruned."""
+    """Keep-masks (out x in, bool) for every linear in the blocks, ``sparsity`` of each pool pruned:
+    under one threshold per pool (global), per pool and block (layer), per pool and matrix (matrix),
+    or in every output row of each piece (row: Wanda's grouping, exactly round(sparsity·in) per row)."""
     pieces = score_pieces(model, criterion, seed)
+    if granularity == "row":
+        keep = {id(p): ~smallest_k_mask(p.scores(), round((sparsity if _in_scope(p, scope) else 0.0)
+                                                          * _columns(model, p))) for p in pieces}
+        return _assemble(model, pieces, keep)
     groups: dict[object, list[Piece]] = {}
     for p in pieces:  # one threshold per pool, per pool and transformer block, or per pool and matrix
         key = {"global": p.pool, "layer": (p.pool, p.layer), "matrix": (p.pool, p.module)}[granularity]

@@ -50,7 +50,7 @@ from dsee_cli.measure.costs import (
     reset_peak_memory,
     semi_structured,
 )
-from dsee_cli.pruning import head_count, reapply_masks
+from dsee_cli.pruning import PRUNERS, describe_score, head_count, reapply_masks
 from dsee_cli.pruning.slimming import add_slimming, has_slimming, slimming_penalty
 from dsee_cli.run.checkpoint import (
     STATE_META,
@@ -455,7 +455,8 @@ class Run:
                 self.say(f"IMP round {step.round}: reused (step {shared.name}-{shared.fingerprint}, computed in "
                          f"{found[2].source})")
                 return
-        self.say(f"Phase II: {self.pruning.pruner.title}"
+        by = f" by {describe_score(self.pruning)}" if self.pruning.pruner.prune is PRUNERS["unstructured"].prune else ""
+        self.say(f"Phase II: {self.pruning.pruner.title}{by}"
                  + (f", round {step.round} of {self.rounds}" if self.rounds > 1 else ""))
         started = time.perf_counter()
         reset_peak_memory(self.device)

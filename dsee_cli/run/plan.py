@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dsee_cli.config import RunConfig, task_hparams
+from dsee_cli.config import CAUSAL_TASKS, RunConfig, task_hparams
 from dsee_cli.core.precision import Precision
+from dsee_cli.pruning import PRUNERS, collapse_warning, describe_score
 from dsee_cli.run.steps import StepStore, step_fingerprint
 from dsee_cli.run.train import Phase
 
@@ -70,15 +71,15 @@ def phase_lr(cfg: RunConfig, phase: str) -> tuple[float, str]:
 
 def phase_epochs(cfg: RunConfig, phase: str) -> float:
     """trainer.<phase>.epochs, else the task's for this method, else the task's (sparse-training
-    methods: task.sparse_training_epochs, the PST paper's)."""
+    methods: task.sparse_training_epochs, the PST paper's), times trainer.<phase>.epochs_scale."""
     t, task = cfg.trainer, cfg.task
     if phase != "phase1":
-        return task.recovery_epochs if t.recovery.epochs is None else t.recovery.epochs
+        return (task.recovery_epochs if t.recovery.epochs is None else t.recovery.epochs) * t.recovery.epochs_scale
     if t.phase1.epochs is not None:
-        return t.phase1.epochs
+        return t.phase1.epochs * t.phase1.epochs_scale
     own = task.per_method.get(cfg.adapter.method)
     default = task.sparse_training_epochs if cfg.adapter.tuning_method.sparse_training else task.epochs
-    return (own.epochs if own else None) or default
+    return ((own.epochs if own else None) or default) * t.phase1.epochs_scale
 
 
 def skipped(cfg: RunConfig, phase: str) -> bool:
@@ -139,7 +140,8 @@ def build_plan(cfg: RunConfig) -> list[Step]:
     rounds = cfg.pruning.round_sparsities(cfg.sparsity)
     for r, target in enumerate(rounds, start=1):
         amount = _amount(cfg, target)
-        plan.append(Step(f"prune{r}", "prune", f"{pruner.title}: {amount}, by {cfg.pruning.criterion}",
+        by = describe_score(cfg.pruning) if pruner.prune is PRUNERS["unstructured"].prune else cfg.pruning.criterion
+        plan.append(Step(f"prune{r}", "prune", f"{pruner.title}: {amount}, by {by}",
                          round=r, target=target))
         phase = phase_of_round(r, len(rounds))
         if pruner.rounds:
@@ -154,6 +156,12 @@ def build_plan(cfg: RunConfig) -> list[Step]:
     if cfg.measure:
         plan.append(Step("measure", "measure", "latency, memory, size vs dense"))
     return plan
+
+
+def plan_warnings(cfg: RunConfig) -> list[str]:
+    """What --plan and the run's start warn of before any work: configurations known to fail."""
+    warning = collapse_warning(cfg.pruning, cfg.sparsity, decoder=cfg.task.name in CAUSAL_TASKS)
+    return [warning] if warning else []
 
 
 def will_reuse(plan: list[Step], cfg: RunConfig, store: StepStore, computed: set[str]) -> dict[str, bool]:

@@ -27,6 +27,7 @@ from dsee_cli.measure.costs import optimizer_bytes, peak_memory_bytes, reset_pea
 class PhaseConfig:
     epochs: float | None = None  # None: the task's default; 0: no such phase (one-shot pruning of the model as loaded)
     lr: float | None = None  # None: the task's (Table 11)
+    epochs_scale: float = 1.0  # times the phase's epochs, wherever they come from (a tuning-budget ablation: 2)
 
 
 @dataclass
@@ -71,6 +72,9 @@ class TrainerConfig:
                 raise DSEEError(f"trainer.{name}.lr={p.lr} must be > 0.")
             if p.epochs is not None and p.epochs < 0:
                 raise DSEEError(f"trainer.{name}.epochs={p.epochs} must be >= 0 (0: skip the phase).")
+            if p.epochs_scale <= 0:
+                raise DSEEError(f"trainer.{name}.epochs_scale={p.epochs_scale} must be > 0 (set trainer.{name}."
+                                f"epochs=0 to skip the phase).")
 
 
 @dataclass(frozen=True)
