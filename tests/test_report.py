@@ -11,18 +11,28 @@ from rich.console import Console
 
 from dsee_cli.cli import config_dir
 from dsee_cli.reporting.plots import FIGURES, write_figure
-from dsee_cli.reporting.report import Cell, Report, build_report, check_claims, long_table, terminal_tables
+from dsee_cli.reporting.report import (
+    Cell,
+    Report,
+    build_report,
+    check_claims,
+    load_paper_numbers,
+    long_table,
+    terminal_tables,
+)
 
 from .conftest import run_dsee
 
+# dsee-llm's 15 recipes x 3 patterns: its patterns are llm-pruning's, which its smoke sweep runs; one here
+NARROWED = {"dsee-llm": ["pattern=50pct"]}
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml") if p.stem != "demo")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_under_smoke_and_reports(workdir, experiment):
-    out = run_dsee(["-m", f"experiment={experiment}", "profile=smoke", "trainer.max_steps=4", "trainer.threads=1"],
-                   workdir, timeout=900)
+    out = run_dsee(["-m", f"experiment={experiment}", "profile=smoke", "trainer.max_steps=4", "trainer.threads=1",
+                    *NARROWED.get(experiment, [])], workdir, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sweep = workdir / "multirun" / experiment
     report = subprocess.run([sys.executable, "-m", "dsee_cli", "report", str(sweep)], capture_output=True,
@@ -171,6 +181,28 @@ def test_perplexity_claims_are_lower_is_better_and_the_reference_needs_its_confi
     seven_b = {"model": {"name": "llama-2-7b"}, "task": {"seq_len": 4096}, "pruning": {"calibration": {"source": "c4"}}}
     assert _reference_holds(required, seven_b)[0]
     assert not _reference_holds(required, {**seven_b, "task": {"seq_len": 2048}})[0]
+
+
+def test_a_best_of_claim_picks_the_best_row_per_column_and_names_it():
+    """experiment=dsee-llm's claims: the best DSEE row of each pattern against Wanda, paired by seed."""
+    ppl = {"dsee-paper": ([400.0, 420.0, 410.0], [600.0, 650.0, 640.0]),
+           "dsee-llm": ([18.0, 18.5, 18.2], [30.0, 31.0, 30.5]),
+           "dsee-llm-row": ([19.0, 19.5, 19.1], [29.0, 29.5, 29.2]),
+           "llm-wanda": ([19.0, 19.2, 18.9], [38.0, 37.5, 38.2])}
+    cells = {((k,), col): Cell(values=v, by_seed={str(i): x for i, x in enumerate(v, 1)},
+                               last_by_seed={str(i): x for i, x in enumerate(v, 1)})
+             for k, cols in ppl.items() for col, v in zip(("50pct:ppl", "2of4:ppl"), cols)}
+    report = Report("dsee-llm", ["recipe"], "pattern", [(k,) for k in ppl], ["50pct:ppl", "2of4:ppl"], cells)
+    rows = ["dsee-paper", "dsee-llm", "dsee-llm-row"]
+    checks = check_claims(report, [{"text": "best DSEE ≤ Wanda", "pick": "best", "better": {"recipe": rows},
+                                    "worse": {"recipe": "llm-wanda"}, "lower": True}])
+    assert [c.claim for c in checks] == ["best DSEE ≤ Wanda (best: dsee-llm)", "best DSEE ≤ Wanda (best: dsee-llm-row)"]
+    assert [c.verdict for c in checks] == ["holds", "holds"]
+    assert checks[0].ours == pytest.approx((19.0 + 19.2 + 18.9 - 18.0 - 18.5 - 18.2) / 3)
+    plain = check_claims(report, [{"text": "t", "better": {"recipe": rows}, "worse": {"recipe": "llm-wanda"}}])
+    assert [c.verdict for c in plain] == ["several rows match"]  # without pick: best, one row per side
+    paper = load_paper_numbers()["dsee-llm"]
+    assert all(c.get("lower") for c in paper["claims"]) and paper["claims"][0]["pick"] == "best"
 
 
 def _hand_made_run(sweep, overrides: dict, best: float, task: str = "sst2") -> None:

@@ -337,13 +337,25 @@ def _verdict(interval: tuple[float, float, int] | None, margin: float) -> str:
 
 
 def _matching_rows(report: Report, match: dict) -> list[tuple[str, ...]]:
-    match = {k: str(v) for k, v in match.items()}
-    return [row for row in report.rows if all(dict(zip(report.row_keys, row)).get(k) == v for k, v in match.items())]
+    """The rows whose keys equal the match's values (a list: any of them)."""
+    match = {k: [str(x) for x in v] if isinstance(v, list) else [str(v)] for k, v in match.items()}
+    return [row for row in report.rows if all(dict(zip(report.row_keys, row)).get(k) in v for k, v in match.items())]
+
+
+def _best_row(report: Report, rows: list[tuple[str, ...]], column: str, lower: bool) -> tuple[str, ...] | None:
+    """Of several rows, the one whose median in ``column`` is best (a claim's ``pick: best`` side)."""
+    scored = [(report.cells[(row, column)].median, row) for row in rows if report.cells[(row, column)].median
+              is not None]
+    if not scored:
+        return None
+    return (min if lower else max)(scored, key=lambda item: item[0])[1]
 
 
 def check_claims(report: Report, claims: list[dict]) -> list[ClaimCheck]:
     """Each claim says ``better`` ≥ ``worse`` − ``margin`` (``lower: true``: ``better`` ≤ ``worse`` +
-    ``margin``, for perplexity; ``columns``: only those). Runs of one sweep share their seeds, so
+    ``margin``, for perplexity; ``columns``: only those; ``pick: best``: the better side is the best,
+    per column, of the rows it matches, and the verdict names it — chosen on the same runs it is
+    tested on, so a holding verdict is optimistic by that selection). Runs of one sweep share their seeds, so
     the test is paired: the per-seed differences' mean and 90 % t-interval, on the best evaluation
     (the paper's protocol) and on the last one. A verdict holds when the interval clears −margin,
     fails when it lies below it, and is unresolved otherwise, with fewer than 2 paired seeds, or
@@ -352,26 +364,32 @@ def check_claims(report: Report, claims: list[dict]) -> list[ClaimCheck]:
     for claim in claims:
         sides = _matching_rows(report, claim["better"]), _matching_rows(report, claim["worse"])
         margin = float(claim.get("margin", 0.0))
-        if any(len(rows) != 1 for rows in sides):  # a sweep of part of the table, or one that varies more
+        pick = claim.get("pick") == "best"  # the better side: the best of the rows it matches, per column
+        if not sides[0] or len(sides[1]) != 1 or (len(sides[0]) > 1 and not pick):
             why = "not in this sweep" if any(not rows for rows in sides) else "several rows match"
             out.append(ClaimCheck(claim["text"], "—", None, None, None, 0, margin, why))
             continue
-        (better,), (worse,) = sides
-        for column in claim.get("columns") or report.columns:
+        (worse,) = sides[1]
+        for column in [c for c in claim.get("columns") or report.columns if c in report.columns]:  # swept ones
+            better = _best_row(report, sides[0], column, bool(claim.get("lower"))) if pick else sides[0][0]
+            if better is None:
+                out.append(ClaimCheck(claim["text"], column, None, None, None, 0, margin, "no runs"))
+                continue
+            text = f"{claim['text']} (best: {'/'.join(better)})" if pick else claim["text"]
             a, b = report.cells[(better, column)], report.cells[(worse, column)]
             if claim.get("lower"):  # lower is better (perplexity): the difference is worse − better
                 a, b = b, a
             paper = a.paper - b.paper if a.paper is not None and b.paper is not None else None
             best = paired_interval(a.by_seed, b.by_seed)
             if best is None:
-                out.append(ClaimCheck(claim["text"], column, None, None, paper, 0, margin, "no runs"))
+                out.append(ClaimCheck(text, column, None, None, paper, 0, margin, "no runs"))
                 continue
             on_best = _verdict(best, margin)
             on_last = _verdict(paired_interval(a.last_by_seed, b.last_by_seed), margin)
             verdict = on_best if on_best == on_last or on_last == "no runs" else \
                 f"unresolved: best {on_best}, last {on_last}"
             counts = "/".join(f"{statistics.median(c.evaluations):g}" if c.evaluations else "?" for c in (a, b))
-            out.append(ClaimCheck(claim["text"], column, best[0], best[1], paper, best[2], margin, verdict,
+            out.append(ClaimCheck(text, column, best[0], best[1], paper, best[2], margin, verdict,
                                   on_best, on_last, counts))
     return out
 
