@@ -158,12 +158,13 @@ def validate(cfg: RunConfig) -> None:
                  f"pruning={cfg.pruning.method} reads the tuned weight W + ΔW, but PEFT method {peft_method.type} has "
                  f"no ΔW that dsee-cli can read (its merge is not W + a weight of its own). It trains with "
                  f"pruning=none; pruning works after: {', '.join(DELTA_TYPES)}.")
-        _require(not (cfg.pruning.method == "sparsegpt" and peft_method.delta_reads_weight),
-                 f"pruning=sparsegpt rewrites the kept weights (W' = its OBS update) and stores W' − M⊙ΔW as the "
+        _require(not (cfg.pruning.reconstructs and peft_method.delta_reads_weight),
+                 f"{'pruning=sparsegpt' if cfg.pruning.method == 'sparsegpt' else 'pruning.criterion=obs'} rewrites "
+                 f"the kept weights (W' = its OBS update) and stores W' − M⊙ΔW as the "
                  f"base, so that M⊙(W + ΔW) computes W'; PEFT method {peft_method.label}'s ΔW reads W itself "
                  f"(DoRA: the row norm of W + BA; HiRA: W ⊙ BA), so the stored base would change ΔW and the "
-                 f"layer would not compute W'. Use pruning=wanda (which changes no kept weight), or adapter=lora "
-                 f"or dsee with sparsegpt.")
+                 f"layer would not compute W'. Use pruning=wanda or pruning.criterion=tuned_wanda (which change no "
+                 f"kept weight), or adapter=lora or dsee with OBS.")
         _require(not pruner.removes_heads or peft_method.shrinkable,
                  f"pruning={cfg.pruning.method} removes heads and channels, so every adapter factor must lose their "
                  f"rows; PEFT method {peft_method.type}'s cannot (shared or Kronecker factors). Use "

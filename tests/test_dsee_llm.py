@@ -180,3 +180,35 @@ def test_epochs_scale_multiplies_a_phase_and_is_checked():
     assert steps["twice"]["recovery"] == steps["base"]["recovery"]
     with pytest.raises(DSEEError, match=r"trainer.recovery.epochs_scale=0.0 must be > 0"):
         compose("trainer.recovery.epochs_scale=0").trainer.check()
+
+
+def test_obs_is_sparsegpt_on_the_tuned_weight_and_the_layer_computes_its_update():
+    """criterion=obs: the same masks and the same computed weights as pruning=sparsegpt on the tuned model;
+    each adapted layer computes M⊙(W + ΔW) = W', the OBS-updated weight (not the tuned weight masked)."""
+    from dsee_cli.pruning.calibrated import effective_weight
+
+    model, batches = _adapted_llama()
+    twin, before = copy.deepcopy(model), copy.deepcopy(model)
+    info = _prune(model, batches, criterion="obs", granularity="row")
+    PRUNERS["sparsegpt"].prune(twin, PruningConfig(method="sparsegpt"), 0.5, 0, lambda: None,
+                               lambda: CalibrationInputs(batches, {"source": "test"}))
+    changed = 0
+    for name, module in block_linears(model).items():
+        theirs, original = block_linears(twin)[name], block_linears(before)[name]
+        ours_w = effective_weight(module) * (module.mask if hasattr(module, "base") else 1)
+        their_w = effective_weight(theirs) * (theirs.mask if hasattr(theirs, "base") else 1)
+        torch.testing.assert_close(ours_w, their_w)
+        kept = ours_w != 0
+        changed += int((ours_w - effective_weight(original))[kept].abs().gt(1e-6).sum())
+    assert changed > 0  # kept weights were updated, as OBS does
+    assert info["score"].startswith("OBS") and info["granularity"] == "blocks of 128 columns"
+
+
+def test_obs_is_refused_with_a_delta_that_reads_the_weight_and_per_matrix():
+    from dsee_cli.config import validate
+
+    cfg = compose("task=wikitext2", "profile=smoke", "adapter=dora", "pruning.criterion=obs")
+    with pytest.raises(DSEEError, match=r"pruning.criterion=obs rewrites the kept weights.*reads W"):
+        validate(cfg)
+    with pytest.raises(DSEEError, match=r"granularity=matrix cannot go with pruning.criterion=obs"):
+        PruningConfig(criterion="obs", granularity="matrix").check(0.5)

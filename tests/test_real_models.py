@@ -145,6 +145,29 @@ def test_wanda_with_recovery_lowers_perplexity_and_the_merged_export_keeps_the_m
         assert set((w == 0).sum(1).tolist()) == {w.shape[1] // 2}, name  # Wanda's per-row half, still exact
 
 
+def test_the_decoders_default_dsee_lands_far_below_magnitude(smollm2, texts, tmp_path):
+    """The quick start's command with no pruning settings (pruning.criterion=auto on a decoder: the
+    variant experiment=dsee-llm chose), on the real model: a short phase I, pruning at 50 %, a short
+    recovery. It must land below a tenth of one-shot magnitude's perplexity (measured: magnitude
+    318; this run DEFAULT_MEASURED) and below one-shot Wanda's on the same calibration (25.32)."""
+    from dsee_cli.pruning import DECODER_DEFAULT
+
+    calibration = tmp_path / "train.txt"
+    calibration.write_text(texts["train"])
+    magnitude = _pruned_ppl("magnitude", "50%", "float32", texts)
+    wanda = _pruned_ppl("wanda", "50%", "float32", texts)
+    run = run_in_process(
+        tmp_path / "default", "task=pydoc", "model=smollm2-135m", "model.dtype=float32", "sparsity=0.5", "seed=0",
+        f"task.seq_len={SEQ}", f"task.max_eval_samples={TEST_WINDOWS}", f"pruning.calibration.source={calibration}",
+        f"pruning.calibration.samples={CALIBRATION}", "trainer.batch_size=4", "trainer.eval_batch_size=8",
+        "trainer.threads=0", "trainer.max_steps=12", "trainer.eval_every=12", "task.lr=5e-4",
+        "task.recovery_lr=5e-4", messages=[])
+    ppl = run["final"]["generation"]["test/ppl"]
+    print(f"SmolLM2-135M, the decoders' default at 50 %: {ppl:.2f} (magnitude {magnitude:.1f}, Wanda {wanda:.2f})")
+    assert (run["pruning"]["criterion"], run["pruning"]["granularity"]) == DECODER_DEFAULT
+    assert ppl < magnitude / 10 and ppl < wanda
+
+
 @pytest.mark.parametrize("unit,k,heads,kv", [("query-heads", 3, 6, 3), ("kv-group", 3, 6, 2)])
 def test_gqa_exports_of_the_real_model_load_with_plain_transformers(smollm2, tmp_path, unit, k, heads, kv):
     """One query head from each of the 3 KV groups, or one whole KV group (its key/value head and 3

@@ -43,10 +43,11 @@ from dsee_cli.tuning.adapters import DeltaLayer
 SCOPES = ("blocks", "adapted")
 # what each criterion scores, as the terminal and metrics.json say it (|W| where a layer is not adapted)
 CRITERION_SCORES = {"delta": "|ΔW|", "delta_plus_weight": "|W + ΔW|", "weight": "|W|", "random": "random",
-                    "delta_wanda": "|ΔW|·‖X‖", "tuned_wanda": "|W + ΔW|·‖X‖"}
-# Calibrated criteria multiply a weight term by Wanda's activation norms ‖X_j‖ (from calibration inputs):
-# delta_wanda |ΔW|·‖X‖, tuned_wanda |W + ΔW|·‖X‖ (Wanda on the tuned weight); |W|·‖X‖ where not adapted.
-CALIBRATED_CRITERIA = ("delta_wanda", "tuned_wanda")
+                    "delta_wanda": "|ΔW|·‖X‖", "tuned_wanda": "|W + ΔW|·‖X‖",
+                    "obs": "OBS on W + ΔW (kept weights updated)"}
+# Calibrated criteria read calibration inputs: delta_wanda |ΔW|·‖X‖, tuned_wanda |W + ΔW|·‖X‖ (Wanda on the
+# tuned weight; |W|·‖X‖ where not adapted), obs: SparseGPT's OBS reconstruction of the tuned weight W + ΔW.
+CALIBRATED_CRITERIA = ("delta_wanda", "tuned_wanda", "obs")
 CRITERIA = ("delta", "delta_plus_weight", "weight", "random", *CALIBRATED_CRITERIA)
 GRANULARITIES = ("global", "layer", "matrix", "row")
 # block by block, a block's scores exist only once the blocks before it are pruned: no threshold spans blocks
@@ -64,10 +65,11 @@ class PruningConfig:
     are passed alongside: they are run-level settings other phases read too."""
 
     method: str = "unstructured"  # unstructured, nm, structured (heads), imp, earlybert or none
-    # the score: delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|, random; calibrated: delta_wanda |ΔW|·‖X‖,
-    # tuned_wanda |W + ΔW|·‖X‖
+    # the score: auto (decoders: tuned_wanda, encoders: delta), delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|,
+    # random; calibrated: delta_wanda |ΔW|·‖X‖, tuned_wanda |W + ΔW|·‖X‖
     criterion: str = "delta"
-    # global: one threshold per pool; layer: per transformer block; matrix: per matrix; row: per output row
+    # auto (decoders and calibrated criteria: row, encoders: global), global: one threshold per pool; layer: per
+    # transformer block; matrix: per matrix; row: per output row
     granularity: str = "global"
     n: int = 2  # nm: keep n of every m
     m: int = 4  # nm: the group size
@@ -103,6 +105,11 @@ class PruningConfig:
         return (self.n, self.m) if self.method == "nm" or self.nm else None
 
     @property
+    def reconstructs(self) -> bool:
+        """Rewrites the kept weights (OBS): pruning=sparsegpt, or a mask pruner with criterion=obs."""
+        return self.method == "sparsegpt" or (self.pruner.prune is _prune_by_masks and self.criterion == "obs")
+
+    @property
     def calibrated(self) -> bool:
         """Reads calibration inputs: Wanda, SparseGPT, or a mask pruner with a calibrated criterion."""
         return self.pruner.calibrated or (self.pruner.prune is _prune_by_masks
@@ -136,7 +143,7 @@ class PruningConfig:
             raise DSEEError(f"sparsity={sparsity} is out of range: it must be in [0, 1).")
         if self.pattern and not 0 < self.n < self.m:
             raise DSEEError(f"N:M pruning needs 0 < n < m, got pruning.n={self.n}, pruning.m={self.m}.")
-        if self.method == "sparsegpt" and (self.blocksize < 1 or (self.pattern and self.blocksize % self.m)):
+        if self.reconstructs and (self.blocksize < 1 or (self.pattern and self.blocksize % self.m)):
             raise DSEEError(f"pruning.blocksize={self.blocksize} is invalid for SparseGPT"
                             + (f" with N:M: its lazy blocks of columns must hold whole groups of m={self.m} inputs "
                                f"(a multiple of {self.m}, e.g. 128)." if self.blocksize >= 1 else ": it must be >= 1."))
@@ -161,6 +168,9 @@ class PruningConfig:
         if self.criterion in CALIBRATED_CRITERIA and self.pruner.prune is not _prune_by_masks:
             raise DSEEError(f"pruning.criterion={self.criterion} scores single weights from calibration inputs; use "
                             f"it with pruning=unstructured or nm, not pruning={self.method}.")
+        if self.criterion == "obs" and self.granularity == "matrix" and not self.pattern:
+            raise DSEEError("pruning.granularity=matrix cannot go with pruning.criterion=obs: OBS chooses its mask per "
+                            "block of pruning.blocksize columns, as SparseGPT. Leave pruning.granularity=auto.")
         if (self.criterion in CALIBRATED_CRITERIA and self.pruner.prune is _prune_by_masks and not self.pattern
                 and self.granularity not in CALIBRATED_GRANULARITIES):
             raise DSEEError(f"pruning.granularity={self.granularity} cannot go with pruning.criterion="
@@ -216,6 +226,8 @@ def describe_score(s: PruningConfig) -> str:
     """What a mask pruner removes by, as the plan and the run's banner say it: '|ΔW|, one global threshold'."""
     grouping = {"global": "one global threshold", "layer": "a threshold per block", "matrix": "a threshold per matrix",
                 "row": "compared within each output row"}.get(s.granularity, s.granularity)
+    if s.criterion == "obs":
+        grouping = f"per block of {s.blocksize} columns"
     if s.pattern:
         grouping = f"{s.n} of every {s.m} inputs kept"
     return f"{CRITERION_SCORES.get(s.criterion, s.criterion)} ({s.criterion}), {grouping}"
@@ -307,7 +319,7 @@ def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed:
     nm = s.pattern
 
     def prune_linear(name, module, stats) -> torch.Tensor:
-        if s.method == "sparsegpt":
+        if s.reconstructs:
             updated, keep = sparsegpt(effective_weight(module), stats.hessian_matrix(), sparsity, nm, s.percdamp,
                                       s.blocksize)
             set_effective_weight(module, updated, keep)
@@ -320,14 +332,16 @@ def _prune_calibrated(model: nn.Module, s: PruningConfig, sparsity: float, seed:
         return _calibrated_keep(w, stats, s, sparsity)
 
     inputs = calibration()
-    masks, stats_bytes = prune_block_by_block(model, inputs.batches, prune_linear, hessian=s.method == "sparsegpt",
+    masks, stats_bytes = prune_block_by_block(model, inputs.batches, prune_linear, hessian=s.reconstructs,
                                               autocast=inputs.autocast, mask_delta=s.mask_delta)
     changed = {f"{n}.{m.base_path}.weight" if isinstance(m, DeltaLayer) else f"{n}.weight"
-               for n, m in block_linears(model).items()} if s.method == "sparsegpt" else set()
+               for n, m in block_linears(model).items()} if s.reconstructs else set()
     setattr(model, FROZEN_CHANGED, set(getattr(model, FROZEN_CHANGED, ())) | changed)  # checkpoints keep W'
     apply_masks(model, masks, s.mask_delta)
     score = {"wanda": "|W|·‖X‖", "sparsegpt": "OBS"}.get(s.method) or CRITERION_SCORES[s.criterion]
     grouping = "matrix" if s.method not in ("wanda", "sparsegpt") and not nm and s.granularity == "matrix" else "row"
+    if s.reconstructs and not nm:
+        grouping = f"blocks of {s.blocksize} columns"
     return {"method": s.method, "criterion": s.criterion if s.method not in ("wanda", "sparsegpt") else None,
             "score": score, "granularity": grouping, "sparsity": round(1 - nm[0] / nm[1] if nm else
             sparsity, 6), "pattern": f"{s.n}:{s.m}" if nm else "unstructured", "calibration": inputs.info,
