@@ -134,7 +134,8 @@ def validate(cfg: RunConfig) -> None:
              f"precision: trainer.precision=auto, bf16-mixed or 16-mixed, not 32-true.")
     for section in (cfg.adapter, cfg.omega, cfg.trainer, cfg.logger):
         section.check()
-    cfg.pruning.resolve_auto(decoder=cfg.task.name in CAUSAL_TASKS)  # the decoders' default, or the paper's
+    reads_w = cfg.adapter.tuning_method.peft and cfg.adapter.peft.delta_reads_weight
+    cfg.pruning.resolve_auto(decoder=cfg.task.name in CAUSAL_TASKS, delta_reads_weight=reads_w)  # or the paper's
     cfg.pruning.check(cfg.sparsity)
     method, pruner = cfg.adapter.tuning_method, cfg.pruning.pruner
     _require(cfg.adapter.method == "dsee" or cfg.adapter.omega_size == 0,

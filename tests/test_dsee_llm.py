@@ -136,10 +136,13 @@ def test_auto_is_the_decoders_default_and_the_papers_on_encoders_and_paper_recip
     assert (encoder.pruning.criterion, encoder.pruning.granularity) == ("delta", "global")
     assert (paper.pruning.criterion, paper.pruning.granularity) == ("delta", "global")
     assert (table4.pruning.criterion, table4.pruning.granularity) == ("delta", "global")
-    assert decoder.pruning.calibrated and not paper.pruning.calibrated
+    assert decoder.pruning.calibrated and decoder.pruning.reconstructs and not paper.pruning.calibrated
     delta_wanda = compose("task=wikitext2", "profile=smoke", "pruning.criterion=delta_wanda")
     validate(delta_wanda)
     assert delta_wanda.pruning.granularity == "row"
+    dora = compose("task=wikitext2", "profile=smoke", "adapter=dora", "sparsity=0.5")
+    validate(dora)  # OBS cannot store its update for a ΔW that reads W: Wanda's score on the tuned weight
+    assert (dora.pruning.criterion, dora.pruning.granularity) == ("tuned_wanda", "row")
 
 
 def test_the_warning_fires_for_the_collapsing_configuration_and_not_for_the_default():

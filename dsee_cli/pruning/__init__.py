@@ -53,9 +53,11 @@ GRANULARITIES = ("global", "layer", "matrix", "row")
 # block by block, a block's scores exist only once the blocks before it are pruned: no threshold spans blocks
 CALIBRATED_GRANULARITIES = ("matrix", "row")
 AUTO = "auto"  # pruning.criterion / granularity: chosen by the model family (resolve_auto)
-# The decoders' default (criterion, granularity), from experiment=dsee-llm on SmolLM2-135M (docs/llm.md);
-# encoders keep the paper's |ΔW| under one global threshold.
-DECODER_DEFAULT = ("tuned_wanda", "row")
+# The decoders' default (criterion, granularity), from experiment=dsee-llm on SmolLM2-135M (docs/llm.md): OBS on
+# the tuned weight; Wanda's score on it where ΔW reads W (DoRA, HiRA: OBS's update cannot be stored for them).
+# Encoders keep the paper's |ΔW| under one global threshold.
+DECODER_DEFAULT = ("obs", "row")
+DECODER_DEFAULT_WHEN_DELTA_READS_W = ("tuned_wanda", "row")
 ENCODER_DEFAULT = ("delta", "global")
 
 
@@ -65,8 +67,8 @@ class PruningConfig:
     are passed alongside: they are run-level settings other phases read too."""
 
     method: str = "unstructured"  # unstructured, nm, structured (heads), imp, earlybert or none
-    # the score: auto (decoders: tuned_wanda, encoders: delta), delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|,
-    # random; calibrated: delta_wanda |ΔW|·‖X‖, tuned_wanda |W + ΔW|·‖X‖
+    # the score: auto (decoders: obs, encoders: delta), delta |ΔW|, delta_plus_weight |W + ΔW|, weight |W|, random;
+    # calibrated: delta_wanda |ΔW|·‖X‖, tuned_wanda |W + ΔW|·‖X‖, obs (SparseGPT's OBS on W + ΔW)
     criterion: str = "delta"
     # auto (decoders and calibrated criteria: row, encoders: global), global: one threshold per pool; layer: per
     # transformer block; matrix: per matrix; row: per output row
@@ -115,10 +117,12 @@ class PruningConfig:
         return self.pruner.calibrated or (self.pruner.prune is _prune_by_masks
                                           and self.criterion in CALIBRATED_CRITERIA)
 
-    def resolve_auto(self, decoder: bool) -> None:
-        """Fill ``auto`` criterion / granularity in: the decoders' default or the paper's (encoders);
-        a calibrated criterion's grouping is per row (Wanda's) unless set."""
-        criterion, granularity = DECODER_DEFAULT if decoder else ENCODER_DEFAULT
+    def resolve_auto(self, decoder: bool, delta_reads_weight: bool = False) -> None:
+        """Fill ``auto`` criterion / granularity in: the decoders' default (``delta_reads_weight``:
+        DoRA's or HiRA's ΔW, which OBS cannot store) or the paper's (encoders); a calibrated
+        criterion's grouping is per row (Wanda's) unless set."""
+        criterion, granularity = ENCODER_DEFAULT if not decoder else \
+            DECODER_DEFAULT_WHEN_DELTA_READS_W if delta_reads_weight else DECODER_DEFAULT
         if self.criterion == AUTO:
             self.criterion = criterion
         if self.granularity == AUTO:
@@ -245,7 +249,7 @@ def collapse_warning(s: PruningConfig, sparsity: float, decoder: bool) -> str | 
     what = f"{s.n}:{s.m}" if s.pattern else f"granularity={s.granularity} at sparsity {sparsity:g}"
     return (f"pruning.criterion={s.criterion} with {what} is known to collapse a pretrained decoder: "
             f"{known[1]} (SmolLM2-135M, experiment=dsee-llm profile=mini; docs/llm.md). The decoders' default "
-            f"(pruning.criterion=auto: {DECODER_DEFAULT[0]}, per {DECODER_DEFAULT[1]}) does not.")
+            f"(pruning.criterion=auto: {DECODER_DEFAULT[0]}) does not.")
 
 
 def compute_masks(model: nn.Module, settings: PruningConfig, sparsity: float = 0.3, seed: int = 0
