@@ -157,6 +157,8 @@ def test_the_warning_fires_for_the_collapsing_configuration_and_not_for_the_defa
     assert "criterion=delta" in paper and "412" in paper and "collapse" in paper
     (nm,) = warnings("recipe=dsee-paper", "pattern=2of4")
     assert "2:4" in nm and "599" in nm
+    (row,) = warnings("recipe=dsee-llm-row", "sparsity=0.6")
+    assert "363 at 50 %" in row and "14.4" in row
     assert warnings("sparsity=0.5") == [] and warnings("pattern=2of4") == []  # the default
     assert warnings("recipe=dsee-paper", "sparsity=0.3") == []  # below what was measured
     assert warnings("recipe=dsee-paper", "sparsity=0.5", "pruning.scope=adapted") == []
