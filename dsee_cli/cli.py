@@ -142,11 +142,7 @@ def train_job(cfg) -> float | None:
     log = logging.getLogger("dsee")
     try:
         preflight(typed)
-        if world.main:
-            from dsee_cli.run.plan import plan_warnings
-            for warning in plan_warnings(typed):  # before any work: a configuration known to fail
-                console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-                log.warning("%s", warning, extra={"file_only": True})
+        warn_before_work(typed, world.main)
         tracker = Tracker(
             typed.logger.backend if world.main else "none", typed.logger.mode, typed.logger.project,
             typed.logger.entity, typed.logger.group or _default_group(typed.name), run_dir.name,
@@ -177,9 +173,8 @@ def train_job(cfg) -> float | None:
     if not world.main:  # rank 0 reports
         tracker.finish()
         return None
-    tracker.summary({"metrics": metrics["final"], "trainable_params": metrics["trainable_params"],
-                     "total_params_pct": metrics["total_params_pct"], "flops_ratio": metrics["flops_ratio"],
-                     "cost": metrics["cost"], "savings": metrics["savings"]})
+    tracker.summary({"metrics": metrics["final"], **{k: metrics[k] for k in (
+        "trainable_params", "total_params_pct", "flops_ratio", "cost", "savings")}})
     tracker.finish()
     console.print(results_table(metrics))
     console.print(f"metrics: {run_dir / 'metrics.json'}")
@@ -349,6 +344,17 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
             grid[key] = value.split(",")
     fixed = [o for o in fixed if o.partition("=")[0] not in grid]
     return [[*fixed, *(f"{k}={v.strip()}" for k, v in zip(grid, combo))] for combo in itertools.product(*grid.values())]
+
+
+def warn_before_work(cfg, main: bool) -> None:
+    """The plan's warnings (a configuration known to fail), on the terminal and in dsee.log, before any
+    work: by the main process only."""
+    from dsee_cli.reporting.tracking import console
+    from dsee_cli.run.plan import plan_warnings
+
+    for warning in plan_warnings(cfg) if main else []:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        logging.getLogger("dsee").warning("%s", warning, extra={"file_only": True})
 
 
 def print_plan(args: list[str]) -> int:

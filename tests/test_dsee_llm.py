@@ -17,7 +17,7 @@ from dsee_cli.pruning.calibrated import prune_block_by_block
 from dsee_cli.pruning.oneshot import wanda_masks
 from dsee_cli.run.plan import build_plan, plan_warnings
 
-from .conftest import run_dsee
+from .conftest import FAST, run_dsee
 from .helpers import compose, tiny, with_random_adapters
 from .test_calibration import _adapted_llama
 
@@ -217,3 +217,14 @@ def test_obs_is_refused_with_a_delta_that_reads_the_weight_and_per_matrix():
         validate(cfg)
     with pytest.raises(DSEEError, match=r"granularity=matrix cannot go with pruning.criterion=obs"):
         PruningConfig(criterion="obs", granularity="matrix").check(0.5)
+
+
+@pytest.mark.slow
+def test_the_run_warns_on_its_terminal_and_in_its_log_and_the_banner_names_the_score(tmp_path):
+    out = run_dsee([*FAST, "task=wikitext2", "profile=smoke", "recipe=dsee-paper", "sparsity=0.5",
+                    "trainer.max_steps=2", "export=false", "hydra.run.dir=run"], tmp_path, env_extra={"COLUMNS": "100"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = " ".join(out.stdout.split())
+    assert text.index("warning: pruning.criterion=delta") < text.index("Phase I")  # before any work
+    assert "Phase II: unstructured pruning by |ΔW| (delta), one global threshold" in text
+    assert "known to collapse" in (tmp_path / "run" / "dsee.log").read_text()
