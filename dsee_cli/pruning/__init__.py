@@ -44,7 +44,7 @@ SCOPES = ("blocks", "adapted")
 # what each criterion scores, as the terminal and metrics.json say it (|W| where a layer is not adapted)
 CRITERION_SCORES = {"delta": "|ΔW|", "delta_plus_weight": "|W + ΔW|", "weight": "|W|", "random": "random",
                     "delta_wanda": "|ΔW|·‖X‖", "tuned_wanda": "|W + ΔW|·‖X‖",
-                    "obs": "OBS on W + ΔW (kept weights updated)"}
+                    "obs": "OBS on W + ΔW"}  # SparseGPT's: the kept weights are updated
 # Calibrated criteria read calibration inputs: delta_wanda |ΔW|·‖X‖, tuned_wanda |W + ΔW|·‖X‖ (Wanda on the
 # tuned weight; |W|·‖X‖ where not adapted), obs: SparseGPT's OBS reconstruction of the tuned weight W + ΔW.
 CALIBRATED_CRITERIA = ("delta_wanda", "tuned_wanda", "obs")
