@@ -346,15 +346,16 @@ def sweep_jobs(args: list[str]) -> list[list[str]]:
     return [[*fixed, *(f"{k}={v.strip()}" for k, v in zip(grid, combo))] for combo in itertools.product(*grid.values())]
 
 
-def warn_before_work(cfg, main: bool) -> None:
+def warn_before_work(cfg, main: bool, console=None) -> None:
     """The plan's warnings (a configuration known to fail), on the terminal and in dsee.log, before any
-    work: by the main process only."""
-    from dsee_cli.reporting.tracking import console
+    work: by the main process only. ``console``: --plan's (no run, no dsee.log), else the run's."""
+    from dsee_cli.reporting.tracking import console as run_console
     from dsee_cli.run.plan import plan_warnings
 
     for warning in plan_warnings(cfg) if main else []:
-        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
-        logging.getLogger("dsee").warning("%s", warning, extra={"file_only": True})
+        (console or run_console).print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        if console is None:
+            logging.getLogger("dsee").warning("%s", warning, extra={"file_only": True})
 
 
 def print_plan(args: list[str]) -> int:
@@ -364,7 +365,7 @@ def print_plan(args: list[str]) -> int:
 
     from dsee_cli.config import validate
     from dsee_cli.errors import DSEEError
-    from dsee_cli.run.plan import build_plan, plan_warnings, will_reuse
+    from dsee_cli.run.plan import build_plan, will_reuse
     from dsee_cli.run.steps import StepStore
 
     console = Console(width=None if sys.stdout.isatty() else 100)
@@ -387,8 +388,7 @@ def print_plan(args: list[str]) -> int:
                 total["all"] += step.optimizer_steps
                 total["computed"] += 0 if reuse.get(step.name) else step.optimizer_steps
             console.print(table)
-            for warning in plan_warnings(cfg):
-                console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+            warn_before_work(cfg, True, console)
     except DSEEError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
