@@ -149,10 +149,11 @@ def validate(cfg: RunConfig) -> None:
              f"schedule), so it takes no separate pruning phase: use pruning=none, not pruning={cfg.pruning.method}.")
     if method.sparse_training:
         cfg.adapter.sparse_training.schedule.check(cfg.sparsity)
-    _require(not (pruner.needs_delta and not method.delta),
-             f"pruning=structured scores heads by |ΔW| of the adapted projections, which adapter="
-             f"{cfg.adapter.method} does not have; use adapter=dsee, lora or a PEFT method (adapter=dora, shira, "
-             f"hira, ...), or pruning=earlybert (learned head importance).")
+    _require(not (pruner.needs_delta and cfg.pruning.reads_delta and not method.delta),
+             f"pruning=structured with pruning.criterion={cfg.pruning.criterion} scores heads by |ΔW| of the adapted "
+             f"projections, which adapter={cfg.adapter.method} does not have; use adapter=dsee, lora or a PEFT method "
+             f"(adapter=dora, shira, hira, ...), pruning.criterion=activation (calibration activations), or "
+             f"pruning=earlybert (learned head importance).")
     if method.peft and pruner.prune is not None:
         peft_method = cfg.adapter.peft
         _require(peft_method.has_delta,

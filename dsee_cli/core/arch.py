@@ -107,6 +107,19 @@ class Mlp:
 
 
 @dataclass(frozen=True)
+class Residual:
+    """Where a family's residual stream (hidden width) lives, for hidden-channel pruning: the token
+    embedding (a column per channel), the RMSNorms of each block and the final one (a weight per
+    channel), relative to the base model and to a block. The projections that read the stream
+    (q, k, v, the expanding MLP ones, the task head) and write it (o, the contracting MLP one)
+    come from ``Attention`` and ``Mlp``."""
+
+    embedding: str
+    block_norms: tuple[str, ...]
+    final_norm: str
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     layers: str  # the ModuleList of blocks, from the base model
@@ -118,6 +131,7 @@ class Family:
     # the config keys that state pruned shapes (heads, kv heads, head dim, FFN channels), where the
     # family's config can: then a uniformly pruned export loads with plain from_pretrained
     shape_keys: dict[str, str] | None = None
+    residual: Residual | None = None  # None: the blocks cannot shrink their residual width here
 
 
 def _bert_heads(sa: nn.Module) -> tuple[int, int, int]:
@@ -172,7 +186,8 @@ DECODER = Family(
     {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
      "down": "down_proj"},
     {"heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "head_dim": "head_dim",
-     "ffn": "intermediate_size"},
+     "ffn": "intermediate_size", "hidden": "hidden_size"},
+    Residual("embed_tokens", ("input_layernorm", "post_attention_layernorm"), "norm"),
 )
 # By model type; decoder LLMs (llama, mistral, qwen2, qwen3, ...) by their modules (_built_like_decoder)
 FAMILIES = {"bert": BERT, "roberta": BERT, "xlm-roberta": BERT, "gpt2": GPT2}
@@ -369,12 +384,30 @@ def mlp_units(model: nn.Module) -> list[MlpUnit]:
     return units
 
 
+def hidden_width(model: nn.Module) -> int:
+    """The residual stream's width as the weights have it (the config's before hidden pruning)."""
+    return dims(model.get_submodule(attention_units(model)[0].q[0]))[1]
+
+
+def config_accepts(config, keys: dict[str, str], values: dict[str, int]) -> bool:
+    """Whether the config class accepts these shapes (its own validation: LlamaConfig wants the
+    hidden size a multiple of the head count; Qwen2's and Mistral's do not)."""
+    stated = copy.deepcopy(config)
+    for key, value in values.items():
+        setattr(stated, keys[key], value)
+    try:
+        getattr(stated, "validate", lambda: None)()
+    except Exception:
+        return False
+    return True
+
+
 def state_pruned_shapes(model: nn.Module) -> bool:
-    """Write the pruned head counts and FFN width into the config where the family's config can
-    state them, every layer has the same shapes and the config class accepts them (then the model
-    loads with plain ``from_pretrained``). False where it cannot: the removed units must then be
-    replayed (``load_merged``). LlamaConfig, for one, wants the hidden size a multiple of the
-    head count: 32 heads of Llama-3.2-1B can become 16 or 8 that way, not 24."""
+    """Write the pruned head counts, FFN width and hidden size into the config where the family's
+    config can state them, every layer has the same shapes and the config class accepts them (then
+    the model loads with plain ``from_pretrained``). False where it cannot: the removed units must
+    then be replayed (``load_merged``). LlamaConfig, for one, wants the hidden size a multiple of
+    the head count: 32 heads of Llama-3.2-1B can become 16 or 8 that way, not 24."""
     keys = family_of(model).shape_keys
     if keys is None:
         return False
@@ -383,15 +416,11 @@ def state_pruned_shapes(model: nn.Module) -> bool:
     if len(heads) != 1 or len(ffn) != 1:
         return False
     ((q, kv, hd),), (channels,) = heads, ffn
-    stated = copy.deepcopy(model.config)
-    for key, value in zip(("heads", "kv_heads", "head_dim", "ffn"), (q, kv, hd, channels)):
-        setattr(stated, keys[key], value)
-    try:  # the config class's own rules (LlamaConfig wants the hidden size a multiple of the head count)
-        getattr(stated, "validate", lambda: None)()
-    except Exception:
+    values = {"heads": q, "kv_heads": kv, "head_dim": hd, "ffn": channels, "hidden": hidden_width(model)}
+    if not config_accepts(model.config, keys, values):
         return False
-    for key in keys.values():
-        setattr(model.config, key, getattr(stated, key))
+    for name, value in values.items():  # head_dim stated even where the class derives it (Qwen2's reads it)
+        setattr(model.config, keys[name], value)
     return True
 
 

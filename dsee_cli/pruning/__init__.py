@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dsee_cli.core import dist
-from dsee_cli.core.arch import attention_units, block_linears, dims, weight_out_in
+from dsee_cli.core.arch import attention_units, block_linears, dims, hidden_width, mlp_units, weight_out_in
 from dsee_cli.core.selection import smallest_k_mask
 from dsee_cli.data.calibration import CalibrationConfig, CalibrationInputs
 from dsee_cli.errors import DSEEError, choice_error
@@ -37,6 +37,8 @@ from dsee_cli.pruning.heads import (
 )
 from dsee_cli.pruning.masks import apply_masks, nm_masks, reapply_masks, score_pieces, unstructured_masks
 from dsee_cli.pruning.oneshot import sparsegpt, wanda_masks, wanda_scores
+from dsee_cli.pruning.residual import activation_scores, delta_hidden_scores, prune_hidden
+from dsee_cli.pruning.shapes import SHAPES, ShapePlan, plan_shapes
 from dsee_cli.pruning.slimming import FROZEN_CHANGED, lowest_units, slim_and_prune
 from dsee_cli.tuning.adapters import DeltaLayer
 
@@ -44,11 +46,16 @@ SCOPES = ("blocks", "adapted")
 # what each criterion scores, as the terminal and metrics.json say it (|W| where a layer is not adapted)
 CRITERION_SCORES = {"delta": "|ΔW|", "delta_plus_weight": "|W + ΔW|", "weight": "|W|", "random": "random",
                     "delta_wanda": "|ΔW|·‖X‖", "tuned_wanda": "|W + ΔW|·‖X‖",
-                    "obs": "OBS on W + ΔW"}  # SparseGPT's: the kept weights are updated
+                    "obs": "OBS on W + ΔW",  # SparseGPT's: the kept weights are updated
+                    "activation": "‖X‖ of each unit's output"}  # structured: Minitron's, from calibration
 # Calibrated criteria read calibration inputs: delta_wanda |ΔW|·‖X‖, tuned_wanda |W + ΔW|·‖X‖ (Wanda on the
 # tuned weight; |W|·‖X‖ where not adapted), obs: SparseGPT's OBS reconstruction of the tuned weight W + ΔW.
 CALIBRATED_CRITERIA = ("delta_wanda", "tuned_wanda", "obs")
-CRITERIA = ("delta", "delta_plus_weight", "weight", "random", *CALIBRATED_CRITERIA)
+CRITERIA = ("delta", "delta_plus_weight", "weight", "random", *CALIBRATED_CRITERIA, "activation")
+# pruning=structured ranks heads, MLP channels and hidden channels by one of these; activation (Minitron's: the
+# norm of each unit's output over the calibration tokens) is the decoders' default, |ΔW| (delta) the encoders'
+STRUCTURED_CRITERIA = ("delta", "delta_plus_weight", "weight", "random", "activation")
+STRUCTURED_DECODER_DEFAULT = "activation"
 GRANULARITIES = ("global", "layer", "matrix", "row")
 # block by block, a block's scores exist only once the blocks before it are pruned: no threshold spans blocks
 CALIBRATED_GRANULARITIES = ("matrix", "row")
@@ -83,7 +90,15 @@ class PruningConfig:
     # structured / earlybert: a fraction of each layer's query heads instead of heads_to_remove (0: the count),
     # rounded to what the unit allows (query-heads: multiples of the key/value heads; kv-group: of the group size)
     head_fraction: float = 0.0
-    ffn_channels: float = 0.0  # structured: fraction of each layer's MLP channels removed (SwiGLU: gate, up, down)
+    ffn_channels: float = 0.0  # structured: MLP channels removed per layer, a fraction (< 1) or a count (SwiGLU)
+    # structured: residual-stream channels removed (the hidden width: embeddings, every norm, every projection's
+    # input or output, the LM head), a fraction (< 1) or a count; decoders built like Llama
+    hidden_channels: float = 0.0
+    # structured: servable (every layer alike, counts the family's config class accepts, MLP and hidden widths in
+    # multiples of multiple_of: any serving stack loads the export), free (the counts asked for; exported for
+    # dsee's load_merged where the config cannot state them), auto (servable for decoder families)
+    shapes: str = "auto"
+    multiple_of: int = 64  # structured, servable shapes: MLP channels and hidden width kept in multiples of this
     mask_delta: bool = True  # false: the reference behaviour, ΔW stays dense in recovery
     scope: str = "blocks"  # blocks: every linear in the blocks; adapted: only the adapted matrices (Table 7)
     rounds: int = 1  # imp: prune-retrain rounds
@@ -113,9 +128,19 @@ class PruningConfig:
 
     @property
     def calibrated(self) -> bool:
-        """Reads calibration inputs: Wanda, SparseGPT, or a mask pruner with a calibrated criterion."""
-        return self.pruner.calibrated or (self.pruner.prune is _prune_by_masks
-                                          and self.criterion in CALIBRATED_CRITERIA)
+        """Reads calibration inputs: Wanda, SparseGPT, a mask pruner with a calibrated criterion,
+        structured pruning by activations."""
+        return self.pruner.calibrated or (self.pruner.prune is _prune_by_masks and self.criterion in
+                                          CALIBRATED_CRITERIA) or (self.structured and self.criterion == "activation")
+
+    @property
+    def structured(self) -> bool:
+        return self.pruner.prune is _prune_structured
+
+    @property
+    def reads_delta(self) -> bool:
+        """The criterion reads ΔW (so the tuning method must have one)."""
+        return self.criterion in ("delta", "delta_plus_weight", "delta_wanda")
 
     def resolve_auto(self, decoder: bool, delta_reads_weight: bool = False) -> None:
         """Fill ``auto`` criterion / granularity in: the decoders' default (``delta_reads_weight``:
@@ -123,6 +148,8 @@ class PruningConfig:
         criterion's grouping is per row (Wanda's) unless set."""
         criterion, granularity = ENCODER_DEFAULT if not decoder else \
             DECODER_DEFAULT_WHEN_DELTA_READS_W if delta_reads_weight else DECODER_DEFAULT
+        if self.method in PRUNERS and self.structured:  # units, not weights: Minitron's activations on decoders
+            criterion = STRUCTURED_DECODER_DEFAULT if decoder else ENCODER_DEFAULT[0]
         if self.criterion == AUTO:
             self.criterion = criterion
         if self.granularity == AUTO:
@@ -165,11 +192,29 @@ class PruningConfig:
             raise choice_error("head pruning unit (pruning.unit)", self.unit, HEAD_UNITS)
         if not 0.0 <= self.head_fraction < 1.0:
             raise DSEEError(f"pruning.head_fraction={self.head_fraction} is out of range: it must be in [0, 1).")
-        if not 0.0 <= self.ffn_channels < 1.0:
-            raise DSEEError(f"pruning.ffn_channels={self.ffn_channels} is out of range: it must be in [0, 1).")
+        for key in ("ffn_channels", "hidden_channels"):
+            value = getattr(self, key)
+            if value < 0 or (value >= 1 and value != int(value)):
+                raise DSEEError(f"pruning.{key}={value:g} is invalid: a fraction in [0, 1) or a whole count.")
+        if self.shapes not in SHAPES:
+            raise choice_error("shape rule (pruning.shapes)", self.shapes, SHAPES)
+        if self.multiple_of < 1:
+            raise DSEEError(f"pruning.multiple_of={self.multiple_of} must be >= 1 (64: what tensor cores prefer; 1: "
+                            f"any count).")
+        if self.hidden_channels and not self.structured:
+            raise DSEEError(f"pruning.hidden_channels={self.hidden_channels:g} removes residual channels, which only "
+                            f"pruning=structured does; not pruning={self.method}.")
+        if self.structured and self.criterion not in STRUCTURED_CRITERIA:
+            raise DSEEError(f"pruning.criterion={self.criterion} scores single weights; pruning=structured ranks "
+                            f"heads and channels. Valid choices: {', '.join(STRUCTURED_CRITERIA)}, auto.")
+        if self.criterion == "activation" and not self.structured:
+            raise DSEEError(f"pruning.criterion=activation ranks heads, MLP channels and hidden channels by their "
+                            f"outputs on calibration data (Minitron's); it goes with pruning=structured, not "
+                            f"pruning={self.method}.")
         if self.heads_to_remove < 0:
             raise DSEEError(f"pruning.heads_to_remove={self.heads_to_remove} must be >= 0.")
-        if self.criterion in CALIBRATED_CRITERIA and self.pruner.prune is not _prune_by_masks:
+        if self.criterion in CALIBRATED_CRITERIA and self.pruner.prune is not _prune_by_masks and \
+                not self.structured:
             raise DSEEError(f"pruning.criterion={self.criterion} scores single weights from calibration inputs; use "
                             f"it with pruning=unstructured or nm, not pruning={self.method}.")
         if self.criterion == "obs" and self.granularity == "matrix" and not self.pattern:
@@ -283,24 +328,57 @@ def head_count(model: nn.Module, s: PruningConfig) -> int:
     return k
 
 
-def _structured_choice(model: nn.Module, s: PruningConfig, seed: int) -> tuple[dict, dict]:
-    k = head_count(model, s)
-    heads = choose_heads(head_scores(model, s.criterion, seed), s.unit, k) if k else {}
-    channels = {layer: lowest_units(scores, s.ffn_channels)
-                for layer, scores in enumerate(channel_scores(model, s.criterion, seed))} if s.ffn_channels else {}
-    return heads, channels
+def structure_plan(model: nn.Module, s: PruningConfig) -> ShapePlan:
+    """The shapes this structured configuration keeps (servable rounding stated in its notes);
+    an error where it cannot be honoured. Works on a model with no weights (meta device)."""
+    return plan_shapes(model, s.unit, head_count(model, s), s.ffn_channels, s.hidden_channels, s.shapes,
+                       s.multiple_of)
+
+
+def _lowest(scores: torch.Tensor, k: int) -> list[int]:
+    return sorted(torch.sort(scores, stable=True).indices[:k].tolist()) if k else []
+
+
+def _structured_choice(model: nn.Module, s: PruningConfig, seed: int, calibration) -> tuple[dict, dict, list, dict]:
+    """What goes: query heads and MLP channels per layer, residual channels; all scored on the model
+    before any of them is removed."""
+    plan = structure_plan(model, s)
+    info: dict = {"shapes": plan.shapes, "rounding": plan.notes}
+    if s.criterion == "activation":
+        inputs = calibration()
+        scores = activation_scores(model, inputs.batches, inputs.autocast)
+        heads_s, channels_s, hidden_s = scores.heads, scores.channels, scores.hidden
+        info |= {"calibration": inputs.info, "calibration_tokens": scores.tokens,
+                 "hidden_score": "‖X‖ of each block's two normed streams (q_proj's and gate_proj's input), summed"}
+    else:
+        heads_s = head_scores(model, s.criterion, seed) if plan.heads_removed else None
+        channels_s = channel_scores(model, s.criterion, seed) if plan.channels_removed else []
+        hidden_s = delta_hidden_scores(model, s.criterion, seed) if plan.hidden_removed else None
+        if plan.hidden_removed:
+            info["hidden_score"] = f"{CRITERION_SCORES[s.criterion]} of the adapted projections reading or writing " \
+                                   f"the stream (columns of q, k, v, gate, up; rows of o, down)"
+    heads = choose_heads(heads_s, s.unit, plan.heads_removed) if plan.heads_removed else {}
+    channels = {layer: _lowest(c, plan.channels_removed) for layer, c in enumerate(channels_s)} \
+        if plan.channels_removed else {}
+    hidden = _lowest(hidden_s, plan.hidden_removed) if plan.hidden_removed else []
+    return heads, channels, hidden, info
 
 
 def _prune_structured(model: nn.Module, s: PruningConfig, sparsity: float, seed: int, rewind, calibration) -> dict:
-    heads, channels = dist.on_main(lambda: _structured_choice(model, s, seed))  # decided once, on rank 0
+    heads, channels, hidden, info = dist.on_main(lambda: _structured_choice(model, s, seed, calibration))
     if heads:
         prune_heads(model, heads)
     if channels:
         prune_ffn(model, channels)
-    return {"method": s.method, "criterion": s.criterion, "unit": s.unit,
+    if hidden:
+        removed = set(hidden)
+        prune_hidden(model, torch.tensor([i for i in range(hidden_width(model)) if i not in removed]))
+    return {"method": s.method, "criterion": s.criterion, "score": CRITERION_SCORES[s.criterion], "unit": s.unit,
             "heads_removed": {str(k): v for k, v in heads.items()},
             "heads_per_layer": {str(u.layer): [u.num_heads, u.num_kv_heads] for u in attention_units(model)},
-            "ffn_removed": {str(k): len(v) for k, v in channels.items()}}
+            "ffn_removed": {str(k): len(v) for k, v in channels.items()},
+            "ffn_channels_per_layer": mlp_units(model)[0].channels, "hidden_removed": len(hidden),
+            "hidden_size": hidden_width(model), **info}
 
 
 def _delta_or_weight(module: nn.Module) -> torch.Tensor:
@@ -364,7 +442,8 @@ for _pruner in (
     Pruner("none", "no pruning", None),
     Pruner("unstructured", "unstructured pruning", _prune_by_masks),
     Pruner("nm", "N:M pruning", _prune_by_masks),
-    Pruner("structured", "structured pruning", _prune_structured, removes_heads=True, needs_delta=True),
+    Pruner("structured", "structured pruning (heads, MLP channels, hidden width)", _prune_structured,
+           removes_heads=True, needs_delta=True),
     Pruner("imp", "IMP pruning", _prune_by_masks, rounds=True),
     Pruner("earlybert", "EarlyBERT pruning", _prune_slimmed, removes_heads=True, slimming=True),
     Pruner("wanda", "Wanda pruning (|W|·‖X‖, per output row)", _prune_calibrated, calibrated=True),
@@ -373,6 +452,6 @@ for _pruner in (
     register(_pruner)
 
 __all__ = ["CALIBRATED_CRITERIA", "CRITERIA", "CRITERION_SCORES", "DECODER_COLLAPSES", "DECODER_DEFAULT",
-           "HEAD_UNITS", "PRUNERS", "Pruner", "PruningConfig", "apply_masks", "check_head_removal", "choose_heads",
+           "HEAD_UNITS", "PRUNERS", "STRUCTURED_CRITERIA", "Pruner", "PruningConfig", "apply_masks", "check_head_removal", "choose_heads",
            "collapse_warning", "compute_masks", "describe_score", "head_count", "head_scores", "lowest_heads",
-           "prune_ffn", "prune_heads", "reapply_masks", "register", "score_pieces"]
+           "prune_ffn", "prune_heads", "reapply_masks", "register", "score_pieces", "structure_plan"]

@@ -22,7 +22,8 @@ from torch import nn
 
 from dsee_cli.atomic import atomic_write_text, fsync_file
 from dsee_cli.config import RunConfig
-from dsee_cli.pruning import apply_masks, prune_ffn, prune_heads
+from dsee_cli.pruning import apply_masks
+from dsee_cli.pruning.heads import replay_removal
 from dsee_cli.pruning.masks import PackedMask, pack_bits, unpack_bits
 from dsee_cli.pruning.slimming import FROZEN_CHANGED
 from dsee_cli.tuning.adapters import adapters_of
@@ -66,6 +67,7 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
     meta = {
         "pruned_heads": getattr(model.config, "dsee_pruned_heads", None) or {},
         "pruned_ffn": getattr(model.config, "dsee_pruned_ffn", None) or {},
+        "pruned_hidden": getattr(model.config, "dsee_pruned_hidden", None) or [],
         "mask_shapes": shapes,
         "mask_delta": mask_delta,
         "sparse_masks": sparse,
@@ -76,10 +78,7 @@ def model_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 
 def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """Rebuild the state ``model_state`` described, onto the model as the method prepared it."""
-    if meta.get("pruned_heads"):
-        prune_heads(model, {int(k): v for k, v in meta["pruned_heads"].items()})
-    if meta.get("pruned_ffn"):
-        prune_ffn(model, {int(k): v for k, v in meta["pruned_ffn"].items()})
+    replay_removal(model, meta.get("pruned_heads"), meta.get("pruned_ffn"), meta.get("pruned_hidden"))
     adapters = adapters_of(model)
     extra = set()
     for name, a in adapters.items():

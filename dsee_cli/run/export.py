@@ -25,8 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from dsee_cli.atomic import fsync_dir, fsync_file
 from dsee_cli.core.arch import block_linears, task_head_params, weight_out_in
-from dsee_cli.pruning import prune_ffn, prune_heads
-from dsee_cli.pruning.heads import stated_in_config
+from dsee_cli.pruning.heads import PRUNED_UNITS, removed_units, replay_removal, stated_in_config
 from dsee_cli.pruning.masks import mask_tensor
 from dsee_cli.run.checkpoint import load_state_dir, model_state, pack_mask, restore_state, save_state_dir, unpack_mask
 from dsee_cli.tuning import AdapterConfig, prepare_method
@@ -65,7 +64,7 @@ def save_adapter(model: nn.Module, target: Path, method: AdapterConfig, base_mod
     meta.update(method=asdict(method), base_model=base_model)
     peft_note = None
     if method.tuning_method.peft:
-        if meta["mask_shapes"] or meta["pruned_heads"] or meta["pruned_ffn"]:
+        if meta["mask_shapes"] or meta["pruned_heads"] or meta["pruned_ffn"] or meta["pruned_hidden"]:
             peft_note = "not in PEFT's format: PEFT's adapter holds no pruning (export/merged is the pruned model)"
         else:
             heads = list(dict.fromkeys(n.rsplit(".", 1)[0] for n, _ in task_head_params(model)))
@@ -199,16 +198,13 @@ def load_merged(source: Path) -> nn.Module:
     neurons removed again), identical weights."""
     source = Path(source)
     config = AutoConfig.from_pretrained(source, local_files_only=True)
-    heads = getattr(config, "dsee_pruned_heads", None) or {}
-    ffn = getattr(config, "dsee_pruned_ffn", None) or {}
-    config.dsee_pruned_heads = config.dsee_pruned_ffn = None
+    removed = removed_units(config)
+    for key in PRUNED_UNITS:
+        setattr(config, key, None)
     causal = any(a.endswith(("LMHeadModel", "ForCausalLM")) for a in (config.architectures or []))
     auto = AutoModelForCausalLM if causal else AutoModelForSequenceClassification
     model = auto.from_config(config, dtype=_stored_dtype(source))
-    if heads:
-        prune_heads(model, {int(k): v for k, v in heads.items()})
-    if ffn:
-        prune_ffn(model, {int(k): v for k, v in ffn.items()})
+    replay_removal(model, removed["heads"], removed["ffn"], removed["hidden"])
     if (source / COMPRESSION_META).is_file():
         model.load_state_dict(_compressed_state(source), strict=True)
     else:

@@ -1,0 +1,206 @@
+"""Hidden-width pruning: channels of the residual stream removed for real (Minitron's embedding
+axis), and the activation scores structured pruning ranks heads, MLP channels and hidden channels by.
+
+A residual channel is a column of the token embedding (and of the tied LM head), an entry of
+every RMSNorm's weight, an input column of every projection that reads the stream (q, k, v, the
+expanding MLP projections, the LM or task head) and an output row of every one that writes it
+(o, the contracting MLP projection). Removing it changes one thing besides dropping its terms:
+an RMSNorm's mean square then runs over the kept channels only (divided by the kept count), so the
+pruned model is not the dense model with those channels zeroed; tests/test_structured.py writes
+that reference by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsee_cli.core.arch import (
+    attention_units,
+    family_of,
+    layer_prefix,
+    mlp_units,
+    replace_param,
+    shrink_layer_inputs,
+    shrink_layer_outputs,
+    transformer_layers,
+)
+from dsee_cli.errors import DSEEError
+from dsee_cli.pruning.heads import HeadScores
+from dsee_cli.pruning.masks import criterion_scores
+from dsee_cli.tuning.adapters import DeltaLayer
+
+
+@dataclass(frozen=True)
+class ResidualSites:
+    """Where the residual stream is read and written, by module name."""
+
+    embedding: str
+    norms: tuple[str, ...]  # every block's RMSNorms, then the final one
+    readers: tuple[str, ...]  # input columns follow the channels (q, k, v, gate, up)
+    writers: tuple[str, ...]  # output rows follow the channels (o, down)
+    head: str | None  # the LM head or task head (input columns), None where it is tied to the embedding
+
+
+def residual_sites(model: nn.Module) -> ResidualSites:
+    fam = family_of(model)
+    if fam.residual is None:
+        raise DSEEError(f"hidden-channel pruning is for decoders built like Llama; the {fam.name} family's residual "
+                        f"stream is not described (pruning.hidden_channels=0).")
+    base_prefix = layer_prefix(model).rsplit(".", 1)[0]  # the base model (model.model, or "" for a bare one)
+    dot = f"{base_prefix}." if base_prefix != layer_prefix(model) else ""
+    prefix = layer_prefix(model)
+    norms = tuple(f"{prefix}.{i}.{n}" for i in range(len(transformer_layers(model))) for n in fam.residual.block_norms)
+    readers, writers = [], []
+    for unit in attention_units(model):
+        readers += list(dict.fromkeys(name for name, _ in (unit.q, unit.k, unit.v)))
+        writers.append(unit.output)
+    for unit in mlp_units(model):
+        readers += list(unit.expand)
+        writers.append(unit.contract)
+    embedding = f"{dot}{fam.residual.embedding}"
+    head = _head_name(model)
+    emb_weight = model.get_submodule(embedding).weight
+    tied = head is not None and model.get_submodule(head).weight is emb_weight
+    return ResidualSites(embedding, (*norms, f"{dot}{fam.residual.final_norm}"), tuple(readers), tuple(writers),
+                         None if tied else head)
+
+
+def _head_name(model: nn.Module) -> str | None:
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is None:
+        for prefix in family_of(model).task_head:  # a decoder's classification head (score)
+            if isinstance(getattr(model, prefix, None), nn.Linear):
+                return prefix
+        return None
+    return next(name for name, m in model.named_modules() if m is out)
+
+
+@torch.no_grad()
+def prune_hidden(model: nn.Module, keep: torch.Tensor) -> None:
+    """Keep only the given residual channels (sorted, on the CPU) everywhere the stream goes. The
+    config records the removed ones (``dsee_pruned_hidden``) until export states the new
+    hidden_size where the config class accepts it (``state_pruned_shapes``); head_dim is stated
+    at once, as it is no longer hidden_size / heads."""
+    if getattr(model.config, "dsee_pruned_hidden", None):
+        raise DSEEError("this model already had hidden channels pruned; prune once, from the dense model")
+    from dsee_cli.core.arch import hidden_width
+
+    width = hidden_width(model)
+    if not 0 < len(keep) < width + 1:
+        raise DSEEError(f"Cannot keep {len(keep)} of {width} hidden channels: at least one must stay.")
+    kept = set(keep.tolist())
+    removed = [i for i in range(width) if i not in kept]
+    from dsee_cli.pruning.heads import shrink_inputs, shrink_outputs
+
+    sites = residual_sites(model)
+    embed = model.get_submodule(sites.embedding)
+    tied_head = None if sites.head is not None else _head_name(model)
+    replace_param(embed, "weight", embed.weight[:, keep.to(embed.weight.device)])
+    embed.embedding_dim = len(keep)
+    if tied_head is not None:  # the tied LM head shares the embedding's (new) parameter
+        head = model.get_submodule(tied_head)
+        head.weight = embed.weight
+        head.in_features = len(keep)
+    elif sites.head is not None:
+        shrink_layer_inputs(model.get_submodule(sites.head), keep)
+    for name in sites.norms:
+        norm = model.get_submodule(name)
+        replace_param(norm, "weight", norm.weight[keep.to(norm.weight.device)])
+    for name in sites.readers:
+        shrink_inputs(model.get_submodule(name), keep)
+    for name in sites.writers:
+        shrink_outputs(model.get_submodule(name), keep)
+    model.config.head_dim = attention_units(model)[0].head_dim  # no longer hidden_size / heads
+    model.config.dsee_pruned_hidden = removed
+
+
+def delta_hidden_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) -> torch.Tensor:
+    """One score per residual channel from |ΔW|: the columns of the adapted projections that read the
+    stream plus the rows of those that write it; an error where none of them is adapted."""
+    gen = torch.Generator().manual_seed(seed)
+    sites = residual_sites(model)
+    score, seen = None, 0
+    for name in (*sites.readers, *sites.writers):
+        module = model.get_submodule(name)
+        if not isinstance(module, DeltaLayer) or len(module.slices) != 1:
+            continue
+        s = criterion_scores(module, 0, criterion, gen).float().cpu()
+        part = s.sum(dim=0) if name in sites.readers else s.sum(dim=1)
+        score = part if score is None else score + part
+        seen += 1
+    if score is None:
+        raise DSEEError(f"pruning.hidden_channels with pruning.criterion={criterion} scores residual channels by "
+                        f"|ΔW| of the adapted projections that read or write the stream, and none is adapted. Use "
+                        f"pruning.criterion=activation (calibration activations), or adapt q, k, v, o, gate, up or "
+                        f"down.")
+    return score
+
+
+@dataclass
+class ActivationScores:
+    """Structured importance from one calibration pass (Minitron's activation criterion): per layer
+    each query head's output norm and each MLP channel's, and per residual channel the norms of the
+    normed stream where the blocks read it, summed over the blocks' norms."""
+
+    heads: HeadScores
+    channels: list[torch.Tensor]
+    hidden: torch.Tensor | None  # None: the family's residual stream is not described
+    tokens: int
+
+
+@torch.no_grad()
+def activation_scores(model: nn.Module, batches: list[dict[str, torch.Tensor]], autocast=contextlib.nullcontext
+                      ) -> ActivationScores:
+    """‖X‖₂ over the calibration tokens (padding excluded), per unit: a head's slice of the output
+    projection's input, a channel's column of the contracting MLP projection's input, a residual
+    channel's column of the inputs of q_proj and gate_proj (each block's two RMSNorm outputs)."""
+    units, mlps = attention_units(model), mlp_units(model)
+    residual = family_of(model).residual is not None
+    stream = [u.q[0] for u in units] + [m.expand[0] for m in mlps] if residual else []
+    watched = [u.output for u in units] + [m.contract for m in mlps] + stream
+    sums: dict[str, torch.Tensor] = {}
+    current: dict[str, torch.Tensor | None] = {}
+
+    def hook(name):
+        def record(module, args):
+            x, keep = args[0].detach(), current["mask"]
+            x = x[keep] if keep is not None and keep.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
+            part = x.float().pow(2).sum(dim=0).double()
+            sums[name] = part if name not in sums else sums[name] + part
+        return record
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in dict.fromkeys(watched)]
+    was_training, tokens = model.training, 0
+    extra = _forward_extras(model)
+    model.eval()
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            current["mask"] = mask.bool() if mask is not None else None
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            with autocast():
+                model(**{k: v for k, v in batch.items() if k != "labels"}, **extra)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    norms = {name: s.sqrt().float().cpu() for name, s in sums.items()}
+    q = torch.stack([norms[u.output].view(u.num_heads, u.head_dim).pow(2).sum(-1).sqrt() for u in units])
+    heads = HeadScores(q, torch.zeros(len(units), units[0].num_kv_heads))
+    channels = [norms[m.contract] for m in mlps]
+    hidden = sum(norms[n] for n in dict.fromkeys(stream)) if residual else None
+    return ActivationScores(heads, channels, hidden, tokens)
+
+
+def _forward_extras(model: nn.Module) -> dict:
+    """No KV cache, and the LM head on the last position only (no full-vocabulary logits), where the
+    model's forward takes them."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    wanted = {"use_cache": False, "logits_to_keep": 1}
+    return {k: v for k, v in wanted.items() if k in params}
