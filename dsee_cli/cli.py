@@ -365,6 +365,7 @@ def print_plan(args: list[str]) -> int:
 
     from dsee_cli.config import validate
     from dsee_cli.errors import DSEEError
+    from dsee_cli.run.pipeline import shape_plan
     from dsee_cli.run.plan import build_plan, will_reuse
     from dsee_cli.run.steps import StepStore
 
@@ -388,6 +389,11 @@ def print_plan(args: list[str]) -> int:
                 total["all"] += step.optimizer_steps
                 total["computed"] += 0 if reuse.get(step.name) else step.optimizer_steps
             console.print(table)
+            shapes = shape_plan(cfg)
+            if shapes is not None:
+                console.print(f"structured pruning keeps {shapes.describe()}", highlight=False)
+                for note in shapes.notes:
+                    console.print(f"  rounded: {note}", highlight=False)
             warn_before_work(cfg, True, console)
     except DSEEError as exc:
         print(f"error: {exc}", file=sys.stderr)

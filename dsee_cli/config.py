@@ -171,6 +171,15 @@ def validate(cfg: RunConfig) -> None:
                  f"pruning={cfg.pruning.method} removes heads and channels, so every adapter factor must lose their "
                  f"rows; PEFT method {peft_method.type}'s cannot (shared or Kronecker factors). Use "
                  f"pruning=unstructured or nm, or one of: {', '.join(SHRINKABLE_TYPES)}.")
+    if cfg.trainer.recovery.distill:
+        _require(pruner.prune is not None and not pruner.rounds,
+                 f"trainer.recovery.distill=true distils the model as it was before pruning into the pruned one in "
+                 f"recovery; pruning={cfg.pruning.method} has "
+                 + ("no pruning step" if pruner.prune is None else "several pruning rounds (no single teacher)")
+                 + ". Use it with pruning=structured, unstructured, nm, wanda or sparsegpt.")
+        _require(cfg.task.name in CAUSAL_TASKS or TASKS.get(cfg.task.name) is None or TASKS[cfg.task.name].num_labels > 1,
+                 f"trainer.recovery.distill=true matches the teacher's output distribution; task={cfg.task.name} is a "
+                 f"regression with one output and no distribution. Use it with a classification or language task.")
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
     _require(cfg.task.seq_len >= 8, f"task.seq_len={cfg.task.seq_len} is too short (>= 8).")
     if cfg.task.name in (*NLG_TASKS, *PERPLEXITY_TASKS):

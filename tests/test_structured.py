@@ -199,3 +199,70 @@ def test_activation_scores_rank_a_silenced_unit_last():
     scores = activation_scores(model, [dict(enc(tok))])
     assert scores.heads.q[1, :4].abs().max() < 1e-6 < scores.heads.q[1, 4:].min()
     assert torch.argmin(scores.channels[0]) == 7 and torch.argmin(scores.hidden) == 11
+
+
+# -- recovery by distillation ---------------------------------------------------------------------------------
+
+def _lm_batch(tok):
+    inputs = dict(enc(tok))
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    return {**inputs, "labels": labels}
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_the_distillation_term_is_zero_for_an_equal_teacher_and_trains_only_what_trains(name):
+    from dsee_cli.data.generation import lm_loss
+    from dsee_cli.run.distill import distill_lm_loss, share_frozen
+
+    model, tok = decoder(name)
+    with_random_adapters(model, targets=["q", "v"])
+    teacher = copy.deepcopy(model)
+    shared, extra = share_frozen(teacher, model)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    assert shared == frozen and extra == sum(p.numel() * p.element_size() for p in model.parameters()
+                                             if p.requires_grad)  # only the adapters (and Ω values) are copies
+    batch = _lm_batch(tok)
+    model.train()
+    for m in model.modules():  # no dropout: the student computes what the teacher does
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    plain = lm_loss(model, batch)
+    with_kl = distill_lm_loss(model, teacher, batch, 0.0, 5.0, 2.0)
+    assert torch.allclose(with_kl, plain, atol=1e-6)  # KL(p ‖ p) = 0
+    with torch.no_grad():  # move the student: now the term is positive
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.5)
+    loss = distill_lm_loss(model, teacher, batch, 0.0, 5.0, 2.0)
+    assert loss > lm_loss(model, batch) + 1e-4
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and grads <= {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_a_structured_run_with_distillation_exports_a_plain_smaller_model(tmp_path):
+    """tiny-llama: phase I, heads + channels + hidden width by activations (the decoders' default) to servable
+    shapes, recovery with distillation, an export plain from_pretrained loads with the logits of the run's model."""
+    from dsee_cli.run.export import load_merged
+
+    from .helpers import run_in_process
+
+    said: list[str] = []
+    metrics = run_in_process(tmp_path / "run", "model=tiny-llama", "model.tiny.hidden=64", "model.tiny.heads=4",
+                             "model.tiny.kv_heads=2", "model.tiny.intermediate=64", "model.tiny.dropout=0", "task=pydoc",
+                             "pruning=structured", "pruning.unit=query-heads", "pruning.head_fraction=0.25",
+                             "pruning.ffn_channels=0.3", "pruning.hidden_channels=0.3", "pruning.multiple_of=16",
+                             "trainer.recovery.distill=true", "trainer.recovery.temperature=2", "model.dtype=float32",
+                             messages=said)
+    p = metrics["pruning"]
+    assert (p["criterion"], p["shapes"], p["hidden_size"], p["ffn_channels_per_layer"]) == \
+        ("activation", "servable", 48, 48)  # 45 kept of each, rounded to multiples of 16
+    assert p["heads_per_layer"] == {"0": [2, 2], "1": [2, 2]}  # 1 of 4 asked: one from each of the 2 groups
+    assert sum("rounded:" in line for line in said) == 2 and p["rounding"][1].endswith("48 kept")
+    d = metrics["distill"]
+    assert d["temperature"] == 2 and d["teacher_extra_bytes"] > 0 and d["teacher_shared_bytes"] == 0
+    assert any("distilling from the model before pruning" in line for line in said)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export" / "merged")
+    assert (plain.config.hidden_size, plain.config.num_attention_heads, plain.config.intermediate_size) == (48, 2, 48)
+    merged = load_merged(tmp_path / "run" / "export" / "merged")
+    ids = {"input_ids": torch.tensor([[2, 9, 10, 11, 12]])}
+    assert torch.allclose(logits(plain, ids), logits(merged, ids), atol=1e-6)

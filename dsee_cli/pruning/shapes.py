@@ -56,7 +56,7 @@ class ShapePlan:
     def describe(self) -> str:
         q, kv, c, h = self.dense
         return (f"{self.shapes} shapes: {q}→{self.heads} query heads over {kv}→{self.kv_heads} key/value heads, "
-                f"{c}→{self.channels} MLP channels, hidden {h}→{self.hidden} per layer")
+                f"{c}→{self.channels} MLP channels per layer, hidden width {h}→{self.hidden}")
 
 
 def removed_count(amount: float, total: int, what: str, key: str) -> int:

@@ -50,7 +50,8 @@ from dsee_cli.measure.costs import (
     reset_peak_memory,
     semi_structured,
 )
-from dsee_cli.pruning import PRUNERS, describe_score, head_count, reapply_masks
+from dsee_cli.pruning import CRITERION_SCORES, PRUNERS, describe_score, head_count, reapply_masks, structure_plan
+from dsee_cli.pruning.shapes import ShapePlan
 from dsee_cli.pruning.slimming import add_slimming, has_slimming, slimming_penalty
 from dsee_cli.run.checkpoint import (
     STATE_META,
@@ -58,9 +59,12 @@ from dsee_cli.run.checkpoint import (
     clean_leftovers,
     config_fingerprint,
     finished_metrics,
+    load_state_dir,
     model_state,
     restore_state,
+    save_state_dir,
 )
+from dsee_cli.run.distill import distill_lm_loss, distill_logits_loss, share_frozen
 from dsee_cli.run.export import export_compressed, export_merged, merged_copy, save_adapter
 from dsee_cli.run.plan import CHANGES_MODEL, Step, build_plan, phase_of_round, phase_settings
 from dsee_cli.run.steps import StepLock, StepRecord, StepStore
@@ -142,6 +146,7 @@ def preflight(cfg: RunConfig) -> None:
         resolve_source(cfg.model.name, cfg.model.path, cfg.model.gguf_file)
     if cfg.adapter.tuning_method.delta and cfg.adapter.targets:
         check_targets(cfg)
+    shape_plan(cfg)
     if cfg.task.lm_eval:  # the names asked for, under every profile (the smoke profile runs its stand-in after)
         check_tasks(list(dict.fromkeys([*cfg.task.lm_eval, *cfg.task.zero_shot_tasks])), cfg.task.lm_eval_include)
     uses_hub_data = not (cfg.task.name == "synthetic" or cfg.task.synthetic_standin or cfg.task.data_dir
@@ -161,12 +166,10 @@ def preflight(cfg: RunConfig) -> None:
         check_data_files(cfg.task)
 
 
-def check_targets(cfg: RunConfig) -> None:
-    """adapter.targets against the model's architecture, on a model with no weights (meta device):
-    a wrong name fails in seconds, not after the weights load."""
+def meta_model(cfg: RunConfig) -> torch.nn.Module:
+    """The run's model built from its config alone, with no weights (meta device): architecture checks in seconds."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from dsee_cli.core.arch import resolve_targets
     from dsee_cli.core.models import TINY_DECODERS, tiny_config, tiny_decoder_tokenizer, tiny_tokenizer
 
     if cfg.model.name in TINY_MODELS and not (cfg.model.path or cfg.model.gguf_file):
@@ -177,8 +180,21 @@ def check_targets(cfg: RunConfig) -> None:
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
     auto = AutoModelForCausalLM if cfg.task.name in CAUSAL_TASKS else AutoModelForSequenceClassification
     with torch.device("meta"):
-        model = auto.from_config(config)
-    resolve_targets(model, list(cfg.adapter.targets))
+        return auto.from_config(config)
+
+
+def check_targets(cfg: RunConfig) -> None:
+    """adapter.targets against the model's architecture, on a model with no weights: a wrong name
+    fails in seconds, not after the weights load."""
+    from dsee_cli.core.arch import resolve_targets
+
+    resolve_targets(meta_model(cfg), list(cfg.adapter.targets))
+
+
+def shape_plan(cfg: RunConfig) -> ShapePlan | None:
+    """What structured pruning will keep (servable rounding stated), from the config alone; None
+    for the other pruners. Bad counts fail here, before any weights load."""
+    return structure_plan(meta_model(cfg), cfg.pruning) if cfg.pruning.structured else None
 
 
 def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda text: None) -> dict:
@@ -210,6 +226,7 @@ def run_experiment(cfg: RunConfig, run_dir: Path, sink: ProgressSink, say=lambda
         dist.shutdown()
 
 
+TEACHER = "teacher"  # <run>/teacher: recovery.distill's teacher state (the model just before pruning)
 EVERY_RANK = ("omega", "train", "prune", "evaluate")  # the others (export, measure) are rank 0's alone
 
 
@@ -234,6 +251,8 @@ class Run:
         self.steps: dict[str, StepRecord] = {}
         self.omega_info: dict = {}
         self.pruning_info: dict = {"method": cfg.pruning.method}
+        self.teacher: torch.nn.Module | None = None  # recovery.distill: the model before pruning, while recovery runs
+        self.distill_info: dict = {}
         self.seconds: dict[str, float] = {}
         self.result: dict = {"eval": {}, "generation": None, "export": {}, "final_model": None, "savings": {}}
         self.started = time.perf_counter()
@@ -285,6 +304,7 @@ class Run:
                         lambda: {n: p for n, p in self.model.named_parameters() if p.requires_grad})
         if self.pruning.pruner.removes_heads:  # a removal that cannot be honoured fails before any training
             head_count(self.model, self.pruning)
+        self.shapes = structure_plan(self.model, self.pruning) if self.pruning.structured else None
         self.rounds = sum(step.kind == "prune" for step in self.plan)
 
     def start(self) -> None:
@@ -332,6 +352,7 @@ class Run:
         self.states = {s.phase: PhaseState(**meta[s.phase]) for s in self.plan if s.kind == "train" and s.phase in meta}
         self.omega_info = meta.get("omega", self.omega_info)
         self.pruning_info = meta.get("pruning", self.pruning_info)
+        self.distill_info = meta.get("distill", self.distill_info)
 
     def reused(self, step: str, fingerprint: str) -> tuple[dict, dict, StepRecord] | None:
         """A stored step: rank 0 looks it up (or takes its lock to compute it); the other ranks
@@ -353,7 +374,7 @@ class Run:
         return {"done": self.done, "in_progress": in_progress, "world_size": self.world.size,
                 "numerics": {"device_type": self.device.type, "precision": self.precision.name},
                 **{name: st.as_meta() for name, st in {**self.states, **states}.items()},
-                "pruning": self.pruning_info, "omega": self.omega_info,
+                "pruning": self.pruning_info, "omega": self.omega_info, "distill": self.distill_info,
                 "steps": {k: r.as_dict() for k, r in self.steps.items()}}
 
     def save(self) -> None:  # rank 0 writes; the others wait, so that none runs ahead of the checkpoint
@@ -424,15 +445,42 @@ class Run:
         else:
             self.say(f"Phase III: recovery tuning{f' (round {step.round})' if self.rounds > 1 else ''} ({lr})")
         resume = (self.states[name], self.tensors) if self.in_progress == name and name in self.states else None
+        hooks = self.hooks(name)
+        if name != "phase1" and self.cfg.trainer.recovery.distill:
+            hooks.loss = self.distillation()
         self.states[name] = train_phase(
             self.model, task.train, task.evals, task.ops, phase,
             self.cfg.trainer, task.loaded.tokenizer.pad_token_id, self.device,
             save=lambda st, extra: self.ckpt.save(self.model, self.progress(name, **{name: st}), extra),
-            sink=self.sink, resume=resume, hooks=self.hooks(name),
+            sink=self.sink, resume=resume, hooks=hooks,
         )
+        self.teacher = None  # its memory back
         self.tensors, self.in_progress = {}, None
         if step.fingerprint and step.name not in self.steps:
             self.share(step)
+
+    def distillation(self):
+        """Recovery's loss with the KL term to the teacher (run/distill.py), rebuilt from the pretrained
+        weights and the state written at the prune step, sharing the student's unchanged frozen tensors."""
+        settings = self.cfg.trainer.recovery
+        tensors, meta = load_state_dir(self.dir / TEACHER)
+        teacher = load_pretrained(self.cfg).model
+        prepare_method(teacher, self.method)
+        trainable_in_fp32(teacher)
+        restore_state(teacher, tensors, meta)
+        teacher.to(self.device).eval()
+        shared, extra = share_frozen(teacher, self.model)
+        self.teacher = teacher
+        self.distill_info = {"weight": settings.distill_weight, "temperature": settings.temperature,
+                             "teacher_shared_bytes": shared, "teacher_extra_bytes": extra}
+        self.say(f"  distilling from the model before pruning (weight {settings.distill_weight:g}, T "
+                 f"{settings.temperature:g}): the teacher shares {shared / 2**20:.1f} MiB of frozen weights and adds "
+                 f"{extra / 2**20:.1f} MiB")
+        w, t = settings.distill_weight, settings.temperature
+        if self.cfg.task.name in CAUSAL_TASKS:
+            smoothing = self.cfg.task.label_smoothing
+            return lambda model, batch: distill_lm_loss(model, teacher, batch, smoothing, w, t)
+        return lambda model, batch: distill_logits_loss(model, teacher, batch, w, t)
 
     def share(self, step: Step) -> None:
         """This run computed ``step``: offer its checkpoint (the phase's last save) to the runs that share it."""
@@ -456,8 +504,14 @@ class Run:
                          f"{found[2].source})")
                 return
         by = f" by {describe_score(self.pruning)}" if self.pruning.pruner.prune is PRUNERS["unstructured"].prune else ""
+        if self.shapes is not None:
+            by = f" by {CRITERION_SCORES[self.pruning.criterion]}: {self.shapes.describe()}"
         self.say(f"Phase II: {self.pruning.pruner.title}{by}"
                  + (f", round {step.round} of {self.rounds}" if self.rounds > 1 else ""))
+        for note in self.shapes.notes if self.shapes is not None else []:
+            self.say(f"  rounded: {note}")
+        if self.cfg.trainer.recovery.distill:  # the teacher: the model as it is now (its state: adapters, masks)
+            dist.on_main(lambda: save_state_dir(self.dir / TEACHER, *model_state(self.model)))
         started = time.perf_counter()
         reset_peak_memory(self.device)
         info = self.pruning.pruner.prune(self.model, self.pruning, step.target, self.cfg.seed, self.rewind,
@@ -571,6 +625,7 @@ class Run:
             "flops_ratio": round(inference_flops(model, cfg.flops_seq_len) / self.dense_flops, 4),
             "flops_ratio_unmerged": round(inference_flops(model, cfg.flops_seq_len, True) / self.dense_flops, 4),
             "pruning": self.pruning_info,
+            "distill": self.distill_info or None,
             "omega": self.omega_info,
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "export": result["export"],

@@ -28,6 +28,10 @@ class PhaseConfig:
     epochs: float | None = None  # None: the task's default; 0: no such phase (one-shot pruning of the model as loaded)
     lr: float | None = None  # None: the task's (Table 11)
     epochs_scale: float = 1.0  # times the phase's epochs, wherever they come from (a tuning-budget ablation: 2)
+    # recovery: also learn the model before pruning (phase I's adapters included): + distill_weight · T² · KL
+    distill: bool = False
+    distill_weight: float = 1.0  # recovery.distill: the KL term's weight beside the task's loss
+    temperature: float = 1.0  # recovery.distill: both distributions softened by T (the term scaled by T²)
 
 
 @dataclass
@@ -64,6 +68,9 @@ class TrainerConfig:
         for key in ("devices", "grad_accum", "jobs_per_gpu"):
             if getattr(self, key) < 1:
                 raise DSEEError(f"trainer.{key}={getattr(self, key)} must be >= 1.")
+        if self.phase1.distill:
+            raise DSEEError("trainer.phase1.distill=true: distillation's teacher is the model as it was before "
+                            "pruning, so it belongs to recovery: trainer.recovery.distill=true.")
         if self.dist_timeout <= 0:
             raise DSEEError(f"trainer.dist_timeout={self.dist_timeout} must be > 0 (seconds).")
         for name in ("phase1", "recovery"):
@@ -72,6 +79,9 @@ class TrainerConfig:
                 raise DSEEError(f"trainer.{name}.lr={p.lr} must be > 0.")
             if p.epochs is not None and p.epochs < 0:
                 raise DSEEError(f"trainer.{name}.epochs={p.epochs} must be >= 0 (0: skip the phase).")
+            if p.distill_weight < 0 or p.temperature <= 0:
+                raise DSEEError(f"trainer.{name}.distill_weight={p.distill_weight} must be >= 0 and trainer.{name}."
+                                f"temperature={p.temperature} > 0.")
             if p.epochs_scale <= 0:
                 raise DSEEError(f"trainer.{name}.epochs_scale={p.epochs_scale} must be > 0 (set trainer.{name}."
                                 f"epochs=0 to skip the phase).")
@@ -254,6 +264,7 @@ class StepHooks:
     after_step: Callable[[], None] | None = None  # re-zero pruned weights that train
     best_eligible: Callable[[], bool] | None = None  # may this evaluation be the best? (final sparsity only)
     lr_by_suffix: dict[str, float] = field(default_factory=dict)  # parameter-name suffix -> peak lr
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None  # instead of the task's (distill)
 
 
 def _optimizer(named: dict[str, nn.Parameter], phase: Phase, trainer: TrainerConfig, hooks: StepHooks
@@ -320,7 +331,7 @@ def _update(model: nn.Module, micro: list[dict], ops: TaskOps, params: list[nn.P
     total = torch.zeros((), device=params[0].device)
     for batch, count in zip(micro, counts):
         with phase.precision.autocast():
-            loss = ops.loss(model, batch) * (count / terms) if count else None
+            loss = (hooks.loss or ops.loss)(model, batch) * (count / terms) if count else None
             if hooks.regularizer is not None:  # once per optimizer step, spread over the pieces
                 loss = (0.0 if loss is None else loss) + hooks.regularizer() / pieces
         if loss is None:
