@@ -467,6 +467,8 @@ def run_report(args: list[str]) -> int:
         console.print(report.protocol_line(), highlight=False)
     if report.trivial:
         console.print(f"{TRIVIAL_LABEL}: {TRIVIAL_MEANING}", highlight=False)
+    if report.serving:
+        console.print(f"serving: {report.serving}", highlight=False)
     if figure is not None:
         written.append(png)
         if figure.caption:
@@ -526,8 +528,14 @@ def run_eval(args: list[str]) -> int:
                         help="decoders: also zero-shot accuracy through lm-eval-harness, comma-separated, e.g. "
                              "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa (pip install "
                              "'dsee-cli[llm]'; task.lm_eval_include=<folder of task YAMLs> for local tasks)")
+    parser.add_argument("--speed", action="store_true",
+                        help="decoders: time export/merged against the dense model instead of evaluating (prefill "
+                             "of task.seq_len tokens, decode of 128 with the KV cache, batch 1 and 16); written to "
+                             "metrics.json as savings.serving")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. task.data_dir=/path/to/glue")
     opts = parser.parse_intermixed_args(args)
+    if opts.speed:
+        return run_speed(opts.path, opts.overrides)
     try:
         from rich.table import Table
 
@@ -564,6 +572,54 @@ def run_eval(args: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run_speed(path: Path, overrides: list[str]) -> int:
+    """`dsee eval <run> --speed`: the export timed against the dense model; the numbers go to the
+    run's metrics.json (savings.serving), written atomically."""
+    import json
+
+    from dsee_cli.atomic import atomic_write_text
+    from dsee_cli.core.cache import cache_root
+    from dsee_cli.core.devices import pick_device
+    from dsee_cli.errors import DSEEError
+    from dsee_cli.reporting.tracking import banner, console
+    from dsee_cli.run.evaluation import find_run, measure_export_speed, run_metrics
+
+    try:
+        run_dir = find_run(path)
+        metrics = run_metrics(run_dir)
+        cfg = eval_config(metrics["config"], overrides)
+        device, _ = pick_device(cfg.trainer.device, cache_root() / "devices", cfg.trainer.jobs_per_gpu, say=banner)
+        serving = measure_export_speed(cfg, run_dir, device, say=banner)
+    except DSEEError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics.setdefault("savings", {})["serving"] = serving
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True, default=str))
+    console.print(serving_table(serving, f"dsee eval --speed — export/merged vs dense on {serving['device']} "
+                                         f"({serving['dtype']})"))
+    return 0
+
+
+def serving_table(s: dict, title: str):
+    """savings.serving as a table: tokens per second of the export and the dense model, and the speed-up."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in ("measured", "export tok/s", "dense tok/s", "speed-up"):
+        table.add_column(column, justify="left" if column == "measured" else "right")
+    for what, label in (("prefill", f"prefill {s['prompt_tokens']} tokens"), ("decode", f"decode {s['new_tokens']}")):
+        for batch, row in s[what].items():
+            table.add_row(f"{label}, {batch.replace('batch', 'batch ')}", f"{row['tokens_per_second']:,.0f}",
+                          f"{row['dense_tokens_per_second']:,.0f}", f"{row['speedup']:.2f}×")
+    table.add_row("FLOPs per token (blocks + LM head)", "", "", f"{1 / s['flops_ratio']:.2f}× fewer")
+    table.add_row("parameters", f"{s['params'] / 1e6:.1f} M", f"{s['dense_params'] / 1e6:.1f} M",
+                  f"{s['params_ratio']:.2f} of dense")
+    table.add_row("on disk", f"{s['export_bytes'] / 2**20:.1f} MiB", f"{s['dense_bytes'] / 2**20:.1f} MiB",
+                  f"{s['bytes_ratio']:.2f} of dense")
+    table.caption = f"export loaded with {s['loaded_with']}"
+    return table
 
 
 def run_cache(args: list[str]) -> int:

@@ -177,7 +177,8 @@ def validate(cfg: RunConfig) -> None:
                  f"recovery; pruning={cfg.pruning.method} has "
                  + ("no pruning step" if pruner.prune is None else "several pruning rounds (no single teacher)")
                  + ". Use it with pruning=structured, unstructured, nm, wanda or sparsegpt.")
-        _require(cfg.task.name in CAUSAL_TASKS or TASKS.get(cfg.task.name) is None or TASKS[cfg.task.name].num_labels > 1,
+        spec = TASKS.get(cfg.task.name)
+        _require(cfg.task.name in CAUSAL_TASKS or spec is None or spec.num_labels > 1,
                  f"trainer.recovery.distill=true matches the teacher's output distribution; task={cfg.task.name} is a "
                  f"regression with one output and no distribution. Use it with a classification or language task.")
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")

@@ -356,7 +356,8 @@ def test_instruction_tuning_run_prunes_query_heads_and_exports_a_plain_model(tmp
                              "task.perplexity=wikitext2", f"task.perplexity_file={tmp_path / 'wiki.test.raw'}",
                              "task.seq_len=32",
                              f"task.validation_file={valid}", "pruning=structured", "pruning.unit=query-heads",
-                             "pruning.heads_to_remove=2", "pruning.ffn_channels=0.25", "pruning.multiple_of=16", "export=true",
+                             "pruning.heads_to_remove=2", "pruning.ffn_channels=0.25", "pruning.multiple_of=16",
+                             "export=true",
                              "model.dtype=float32")
     assert metrics["main_metric"] == "validation/loss"
     ppl = metrics["final"]["generation"]

@@ -191,3 +191,37 @@ def test_gqa_exports_of_the_real_model_load_with_plain_transformers(smollm2, tmp
     enc = tok(["The capital of France is", "def f(x):\n    return x"], return_tensors="pt", padding=True)
     with torch.no_grad():
         torch.testing.assert_close(plain(**enc).logits, dense.eval()(**enc).logits, atol=1e-3, rtol=1e-4)
+
+
+def _structured_ppl(criterion: str, texts, tmp_path=None) -> tuple[float, object]:
+    """One-shot structured pruning of SmolLM2 (bf16 base, as users run it) to structure=20pct's servable shapes
+    (6 heads, hidden 480), scored by ``criterion``; perplexity, and the model."""
+    model, tok = _smollm2("bfloat16")
+    calibration = sample_windows([texts["train"]], tok, CALIBRATION, SEQ, seed=0, join=True)
+    inputs = CalibrationInputs(window_batches(calibration), {}, _autocast("bfloat16"))
+    settings = PruningConfig(method="structured", criterion=criterion, unit="query-heads", head_fraction=0.34,
+                             hidden_channels=0.1667, multiple_of=32, shapes="servable")
+    info = PRUNERS["structured"].prune(model, settings, 0.0, 0, lambda: None, lambda: inputs)
+    assert (info["hidden_size"], info["heads_per_layer"]["0"]) == (480, [6, 3])
+    ppl = _ppl(model, tok, texts, "bfloat16")
+    print(f"SmolLM2-135M bf16, 20 % structured by {criterion}: ppl {ppl:.2f}")
+    return ppl, (model, tok)
+
+
+def test_activations_rank_real_heads_and_channels_far_better_than_weights_or_chance(texts, tmp_path):
+    """On the real model the activation criterion (Minitron's) keeps perplexity within reach of recovery, while
+    |W| and random choices of the same shapes collapse it; the servable export loads with plain from_pretrained
+    and computes what the pruned model in memory computed. Measured: activation 73.6, weight 2,297, random
+    1,911 (dense bf16 12.6)."""
+    from transformers import AutoModelForCausalLM
+
+    activation, (model, tok) = _structured_ppl("activation", texts)
+    weight, _ = _structured_ppl("weight", texts)
+    chance, _ = _structured_ppl("random", texts)
+    assert activation < weight / 5 and activation < chance / 5
+    export_merged(model, tok, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (plain.config.hidden_size, plain.config.num_attention_heads, plain.config.head_dim) == (480, 6, 64)
+    enc = tok(["The capital of France is", "def f(x):\n    return x"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**enc).logits.float(), model(**enc).logits.float(), atol=1e-2, rtol=1e-2)

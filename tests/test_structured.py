@@ -248,7 +248,8 @@ def test_a_structured_run_with_distillation_exports_a_plain_smaller_model(tmp_pa
 
     said: list[str] = []
     metrics = run_in_process(tmp_path / "run", "model=tiny-llama", "model.tiny.hidden=64", "model.tiny.heads=4",
-                             "model.tiny.kv_heads=2", "model.tiny.intermediate=64", "model.tiny.dropout=0", "task=pydoc",
+                             "model.tiny.kv_heads=2", "model.tiny.intermediate=64", "model.tiny.dropout=0",
+                             "task=pydoc",
                              "pruning=structured", "pruning.unit=query-heads", "pruning.head_fraction=0.25",
                              "pruning.ffn_channels=0.3", "pruning.hidden_channels=0.3", "pruning.multiple_of=16",
                              "trainer.recovery.distill=true", "trainer.recovery.temperature=2", "model.dtype=float32",
@@ -266,3 +267,67 @@ def test_a_structured_run_with_distillation_exports_a_plain_smaller_model(tmp_pa
     merged = load_merged(tmp_path / "run" / "export" / "merged")
     ids = {"input_ids": torch.tensor([[2, 9, 10, 11, 12]])}
     assert torch.allclose(logits(plain, ids), logits(merged, ids), atol=1e-6)
+
+
+# -- serving: speed measured on the export, and what the report says of zeros ---------------------------------
+
+def test_speed_times_the_export_as_served_and_refuses_a_run_without_one(tmp_path, capsys):
+    """dsee eval <run> --speed on a structured tiny-llama run: prefill and decode at batch 1 and 16, the export
+    loaded with plain from_pretrained, written to metrics.json (savings.serving); a run without export/merged
+    and a classifier run each get a one-paragraph error and exit 2."""
+    import json
+
+    from dsee_cli.cli import main
+
+    from .helpers import run_in_process
+
+    common = ["model=tiny-llama", "model.tiny.hidden=64", "model.tiny.heads=4", "model.tiny.kv_heads=2",
+              "model.tiny.intermediate=64", "task=pydoc", "task.seq_len=16", "model.dtype=float32"]
+    run_in_process(tmp_path / "run", *common, "pruning=structured", "pruning.head_fraction=0.5",
+                   "pruning.hidden_channels=0.25", "pruning.multiple_of=16", "export=true")
+    assert main(["eval", str(tmp_path / "run"), "--speed"]) == 0
+    shown = capsys.readouterr().out
+    assert "decode 128, batch 16" in shown and "from_pretrained" in shown
+    serving = json.loads((tmp_path / "run" / "metrics.json").read_text())["savings"]["serving"]
+    assert serving["loaded_with"] == "from_pretrained" and serving["prompt_tokens"] == 16
+    assert set(serving["decode"]) == set(serving["prefill"]) == {"batch1", "batch16"}
+    assert all(row["speedup"] > 0 and row["tokens_per_second"] > 0 for what in ("prefill", "decode")
+               for row in serving[what].values())
+    assert serving["params"] < serving["dense_params"] and serving["flops_ratio"] < 1
+    assert serving["export_bytes"] < serving["dense_bytes"]
+
+    run_in_process(tmp_path / "bare", *common, "pruning=none", "export=false")
+    assert main(["eval", str(tmp_path / "bare"), "--speed"]) == 2
+    assert "export/merged, and" in capsys.readouterr().err
+    run_in_process(tmp_path / "cls", "pruning=none", "export=true")
+    assert main(["eval", str(tmp_path / "cls"), "--speed"]) == 2
+    assert "trains a classifier" in capsys.readouterr().err
+
+
+def test_the_report_says_zero_holding_exports_gain_nothing_in_serving():
+    from dsee_cli.reporting.report import serving_note
+
+    def metrics(method):
+        return {"config": {"pruning": {"method": method}}, "pruning": {"method": method}}
+
+    assert "no faster than the dense" in serving_note([metrics("structured"), metrics("wanda")])
+    assert serving_note([metrics("structured"), metrics("none")]) == ""
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["trainer.phase1.distill=true"], "belongs to recovery: trainer.recovery.distill=true"),
+    (["pruning=imp", "trainer.recovery.distill=true"], "several pruning rounds"),
+    (["task=stsb", "task.synthetic_standin=true", "trainer.recovery.distill=true"], "regression with one output"),
+    (["pruning=unstructured", "pruning.hidden_channels=0.25"], "only pruning=structured does"),
+    (["pruning=unstructured", "pruning.criterion=activation"], "it goes with pruning=structured"),
+    (["pruning=structured", "pruning.criterion=obs"], "pruning=structured ranks heads and channels"),
+    (["pruning=structured", "pruning.shapes=tidy"], "Valid choices: auto, servable, free"),
+    (["pruning=structured", "pruning.ffn_channels=2.5"], "a fraction in \\[0, 1\\) or a whole count"),
+])
+def test_bad_structured_and_distillation_settings_fail_before_any_work(overrides, message):
+    from dsee_cli.config import validate
+
+    from .helpers import compose
+
+    with pytest.raises(DSEEError, match=message):
+        validate(compose(*overrides))

@@ -39,7 +39,7 @@ from dsee_cli.pruning.masks import apply_masks, nm_masks, reapply_masks, score_p
 from dsee_cli.pruning.oneshot import sparsegpt, wanda_masks, wanda_scores
 from dsee_cli.pruning.residual import activation_scores, delta_hidden_scores, prune_hidden
 from dsee_cli.pruning.shapes import SHAPES, ShapePlan, plan_shapes
-from dsee_cli.pruning.slimming import FROZEN_CHANGED, lowest_units, slim_and_prune
+from dsee_cli.pruning.slimming import FROZEN_CHANGED, slim_and_prune
 from dsee_cli.tuning.adapters import DeltaLayer
 
 SCOPES = ("blocks", "adapted")
@@ -442,8 +442,7 @@ for _pruner in (
     Pruner("none", "no pruning", None),
     Pruner("unstructured", "unstructured pruning", _prune_by_masks),
     Pruner("nm", "N:M pruning", _prune_by_masks),
-    Pruner("structured", "structured pruning (heads, MLP channels, hidden width)", _prune_structured,
-           removes_heads=True, needs_delta=True),
+    Pruner("structured", "structured pruning", _prune_structured, removes_heads=True, needs_delta=True),
     Pruner("imp", "IMP pruning", _prune_by_masks, rounds=True),
     Pruner("earlybert", "EarlyBERT pruning", _prune_slimmed, removes_heads=True, slimming=True),
     Pruner("wanda", "Wanda pruning (|W|·‖X‖, per output row)", _prune_calibrated, calibrated=True),
@@ -452,6 +451,7 @@ for _pruner in (
     register(_pruner)
 
 __all__ = ["CALIBRATED_CRITERIA", "CRITERIA", "CRITERION_SCORES", "DECODER_COLLAPSES", "DECODER_DEFAULT",
-           "HEAD_UNITS", "PRUNERS", "STRUCTURED_CRITERIA", "Pruner", "PruningConfig", "apply_masks", "check_head_removal", "choose_heads",
+           "HEAD_UNITS", "PRUNERS",
+           "STRUCTURED_CRITERIA", "Pruner", "PruningConfig", "apply_masks", "check_head_removal", "choose_heads",
            "collapse_warning", "compute_masks", "describe_score", "head_count", "head_scores", "lowest_heads",
            "prune_ffn", "prune_heads", "reapply_masks", "register", "score_pieces", "structure_plan"]

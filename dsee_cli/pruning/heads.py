@@ -55,12 +55,17 @@ class HeadScores:
 
 def _row_scores(modules: dict, name_row: tuple[str, int], heads: int, head_dim: int, criterion: str,
                 gen: torch.Generator) -> torch.Tensor | None:
-    """The criterion summed over each head's rows of one projection; None where it is not adapted."""
+    """The criterion summed over each head's rows of one projection; None where it is not adapted (|W| or
+    random rows of a plain projection under criterion weight / random, which read no ΔW)."""
     name, first = name_row
     module = modules[name]
-    if not isinstance(module, DeltaLayer):
-        return None
     last = first + heads * head_dim
+    if not isinstance(module, DeltaLayer):
+        if criterion not in ("weight", "random"):
+            return None
+        w = weight_out_in(module)[first:last].detach().float().cpu()
+        rows = w.abs() if criterion == "weight" else torch.rand(w.shape, generator=gen)
+        return rows.view(heads, head_dim, -1).sum(dim=(1, 2))
     for k, (start, end) in enumerate(module.slices):  # the slice holding these rows (a PEFT layer: all rows)
         if start <= first and last <= end:
             rows = criterion_scores(module, k, criterion, gen)[first - start : last - start]
@@ -167,10 +172,15 @@ def channel_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) ->
             if adapted and name not in adapted:
                 continue
             s = criterion_scores(module, 0, criterion, gen) if adapted else \
-                weight_out_in(getattr(module, "base", module)).detach().abs()
+                _plain_scores(weight_out_in(getattr(module, "base", module)), criterion, gen)
             score += (s.sum(dim=0) if name == unit.contract else s.sum(dim=1)).float().cpu()
         out.append(score)
     return out
+
+
+def _plain_scores(w: torch.Tensor, criterion: str, gen: torch.Generator) -> torch.Tensor:
+    """A projection that is not adapted: random scores under criterion=random, else |W|."""
+    return torch.rand(w.shape, generator=gen) if criterion == "random" else w.detach().abs().float().cpu()
 
 
 @torch.no_grad()

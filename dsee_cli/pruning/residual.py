@@ -25,8 +25,8 @@ from dsee_cli.core.arch import (
     mlp_units,
     replace_param,
     shrink_layer_inputs,
-    shrink_layer_outputs,
     transformer_layers,
+    weight_out_in,
 )
 from dsee_cli.errors import DSEEError
 from dsee_cli.pruning.heads import HeadScores
@@ -119,19 +119,24 @@ def prune_hidden(model: nn.Module, keep: torch.Tensor) -> None:
 
 
 def delta_hidden_scores(model: nn.Module, criterion: str = "delta", seed: int = 0) -> torch.Tensor:
-    """One score per residual channel from |ΔW|: the columns of the adapted projections that read the
-    stream plus the rows of those that write it; an error where none of them is adapted."""
+    """One score per residual channel from the criterion (|ΔW|, |W + ΔW|): the columns of the adapted
+    projections that read the stream plus the rows of those that write it; an error where none of
+    them is adapted. Under weight / random every projection counts (|W|, or chance)."""
     gen = torch.Generator().manual_seed(seed)
     sites = residual_sites(model)
-    score, seen = None, 0
+    plain = criterion in ("weight", "random")
+    score = None
     for name in (*sites.readers, *sites.writers):
         module = model.get_submodule(name)
-        if not isinstance(module, DeltaLayer) or len(module.slices) != 1:
+        if isinstance(module, DeltaLayer) and len(module.slices) == 1:
+            s = criterion_scores(module, 0, criterion, gen).float().cpu()
+        elif plain:
+            w = weight_out_in(getattr(module, "base", module)).detach().float().cpu()
+            s = w.abs() if criterion == "weight" else torch.rand(w.shape, generator=gen)
+        else:
             continue
-        s = criterion_scores(module, 0, criterion, gen).float().cpu()
         part = s.sum(dim=0) if name in sites.readers else s.sum(dim=1)
         score = part if score is None else score + part
-        seen += 1
     if score is None:
         raise DSEEError(f"pruning.hidden_channels with pruning.criterion={criterion} scores residual channels by "
                         f"|ΔW| of the adapted projections that read or write the stream, and none is adapted. Use "

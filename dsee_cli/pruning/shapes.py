@@ -12,9 +12,9 @@ count, one key/value head count, one MLP width and one hidden size for every lay
   the kernels prefer), and a hidden size the config class accepts with the head count.
 
 The rule where a request cannot be met exactly: the nearest servable count to the one asked for;
-a tie keeps fewer (at least the reduction asked for). Each rounding is stated (the plan and the run's banner print it). Which config
-keys a family has is read from its ``Family.shape_keys`` and its config class's own validation,
-never from its name.
+a tie keeps fewer (at least the reduction asked for). Each rounding is stated (the plan and the
+run's banner print it). Which config keys a family has is read from its ``Family.shape_keys`` and
+its config class's own validation, never from its name.
 """
 
 from __future__ import annotations

@@ -120,6 +120,7 @@ class Report:
     trivial: dict[str, float] = field(default_factory=dict)  # column -> the input-blind predictor's score
     protocol: dict[str, str] = field(default_factory=dict)  # column -> which split and metric selected, which reported
     pruning_cost: bool = False  # the cost table shows each row's pruning time and peak memory (the LLM pruners)
+    serving: str = ""  # what the sweep's exports gain in serving (zeros: nothing, on today's stacks)
 
     def protocol_line(self) -> str:
         """Which split (and metric) chose each run's best evaluation, and which one the cells report."""
@@ -170,6 +171,8 @@ class Report:
             label = [TRIVIAL_LABEL, *[""] * (len(self.row_keys) - 1), "", "", ""]
             out.append("| " + " | ".join([*label, *trivial]) + " |")
             out += ["", f"{TRIVIAL_LABEL}: {TRIVIAL_MEANING}."]
+        if self.serving:
+            out += ["", f"serving: {self.serving}"]
         return "\n".join(out) + "\n"
 
     def csv(self) -> str:
@@ -654,7 +657,23 @@ def build_report(sweep_dir: Path, table: str | None = None) -> Report:
                     if (row, str(col)) in cells:
                         cells[(row, str(col))].paper = float(value)
     return Report(table, row_keys, column_key, rows, columns, cells, paper_row_info, grid, points,
-                  note, paper.get("claims", []), report_trivial, report_protocol, bool(paper.get("pruning_cost")))
+                  note, paper.get("claims", []), report_trivial, report_protocol, bool(paper.get("pruning_cost")),
+                  serving_note([m for _, m in jobs if m is not None]))
+
+
+# the pruners whose result is zeros inside dense matrices (unstructured, N:M)
+ZERO_PRUNERS = ("unstructured", "nm", "imp", "magnitude", "wanda", "sparsegpt")
+SPARSE_SERVING = ("the unstructured and N:M rows export zeros in dense matrices (export/merged; export/compressed "
+                  "adds a 1-bit mask): research artefacts that current serving stacks run no faster than the dense "
+                  "model, since vLLM, compressed-tensors, transformers and torchao dropped sparse checkpoints in "
+                  "2026 (docs/llm.md). pruning=structured exports a smaller dense model any stack serves.")
+
+
+def serving_note(metrics: list[dict]) -> str:
+    """The sparse formats' end, said where a sweep exported zero-holding models."""
+    zeros = any(m.get("config", {}).get("pruning", {}).get("method") in ZERO_PRUNERS
+                and (m.get("pruning") or {}).get("method") not in (None, "none") for m in metrics)
+    return SPARSE_SERVING if zeros else ""
 
 
 def _reference_holds(required: dict | None, config: dict) -> tuple[bool, str]:

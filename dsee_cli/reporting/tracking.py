@@ -171,8 +171,12 @@ class ConsoleFilter(logging.Filter):
 
 
 def banner(text: str) -> None:
-    console.rule(f"[bold cyan]{text}")
-    log.info(text, extra={"file_only": True})
+    """A stage as a rule across the terminal; an indented line (a stage's detail) as plain text under it."""
+    if text.startswith("  "):
+        console.print(text, highlight=False)
+    else:
+        console.rule(f"[bold cyan]{text}")
+    log.info(text.strip(), extra={"file_only": True})
 
 
 def failures_table(failures: list[dict], sweep_dir: str) -> Table:

@@ -177,3 +177,46 @@ def write_predictions(target: Path | str, split: str, n_splits: int, data: Encod
     lines = ["index\tprediction", *(f"{k}\t{_label_text(spec, float(v))}" for k, v in zip(keys, preds.tolist()))]
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def load_as_served(export_dir: Path) -> tuple[torch.nn.Module, str]:
+    """The export as a serving stack would load it: plain ``from_pretrained`` where its config states
+    its shapes; else (removed units recorded for replay: shapes=free) dsee's load_merged, saying why."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dsee_cli.pruning.heads import removed_units
+
+    config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
+    if any(removed_units(config).values()):
+        return load_merged(export_dir), "load_merged (pruning.shapes=free: the config cannot state its shapes)"
+    return AutoModelForCausalLM.from_pretrained(export_dir, local_files_only=True).eval(), "from_pretrained"
+
+
+def measure_export_speed(cfg: RunConfig, run_dir: Path, device: torch.device, say=lambda text: None) -> dict:
+    """Prefill and decode speed of the run's export/merged against the dense pretrained model
+    (measure/serving.py): what metrics.json keeps as savings.serving."""
+    from dsee_cli.measure.costs import saved_bytes
+    from dsee_cli.measure.serving import ServingSettings, measure_serving
+
+    export_dir = Path(run_dir) / "export" / "merged"
+    if cfg.task.name not in CAUSAL_TASKS:
+        raise DSEEError(f"--speed times prefill and decoding with the KV cache, which a language model does; "
+                        f"task={cfg.task.name} trains a classifier. Use it on a decoder run "
+                        f"({', '.join(CAUSAL_TASKS)}).")
+    if not (export_dir / "config.json").is_file():
+        why = run_metrics(run_dir).get("export", {}).get("merged") or "the run was made with export=false"
+        raise DSEEError(f"--speed times the run's export/merged, and {run_dir} has none ({why}). Rerun it with "
+                        f"export=true and a method that merges into the weights (dsee, lora, full, a PEFT LoRA).")
+    export, how = load_as_served(export_dir)
+    dense = load_pretrained(cfg).model
+    if device.type == "cuda":  # what GPU serving runs: bf16, SDPA attention
+        export, dense = export.to(torch.bfloat16), dense.to(torch.bfloat16)
+        for m in (export, dense):
+            m.config._attn_implementation = "sdpa"
+    say(f"Timing export/merged ({how}) against the dense model on {device}: prefill of {cfg.task.seq_len} tokens, "
+        f"decode of 128, batch 1 and 16")
+    settings = ServingSettings(prompt_len=cfg.task.seq_len)
+    dense_bytes = saved_bytes(dense)
+    result = measure_serving(export, dense, device, settings, (export_dir / "model.safetensors").stat().st_size,
+                             dense_bytes)
+    return {**result, "loaded_with": how}

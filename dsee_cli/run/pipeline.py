@@ -65,6 +65,7 @@ from dsee_cli.run.checkpoint import (
     save_state_dir,
 )
 from dsee_cli.run.distill import distill_lm_loss, distill_logits_loss, share_frozen
+from dsee_cli.run.evaluation import measure_export_speed
 from dsee_cli.run.export import export_compressed, export_merged, merged_copy, save_adapter
 from dsee_cli.run.plan import CHANGES_MODEL, Step, build_plan, phase_of_round, phase_settings
 from dsee_cli.run.steps import StepLock, StepRecord, StepStore
@@ -505,9 +506,11 @@ class Run:
                 return
         by = f" by {describe_score(self.pruning)}" if self.pruning.pruner.prune is PRUNERS["unstructured"].prune else ""
         if self.shapes is not None:
-            by = f" by {CRITERION_SCORES[self.pruning.criterion]}: {self.shapes.describe()}"
+            by = f" by {self.pruning.criterion}"
         self.say(f"Phase II: {self.pruning.pruner.title}{by}"
                  + (f", round {step.round} of {self.rounds}" if self.rounds > 1 else ""))
+        if self.shapes is not None:
+            self.say(f"  keeps {self.shapes.describe()}; scored by {CRITERION_SCORES[self.pruning.criterion]}")
         for note in self.shapes.notes if self.shapes is not None else []:
             self.say(f"  rounded: {note}")
         if self.cfg.trainer.recovery.distill:  # the teacher: the model as it is now (its state: adapters, masks)
@@ -584,6 +587,8 @@ class Run:
         started = time.perf_counter()
         final = self.result["final_model"] or shipped_model(self.model, self.method)
         self.result["savings"] = measure_run(self.cfg, final, self.device, self.precision, self.result["export"])
+        if self.cfg.task.name in CAUSAL_TASKS and (self.dir / "export" / "merged").is_dir():
+            self.result["savings"]["serving"] = measure_export_speed(self.cfg, self.dir, self.device, self.say)
         self.seconds["measure"] = round(time.perf_counter() - started, 3)
 
     # -- the result ------------------------------------------------------------------------

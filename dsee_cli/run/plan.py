@@ -110,8 +110,11 @@ def _amount(cfg: RunConfig, target: float) -> str:
     if p.pruner.removes_heads:
         heads = f"{p.head_fraction:.0%} of the query heads" if p.head_fraction else f"{p.heads_to_remove} heads"
         unit = f" ({p.unit})" if p.unit != "heads" else ""
-        channels = f" and {p.ffn_channels:.0%} of the MLP channels" if p.ffn_channels else ""
-        return f"{heads} per layer{unit}{channels}"
+        def share(v: float) -> str:
+            return f"{v:.0%}" if v < 1 else f"{v:g}"
+        channels = f", {share(p.ffn_channels)} of the MLP channels" if p.ffn_channels else ""
+        hidden = f", {share(p.hidden_channels)} of the hidden width" if p.hidden_channels else ""
+        return f"{heads} per layer{unit}{channels}{hidden}"
     if p.pattern:
         return f"{p.n}:{p.m}"
     return f"sparsity {target:.3g}"
