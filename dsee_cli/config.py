@@ -149,11 +149,7 @@ def validate(cfg: RunConfig) -> None:
              f"schedule), so it takes no separate pruning phase: use pruning=none, not pruning={cfg.pruning.method}.")
     if method.sparse_training:
         cfg.adapter.sparse_training.schedule.check(cfg.sparsity)
-    _require(not (pruner.needs_delta and cfg.pruning.reads_delta and not method.delta),
-             f"pruning=structured with pruning.criterion={cfg.pruning.criterion} scores heads by |ΔW| of the adapted "
-             f"projections, which adapter={cfg.adapter.method} does not have; use adapter=dsee, lora or a PEFT method "
-             f"(adapter=dora, shira, hira, ...), pruning.criterion=activation (calibration activations), or "
-             f"pruning=earlybert (learned head importance).")
+    _check_structured(cfg)
     if method.peft and pruner.prune is not None:
         peft_method = cfg.adapter.peft
         _require(peft_method.has_delta,
@@ -171,16 +167,7 @@ def validate(cfg: RunConfig) -> None:
                  f"pruning={cfg.pruning.method} removes heads and channels, so every adapter factor must lose their "
                  f"rows; PEFT method {peft_method.type}'s cannot (shared or Kronecker factors). Use "
                  f"pruning=unstructured or nm, or one of: {', '.join(SHRINKABLE_TYPES)}.")
-    if cfg.trainer.recovery.distill:
-        _require(pruner.prune is not None and not pruner.rounds,
-                 f"trainer.recovery.distill=true distils the model as it was before pruning into the pruned one in "
-                 f"recovery; pruning={cfg.pruning.method} has "
-                 + ("no pruning step" if pruner.prune is None else "several pruning rounds (no single teacher)")
-                 + ". Use it with pruning=structured, unstructured, nm, wanda or sparsegpt.")
-        spec = TASKS.get(cfg.task.name)
-        _require(cfg.task.name in CAUSAL_TASKS or spec is None or spec.num_labels > 1,
-                 f"trainer.recovery.distill=true matches the teacher's output distribution; task={cfg.task.name} is a "
-                 f"regression with one output and no distribution. Use it with a classification or language task.")
+    _check_distill(cfg)
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
     _require(cfg.task.seq_len >= 8, f"task.seq_len={cfg.task.seq_len} is too short (>= 8).")
     if cfg.task.name in (*NLG_TASKS, *PERPLEXITY_TASKS):
@@ -205,6 +192,32 @@ def validate(cfg: RunConfig) -> None:
         _require(0.0 <= cfg.task.label_smoothing < 1.0, f"task.label_smoothing={cfg.task.label_smoothing} must "
                  f"be in [0, 1).")
         cfg.task.decode.check()
+
+
+def _check_structured(cfg: RunConfig) -> None:
+    """pruning=structured by |ΔW| needs a tuning method with a ΔW."""
+    _require(not (cfg.pruning.pruner.needs_delta and cfg.pruning.reads_delta and not cfg.adapter.tuning_method.delta),
+             f"pruning=structured with pruning.criterion={cfg.pruning.criterion} scores heads by |ΔW| of the adapted "
+             f"projections, which adapter={cfg.adapter.method} does not have; use adapter=dsee, lora or a PEFT method "
+             f"(adapter=dora, shira, hira, ...), pruning.criterion=activation (calibration activations), or "
+             f"pruning=earlybert (learned head importance).")
+
+
+def _check_distill(cfg: RunConfig) -> None:
+    """trainer.recovery.distill needs one pruning step (the teacher is the model just before it) and a
+    distribution to match."""
+    if not cfg.trainer.recovery.distill:
+        return
+    pruner = cfg.pruning.pruner
+    _require(pruner.prune is not None and not pruner.rounds,
+             f"trainer.recovery.distill=true distils the model as it was before pruning into the pruned one in "
+             f"recovery; pruning={cfg.pruning.method} has "
+             + ("no pruning step" if pruner.prune is None else "several pruning rounds (no single teacher)")
+             + ". Use it with pruning=structured, unstructured, nm, wanda or sparsegpt.")
+    spec = TASKS.get(cfg.task.name)
+    _require(cfg.task.name in CAUSAL_TASKS or spec is None or spec.num_labels > 1,
+             f"trainer.recovery.distill=true matches the teacher's output distribution; task={cfg.task.name} is a "
+             f"regression with one output and no distribution. Use it with a classification or language task.")
 
 
 def task_hparams(cfg: RunConfig) -> ModelTaskHparams:

@@ -239,6 +239,7 @@ def test_the_distillation_term_is_zero_for_an_equal_teacher_and_trains_only_what
     assert all(p.grad is None for p in teacher.parameters())
 
 
+@pytest.mark.slow
 def test_a_structured_run_with_distillation_exports_a_plain_smaller_model(tmp_path):
     """tiny-llama: phase I, heads + channels + hidden width by activations (the decoders' default) to servable
     shapes, recovery with distillation, an export plain from_pretrained loads with the logits of the run's model."""
@@ -271,6 +272,7 @@ def test_a_structured_run_with_distillation_exports_a_plain_smaller_model(tmp_pa
 
 # -- serving: speed measured on the export, and what the report says of zeros ---------------------------------
 
+@pytest.mark.slow
 def test_speed_times_the_export_as_served_and_refuses_a_run_without_one(tmp_path, capsys):
     """dsee eval <run> --speed on a structured tiny-llama run: prefill and decode at batch 1 and 16, the export
     loaded with plain from_pretrained, written to metrics.json (savings.serving); a run without export/merged

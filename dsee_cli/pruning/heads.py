@@ -28,7 +28,6 @@ from dsee_cli.core.arch import (
     mlp_units,
     shrink_layer_inputs,
     shrink_layer_outputs,
-    state_pruned_shapes,
     weight_out_in,
 )
 from dsee_cli.errors import DSEEError, choice_error
@@ -253,40 +252,3 @@ def prune_ffn(model: nn.Module, removed: dict[int, list[int]]) -> None:
             shrink_outputs(model.get_submodule(name), keep)
         shrink_inputs(model.get_submodule(unit.contract), keep)
     model.config.dsee_pruned_ffn = {str(k): sorted(v) for k, v in removed.items() if v}
-
-
-PRUNED_UNITS = ("dsee_pruned_heads", "dsee_pruned_ffn", "dsee_pruned_hidden")  # config keys of removed units
-
-
-def removed_units(config) -> dict[str, dict | list]:
-    """The removed units a pruned model's config (or checkpoint) records: heads, ffn, hidden."""
-    return {key.removeprefix("dsee_pruned_"): getattr(config, key, None) or {} for key in PRUNED_UNITS}
-
-
-def replay_removal(model: nn.Module, heads: dict, ffn: dict, hidden: list | dict) -> None:
-    """Remove the same units again from the dense model (a checkpoint resumed, an export loaded)."""
-    from dsee_cli.pruning.residual import prune_hidden
-
-    if heads:
-        prune_heads(model, {int(k): v for k, v in heads.items()})
-    if ffn:
-        prune_ffn(model, {int(k): v for k, v in ffn.items()})
-    if hidden:
-        prune_hidden(model, hidden_keep(model, hidden))
-
-
-def hidden_keep(model: nn.Module, removed: list[int]) -> torch.Tensor:
-    from dsee_cli.core.arch import hidden_width
-
-    dropped = set(removed)
-    return torch.tensor([i for i in range(hidden_width(model)) if i not in dropped], dtype=torch.long)
-
-
-def stated_in_config(model: nn.Module) -> bool:
-    """After pruning, for export: the shrunk shapes as config keys where the family allows it
-    (then no removed units are recorded for replay)."""
-    if not state_pruned_shapes(model):
-        return False
-    for key in PRUNED_UNITS:
-        setattr(model.config, key, None)
-    return True

@@ -21,15 +21,17 @@ from torch import nn
 from dsee_cli.core.arch import (
     attention_units,
     family_of,
+    hidden_width,
     layer_prefix,
     mlp_units,
     replace_param,
     shrink_layer_inputs,
+    state_pruned_shapes,
     transformer_layers,
     weight_out_in,
 )
 from dsee_cli.errors import DSEEError
-from dsee_cli.pruning.heads import HeadScores
+from dsee_cli.pruning.heads import HeadScores, prune_ffn, prune_heads, shrink_inputs, shrink_outputs
 from dsee_cli.pruning.masks import criterion_scores
 from dsee_cli.tuning.adapters import DeltaLayer
 
@@ -87,15 +89,11 @@ def prune_hidden(model: nn.Module, keep: torch.Tensor) -> None:
     at once, as it is no longer hidden_size / heads."""
     if getattr(model.config, "dsee_pruned_hidden", None):
         raise DSEEError("this model already had hidden channels pruned; prune once, from the dense model")
-    from dsee_cli.core.arch import hidden_width
-
     width = hidden_width(model)
     if not 0 < len(keep) < width + 1:
         raise DSEEError(f"Cannot keep {len(keep)} of {width} hidden channels: at least one must stay.")
     kept = set(keep.tolist())
     removed = [i for i in range(width) if i not in kept]
-    from dsee_cli.pruning.heads import shrink_inputs, shrink_outputs
-
     sites = residual_sites(model)
     embed = model.get_submodule(sites.embedding)
     tied_head = None if sites.head is not None else _head_name(model)
@@ -209,3 +207,36 @@ def _forward_extras(model: nn.Module) -> dict:
     params = inspect.signature(model.forward).parameters
     wanted = {"use_cache": False, "logits_to_keep": 1}
     return {k: v for k, v in wanted.items() if k in params}
+
+
+PRUNED_UNITS = ("dsee_pruned_heads", "dsee_pruned_ffn", "dsee_pruned_hidden")  # config keys of removed units
+
+
+def removed_units(config) -> dict[str, dict | list]:
+    """The removed units a pruned model's config (or checkpoint) records: heads, ffn, hidden."""
+    return {key.removeprefix("dsee_pruned_"): getattr(config, key, None) or {} for key in PRUNED_UNITS}
+
+
+def replay_removal(model: nn.Module, heads: dict, ffn: dict, hidden: list | dict) -> None:
+    """Remove the same units again from the dense model (a checkpoint resumed, an export loaded)."""
+    if heads:
+        prune_heads(model, {int(k): v for k, v in heads.items()})
+    if ffn:
+        prune_ffn(model, {int(k): v for k, v in ffn.items()})
+    if hidden:
+        prune_hidden(model, hidden_keep(model, hidden))
+
+
+def hidden_keep(model: nn.Module, removed: list[int]) -> torch.Tensor:
+    dropped = set(removed)
+    return torch.tensor([i for i in range(hidden_width(model)) if i not in dropped], dtype=torch.long)
+
+
+def stated_in_config(model: nn.Module) -> bool:
+    """After pruning, for export: the shrunk shapes as config keys where the family allows it
+    (then no removed units are recorded for replay)."""
+    if not state_pruned_shapes(model):
+        return False
+    for key in PRUNED_UNITS:
+        setattr(model.config, key, None)
+    return True

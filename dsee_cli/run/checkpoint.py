@@ -23,8 +23,8 @@ from torch import nn
 from dsee_cli.atomic import atomic_write_text, fsync_file
 from dsee_cli.config import RunConfig
 from dsee_cli.pruning import apply_masks
-from dsee_cli.pruning.heads import replay_removal
 from dsee_cli.pruning.masks import PackedMask, pack_bits, unpack_bits
+from dsee_cli.pruning.residual import replay_removal
 from dsee_cli.pruning.slimming import FROZEN_CHANGED
 from dsee_cli.tuning.adapters import adapters_of
 from dsee_cli.tuning.peft_bridge import load_tuner_state, tuner_state

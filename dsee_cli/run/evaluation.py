@@ -184,7 +184,7 @@ def load_as_served(export_dir: Path) -> tuple[torch.nn.Module, str]:
     its shapes; else (removed units recorded for replay: shapes=free) dsee's load_merged, saying why."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dsee_cli.pruning.heads import removed_units
+    from dsee_cli.pruning.residual import removed_units
 
     config = AutoConfig.from_pretrained(export_dir, local_files_only=True)
     if any(removed_units(config).values()):

@@ -25,8 +25,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from dsee_cli.atomic import fsync_dir, fsync_file
 from dsee_cli.core.arch import block_linears, task_head_params, weight_out_in
-from dsee_cli.pruning.heads import PRUNED_UNITS, removed_units, replay_removal, stated_in_config
 from dsee_cli.pruning.masks import mask_tensor
+from dsee_cli.pruning.residual import PRUNED_UNITS, removed_units, replay_removal, stated_in_config
 from dsee_cli.run.checkpoint import load_state_dir, model_state, pack_mask, restore_state, save_state_dir, unpack_mask
 from dsee_cli.tuning import AdapterConfig, prepare_method
 from dsee_cli.tuning.adapters import unwrap_adapters
