@@ -187,18 +187,22 @@ def test_free_shapes_that_the_config_refuses_are_replayed_by_load_merged(tmp_pat
 
 
 def test_activation_scores_rank_a_silenced_unit_last():
-    """A head whose v rows are zero outputs nothing; a channel whose up row is zero likewise; a hidden channel
-    the norms weigh zero: each scores 0 and is the first removed."""
+    """A head whose v rows are zero outputs nothing; a channel whose up row is zero likewise; a residual channel
+    nothing writes (its embedding column and its o, down rows zero): each scores 0 and is the first removed. A
+    head whose o_proj columns are zero contributes nothing either, however large its output."""
     model, tok = decoder("tiny-llama")
+    sites = residual_sites(model)
     with torch.no_grad():
         unit = attention_units(model)[1]
         model.get_submodule(unit.v[0]).weight[: unit.head_dim] = 0  # key/value head 0: query heads 0-3 silent
+        model.get_submodule(unit.output).weight[:, 5 * unit.head_dim:6 * unit.head_dim] = 0  # head 5 unread
         model.get_submodule(mlp_units(model)[0].expand[1]).weight[7] = 0
-        for name in residual_sites(model).norms[:-1]:
+        model.get_submodule(sites.embedding).weight[:, 11] = 0
+        for name in sites.writers:
             model.get_submodule(name).weight[11] = 0
     scores = activation_scores(model, [dict(enc(tok))])
-    assert scores.heads.q[1, :4].abs().max() < 1e-6 < scores.heads.q[1, 4:].min()
-    assert torch.argmin(scores.channels[0]) == 7 and torch.argmin(scores.hidden) == 11
+    assert scores.heads.q[1, [0, 1, 2, 3, 5]].abs().max() < 1e-6 < scores.heads.q[1, [4, 6, 7]].min()
+    assert torch.argmin(scores.channels[0]) == 7 and scores.hidden[11] < 1e-6 < scores.hidden[:11].min()
 
 
 # -- recovery by distillation ---------------------------------------------------------------------------------
@@ -259,7 +263,8 @@ def test_a_structured_run_with_distillation_exports_a_plain_smaller_model(tmp_pa
     assert (p["criterion"], p["shapes"], p["hidden_size"], p["ffn_channels_per_layer"]) == \
         ("activation", "servable", 48, 48)  # 45 kept of each, rounded to multiples of 16
     assert p["heads_per_layer"] == {"0": [2, 2], "1": [2, 2]}  # 1 of 4 asked: one from each of the 2 groups
-    assert sum("rounded:" in line for line in said) == 2 and p["rounding"][1].endswith("48 kept")
+    assert sum("rounded:" in line for line in said) == 3 and p["rounding"][2].endswith("48 kept")
+    assert p["rounding"][0].startswith("25% of 4 query heads requested")
     d = metrics["distill"]
     assert d["temperature"] == 2 and d["teacher_extra_bytes"] > 0 and d["teacher_shared_bytes"] == 0
     assert any("distilling from the model before pruning" in line for line in said)

@@ -47,13 +47,14 @@ SCOPES = ("blocks", "adapted")
 CRITERION_SCORES = {"delta": "|ΔW|", "delta_plus_weight": "|W + ΔW|", "weight": "|W|", "random": "random",
                     "delta_wanda": "|ΔW|·‖X‖", "tuned_wanda": "|W + ΔW|·‖X‖",
                     "obs": "OBS on W + ΔW",  # SparseGPT's: the kept weights are updated
-                    "activation": "‖X‖ of each unit's output"}  # structured: Minitron's, from calibration
+                    # structured: each unit's contribution on the calibration data (pruning/residual.py)
+                    "activation": "each unit's contribution on calibration data"}
 # Calibrated criteria read calibration inputs: delta_wanda |ΔW|·‖X‖, tuned_wanda |W + ΔW|·‖X‖ (Wanda on the
 # tuned weight; |W|·‖X‖ where not adapted), obs: SparseGPT's OBS reconstruction of the tuned weight W + ΔW.
 CALIBRATED_CRITERIA = ("delta_wanda", "tuned_wanda", "obs")
 CRITERIA = ("delta", "delta_plus_weight", "weight", "random", *CALIBRATED_CRITERIA, "activation")
-# pruning=structured ranks heads, MLP channels and hidden channels by one of these; activation (Minitron's: the
-# norm of each unit's output over the calibration tokens) is the decoders' default, |ΔW| (delta) the encoders'
+# pruning=structured ranks heads, MLP channels and hidden channels by one of these; activation (each unit's
+# contribution on the calibration tokens, pruning/residual.py) is the decoders' default, |ΔW| (delta) the encoders'
 STRUCTURED_CRITERIA = ("delta", "delta_plus_weight", "weight", "random", "activation")
 STRUCTURED_DECODER_DEFAULT = "activation"
 GRANULARITIES = ("global", "layer", "matrix", "row")
@@ -331,8 +332,13 @@ def head_count(model: nn.Module, s: PruningConfig) -> int:
 def structure_plan(model: nn.Module, s: PruningConfig) -> ShapePlan:
     """The shapes this structured configuration keeps (servable rounding stated in its notes);
     an error where it cannot be honoured. Works on a model with no weights (meta device)."""
-    return plan_shapes(model, s.unit, head_count(model, s), s.ffn_channels, s.hidden_channels, s.shapes,
-                       s.multiple_of)
+    k = head_count(model, s)
+    plan = plan_shapes(model, s.unit, k, s.ffn_channels, s.hidden_channels, s.shapes, s.multiple_of)
+    heads = attention_units(model)[0].num_heads
+    if s.head_fraction and k != round(s.head_fraction * heads):  # the unit's step rounded the share
+        plan.notes.insert(0, f"{s.head_fraction:.0%} of {heads} query heads requested: pruning.unit={s.unit} removes "
+                             f"them in steps of whole groups or the same number per group; {k} removed per layer")
+    return plan
 
 
 def _lowest(scores: torch.Tensor, k: int) -> list[int]:
@@ -349,7 +355,7 @@ def _structured_choice(model: nn.Module, s: PruningConfig, seed: int, calibratio
         scores = activation_scores(model, inputs.batches, inputs.autocast)
         heads_s, channels_s, hidden_s = scores.heads, scores.channels, scores.hidden
         info |= {"calibration": inputs.info, "calibration_tokens": scores.tokens,
-                 "hidden_score": "‖X‖ of each block's two normed streams (q_proj's and gate_proj's input), summed"}
+                 "hidden_score": "each channel's share of the stream at every RMSNorm's input and output, summed"}
     else:
         heads_s = head_scores(model, s.criterion, seed) if plan.heads_removed else None
         channels_s = channel_scores(model, s.criterion, seed) if plan.channels_removed else []

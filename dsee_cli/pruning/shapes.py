@@ -149,7 +149,8 @@ def plan_shapes(model: nn.Module, unit: str, heads_removed: int, ffn_channels: f
         c = _nearest([c for c in range(multiple_of, channels + 1, multiple_of)] or [channels], wanted_channels)
         if c != wanted_channels:
             plan.notes.append(f"{channels - wanted_channels} of {channels} MLP channels requested: {wanted_channels} "
-                              f"kept is not a multiple of pruning.multiple_of={multiple_of}; {c} kept per layer")
+                              f"kept is not a multiple of pruning.multiple_of={multiple_of}; {c} kept per layer"
+                              + (" (nothing removed)" if c == channels else ""))
         plan.channels = c
     if heads_removed:  # the head count first: the hidden size's rule may depend on it
         options = [(q, k) for q, k in _head_candidates(unit, heads, kv) if widths(q, k)]
