@@ -209,10 +209,10 @@ def _structured_ppl(criterion: str, texts, tmp_path=None) -> tuple[float, object
 
 
 def test_activations_rank_real_heads_and_channels_far_better_than_weights_or_chance(texts, tmp_path):
-    """On the real model the activation criterion (Minitron's) keeps perplexity within reach of recovery, while
-    |W| and random choices of the same shapes collapse it; the servable export loads with plain from_pretrained
-    and computes what the pruned model in memory computed. Measured: activation 73.6, weight 2,297, random
-    1,911 (dense bf16 12.6)."""
+    """On the real model the activation criterion (each unit's contribution on calibration data) keeps
+    perplexity within reach of recovery, while |W| and random choices of the same shapes collapse it; the
+    servable export loads with plain from_pretrained and computes what the pruned model in memory computed.
+    Measured, one-shot, no recovery: activation 151.6, weight 512,896, random 156,415 (dense bf16 12.6)."""
     from transformers import AutoModelForCausalLM
 
     activation, (model, tok) = _structured_ppl("activation", texts)
