@@ -184,6 +184,10 @@ def test_free_shapes_that_the_config_refuses_are_replayed_by_load_merged(tmp_pat
     assert hidden_width(loaded) == 50 and loaded.config.dsee_pruned_hidden == list(range(50, 64))
     inputs = enc(tok)
     assert torch.allclose(logits(loaded, inputs), logits(model, inputs), atol=1e-5)
+    from dsee_cli.run.evaluation import load_as_served
+
+    served, how = load_as_served(tmp_path / "merged")  # --speed times it as dsee loads it, and says so
+    assert how.startswith("load_merged (pruning.shapes=free") and hidden_width(served) == 50
 
 
 def test_activation_scores_rank_a_silenced_unit_last():
