@@ -47,7 +47,8 @@ def test_every_export_scores_what_the_run_reported(name, tmp_path):
         result = evaluate_export(cfg, run, *pick_source(run, run, source))
         assert set(result.metrics) == set(reported)
         for key, value in reported.items():
-            assert result.metrics[key] == pytest.approx(value, abs=1e-4), (source, key)
+            # merged weights round once in fp32 where the run added W and ΔW per forward: 1e-6 of a perplexity
+            assert result.metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-4), (source, key)
         assert set(result.reference) == set(result.metrics)  # each score shown beside the run's own
     other = compose(*overrides, "task.max_eval_samples=3")  # not the data the run evaluated: nothing to compare
     assert evaluate_export(other, run, *pick_source(run, run, "adapter")).reference == {}

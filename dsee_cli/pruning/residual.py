@@ -1,5 +1,6 @@
 """Hidden-width pruning: channels of the residual stream removed for real (Minitron's embedding
-axis), and the activation scores structured pruning ranks heads, MLP channels and hidden channels by.
+axis); the activation scores structured pruning ranks heads, MLP channels and hidden channels by;
+the replay of removed units (checkpoints, load_merged) and the shapes an export states.
 
 A residual channel is a column of the token embedding (and of the tied LM head), an entry of
 every RMSNorm's weight, an input column of every projection that reads the stream (q, k, v, the
@@ -52,9 +53,8 @@ def residual_sites(model: nn.Module) -> ResidualSites:
     if fam.residual is None:
         raise DSEEError(f"hidden-channel pruning is for decoders built like Llama; the {fam.name} family's residual "
                         f"stream is not described (pruning.hidden_channels=0).")
-    base_prefix = layer_prefix(model).rsplit(".", 1)[0]  # the base model (model.model, or "" for a bare one)
-    dot = f"{base_prefix}." if base_prefix != layer_prefix(model) else ""
     prefix = layer_prefix(model)
+    dot = prefix.rsplit(".", 1)[0] + "." if "." in prefix else ""  # the base model's prefix ("model.", or none)
     norms = tuple(f"{prefix}.{i}.{n}" for i in range(len(transformer_layers(model))) for n in fam.residual.block_norms)
     readers, writers = [], []
     for unit in attention_units(model):

@@ -167,6 +167,14 @@ def preflight(cfg: RunConfig) -> None:
         check_data_files(cfg.task)
 
 
+class ModelUnavailable(DSEEError):
+    """The model's config cannot be read here (offline, not cached): ``why`` says it in one line."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.why = message.split(". ")[0]
+
+
 def meta_model(cfg: RunConfig) -> torch.nn.Module:
     """The run's model built from its config alone, with no weights (meta device): architecture checks in seconds."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -177,7 +185,10 @@ def meta_model(cfg: RunConfig) -> torch.nn.Module:
         tok = tiny_decoder_tokenizer() if cfg.model.name in TINY_DECODERS else tiny_tokenizer()
         config = tiny_config(cfg.model.name, len(tok), 2, cfg.model.tiny, tok.pad_token_id)
     else:
-        source, local_only = resolve_source(cfg.model.name, cfg.model.path, cfg.model.gguf_file)
+        try:
+            source, local_only = resolve_source(cfg.model.name, cfg.model.path, cfg.model.gguf_file)
+        except DSEEError as exc:
+            raise ModelUnavailable(str(exc)) from None
         config = AutoConfig.from_pretrained(source, local_files_only=local_only)
     auto = AutoModelForCausalLM if cfg.task.name in CAUSAL_TASKS else AutoModelForSequenceClassification
     with torch.device("meta"):
