@@ -311,6 +311,7 @@ def test_decoder_kv_groups_are_pruned_by_a_peft_delta(tmp_path):
     metrics = run_in_process(tmp_path / "run", "task=wikitext2", "profile=smoke", "model.tiny.hidden=96",
                              "model.tiny.heads=12", "task.seq_len=32", "adapter=dora", "adapter.targets=[q,k,v]",
                              "pruning=structured", "pruning.unit=kv-group", "pruning.head_fraction=0.25",
-                             "trainer.max_steps=3", messages=[])
-    assert metrics["pruning"]["heads_per_layer"]["0"] == [9, 3]  # 12 query heads over 4 groups: one group gone
+                             "pruning.criterion=delta", "pruning.shapes=free", "trainer.max_steps=3", messages=[])
+    # 12 query heads over 4 groups: one group gone by DoRA's |ΔW| (9 heads: shapes=free, LlamaConfig wants 96 % 9)
+    assert metrics["pruning"]["heads_per_layer"]["0"] == [9, 3] and metrics["pruning"]["criterion"] == "delta"
     assert metrics["final"]["eval"]
