@@ -253,12 +253,20 @@ def activation_scores(model: nn.Module, batches: list[dict[str, torch.Tensor]], 
             h.remove()
         model.train(was_training)
         weights.clear()
+    return _scores(model, moments, norms, tokens)
+
+
+def _scores(model: nn.Module, moments: dict[str, _Moments], norms: tuple[str, ...], tokens: int) -> ActivationScores:
+    """activation_scores' numbers from the moments its hooks gathered."""
+    from dsee_cli.pruning.calibrated import effective_weight
+
+    units, mlps = attention_units(model), mlp_units(model)
     q = torch.stack([moments[u.output].centered().sqrt().float() for u in units])
     heads = HeadScores(q, torch.zeros(len(units), units[0].num_kv_heads))
     channels = [moments[m.contract].centered().sqrt().float()
                 * effective_weight(model.get_submodule(m.contract)).norm(dim=0).cpu() for m in mlps]
     hidden = None
-    if residual:  # each norm's input and output count alike: a channel's share of each (means included)
+    if norms:  # each norm's input and output count alike: a channel's share of each (means included)
         shares = [moments[key].squares.sqrt() / moments[key].squares.sum().sqrt()
                   for name in norms for key in (f"{name}:in", f"{name}:out")]
         hidden = torch.stack(shares).sum(0).float()
