@@ -37,7 +37,7 @@ from dsee_cli.pruning.heads import (
 )
 from dsee_cli.pruning.masks import apply_masks, nm_masks, reapply_masks, score_pieces, unstructured_masks
 from dsee_cli.pruning.oneshot import sparsegpt, wanda_masks, wanda_scores
-from dsee_cli.pruning.residual import activation_scores, delta_hidden_scores, prune_hidden
+from dsee_cli.pruning.residual import activation_scores, delta_hidden_scores, hidden_keep, prune_hidden
 from dsee_cli.pruning.shapes import SHAPES, ShapePlan, plan_shapes
 from dsee_cli.pruning.slimming import FROZEN_CHANGED, slim_and_prune
 from dsee_cli.tuning.adapters import DeltaLayer
@@ -377,8 +377,7 @@ def _prune_structured(model: nn.Module, s: PruningConfig, sparsity: float, seed:
     if channels:
         prune_ffn(model, channels)
     if hidden:
-        removed = set(hidden)
-        prune_hidden(model, torch.tensor([i for i in range(hidden_width(model)) if i not in removed]))
+        prune_hidden(model, hidden_keep(model, hidden))
     return {"method": s.method, "criterion": s.criterion, "score": CRITERION_SCORES[s.criterion], "unit": s.unit,
             "heads_removed": {str(k): v for k, v in heads.items()},
             "heads_per_layer": {str(u.layer): [u.num_heads, u.num_kv_heads] for u in attention_units(model)},
