@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dsee_cli.measure.accounting import inference_flops
-from dsee_cli.measure.costs import _sync, count
+from dsee_cli.measure.costs import _inputs, _ratio, _sync, count
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,7 @@ class ServingSettings:
 
 
 def _prompt(model: nn.Module, batch: int, length: int, device: torch.device) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    vocab = model.config.vocab_size
-    return torch.randint(5, max(6, vocab - 1), (batch, length), generator=gen).to(device)
+    return _inputs(model, batch, length, device)["input_ids"]  # the latency measurement's seeded random ids
 
 
 @torch.inference_mode()
@@ -88,10 +86,6 @@ def serving_flops(model: nn.Module, seq_len: int) -> int:
     head = model.get_output_embeddings()
     vocab, hidden = head.weight.shape
     return inference_flops(model, seq_len) + 2 * seq_len * vocab * hidden
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 4) if b else None
 
 
 def measure_serving(export: nn.Module, dense: nn.Module, device: torch.device, settings: ServingSettings,
