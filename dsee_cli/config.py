@@ -138,9 +138,12 @@ def validate(cfg: RunConfig) -> None:
     cfg.pruning.resolve_auto(decoder=cfg.task.name in CAUSAL_TASKS, delta_reads_weight=reads_w)  # or the paper's
     cfg.pruning.check(cfg.sparsity)
     method, pruner = cfg.adapter.tuning_method, cfg.pruning.pruner
-    _require(cfg.adapter.method == "dsee" or cfg.adapter.omega_size == 0,
-             f"adapter={cfg.adapter.method} has no sparse part, but adapter.omega_size={cfg.adapter.omega_size}; "
-             f"use adapter=dsee, or adapter.omega_size=0.")
+    _require(method.sparse or not cfg.adapter.has_sparse,
+             f"adapter={cfg.adapter.method} has no sparse part, but adapter.omega_size={cfg.adapter.omega_size} "
+             f"(adapter.density={cfg.adapter.density:g}); use adapter=dsee or rosa, or adapter.omega_size=0.")
+    _require(cfg.omega.method != "fisher" or method.sparse,
+             f"omega=fisher picks Ω from gradients for a sparse part; adapter={cfg.adapter.method} has none. Use "
+             f"adapter=rosa or dsee.")
     _require(not (pruner.removes_heads and method.prompts),
              f"pruning={cfg.pruning.method} removes attention heads, but adapter={cfg.adapter.method}'s prompts "
              f"are shaped by the head count; use pruning=unstructured, nm or none with prompt methods.")

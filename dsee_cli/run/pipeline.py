@@ -67,6 +67,7 @@ from dsee_cli.run.checkpoint import (
 from dsee_cli.run.distill import distill_lm_loss, distill_logits_loss, share_frozen
 from dsee_cli.run.evaluation import measure_export_speed
 from dsee_cli.run.export import export_compressed, export_merged, merged_copy, save_adapter
+from dsee_cli.run.fisher_step import check_gradient_batches, fisher_omega
 from dsee_cli.run.plan import CHANGES_MODEL, Step, build_plan, phase_of_round, phase_settings
 from dsee_cli.run.steps import StepLock, StepRecord, StepStore
 from dsee_cli.run.task import load_pretrained, prepare_task
@@ -317,6 +318,7 @@ class Run:
         if self.pruning.pruner.removes_heads:  # a removal that cannot be honoured fails before any training
             head_count(self.model, self.pruning)
         self.shapes = structure_plan(self.model, self.pruning) if self.pruning.structured else None
+        check_gradient_batches(cfg, len(self.task.train.input_ids))
         self.rounds = sum(step.kind == "prune" for step in self.plan)
 
     def start(self) -> None:
@@ -411,13 +413,23 @@ class Run:
 
     def find_omega(self) -> None:
         cfg = self.cfg
-        self.say("Ω: sparse positions from the pretrained weights")
         adapters = adapters_of(self.model)
-        weights = {k: slice_pretrained_weight(a, s) for k, (a, s) in omega_keys(adapters).items()}
+        if cfg.omega.method == "fisher":  # every rank trains the warm-up and takes its share of the gradients
+            self.say("Ω: sparse positions from gradients after a LoRA warm-up (RoSA)")
+            self.omega_info, indices = fisher_omega(cfg, self.model, self.task, self.precision, self.device,
+                                                    self.hooks("phase1"), self.sink, self.say, omega_cache_dir(cfg))
+            set_omegas(adapters, indices)
+            return
+        self.say("Ω: sparse positions from the pretrained weights")
+        keys = omega_keys(adapters)
+        weights = {k: slice_pretrained_weight(a, s) for k, (a, s) in keys.items()}
+        counts = omega_lib.omega_counts({k: tuple(w.shape) for k, w in weights.items()}, cfg.adapter.omega_size,
+                                        cfg.adapter.density)
+        n = cfg.adapter.omega_size if not cfg.adapter.density else counts  # an int keeps older cache keys
         settings = cfg.omega.grebsmo(cfg.seed)
 
         def compute() -> tuple[dict, dict[str, torch.Tensor]]:  # rank 0 (or the cache); the indices are small
-            result = omega_lib.cached_omega(weights, cfg.adapter.omega_size, cfg.omega.method, settings,
+            result = omega_lib.cached_omega(weights, n, cfg.omega.method, settings,
                                             omega_cache_dir(cfg), cfg.omega.preset)
             return {"method": cfg.omega.method, "seed": settings.seed, "seconds": round(result.seconds, 3),
                     "from_cache": result.from_cache, "cache_path": str(result.cache_path or "")}, result.indices
@@ -435,8 +447,10 @@ class Run:
                 "before_step": lambda step, total: update_masks(model, schedule.at(step + 1, total, final), topk,
                                                                 schedule.refreshes(step)),
                 "best_eligible": lambda: all(abs(m.sparsity - final) < 1e-9 for m in sparse_layers(model).values()),
-                "lr_by_suffix": {".scores": settings.score_lr} if method.method == "mvp" else {},
+                "lr_by_part": {".scores": settings.score_lr} if method.method == "mvp" else {},
             }
+        if name == "phase1" and method.lora_lr is not None:  # RoSA: B·A at their own rate, S at the phase's
+            own = {**own, "lr_by_part": {".lora_A.": method.lora_lr, ".lora_B.": method.lora_lr}}
         if method.tuning_method.peft:  # AdaLoRA's rank budget over phase I's steps, kept in recovery
             own = peft_step_hooks(model, method.peft, "phase1" if name == "phase1" else "recovery")
         l1 = self.pruning.slimming_l1

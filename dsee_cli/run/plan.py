@@ -133,9 +133,14 @@ def build_plan(cfg: RunConfig) -> list[Step]:
         return f"; lr {s.lr:g} ({s.lr_from})"
 
     plan: list[Step] = []
-    if cfg.adapter.method == "dsee" and cfg.adapter.omega_size > 0:
-        plan.append(Step("omega", "omega", f"Ω: {cfg.adapter.omega_size} per matrix, {cfg.omega.method}"
-                         + (f" ({cfg.omega.preset})" if cfg.omega.method == "grebsmo" else "")))
+    if cfg.adapter.tuning_method.sparse and cfg.adapter.has_sparse:
+        a, o = cfg.adapter, cfg.omega
+        size = f"density {a.density:g} of each matrix" if a.density else f"{a.omega_size} per matrix"
+        how = {"grebsmo": f" ({o.preset})",
+               "fisher": f" ({o.grad_stat} of {o.grad_batches} batch gradient(s) after {o.warmup_steps} LoRA steps; "
+                         f"{'restart' if o.restart else 'keep the warm-up'}{lr('phase1')})"}.get(o.method, "")
+        plan.append(Step("omega", "omega", f"Ω: {size}, {o.method}{how}",
+                         optimizer_steps=o.warmup_steps if o.method == "fisher" else 0))
     if not skipped(cfg, "phase1"):
         plan.append(Step("phase1", "train", f"phase I: {cfg.adapter.tuning_method.title}{lr('phase1')}",
                          phase="phase1", optimizer_steps=steps("phase1"), fingerprint=step_fingerprint(cfg, "phase1")))

@@ -263,7 +263,7 @@ class StepHooks:
     after_update: Callable[[int], None] | None = None  # (step): after the update, gradients still there (AdaLoRA)
     after_step: Callable[[], None] | None = None  # re-zero pruned weights that train
     best_eligible: Callable[[], bool] | None = None  # may this evaluation be the best? (final sparsity only)
-    lr_by_suffix: dict[str, float] = field(default_factory=dict)  # parameter-name suffix -> peak lr
+    lr_by_part: dict[str, float] = field(default_factory=dict)  # a part of parameter names (.scores) -> peak lr
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None  # instead of the task's (distill)
 
 
@@ -272,7 +272,7 @@ def _optimizer(named: dict[str, nn.Parameter], phase: Phase, trainer: TrainerCon
     """AdamW with one group per peak learning rate (MvP's scores have their own)."""
     groups: dict[float, list[nn.Parameter]] = {}
     for n, p in named.items():
-        peak = next((lr for suffix, lr in hooks.lr_by_suffix.items() if n.endswith(suffix)), phase.lr)
+        peak = next((lr for part, lr in hooks.lr_by_part.items() if part in n), phase.lr)
         groups.setdefault(peak, []).append(p)
     return torch.optim.AdamW([{"params": ps, "peak_lr": peak} for peak, ps in groups.items()],
                              lr=phase.lr, weight_decay=trainer.weight_decay)
@@ -284,7 +284,7 @@ def _epoch_order(n_train: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_train, generator=torch.Generator().manual_seed(seed))
 
 
-def _batch_indices(step: int, n_train: int, per_epoch: int, phase: Phase) -> list[int]:
+def batch_indices(step: int, n_train: int, per_epoch: int, phase: Phase) -> list[int]:
     """The examples of ``step``: a fresh seeded permutation per epoch, so a resumed run sees the same."""
     epoch, position = divmod(step, per_epoch)
     order = _epoch_order(n_train, phase.seed * 7919 + epoch)
@@ -439,7 +439,7 @@ def train_phase(
     started = time.perf_counter() - state.seconds
     model.train()
     while state.step < total:
-        indices = _batch_indices(state.step, n_train, per_epoch, phase)
+        indices = batch_indices(state.step, n_train, per_epoch, phase)
         micro = [{k: v.to(device) for k, v in ops.collate(train, piece, pad_id).items()} if piece else {}
                  for piece in micro_batches(indices, world.size, trainer.grad_accum, world.rank)]
         factor = linear_schedule(state.step, total, warmup)

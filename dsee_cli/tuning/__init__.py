@@ -1,6 +1,7 @@
 """What each fine-tuning method trains, and what it adds to the model.
 
 * ``dsee`` / ``lora``: our sparse + low-rank ``DSEELinear`` (adapters.py); LoRA is card(Ω) = 0.
+* ``rosa``: the same layer with RoSA's Ω from gradients (omega=fisher), density and rates.
 * ``full``, ``bitfit`` (biases), ``ft-top`` (the top k blocks): which pretrained tensors train.
 * ``houlsby``: bottleneck adapters (bottleneck.py).
 * ``prefix`` / ``ptuning-v2``: PEFT's prefix encoder, deep prompts (prompts.py).
@@ -148,6 +149,7 @@ class TuningMethod:
     # profile sets trainer.<phase>.lr, or the task names one for this method (task.per_method).
     # None: the task's own rate (Table 11), which the paper tuned for LoRA / DSEE.
     lr: float | None = None
+    sparse: bool = False  # ΔW has a sparse part P_Ω(S) on positions Ω found before training (dsee, rosa)
 
 
 TUNING_METHODS: dict[str, TuningMethod] = {}
@@ -164,7 +166,10 @@ def register(method: TuningMethod) -> TuningMethod:
 # P-tuning v2 5e-3 (Liu et al.), Houlsby 3e-4 (LoRA's RoBERTa adapters), MAM 1e-4 (He et al.),
 # PST 5e-4 (PST's search grid), MaP / MvP 3e-5 (full fine-tuning with a mask; Sanh et al.).
 for _method in (
-    TuningMethod("dsee", "sparse + low-rank tuning", _attach_lowrank, merges=True, delta=True),
+    TuningMethod("dsee", "sparse + low-rank tuning", _attach_lowrank, merges=True, delta=True, sparse=True),
+    # RoSA (Nikdan et al. 2024): DSEE's ΔW with Ω from gradients (omega=fisher); its rate 2e-4 (S), B·A at lora_lr
+    TuningMethod("rosa", "RoSA: low-rank + gradient-chosen sparse tuning", _attach_lowrank, merges=True, delta=True,
+                 sparse=True, lr=2e-4),
     TuningMethod("lora", "low-rank tuning", _attach_lowrank, merges=True, delta=True),
     TuningMethod("full", "full fine-tuning", lambda model, s: _freeze_all_but(model, True), merges=True, lr=2e-5),
     TuningMethod("bitfit", "BitFit: biases only", _attach_bitfit, merges=True, lr=1e-3),

@@ -41,6 +41,8 @@ class LowRankConfig:
     rank: int = 16  # dsee / lora: the rank r of B·A
     alpha: float = 32.0  # dsee / lora: B·A is scaled by alpha / r
     omega_size: int = 16  # dsee: card(Ω) per adapted matrix; 0 is LoRA
+    density: float = 0.0  # dsee / rosa: card(Ω) as a share of each matrix, floor(density·m·n) (RoSA's d); 0: omega_size
+    lora_lr: float | None = None  # dsee / rosa: phase I's peak rate of B, A (RoSA: 7e-4, S at 2e-4); null: the phase's
     dropout: float = 0.0  # dsee / lora: dropout on the adapter's input
     init: str = "kaiming"  # dsee / lora: A's start, kaiming (LoRA, PEFT) or normal (N(0, 0.02), the paper)
     # dsee: P_Ω(S) unscaled (none), or scaled by alpha / r as B·A is (lowrank: the reference code)
@@ -51,6 +53,14 @@ class LowRankConfig:
             raise DSEEError(f"adapter.rank={self.rank} is invalid: the rank must be >= 1.")
         if self.omega_size < 0:
             raise DSEEError(f"adapter.omega_size={self.omega_size} is invalid: card(Ω) must be >= 0 (0 is LoRA).")
+        if not 0.0 <= self.density < 1.0:
+            raise DSEEError(f"adapter.density={self.density} is invalid: the fraction of each matrix in Ω must be in "
+                            f"[0, 1) (0: adapter.omega_size sets card(Ω)).")
+
+    @property
+    def has_sparse(self) -> bool:
+        """Whether ΔW has a sparse part P_Ω(S) (card(Ω) > 0)."""
+        return self.omega_size > 0 or self.density > 0
         if self.init not in INITS:
             raise choice_error("A's initialisation (adapter.init)", self.init, INITS)
         if self.sparse_scale not in SPARSE_SCALES:

@@ -3,7 +3,8 @@
 ``grebsmo`` decomposes the pretrained W ≈ UV + S′ (greedy bilateral smoothing, batched over
 matrices of one shape) and keeps the N largest |S′|; ``magnitude`` keeps the N largest |W|;
 ``random`` draws N seeded positions. Ω depends only on pretrained weights, so it is cached
-on disk keyed by the weights' content and the finder settings.
+on disk keyed by the weights' content and the finder settings. ``fisher`` (RoSA) ranks entries
+by their gradients after a LoRA warm-up instead: tuning/fisher.py and run/fisher_step.py.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -245,6 +247,8 @@ def _random_scores(batch: torch.Tensor, settings: GreBsmoSettings) -> torch.Tens
 
 # omega.method -> its finder; a new finder is one function and one entry here
 FINDERS: dict[str, Finder] = {"grebsmo": _grebsmo_scores, "magnitude": _magnitude_scores, "random": _random_scores}
+# ... and Ω from gradients after a LoRA warm-up (tuning/fisher.py, run/fisher_step.py): it needs training data
+METHODS = (*FINDERS, "fisher")
 
 
 def final_rank(settings: GreBsmoSettings) -> int:
@@ -266,9 +270,11 @@ def _full_rank_error(name: str, shape: tuple[int, ...], settings: GreBsmoSetting
 
 
 def find_omega(
-    weights: dict[str, torch.Tensor], n: int, method: str, settings: GreBsmoSettings, preset: str = "custom"
+    weights: dict[str, torch.Tensor], n: int | dict[str, int], method: str, settings: GreBsmoSettings,
+    preset: str = "custom"
 ) -> dict[str, torch.Tensor]:
-    """Ω (n flat indices) for each named out x in matrix. Matrices of one shape are batched.
+    """Ω (n flat indices, or ``n[name]`` for each: omega_counts) for each named out x in matrix.
+    Matrices of one shape are batched.
     Never arbitrary: a GreBsmo whose rank reaches a matrix's full rank, or any finder whose
     scores are all zero on a matrix, is an error naming the matrix, its shape and the preset."""
     if method not in FINDERS:
@@ -290,19 +296,42 @@ def find_omega(
                 raise _full_rank_error(empty[0], shape, settings, preset)
             raise DSEEError(f"Ω cannot be found for {empty[0]} (shape {shape}) by {method}: every score is zero "
                             f"(an all-zero weight matrix?), so Ω would be positions 0..N-1.")
-        for name, idx in zip(names, top_n(scores.cpu(), n)):
+        for name, idx in zip(names, top_n(scores.cpu(), n if isinstance(n, int) else n[names[0]])):
             result[name] = idx.clone()
     return result
 
 
+def omega_counts(shapes: dict[str, tuple[int, int]], omega_size: int, density: float) -> dict[str, int]:
+    """card(Ω) of each named out x in matrix: ``adapter.omega_size`` for every one, or with
+    ``adapter.density`` > 0 the fraction of its entries, floor(density · m · n) as RoSA rounds.
+    A count of zero or one that does not fit the matrix is an error naming it and the valid range."""
+    if omega_size and density:
+        raise DSEEError(f"adapter.omega_size={omega_size} and adapter.density={density} both set card(Ω); give one "
+                        f"(omega_size: entries per matrix; density: a fraction of each matrix, RoSA's).")
+    counts = {}
+    for name, (m, k) in shapes.items():
+        count = math.floor(density * m * k + 1e-9) if density else omega_size
+        if density and count < 1:
+            raise DSEEError(f"adapter.density={density:g} keeps floor({density:g} x {m} x {k}) = 0 positions of {name} "
+                            f"({m} x {k}): no sparse part. Valid: density >= {1 / (m * k):.3g} for this matrix "
+                            f"(1 position), and < 1.")
+        if count > m * k:
+            what = f"adapter.omega_size={omega_size}" if not density else f"adapter.density={density:g}"
+            raise DSEEError(f"{what} asks for {count} positions of {name}, which has {m} x {k} = {m * k} entries. "
+                            f"Valid: 1..{m * k} positions (density in (0, 1)).")
+        counts[name] = count
+    return counts
+
+
 # -- the disk cache ---------------------------------------------------------------------------
-def cache_key(weights: dict[str, torch.Tensor], n: int, method: str, settings: GreBsmoSettings) -> str:
+def cache_key(weights: dict[str, torch.Tensor], n: int | dict[str, int], method: str, settings: GreBsmoSettings,
+              extra: dict | None = None) -> str:
     """Content hash: the weights themselves identify the model, whatever it was called; and the
     code's results version, so that a fix to a finder is never answered from an older Ω."""
     h = hashlib.sha256()
     relevant = asdict(settings) if method == "grebsmo" else {"seed": settings.seed} if method == "random" else {}
-    h.update(json.dumps({"n": n, "method": method, "settings": relevant, "results": dsee_cli.results_version()},
-                        sort_keys=True).encode())
+    h.update(json.dumps({"n": n, "method": method, "settings": relevant, "results": dsee_cli.results_version(),
+                         **({"extra": extra} if extra else {})}, sort_keys=True, default=str).encode())
     for name in sorted(weights):
         w = weights[name].detach().to("cpu", torch.float32).contiguous()
         h.update(name.encode())
@@ -332,7 +361,7 @@ class OmegaResult:
 
 def cached_omega(
     weights: dict[str, torch.Tensor],
-    n: int,
+    n: int | dict[str, int],
     method: str,
     settings: GreBsmoSettings,
     cache_dir: Path | None,
@@ -359,7 +388,7 @@ def cached_omega(
 class OmegaConfig:
     """The ``omega`` section: which finder picks Ω, and GreBsmo's preset with any value overridden."""
 
-    method: str = "grebsmo"  # grebsmo, magnitude (largest |W|) or random
+    method: str = "grebsmo"  # grebsmo, magnitude (largest |W|), random, or fisher (gradients after a LoRA warm-up)
     preset: str = "fast"  # grebsmo: fast (ours) or reference (the paper's code)
     # Any of these overrides the preset's value.
     rank: int | None = None
@@ -375,12 +404,24 @@ class OmegaConfig:
     # the random draws: random Ω's positions (null: the run's seed, so seeds draw different Ω) and
     # GreBsmo's sketch (null: 0, so Ω stays a property of the pretrained weights, shared by seeds)
     seed: int | None = None
+    # fisher (RoSA): LoRA steps before the gradients are taken (RoSA's schedule wl64), with Ω empty
+    warmup_steps: int = 64
+    grad_batches: int = 1  # fisher: batches whose gradients of each adapted W are accumulated (RoSA's spa_num_grads)
+    grad_stat: str = "fisher"  # fisher: Σ g² (a diagonal Fisher; RoSA's mean_squared) or mean: |Σ g|
+    restart: bool = True  # fisher: phase I starts from the adapters' initial values (RoSA); false: from the warm-up's
+    passes: int = 1  # fisher: the matrices split over this many passes: 1/passes of the accumulators' memory
     cache: bool = True  # keep Ω on disk, computed once per weights and settings
     cache_dir: str | None = None  # default: $DSEE_CACHE or ~/.cache/dsee-cli, then /omega
 
     def check(self) -> None:
-        if self.method not in FINDERS:
-            raise choice_error("Ω method (omega.method)", self.method, tuple(FINDERS))
+        if self.method not in METHODS:
+            raise choice_error("Ω method (omega.method)", self.method, METHODS)
+        if self.method == "fisher":
+            if self.grad_stat not in ("fisher", "mean"):
+                raise choice_error("gradient statistic (omega.grad_stat)", self.grad_stat, ("fisher", "mean"))
+            if self.warmup_steps < 0 or self.grad_batches < 1 or self.passes < 1:
+                raise DSEEError(f"omega.warmup_steps={self.warmup_steps} must be >= 0, omega.grad_batches="
+                                f"{self.grad_batches} and omega.passes={self.passes} >= 1.")
         if self.preset not in PRESETS:
             raise choice_error("GreBsmo preset (omega.preset)", self.preset, PRESETS)
 
