@@ -69,6 +69,7 @@ def run_in_process(run_dir, *overrides: str, messages: list | None = None) -> di
 # Every tuning method as overrides of the tiny in-process run (sparse-training ones prune while training).
 METHOD_OVERRIDES = {
     "dsee": ["adapter=dsee"],
+    "rosa": ["adapter=rosa", "omega.warmup_steps=2"],
     "lora": ["adapter=lora"],
     "full": ["adapter=full"],
     "bitfit": ["adapter=bitfit"],

@@ -148,6 +148,8 @@ def preflight(cfg: RunConfig) -> None:
         resolve_source(cfg.model.name, cfg.model.path, cfg.model.gguf_file)
     if cfg.adapter.tuning_method.delta and cfg.adapter.targets:
         check_targets(cfg)
+    if cfg.adapter.tuning_method.sparse and cfg.adapter.has_sparse:
+        check_omega_counts(cfg)
     shape_plan(cfg)
     if cfg.task.lm_eval:  # the names asked for, under every profile (the smoke profile runs its stand-in after)
         check_tasks(list(dict.fromkeys([*cfg.task.lm_eval, *cfg.task.zero_shot_tasks])), cfg.task.lm_eval_include)
@@ -202,6 +204,19 @@ def check_targets(cfg: RunConfig) -> None:
     from dsee_cli.core.arch import resolve_targets
 
     resolve_targets(meta_model(cfg), list(cfg.adapter.targets))
+
+
+def check_omega_counts(cfg: RunConfig) -> None:
+    """card(Ω) (adapter.omega_size, or adapter.density of each matrix) against the adapted matrices'
+    shapes, on a model with no weights: a count of zero or beyond a matrix fails in seconds."""
+    from dsee_cli.core.arch import dims, resolve_targets
+
+    model = meta_model(cfg)
+    shapes = {}
+    for t in resolve_targets(model, list(cfg.adapter.targets) if cfg.adapter.targets else None):
+        in_features = dims(model.get_submodule(t.name))[1]
+        shapes |= {f"{t.name}#{k}": (end - start, in_features) for k, (start, end) in enumerate(t.slices)}
+    omega_lib.omega_counts(shapes, cfg.adapter.omega_size, cfg.adapter.density)
 
 
 def shape_plan(cfg: RunConfig) -> ShapePlan | None:
@@ -419,6 +434,7 @@ class Run:
             self.omega_info, indices = fisher_omega(cfg, self.model, self.task, self.precision, self.device,
                                                     self.hooks("phase1"), self.sink, self.say, omega_cache_dir(cfg))
             set_omegas(adapters, indices)
+            dist.check_same("Ω and the adapters after the warm-up", lambda: model_state(self.model)[0])
             return
         self.say("Ω: sparse positions from the pretrained weights")
         keys = omega_keys(adapters)
