@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from dsee_cli.errors import DSEEError
@@ -15,7 +16,6 @@ from dsee_cli.run.pipeline import preflight
 from dsee_cli.tuning.adapters import DSEELinear, LowRankConfig, adapters_of, inject_adapters, omega_keys
 from dsee_cli.tuning.fisher import accumulator_bytes, gradient_scores, select_by_scores
 from dsee_cli.tuning.omega import omega_counts
-from safetensors.torch import load_file
 from tests.helpers import TINY, compose, run_in_process
 
 
