@@ -13,7 +13,7 @@ from dsee_cli.run.train import ProgressSink
 # closest were P-tuning v2 (+11.6 at seed 2) and full fine-tuning (+14.6 at seed 3).
 MARGIN = 8.0
 METHODS = ["dsee", "rosa", "lora", "full", "bitfit", "ft-top2", "houlsby", "prefix", "ptuning-v2", "mam", "pst", "map",
-           "mvp", "dora", "shira", "hira", "adalora", "vera", "loha", "lokr"]  # the last seven: PEFT's, through the bridge
+           "mvp", "dora", "shira", "hira", "adalora", "vera", "loha", "lokr"]  # the last seven: PEFT's
 # DSEE with each pruning mode (unstructured is adapter=dsee's default, above); EarlyBERT removes 4 heads
 # by default (4 of BERT's 12), and tiny-bert has 4
 PRUNING = [["pruning=nm"], ["pruning=structured"], ["pruning=imp"],
