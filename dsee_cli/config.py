@@ -17,6 +17,7 @@ from typing import Any
 
 from dsee_cli.core.gguf import GGUF_PRESETS, check_gguf
 from dsee_cli.core.models import DTYPES, HUB_MODELS, TINY_MODELS, ModelConfig
+from dsee_cli.data.answer_tasks import ANSWER_TASKS
 from dsee_cli.data.classification import TASKS, DataSource
 from dsee_cli.data.generation import NLG_TASKS, DecodeConfig
 from dsee_cli.data.lm_tasks import LM_TASKS, PERPLEXITY_TASKS
@@ -29,7 +30,7 @@ from dsee_cli.tuning import AdapterConfig
 from dsee_cli.tuning.omega import OmegaConfig
 from dsee_cli.tuning.peft_bridge import DELTA_TYPES, SHRINKABLE_TYPES
 
-CAUSAL_TASKS = (*NLG_TASKS, *LM_TASKS)  # the tasks that train a causal LM (a decoder model)
+CAUSAL_TASKS = (*NLG_TASKS, *LM_TASKS, *ANSWER_TASKS)  # the tasks that train a causal LM (a decoder model)
 
 
 @dataclass
@@ -79,6 +80,9 @@ class TaskConfig(DataSource):
     lm_eval: list[str] = field(default_factory=list)
     lm_eval_include: str | None = None  # a folder of lm-eval task YAMLs (local data, offline)
     lm_eval_limit: int | None = None  # examples per lm-eval task (null: all)
+    # exact-match tasks (gsm8k, viggo, sql, metamath): the prompt as the user's turn of the tokenizer's chat template
+    chat: bool = False
+    answer_pattern: str | None = None  # exact-match tasks: a regex whose first group is the answer (null: the task's)
 
     @property
     def zero_shot_tasks(self) -> list[str]:
@@ -173,7 +177,17 @@ def validate(cfg: RunConfig) -> None:
     _check_distill(cfg)
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
     _require(cfg.task.seq_len >= 8, f"task.seq_len={cfg.task.seq_len} is too short (>= 8).")
-    if cfg.task.name in (*NLG_TASKS, *PERPLEXITY_TASKS):
+    if cfg.task.answer_pattern is not None:
+        import re
+
+        try:
+            re.compile(cfg.task.answer_pattern)
+        except re.error as exc:
+            raise DSEEError(f"task.answer_pattern={cfg.task.answer_pattern!r} is not a regular expression ({exc}).") \
+                from None
+        _require(cfg.task.name in ANSWER_TASKS, f"task.answer_pattern finds the answer of an exact-match task "
+                 f"({', '.join(ANSWER_TASKS)}); task={cfg.task.name} is scored otherwise.")
+    if cfg.task.name in (*NLG_TASKS, *PERPLEXITY_TASKS, *ANSWER_TASKS):
         for key in ("eval_split", "select_split"):
             _require(getattr(cfg.task, key) in ("validation", "test"),
                      f"task.{key}={getattr(cfg.task, key)!r} is invalid; valid choices: validation, test.")

@@ -272,7 +272,7 @@ def load_model(
     checkpoint's pooler trains with the task head (None: if it was never trained)."""
     auto = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
     if causal_lm and name == "tiny-bert" and not path:
-        raise DSEEError("Language-model tasks (e2e, webnlg, dart, instruct, wikitext2) need a decoder: use "
+        raise DSEEError("Language-model tasks (e2e, webnlg, dart, instruct, wikitext2, gsm8k, ...) need a decoder: use "
                         "model=tiny-gpt2, tiny-llama, gpt2-medium, llama-3.2-1b or model.path=/path/to/a/decoder_dir, "
                         "not model=tiny-bert.")
     if name in TINY_MODELS and not (path or gguf_file):

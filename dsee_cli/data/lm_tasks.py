@@ -53,7 +53,7 @@ class Instruction:
 
 
 # -- instruction data -------------------------------------------------------------------------------
-def _read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         raise DSEEError(f"{path} does not exist (expected a .jsonl or .parquet file of instructions).")
     if path.suffix.lower() == ".parquet":
@@ -109,7 +109,7 @@ def load_instructions(s: DataSource, seed: int, split: str) -> tuple[list[Instru
         return _hub_instructions(s, split, local)
     if not s.train_file or not files.get(split):
         raise DSEEError(f"task=instruct reads local files: {local}")
-    rows = {name: _read_rows(Path(path)) for name, path in (("train", s.train_file), (split, files[split]))}
+    rows = {name: read_rows(Path(path)) for name, path in (("train", s.train_file), (split, files[split]))}
     data = {name: [to_instruction(r, f"{name} row {i + 1}") for i, r in enumerate(v)] for name, v in rows.items()}
     where = f"{s.train_file}, {files[split]}"
     return _sliced(s, data["train"], data[split], where)
@@ -136,7 +136,9 @@ def _hub_instructions(s: DataSource, split: str, local: str):
                    [x for i, x in enumerate(data) if i in held_out], f"hub:{source.repo}@{source.revision}")
 
 
-def _prompt_ids(tokenizer, prompt: list[dict]) -> list[int]:
+def _prompt_ids(tokenizer, prompt: list[dict] | str) -> list[int]:
+    if isinstance(prompt, str):  # a plain prompt (the exact-match tasks with task.chat=false)
+        return tokenizer(prompt)["input_ids"]
     if getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

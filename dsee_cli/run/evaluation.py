@@ -21,6 +21,7 @@ from dsee_cli.core.cache import cache_root
 from dsee_cli.core.devices import pick_device
 from dsee_cli.core.models import LoadedModel
 from dsee_cli.core.precision import resolve_precision
+from dsee_cli.data.answer_tasks import ANSWER_TASKS
 from dsee_cli.data.classification import TASKS, Encoded, TaskSpec
 from dsee_cli.data.generation import NLG_TASKS
 from dsee_cli.data.lm_tasks import PERPLEXITY_TASKS
@@ -92,7 +93,7 @@ def evaluate_export(cfg: RunConfig, run_dir: Path, source: str, export_dir: Path
     """Evaluate one export of a run on ``cfg``'s task; ``split`` None is the split the run evaluated."""
     sink = sink or ProgressSink()
     generation = cfg.task.name in CAUSAL_TASKS  # a causal LM: token metrics, then decoding or perplexity
-    reports_split = cfg.task.name in (*NLG_TASKS, *PERPLEXITY_TASKS)
+    reports_split = cfg.task.name in (*NLG_TASKS, *PERPLEXITY_TASKS, *ANSWER_TASKS)
     split = split or (cfg.task.eval_split if reports_split else "validation")
     if reports_split and split != cfg.task.eval_split:  # another split than the run reported: only that one
         cfg.task.eval_split = cfg.task.select_split = split

@@ -35,6 +35,7 @@ from dsee_cli.core.models import (
     trainable_in_fp32,
 )
 from dsee_cli.core.precision import Precision, resolve_precision
+from dsee_cli.data.answer_tasks import ANSWER_TASKS, load_answers
 from dsee_cli.data.calibration import CalibrationInputs, calibration_windows, window_batches, window_length
 from dsee_cli.data.classification import check_data_files, load_task
 from dsee_cli.data.generation import NLG_TASKS, check_nlg_files, load_nlg
@@ -158,13 +159,15 @@ def preflight(cfg: RunConfig) -> None:
     if uses_hub_data and not uses_mirror() and not hub_reachable():  # offline: the hint, at once
         if cfg.task.name in NLG_TASKS:
             load_nlg(cfg.task, cfg.seed)
+        elif cfg.task.name in ANSWER_TASKS:
+            load_answers(cfg.task, cfg.seed, cfg.task.answer_pattern)
         elif cfg.task.name in LM_TASKS:
             load_lm_data(cfg.task, cfg.seed)
         else:
             load_task(cfg.task, cfg.seed)
     elif cfg.task.name in NLG_TASKS:
         check_nlg_files(cfg.task)
-    elif cfg.task.name in LM_TASKS:
+    elif cfg.task.name in (*LM_TASKS, *ANSWER_TASKS):
         check_lm_files(cfg.task)
     else:
         check_data_files(cfg.task)

@@ -17,6 +17,7 @@ from dsee_cli.config import CAUSAL_TASKS, RunConfig, task_hparams
 from dsee_cli.core.arch import takes_segments
 from dsee_cli.core.models import LoadedModel, load_model
 from dsee_cli.core.precision import Precision
+from dsee_cli.data.answer_tasks import ANSWER_TASKS, as_instructions, exact_match, load_answers
 from dsee_cli.data.classification import DataSource, encode, load_task, spec_for
 from dsee_cli.data.generation import (
     NLG_TASKS,
@@ -79,6 +80,8 @@ def prepare_task(cfg: RunConfig, say, sink: ProgressSink, loaded: LoadedModel | 
     loaded = loaded or load_pretrained(cfg)
     if t.name in NLG_TASKS:
         return _with_zero_shot(cfg, _with_perplexity(cfg, _generation_task(cfg, loaded, max_length, say, sink)), say)
+    if t.name in ANSWER_TASKS:
+        return _with_zero_shot(cfg, _with_perplexity(cfg, _answer_task(cfg, loaded, max_length, say, sink)), say)
     if t.name == "instruct":
         return _with_zero_shot(cfg, _with_perplexity(cfg, _instruct_task(cfg, loaded, max_length, split)), say)
     if t.name in PERPLEXITY_TASKS:
@@ -148,6 +151,36 @@ def _instruct_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, split: 
     evals = {split: encode_instructions(evaluation, tok, max_length)}
     ops = _lm_ops(f"{split}/loss", _token_metrics, cfg.task.label_smoothing, higher_is_better=False)
     return PreparedTask(loaded, encode_instructions(train, tok, max_length), evals, ops, source)
+
+
+def _answer_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, sink: ProgressSink) -> PreparedTask:
+    """An exact-match task: the loss on the response; selected by the validation loss; the reported
+    split decoded greedily once at the end and its answers matched (data/answer_tasks.py)."""
+    t, tok = cfg.task, loaded.tokenizer
+    data = load_answers(t, cfg.seed, t.answer_pattern)
+    select, split = t.select_split, t.eval_split
+    numeric = ANSWER_TASKS[ANSWER_TASKS[t.name].eval_task or t.name].numeric
+    evals = {select: encode_instructions(as_instructions(data.evals[select], t.chat), tok, max_length)}
+    reported = encode_instructions(as_instructions(data.evals[split], t.chat), tok, max_length)
+    examples = data.evals[split]
+
+    def generate(model, device, precision, out_path: Path | None) -> dict[str, float]:
+        settings = t.decode
+        say(f"Decoding {len(examples)} {split} prompts (greedy, up to {settings.max_new_tokens} tokens)")
+        sink.start(f"decode {split}", math.ceil(len(examples) / settings.batch_size), 0)
+        texts = decode(model, tok, reported.prompts, settings, device, tok.eos_token_id, tok.pad_token_id,
+                       progress=lambda done, total: sink.advance(float("nan"), 0.0), precision=precision)
+        sink.stop()
+        if out_path is not None:
+            lines = [json.dumps({"prompt": ex.prompt, "generation": g, "reference": ex.answer}) for ex, g in
+                     zip(examples, texts)]
+            atomic_write_text(out_path, "\n".join(lines) + "\n")
+        scores = exact_match(texts, [ex.answer for ex in examples], data.pattern, numeric)
+        return {f"{split}/{k}": v for k, v in scores.items()}
+
+    ops = _lm_ops(f"{select}/loss", _token_metrics, t.label_smoothing, higher_is_better=False)
+    train = encode_instructions(as_instructions(data.train, t.chat), tok, max_length)
+    return PreparedTask(loaded, train, evals, ops, data.source, generate)
 
 
 def _perplexity_task(cfg: RunConfig, loaded: LoadedModel) -> PreparedTask:
