@@ -167,7 +167,11 @@ def preflight(cfg: RunConfig) -> None:
             load_task(cfg.task, cfg.seed)
     elif cfg.task.name in NLG_TASKS:
         check_nlg_files(cfg.task)
-    elif cfg.task.name in (*LM_TASKS, *ANSWER_TASKS):
+    elif cfg.task.name in ANSWER_TASKS:  # local files are small: read them, and check the answer pattern on them
+        check_lm_files(cfg.task)
+        if not uses_hub_data:
+            load_answers(cfg.task, cfg.seed, cfg.task.answer_pattern)
+    elif cfg.task.name in LM_TASKS:
         check_lm_files(cfg.task)
     else:
         check_data_files(cfg.task)
