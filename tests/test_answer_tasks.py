@@ -59,7 +59,8 @@ FILES = {
     "viggo": {split: [{"target": "Tomb Raider is a great game.", "meaning_representation": "give_opinion(name[Tomb "
                        "Raider], rating[excellent])"}] for split in ("train", "validation", "test")},
     "sql": {split: [{"question": "How many heads are older than 56?", "context": "CREATE TABLE head (age INTEGER)",
-                     "answer": "SELECT COUNT(*) FROM head WHERE age > 56"}] for split in ("train", "validation", "test")},
+                     "answer": "SELECT COUNT(*) FROM head WHERE age > 56"}]
+            for split in ("train", "validation", "test")},
 }
 
 
