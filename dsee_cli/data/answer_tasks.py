@@ -12,6 +12,9 @@
   the CREATE TABLE context in, the query out, exact match from the first ``SELECT`` to the end of its
   line after whitespace normalisation (RoSA's regex). A fixed 1,000 rows are held out as test and 500
   as validation (seed 0); RoSA scores its own held-out file: give it as ``task.test_file``.
+* ``pyapi``: built in, offline, from real text: a standard-library function's docstring (its first
+  paragraph) in, its dotted name out (``math.acos``), exact match of the first generated word;
+  624 functions of Python 3.11, a fixed 150 / 100 held out as test / validation.
 * ``metamath``: MetaMathQA (``meta-math/MetaMathQA``, query / response) for training, GSM8K for
   evaluation, as PEFT's MetaMathQA benchmark: validation is GSM8K's 500 held out of its train,
   test GSM8K's test. (MetaMathQA rephrases GSM8K train questions, so validation can be optimistic;
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -55,7 +59,7 @@ class AnswerTask:
     """One exact-match task: where its rows come from, how a row becomes a prompt and a response,
     and how an answer is found in a response."""
 
-    hub: HubSource
+    hub: HubSource | None  # None: built in (pyapi)
     prompt: str  # a format string over the row's columns
     response: str  # the column trained on (and scored against)
     pattern: str  # the answer: the first group of this regular expression's first match
@@ -63,24 +67,67 @@ class AnswerTask:
     hub_splits: tuple[str, ...] = ("train",)  # the hub's own splits
     held_out: dict[str, int] = field(default_factory=dict)  # split -> rows held out of the hub's train (seed 0)
     eval_task: str | None = None  # another task's rows evaluate it (metamath: gsm8k)
+    builtin: Callable[[], tuple[dict[str, list[dict]], str]] | None = None  # rows of every split, no download
+    train_rows: int = 0  # training examples (the step counts of --plan)
 
     @property
     def columns(self) -> tuple[str, ...]:
         return (*re.findall(r"{(\w+)}", self.prompt), self.response)
 
 
+# the standard library's modules pyapi reads (those that import everywhere without a warning)
+PYAPI_MODULES = ("math", "cmath", "os", "os.path", "shutil", "string", "json", "re", "itertools", "functools",
+                 "collections", "statistics", "random", "textwrap", "difflib", "heapq", "bisect", "operator", "glob",
+                 "fnmatch", "base64", "binascii", "zlib", "time", "calendar", "copy", "pprint", "struct", "codecs",
+                 "unicodedata", "locale", "inspect", "dataclasses", "tempfile", "filecmp", "gzip", "bz2", "lzma",
+                 "pickle", "html", "urllib.parse", "email.utils", "socket", "subprocess", "threading", "contextlib",
+                 "weakref", "types", "io", "sys", "keyword", "tokenize", "ast", "dis", "traceback", "warnings",
+                 "linecache", "shlex", "secrets", "hmac", "colorsys", "quopri", "getpass")
+PYAPI_HELD_OUT = {"test": 150, "validation": 100}
+
+
+def pyapi_rows() -> tuple[dict[str, list[dict]], str]:
+    """Real English text that needs no download: the first paragraph of each documented function of
+    the standard library (``PYAPI_MODULES``) and the function's dotted name, one row per distinct
+    description (the first module's name where several share one; none that spells its own name).
+    Sorted by description, then a fixed 150 held out as test and 100 as validation (seed 0)."""
+    import importlib
+    import inspect
+    import sys
+
+    found: dict[str, str] = {}
+    for module_name in PYAPI_MODULES:
+        module = importlib.import_module(module_name)
+        for name in sorted(dir(module)):
+            obj = getattr(module, name)
+            if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+                continue
+            doc = (inspect.getdoc(obj) or "").strip().split("\n\n")[0].replace("\n", " ").strip()
+            if len(doc.split()) >= 4 and len(doc) <= 200 and name.lower() not in doc.lower():
+                found.setdefault(doc, f"{module_name}.{name}")
+    rows = [{"doc": doc, "name": found[doc]} for doc in sorted(found)]
+    order = random.Random(0).sample(range(len(rows)), sum(PYAPI_HELD_OUT.values()))
+    test, validation = set(order[:PYAPI_HELD_OUT["test"]]), set(order[PYAPI_HELD_OUT["test"]:])
+    return {"train": [r for i, r in enumerate(rows) if i not in test | validation],
+            "validation": [rows[i] for i in sorted(validation)], "test": [rows[i] for i in sorted(test)]}, \
+        f"pyapi: Python {sys.version_info.major}.{sys.version_info.minor} standard-library docstrings"
+
+
 ANSWER_TASKS: dict[str, AnswerTask] = {
     "gsm8k": AnswerTask(HubSource("openai/gsm8k", "main", "main"), MATH_PROMPT.format(question="{question}"),
                         "answer", rf"####\s*({NUMBER})", numeric=True, hub_splits=("train", "test"),
-                        held_out={"validation": 500}),
+                        held_out={"validation": 500}, train_rows=6973),
     "viggo": AnswerTask(HubSource("GEM/viggo", PARQUET_EXPORT, "default"), VIGGO_PROMPT, "meaning_representation",
-                        r"^\s*(.+)", hub_splits=("train", "validation", "test")),
+                        r"^\s*(.+)", hub_splits=("train", "validation", "test"), train_rows=5103),
     "sql": AnswerTask(HubSource("b-mc2/sql-create-context", PARQUET_EXPORT, "default"),
                       "{context}\n\n{question}\n\n answer: ", "answer", r"(SELECT .*)",
-                      held_out={"test": 1000, "validation": 500}),
+                      held_out={"test": 1000, "validation": 500}, train_rows=77077),
     "metamath": AnswerTask(HubSource("meta-math/MetaMathQA", PARQUET_EXPORT, "default"),
                            MATH_PROMPT.format(question="{query}"), "response", rf"The answer is:?\s*({NUMBER})",
-                           numeric=True, eval_task="gsm8k"),
+                           numeric=True, eval_task="gsm8k", train_rows=395000),
+    # offline, from real text (profile=mini's stand-in for the Hub's tasks): a docstring in, the function's name out
+    "pyapi": AnswerTask(None, "Which Python function does this describe?\n{doc}\nAnswer:", "name", r"^\s*([\w.]+)",
+                        builtin=pyapi_rows, train_rows=374),
 }
 
 
@@ -202,6 +249,7 @@ def synthetic_rows(name: str, n: int, seed: int) -> list[dict]:
             "viggo": {"target": f"the game {word}", "meaning_representation": f"inform(name[{word}])"},
             "sql": {"question": f"which {word}", "context": "CREATE TABLE t (w1 VARCHAR)",
                     "answer": f"SELECT {word} FROM t"},
+            "pyapi": {"doc": f"return the w{a} of w{b}", "name": f"w{a}.w{b}"},
         }[name])
     return rows
 
@@ -227,6 +275,8 @@ def load_answers(s: DataSource, seed: int, pattern: str | None = None) -> Answer
                             f"({', '.join(splits)}); missing {', '.join(missing)}.")
         rows = {k: read_rows(Path(files[k])) for k in ("train", *splits)}
         source = ", ".join(files[k] for k in ("train", *splits))
+    elif spec.builtin is not None:
+        rows, source = spec.builtin()
     else:
         rows, source = hub_rows(name, s)
         if spec.eval_task:

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from dsee_cli.config import CAUSAL_TASKS, RunConfig, task_hparams
+from dsee_cli.data.answer_tasks import ANSWER_TASKS
 from dsee_cli.core.precision import Precision
 from dsee_cli.pruning import PRUNERS, collapse_warning, describe_score
 from dsee_cli.run.steps import StepStore, step_fingerprint
@@ -100,7 +101,9 @@ def phase_settings(cfg: RunConfig, phase: str, precision: Precision) -> Phase:
 
 
 def train_size(cfg: RunConfig) -> int:
-    n = GLUE_TRAIN.get(cfg.task.name, cfg.task.synthetic_train)
+    answers = ANSWER_TASKS.get(cfg.task.name)
+    n = GLUE_TRAIN.get(cfg.task.name) or (answers.train_rows if answers and not cfg.task.synthetic_standin else 0) \
+        or cfg.task.synthetic_train
     return min(n, cfg.task.max_train_samples) if cfg.task.max_train_samples else n
 
 
