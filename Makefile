@@ -4,7 +4,7 @@ export HF_HUB_OFFLINE ?= 1
 
 PROFILE ?= paper
 DSEE ?= dsee
-EXPERIMENTS := table1 table2 table4 table3 table5 table6 table7 table9 table12 table13 table14 fig2 pst-table2 pst-table4 pst-table5 llm llm-pruning dsee-llm llm-structured
+EXPERIMENTS := table1 table2 table4 table3 table5 table6 table7 table9 table12 table13 table14 fig2 pst-table2 pst-table4 pst-table5 llm llm-pruning dsee-llm llm-structured rosa omega-llm
 REPRODUCE := $(addprefix reproduce-,$(EXPERIMENTS))
 
 .PHONY: install demo test test-all test-gpu lint bench bench-scale bench-llm bench-llm-gpu wheelhouse $(REPRODUCE)

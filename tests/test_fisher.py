@@ -128,8 +128,7 @@ def test_density_counts_floor_as_rosa_and_bad_counts_name_the_matrix():
         omega_counts({"q": (64, 32)}, 0, 0.0001)
     with pytest.raises(DSEEError, match=r"omega_size=3000 asks for 3000 positions of q.*Valid: 1..2048"):
         omega_counts({"q": (64, 32)}, 3000, 0.0)
-    with pytest.raises(DSEEError, match="both set card"):
-        omega_counts({"q": (64, 32)}, 16, 0.01)
+    assert omega_counts({"q": (64, 32)}, 16, 0.01) == {"q": 20}  # a density replaces omega_size
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -195,3 +194,23 @@ def test_two_gloo_ranks_find_the_omega_one_process_finds(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     m = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["omega"]["method"] == "fisher" and not m["omega"]["from_cache"]
+
+
+def test_rosa_and_lora_budgets_at_llama_2_7b_shape():
+    """docs/methods.md's counts: every linear layer of Llama-2-7B's 32 blocks (6.48 G adapted weights)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    counts = {}
+    for rank, density in ((16, 0.0), (12, 0.0015), (32, 0.0), (24, 0.003)):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        inject_adapters(model, LowRankConfig(rank=rank, omega_size=0), ["all-linear"])
+        adapters = adapters_of(model)
+        shapes = {k: (a.slices[s][1] - a.slices[s][0], a.in_features) for k, (a, s) in omega_keys(adapters).items()}
+        low = sum(a.num_adapter_parameters()[0] for a in adapters.values())
+        counts[rank, density] = (low, sum(omega_counts(shapes, 0, density).values()) if density else 0)
+        assert sum(m * n for m, n in shapes.values()) == 6_476_005_376  # fp32 accumulators: 25.9 GB
+    assert counts == {(16, 0.0): (39_976_960, 0), (12, 0.0015): (29_982_720, 9_713_888),
+                      (32, 0.0): (79_953_920, 0), (24, 0.003): (59_965_440, 19_427_904)}

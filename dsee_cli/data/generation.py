@@ -353,18 +353,19 @@ class DecodeConfig:
 @torch.no_grad()
 def decode(model: nn.Module, tokenizer, prompts: list[list[int]], settings: DecodeConfig, device,
            eos_id: int, pad_id: int, progress=lambda done, total: None, precision: Precision = FP32) -> list[str]:
-    """Batched beam search; prompts are left-padded so every row continues from its last token."""
+    """Batched beam search (greedy with num_beams=1); prompts are left-padded so every row continues
+    from its last token."""
     model.eval()
     outputs: dict[int, list[str]] = {}
     for i, start, end in dist.my_batches(len(prompts), settings.batch_size):  # each rank its share
         ids, mask = pad(prompts[start:end], pad_id, left=True)
         width = ids.shape[1]
         with precision.autocast():
+            beam = {"length_penalty": settings.length_penalty, "early_stopping": True} if settings.num_beams > 1 else {}
             generated = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), num_beams=settings.num_beams,
-                length_penalty=settings.length_penalty, no_repeat_ngram_size=settings.no_repeat_ngram_size,
-                max_new_tokens=settings.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False,
-                early_stopping=True,
+                no_repeat_ngram_size=settings.no_repeat_ngram_size, max_new_tokens=settings.max_new_tokens,
+                eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False, **beam,  # greedy: no beam-only flags
             )
         outputs[i] = []
         for row in generated[:, width:].tolist():

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 
 from dsee_cli.config import CAUSAL_TASKS, RunConfig, task_hparams
-from dsee_cli.data.answer_tasks import ANSWER_TASKS
 from dsee_cli.core.precision import Precision
+from dsee_cli.data.answer_tasks import ANSWER_TASKS
 from dsee_cli.pruning import PRUNERS, collapse_warning, describe_score
 from dsee_cli.run.steps import StepStore, step_fingerprint
 from dsee_cli.run.train import Phase

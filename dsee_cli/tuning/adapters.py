@@ -41,7 +41,7 @@ class LowRankConfig:
     rank: int = 16  # dsee / lora: the rank r of B·A
     alpha: float = 32.0  # dsee / lora: B·A is scaled by alpha / r
     omega_size: int = 16  # dsee: card(Ω) per adapted matrix; 0 is LoRA
-    density: float = 0.0  # dsee / rosa: card(Ω) as a share of each matrix, floor(density·m·n) (RoSA's d); 0: omega_size
+    density: float = 0.0  # dsee / rosa: card(Ω) = floor(density·m·n) per matrix (RoSA's d), over omega_size; 0: off
     lora_lr: float | None = None  # dsee / rosa: phase I's peak rate of B, A (RoSA: 7e-4, S at 2e-4); null: the phase's
     dropout: float = 0.0  # dsee / lora: dropout on the adapter's input
     init: str = "kaiming"  # dsee / lora: A's start, kaiming (LoRA, PEFT) or normal (N(0, 0.02), the paper)

@@ -303,11 +303,9 @@ def find_omega(
 
 def omega_counts(shapes: dict[str, tuple[int, int]], omega_size: int, density: float) -> dict[str, int]:
     """card(Ω) of each named out x in matrix: ``adapter.omega_size`` for every one, or with
-    ``adapter.density`` > 0 the fraction of its entries, floor(density · m · n) as RoSA rounds.
+    ``adapter.density`` > 0 (which replaces omega_size) the fraction of its entries, floor(density · m · n)
+    as RoSA rounds.
     A count of zero or one that does not fit the matrix is an error naming it and the valid range."""
-    if omega_size and density:
-        raise DSEEError(f"adapter.omega_size={omega_size} and adapter.density={density} both set card(Ω); give one "
-                        f"(omega_size: entries per matrix; density: a fraction of each matrix, RoSA's).")
     counts = {}
     for name, (m, k) in shapes.items():
         count = math.floor(density * m * k + 1e-9) if density else omega_size
