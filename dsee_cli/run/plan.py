@@ -133,7 +133,8 @@ def build_plan(cfg: RunConfig) -> list[Step]:
 
     def lr(phase: str) -> str:
         s = phase_settings(cfg, phase, precision)
-        return f"; lr {s.lr:g} ({s.lr_from})"
+        own = f", B·A at {cfg.adapter.lora_lr:g} (adapter.lora_lr)" if phase == "phase1" and cfg.adapter.lora_lr else ""
+        return f"; lr {s.lr:g} ({s.lr_from}){own}"
 
     plan: list[Step] = []
     if cfg.adapter.tuning_method.sparse and cfg.adapter.has_sparse:
