@@ -214,3 +214,39 @@ def test_rosa_and_lora_budgets_at_llama_2_7b_shape():
         assert sum(m * n for m, n in shapes.values()) == 6_476_005_376  # fp32 accumulators: 25.9 GB
     assert counts == {(16, 0.0): (39_976_960, 0), (12, 0.0015): (29_982_720, 9_713_888),
                       (32, 0.0): (79_953_920, 0), (24, 0.003): (59_965_440, 19_427_904)}
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_on_smollm2_the_fisher_mass_concentrates_and_bf16_finds_the_fp32_omega(smollm2):
+    """On the real model (q, v, down of 30 blocks; 4 batches of 2 x 128 tokens of Python's docs), at
+    RoSA's density 0.15 %: measured when written, the chosen entries hold a median 59 % of a matrix's
+    Fisher mass (min 5.2 %; a uniform Ω would hold 0.15 %), they are nearly disjoint from the largest |W|
+    (median overlap 0.3 %), and a bf16 base under autocast picks the fp32 Ω (overlap median 98 %, min 96 %)."""
+    from dsee_cli.core.models import load_model
+    from dsee_cli.data.lm_tasks import pydoc_texts, windows
+
+    train = pydoc_texts()[0]["train"]
+    found = {}
+    for dtype in ("float32", "bfloat16"):
+        loaded = load_model("smollm2-135m", None, 1, 0, causal_lm=True, dtype=dtype)
+        model = loaded.model
+        inject_adapters(model, LowRankConfig(rank=4, omega_size=0), ["q", "v", "down"])
+        w = windows(loaded.tokenizer, train, 128, 8)
+        pieces = [({"input_ids": w[i:i + 2], "attention_mask": torch.ones_like(w[i:i + 2]), "labels": w[i:i + 2]},
+                   1.0) for i in range(0, 8, 2)]
+        keys = {k: (a.base, a.slices[s]) for k, (a, s) in omega_keys(adapters_of(model)).items()}
+        autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else \
+            __import__("contextlib").nullcontext
+        scores = gradient_scores(model, keys, pieces, _lm_loss, autocast=autocast)
+        counts = omega_counts({k: tuple(v.shape) for k, v in scores.items()}, 0, 0.0015)
+        found[dtype] = omega = select_by_scores(scores, counts, "fisher")
+        share = sorted(float(scores[k].flatten()[omega[k]].sum() / scores[k].sum()) for k in scores)
+        assert share[len(share) // 2] > 0.3 and share[0] > 0.02, share
+        by_weight = {k: set(torch.topk(keys[k][0].weight.float().abs().flatten(), counts[k]).indices.tolist())
+                     for k in keys}
+        overlap = sorted(len(set(omega[k].tolist()) & by_weight[k]) / counts[k] for k in keys)
+        assert overlap[len(overlap) // 2] < 0.05, overlap
+    same = sorted(len(set(found["float32"][k].tolist()) & set(found["bfloat16"][k].tolist())) / len(v)
+                  for k, v in found["float32"].items())
+    assert same[len(same) // 2] > 0.9 and same[0] > 0.85, same

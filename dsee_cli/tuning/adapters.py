@@ -56,17 +56,19 @@ class LowRankConfig:
         if not 0.0 <= self.density < 1.0:
             raise DSEEError(f"adapter.density={self.density} is invalid: the fraction of each matrix in Ω must be in "
                             f"[0, 1) (0: adapter.omega_size sets card(Ω)).")
-
-    @property
-    def has_sparse(self) -> bool:
-        """Whether ΔW has a sparse part P_Ω(S) (card(Ω) > 0)."""
-        return self.omega_size > 0 or self.density > 0
+        if self.lora_lr is not None and self.lora_lr <= 0:
+            raise DSEEError(f"adapter.lora_lr={self.lora_lr} must be > 0 (null: B and A at the phase's rate).")
         if self.init not in INITS:
             raise choice_error("A's initialisation (adapter.init)", self.init, INITS)
         if self.sparse_scale not in SPARSE_SCALES:
             raise choice_error("the sparse term's scale (adapter.sparse_scale)", self.sparse_scale, SPARSE_SCALES)
         if not 0.0 <= self.dropout < 1.0:
             raise DSEEError(f"adapter.dropout={self.dropout} must be in [0, 1).")
+
+    @property
+    def has_sparse(self) -> bool:
+        """Whether ΔW has a sparse part P_Ω(S) (card(Ω) > 0)."""
+        return self.omega_size > 0 or self.density > 0
 
 
 class DeltaLayer(WrappedLayer):
