@@ -27,11 +27,12 @@ METHODS = {
                         "task.seq_len=32", "pruning=sparsegpt", "sparsity=0.5", "export=true"],
     "llama-wanda-2of4": ["task=wikitext2", "profile=smoke", "model.tiny.hidden=96", "model.tiny.heads=12",
                          "task.seq_len=32", "pruning=wanda", "pruning.nm=true", "export=true"],
+    "llama-gsm8k-rosa": ["task=gsm8k", "profile=smoke", "adapter=rosa", "task.decode.max_new_tokens=6", "export=true"],
 }
 
 
 FAST_TIER = ("dsee", "ptuning-v2", "pst", "earlybert-dsee", "gpt2-e2e", "llama-wikitext2-kv-group", "llama-sparsegpt",
-             "llama-wanda-2of4")
+             "llama-wanda-2of4", "llama-gsm8k-rosa")
 
 
 @pytest.mark.parametrize("name", [n if n in FAST_TIER else pytest.param(n, marks=pytest.mark.slow) for n in METHODS])
