@@ -142,12 +142,7 @@ def validate(cfg: RunConfig) -> None:
     cfg.pruning.resolve_auto(decoder=cfg.task.name in CAUSAL_TASKS, delta_reads_weight=reads_w)  # or the paper's
     cfg.pruning.check(cfg.sparsity)
     method, pruner = cfg.adapter.tuning_method, cfg.pruning.pruner
-    _require(method.sparse or not cfg.adapter.has_sparse,
-             f"adapter={cfg.adapter.method} has no sparse part, but adapter.omega_size={cfg.adapter.omega_size} "
-             f"(adapter.density={cfg.adapter.density:g}); use adapter=dsee or rosa, or adapter.omega_size=0.")
-    _require(cfg.omega.method != "fisher" or method.sparse,
-             f"omega=fisher picks Ω from gradients for a sparse part; adapter={cfg.adapter.method} has none. Use "
-             f"adapter=rosa or dsee.")
+    _check_sparse_part(cfg)
     _require(not (pruner.removes_heads and method.prompts),
              f"pruning={cfg.pruning.method} removes attention heads, but adapter={cfg.adapter.method}'s prompts "
              f"are shaped by the head count; use pruning=unstructured, nm or none with prompt methods.")
@@ -177,16 +172,7 @@ def validate(cfg: RunConfig) -> None:
     _check_distill(cfg)
     _require(cfg.task.max_length >= 8, f"task.max_length={cfg.task.max_length} is too short (>= 8).")
     _require(cfg.task.seq_len >= 8, f"task.seq_len={cfg.task.seq_len} is too short (>= 8).")
-    if cfg.task.answer_pattern is not None:
-        import re
-
-        try:
-            re.compile(cfg.task.answer_pattern)
-        except re.error as exc:
-            raise DSEEError(f"task.answer_pattern={cfg.task.answer_pattern!r} is not a regular expression ({exc}).") \
-                from None
-        _require(cfg.task.name in ANSWER_TASKS, f"task.answer_pattern finds the answer of an exact-match task "
-                 f"({', '.join(ANSWER_TASKS)}); task={cfg.task.name} is scored otherwise.")
+    _check_answer_pattern(cfg.task)
     if cfg.task.name in (*NLG_TASKS, *PERPLEXITY_TASKS, *ANSWER_TASKS):
         for key in ("eval_split", "select_split"):
             _require(getattr(cfg.task, key) in ("validation", "test"),
@@ -209,6 +195,31 @@ def validate(cfg: RunConfig) -> None:
         _require(0.0 <= cfg.task.label_smoothing < 1.0, f"task.label_smoothing={cfg.task.label_smoothing} must "
                  f"be in [0, 1).")
         cfg.task.decode.check()
+
+
+def _check_sparse_part(cfg: RunConfig) -> None:
+    """card(Ω) and omega=fisher need a method with a sparse part (dsee, rosa)."""
+    method = cfg.adapter.tuning_method
+    _require(method.sparse or not cfg.adapter.has_sparse,
+             f"adapter={cfg.adapter.method} has no sparse part, but adapter.omega_size={cfg.adapter.omega_size} "
+             f"(adapter.density={cfg.adapter.density:g}); use adapter=dsee or rosa, or adapter.omega_size=0.")
+    _require(cfg.omega.method != "fisher" or method.sparse,
+             f"omega=fisher picks Ω from gradients for a sparse part; adapter={cfg.adapter.method} has none. Use "
+             f"adapter=rosa or dsee.")
+
+
+def _check_answer_pattern(task: TaskConfig) -> None:
+    """task.answer_pattern: a regular expression, for an exact-match task."""
+    if task.answer_pattern is None:
+        return
+    import re
+
+    try:
+        re.compile(task.answer_pattern)
+    except re.error as exc:
+        raise DSEEError(f"task.answer_pattern={task.answer_pattern!r} is not a regular expression ({exc}).") from None
+    _require(task.name in ANSWER_TASKS, f"task.answer_pattern finds the answer of an exact-match task "
+             f"({', '.join(ANSWER_TASKS)}); task={task.name} is scored otherwise.")
 
 
 def _check_structured(cfg: RunConfig) -> None:
