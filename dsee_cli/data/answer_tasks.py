@@ -144,6 +144,7 @@ class AnswerData:
     evals: dict[str, list[AnswerExample]]  # validation / test
     source: str
     pattern: str
+    numeric: bool  # the evaluated task's answers are numbers (gsm8k, metamath)
 
 
 # -- answers ----------------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def load_answers(s: DataSource, seed: int, pattern: str | None = None) -> Answer
         check_pattern(eval_name, split, part, pattern, default)
     if not train or not all(evals.values()):
         raise DSEEError(f"task={name} from {source} has an empty training or evaluation split.")
-    return AnswerData(train, evals, source, pattern)
+    return AnswerData(train, evals, source, pattern, ANSWER_TASKS[eval_name].numeric)
 
 
 def as_instructions(examples: list[AnswerExample], chat: bool) -> list[Instruction]:

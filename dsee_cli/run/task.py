@@ -159,7 +159,6 @@ def _answer_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, sink
     t, tok = cfg.task, loaded.tokenizer
     data = load_answers(t, cfg.seed, t.answer_pattern)
     select, split = t.select_split, t.eval_split
-    numeric = ANSWER_TASKS[ANSWER_TASKS[t.name].eval_task or t.name].numeric
     evals = {select: encode_instructions(as_instructions(data.evals[select], t.chat), tok, max_length)}
     reported = encode_instructions(as_instructions(data.evals[split], t.chat), tok, max_length)
     examples = data.evals[split]
@@ -175,7 +174,7 @@ def _answer_task(cfg: RunConfig, loaded: LoadedModel, max_length: int, say, sink
             lines = [json.dumps({"prompt": ex.prompt, "generation": g, "reference": ex.answer}) for ex, g in
                      zip(examples, texts)]
             atomic_write_text(out_path, "\n".join(lines) + "\n")
-        scores = exact_match(texts, [ex.answer for ex in examples], data.pattern, numeric)
+        scores = exact_match(texts, [ex.answer for ex in examples], data.pattern, data.numeric)
         return {f"{split}/{k}": v for k, v in scores.items()}
 
     ops = _lm_ops(f"{select}/loss", _token_metrics, t.label_smoothing, higher_is_better=False)
